@@ -1,0 +1,215 @@
+"""What the commands do, without the parsing and printing (that is cli.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import migrate
+from .clado import CladoClient, validate_job_id
+from .config import Config, ConfigError, load_config
+from .credentials import api_key
+from .daemon import Daemon
+from .handler import JobHandler, job_policy
+from .lifecycle import TERMINAL, Reason, State
+from .logs import configure_logging
+from .store import Job, JobWrite, NewJob, Store, utcnow
+
+
+class RuntimeFailure(Exception):
+    """Something outside the user's input failed (database, API): exit 1."""
+
+
+def client_for(config: Config) -> CladoClient:
+    return CladoClient(
+        config.api.base_url,
+        api_key(config),
+        timeout=config.api.timeout.total_seconds(),
+        max_concurrency=config.api.max_concurrency,
+        max_retries=config.api.max_retries,
+    )
+
+
+async def open_store(config: Config) -> Store:
+    """A store on a database at the current schema (migrating it if auto_migrate is on)."""
+    url = config.database.url
+    try:
+        if config.database.auto_migrate:
+            await asyncio.to_thread(migrate.upgrade, url)
+        elif not await asyncio.to_thread(migrate.is_current, url):
+            raise ConfigError(
+                f"{config.source}: database.auto_migrate: the database schema is not current; "
+                "run `clado-supervisor migrate`"
+            )
+    except SQLAlchemyError as exc:
+        raise RuntimeFailure(f"cannot open the database: {_db_error(exc)}") from None
+    return Store(url)
+
+
+def _db_error(exc: SQLAlchemyError) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+
+
+async def run_daemon(config_path: Path) -> None:
+    config = load_config(config_path)
+    configure_logging(config.logging.format, config.logging.level)
+    client = client_for(config)
+    store = await open_store(config)
+    try:
+        await Daemon(config, store, client, config_path=config_path).run_until_signalled()
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+def parse_ids(ids: Iterable[str]) -> list[str]:
+    """Validate every id before anything is written or sent: all or nothing."""
+    return [validate_job_id(job_id) for job_id in ids]
+
+
+async def track(
+    config: Config,
+    ids: list[str],
+    *,
+    labels: dict[str, str],
+    policy: str | None,
+    max_runtime: timedelta | None,
+    max_credits: int | None,
+) -> tuple[list[str], list[str]]:
+    name = config.choose_policy(labels, policy)
+    store = await open_store(config)
+    try:
+        return await store.add_jobs(
+            [
+                NewJob(
+                    job_id=job_id,
+                    policy=name,
+                    labels=labels,
+                    max_runtime_s=max_runtime.total_seconds() if max_runtime else None,
+                    max_credits=max_credits,
+                )
+                for job_id in ids
+            ],
+            utcnow(),
+        )
+    finally:
+        await store.close()
+
+
+async def submit(
+    config: Config, query: str, *, limit: int, labels: dict[str, str], policy: str | None
+) -> str:
+    name = config.choose_policy(labels, policy)
+    store = await open_store(config)
+    try:
+        async with client_for(config) as client:
+            job_id = await client.initiate(query, limit)
+        await store.add_jobs(
+            [NewJob(job_id, name, labels, source="submit", query=query, result_limit=limit)], utcnow()
+        )
+        return job_id
+    finally:
+        await store.close()
+
+
+async def manual_cancel(config: Config, job_id: str, note: str | None) -> Job | None:
+    """Commit a manual cancel decision and, unless the daemon holds the job, send it now.
+
+    Returns the job afterwards, or None if it is not tracked."""
+    validate_job_id(job_id)
+    store = await open_store(config)
+    try:
+        now = utcnow()
+        job = await store.request_cancel(job_id, Reason.MANUAL, {"note": note} if note else {}, now)
+        if job is None or job["state"] != State.CANCELLING.value:
+            return job
+        claimed = await store.claim_due(
+            now, horizon=timedelta(0), limit=1, lease_ttl=config.supervisor.lease_ttl, job_id=job_id
+        )
+        if claimed:  # else the daemon claimed it first and sends the cancel itself
+            async with client_for(config) as client:
+                handler = JobHandler(config, client, _direct_writer(store), utcnow)
+                await handler.handle(claimed[0])
+        return await store.get_job(job_id)
+    finally:
+        await store.close()
+
+
+def _direct_writer(store: Store) -> Any:
+    async def write(job_write: JobWrite) -> bool:
+        return job_write.job_id in await store.apply([job_write])
+
+    return write
+
+
+async def list_jobs(config: Config, state: str | None) -> list[Job]:
+    store = await open_store(config)
+    try:
+        return await store.list_jobs(state)
+    finally:
+        await store.close()
+
+
+async def show_job(config: Config, job_id: str) -> tuple[Job | None, list[dict[str, Any]]]:
+    validate_job_id(job_id)
+    store = await open_store(config)
+    try:
+        job = await store.get_job(job_id)
+        return job, (await store.events(job_id) if job else [])
+    finally:
+        await store.close()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def job_json(config: Config, job: Job) -> dict[str, Any]:
+    """The public JSON shape of a job (`jobs list --json`, `jobs show --json`)."""
+    policy = job_policy(config, job)
+    return {
+        "job_id": job["job_id"],
+        "state": job["state"],
+        "remote_status": job["remote_status"],
+        "labels": job["labels"] or {},
+        "policy": job["policy"],
+        "credits_used": job["credits_used"],
+        "cancel_reason": job["cancel_reason"],
+        "final_status": job["final_status"],
+        "submitted_at": _iso(job["submitted_at"]),
+        "cancel_requested_at": _iso(job["cancel_requested_at"]),
+        "confirmed_at": _iso(job["confirmed_at"]),
+        "source": job["source"],
+        "query": job["query"],
+        "limits": {
+            "max_runtime_s": policy.max_runtime.total_seconds() if policy.max_runtime else None,
+            "max_queued_s": policy.max_queued.total_seconds() if policy.max_queued else None,
+            "stall_timeout_s": policy.stall_timeout.total_seconds() if policy.stall_timeout else None,
+            "max_credits": policy.max_credits,
+            "action": policy.action,
+        },
+        "remote_created_at": _iso(job["remote_created_at"]),
+        "last_polled_at": _iso(job["last_polled_at"]),
+        "next_check_at": _iso(job["next_check_at"]) if job["state"] not in TERMINAL else None,
+        "cancel_detail": job["cancel_detail"],
+        "would_cancel_reason": job["would_cancel_reason"],
+        "would_cancel_at": _iso(job["would_cancel_at"]),
+        "last_error": job["last_error"],
+    }
+
+
+def event_json(event: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "at": _iso(event["at"]),
+        "kind": event["kind"],
+        "from_state": event["from_state"],
+        "to_state": event["to_state"],
+        "reason": event["reason"],
+        "detail": event["detail"],
+    }
+

@@ -1,0 +1,272 @@
+"""`clado-supervisor`: parse, call the app, print. Exit codes: 0 ok, 1 runtime failure,
+2 bad usage, bad config or bad input — always one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import app
+from .clado import CladoError, InvalidJobId
+from .config import Config, ConfigError, config_path, load_config, parse_duration, parse_label
+from .lifecycle import State
+
+T = TypeVar("T")
+PROG = "clado-supervisor"
+
+
+class ExitError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"{PROG}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine, turning known failures into one line and an exit code."""
+    try:
+        return asyncio.run(coro)
+    except (ConfigError, InvalidJobId) as exc:
+        _fail(str(exc), 2)
+    except ExitError as exc:
+        _fail(str(exc), exc.code)
+    except app.RuntimeFailure as exc:
+        _fail(str(exc), 1)
+    except CladoError as exc:
+        _fail(f"Clado API: {exc}", 1)
+    except SQLAlchemyError as exc:
+        _fail(f"database: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}", 1)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def with_config(func: Callable[..., T]) -> Callable[..., T]:
+    """Load and validate the config before the command body (bad config: exit 2)."""
+
+    @click.pass_context
+    @functools.wraps(func)
+    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> T:
+        try:
+            config = load_config(ctx.obj["config_path"])
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        return func(config, *args, **kwargs)
+
+    return wrapper
+
+
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for value in values:
+        try:
+            key, item = parse_label(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--label") from None
+        labels[key] = item
+    return labels
+
+
+def _duration(_ctx: Any, _param: Any, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(int(value) if value.isdigit() else value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file (default: $CLADO_SUPERVISOR_CONFIG, else ./supervisor.toml).",
+)
+@click.version_option(package_name="clado-supervisor")
+@click.pass_context
+def main(ctx: click.Context, config_file: Path | None) -> None:
+    """Keeps Clado deep research jobs from burning money."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path(config_file)
+
+
+@main.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the daemon in the foreground (SIGTERM/SIGINT stop it, SIGHUP reloads the config)."""
+    run_async(app.run_daemon(ctx.obj["config_path"]))
+
+
+@main.command("migrate")
+@with_config
+def migrate_command(config: Config) -> None:
+    """Upgrade the database schema to the newest version."""
+    from . import migrate
+
+    try:
+        migrate.upgrade(config.database.url)
+    except SQLAlchemyError as exc:
+        _fail(f"database: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}", 1)
+    click.echo("database schema is up to date")
+
+
+@main.command("check-config")
+@with_config
+def check_config(config: Config) -> None:
+    """Validate the config file."""
+    click.echo(f"{config.source}: OK (policies: {', '.join(config.policies)}; hash {config.config_hash})")
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1)
+@click.option("--from-file", type=click.File("r"), help="Read job ids from a file (- for stdin), one a line.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Label the jobs (repeatable).")
+@click.option("--policy", help="Use this policy instead of matching labels.")
+@click.option("--max-runtime", callback=_duration, metavar="DUR", help="Override the policy's max_runtime.")
+@click.option("--max-credits", type=click.IntRange(min=1), help="Override the policy's max_credits.")
+@with_config
+def track(
+    config: Config,
+    job_ids: tuple[str, ...],
+    from_file: Any,
+    labels: tuple[str, ...],
+    policy: str | None,
+    max_runtime: timedelta | None,
+    max_credits: int | None,
+) -> None:
+    """Supervise jobs started elsewhere (idempotent)."""
+    ids = list(job_ids)
+    if from_file is not None:
+        lines = (line.strip() for line in from_file.read().splitlines())
+        ids += [line for line in lines if line and not line.startswith("#")]
+    if not ids:
+        raise click.UsageError("give at least one JOB_ID (or --from-file)")
+
+    async def go() -> tuple[list[str], list[str]]:
+        parsed = app.parse_ids(ids)
+        return await app.track(
+            config, parsed, labels=_labels(labels), policy=policy,
+            max_runtime=max_runtime, max_credits=max_credits,
+        )
+
+    added, existing = run_async(go())
+    click.echo(f"tracking {len(added)} new job(s); {len(existing)} already tracked")
+
+
+@main.command()
+@click.argument("query")
+@click.option("--limit", type=click.IntRange(1, 1000), default=30, show_default=True, help="Results to ask for.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Label the job (repeatable).")
+@click.option("--policy", help="Use this policy instead of matching labels.")
+@with_config
+def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], policy: str | None) -> None:
+    """Start a deep research job and supervise it; prints its job id."""
+    if not query.strip():
+        raise click.BadParameter("the query is empty", param_hint="QUERY")
+    parsed = _labels(labels)
+    job_id = run_async(app.submit(config, query, limit=limit, labels=parsed, policy=policy))
+    click.echo(job_id)
+
+
+@main.group()
+def jobs() -> None:
+    """Inspect supervised jobs."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice([s.value for s in State]), help="Only jobs in this state.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, for scripts.")
+@with_config
+def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
+    """List jobs with their state, credits and cancel reason."""
+    rows = [app.job_json(config, job) for job in run_async(app.list_jobs(config, state))]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} job(s)")
+    for column in ("job id", "state", "remote", "policy", "credits", "limit", "reason", "submitted"):
+        table.add_column(column, justify="right" if column in ("credits", "limit") else "left")
+    for row in rows:
+        table.add_row(
+            row["job_id"], row["state"], row["remote_status"] or "-", row["policy"],
+            str(row["credits_used"]), str(row["limits"]["max_credits"] or "-"),
+            row["cancel_reason"] or row["would_cancel_reason"] and f"(would) {row['would_cancel_reason']}" or "-",
+            (row["submitted_at"] or "")[:19].replace("T", " "),
+        )
+    Console().print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
+@with_config
+def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
+    """One job with its events."""
+    job, events = run_async(app.show_job(config, job_id))
+    if job is None:
+        _fail(f"job {job_id} is not tracked", 2)
+    data = {**app.job_json(config, job), "events": [app.event_json(e) for e in events]}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    for key, value in data.items():
+        if key != "events" and value not in (None, {}, ""):
+            console.print(f"[bold]{key}[/bold]: {value}")
+    table = Table(title="events")
+    for column in ("at", "kind", "from", "to", "reason", "detail"):
+        table.add_column(column)
+    for event in data["events"]:
+        table.add_row(
+            event["at"][:23], event["kind"], event["from_state"] or "", event["to_state"] or "",
+            event["reason"] or "", json.dumps(event["detail"]) if event["detail"] else "",
+        )
+    console.print(table)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--reason", "note", help="Why (recorded with the manual cancel).")
+@with_config
+def cancel(config: Config, job_id: str, note: str | None) -> None:
+    """Cancel a job now, through the same state machine as the daemon."""
+    job = run_async(app.manual_cancel(config, job_id, note))
+    if job is None:
+        _fail(f"job {job_id} is not tracked", 2)
+    if job["cancel_reason"] == "manual" or job["state"] in ("cancelling", "confirming"):
+        click.echo(f"{job_id}: {job['state']} (reason {job['cancel_reason']})")
+    else:
+        click.echo(f"{job_id}: already {job['state']}; nothing to cancel")
+
+
+@main.command("fake-api")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8900, show_default=True, type=click.IntRange(0, 65535))
+def fake_api_command(host: str, port: int) -> None:
+    """Run the local Clado API simulator."""
+    from .fake_api import serve
+
+    serve(host, port)
+
+
+@main.command()
+@click.option("--speed", type=click.FloatRange(min=0.1), default=1.0, hidden=True)
+def demo(speed: float) -> None:
+    """A one-command tour: the simulator, the daemon and a handful of jobs."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(speed=speed))

@@ -1,0 +1,55 @@
+"""Reading secrets from the environment or from files (systemd credentials, Docker secrets)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import structlog
+
+from .config import Config, ConfigError
+from .logs import register_secret
+
+log = structlog.get_logger("supervisor.credentials")
+
+
+def read_secret(*, env_name: str | None, file: Path | None, key: str, source: str) -> str | None:
+    """The secret from `file` if set, else from the environment variable `env_name`.
+
+    A relative file is looked up in $CREDENTIALS_DIRECTORY first (systemd LoadCredential=).
+    """
+    if file is not None:
+        path = file
+        credentials_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and credentials_dir:
+            path = Path(credentials_dir) / path
+        try:
+            mode = path.stat().st_mode
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{source}: {key}: cannot read {str(path)!r}: {exc.strerror}") from None
+        if stat.S_IMODE(mode) & 0o077:
+            log.warning("secret file is readable by others", file=str(path), mode=oct(stat.S_IMODE(mode)))
+        if not value:
+            raise ConfigError(f"{source}: {key}: {str(path)!r} is empty")
+        register_secret(value)
+        return value
+    value = os.environ.get(env_name or "", "").strip() or None
+    register_secret(value)
+    return value
+
+
+def api_key(config: Config) -> str:
+    value = read_secret(
+        env_name=config.api.api_key_env,
+        file=config.api.api_key_file,
+        key="api.api_key_file",
+        source=config.source,
+    )
+    if not value:
+        raise ConfigError(
+            f"{config.source}: api.api_key_env: environment variable "
+            f"{config.api.api_key_env} is not set (or set api.api_key_file)"
+        )
+    return value

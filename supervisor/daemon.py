@@ -1,0 +1,219 @@
+"""The daemon: APScheduler ticks that claim due jobs and hand each to a JobHandler.
+
+Each tick claims, in one query, the jobs due before the next tick (up to the free
+capacity) and starts a task per job that waits for the job's own due time, so a deadline
+is acted on within milliseconds rather than a tick. The tick itself only claims and
+dispatches: it is short, bounded by a timeout, and catches its own errors.
+
+APScheduler runs with the memory job store (never shared between processes: replicas
+coordinate through the jobs table), coalesce=True and max_instances=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import structlog
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.executors.asyncio import AsyncIOExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from .clado import CladoClient
+from .config import Config, ConfigError, load_config
+from .handler import JobHandler
+from .store import Job, Store, utcnow
+from .writer import BatchWriter
+
+log = structlog.get_logger("supervisor.daemon")
+
+
+@dataclass
+class _InFlight:
+    task: asyncio.Task[None]
+    lease_token: str
+    phase: str = "wait"  # wait → poll → cancel (a started cancel is let finish on shutdown)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        client: CladoClient,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        config_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self.clock = clock
+        self.config_path = config_path
+        self.writer = BatchWriter(store)
+        self.handler = JobHandler(config, client, self.writer.write, clock)
+        self.handler.on_phase(self._set_phase)
+        self.inflight: dict[str, _InFlight] = {}
+        self.last_tick_at: datetime | None = None
+        self.ticks = 0
+        self._stopping = asyncio.Event()
+        self._scheduler: AsyncIOScheduler | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.writer.start()
+        settings = self.config.supervisor
+        tick = settings.tick_interval.total_seconds()
+        self._scheduler = AsyncIOScheduler(
+            jobstores={"default": MemoryJobStore()},
+            executors={"default": AsyncIOExecutor()},
+            job_defaults={
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": max(1, int(tick * 5)),
+            },
+            timezone="UTC",
+        )
+        self._scheduler.add_listener(self._on_scheduler_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        self._scheduler.add_job(
+            self.tick, "interval", seconds=tick, id="tick", next_run_time=datetime.now().astimezone()
+        )
+        self._scheduler.start()
+        log.info(
+            "supervisor started",
+            poll_interval=settings.poll_interval.total_seconds(),
+            tick_interval=tick,
+            dry_run=settings.dry_run,
+            config_hash=self.config.config_hash,
+        )
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Stop claiming, let started cancels finish (bounded), give back the other leases."""
+        self._stopping.set()
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        for item in self.inflight.values():
+            if item.phase != "cancel":
+                item.task.cancel()
+        cancelling = [item.task for item in self.inflight.values() if item.phase == "cancel"]
+        if cancelling:
+            log.info("finishing in-flight cancels", count=len(cancelling))
+            _, late = await asyncio.wait(
+                cancelling, timeout=self.config.supervisor.shutdown_timeout.total_seconds()
+            )
+            for task in late:
+                task.cancel()
+        leftovers = {job_id: item.lease_token for job_id, item in self.inflight.items()}
+        await asyncio.gather(*(item.task for item in self.inflight.values()), return_exceptions=True)
+        await self.writer.close()
+        try:
+            await self.store.release(leftovers)
+        except Exception as exc:  # leases then simply expire
+            log.warning("could not release leases", error=str(exc))
+        log.info("supervisor stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: adopt a valid new config for every job's next evaluation; keep the old one
+        if the file is broken."""
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload failed; keeping the previous config", error=str(exc))
+            return
+        for section in ("database", "api"):
+            if getattr(new, section) != getattr(self.config, section):
+                log.warning("config change needs a restart to take effect", section=section)
+        if new.supervisor.tick_interval != self.config.supervisor.tick_interval:
+            log.warning("config change needs a restart to take effect", key="supervisor.tick_interval")
+        self.config = new
+        self.handler.config = new
+        log.info("config reloaded", config_hash=new.config_hash)
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.start()
+        try:
+            await self.wait_stopped()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            await self.stop()
+
+    # -- the tick -------------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Claim the jobs due before the next tick and start a task for each."""
+        if self._stopping.is_set():
+            return 0
+        if self.client.api_key_rejected:
+            return 0  # backing off: the client logged it once
+        settings = self.config.supervisor
+        capacity = settings.batch_size - len(self.inflight)
+        if capacity <= 0:
+            log.warning("tick skipped: all handler slots busy", inflight=len(self.inflight))
+            return 0
+        try:
+            async with asyncio.timeout(max(5.0, settings.tick_interval.total_seconds() * 5)):
+                jobs = await self.store.claim_due(
+                    self.clock(),
+                    horizon=settings.tick_interval,
+                    limit=capacity,
+                    lease_ttl=settings.lease_ttl,
+                )
+        except Exception as exc:
+            log.error("tick failed to claim jobs; will retry", error=str(exc) or type(exc).__name__)
+            return 0
+        for job in jobs:
+            task = asyncio.create_task(self._run_job(job), name=f"job-{job['job_id']}")
+            self.inflight[job["job_id"]] = _InFlight(task, job["lease_token"])
+        self.last_tick_at = self.clock()
+        self.ticks += 1
+        return len(jobs)
+
+    async def _run_job(self, job: Job) -> None:
+        job_id = job["job_id"]
+        try:
+            delay = (job["next_check_at"] - self.clock()).total_seconds()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._set_phase(job_id, "poll")
+            # Bounded so that the lease cannot expire under a job still being handled.
+            budget = self.config.supervisor.lease_ttl - self.config.supervisor.tick_interval
+            async with asyncio.timeout(max(timedelta(seconds=1), budget * 0.8).total_seconds()):
+                await self.handler.handle(job)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            log.warning("job handling timed out; its lease will expire and it is retried", job_id=job_id)
+        except Exception:
+            log.exception("job handling failed; its lease will expire and it is retried", job_id=job_id)
+        finally:
+            self.inflight.pop(job_id, None)
+
+    def _set_phase(self, job_id: str, phase: str) -> None:
+        item = self.inflight.get(job_id)
+        if item is not None:
+            item.phase = phase
+
+    def _on_scheduler_event(self, event: JobExecutionEvent) -> None:
+        if event.code == EVENT_JOB_MISSED:
+            log.warning("tick missed", scheduled=str(event.scheduled_run_time))
+        else:
+            log.error("tick raised", error=repr(event.exception))

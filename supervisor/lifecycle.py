@@ -1,0 +1,75 @@
+"""The supervisor's state machine: public state names, reasons and allowed moves.
+
+    watching ──breach──▶ cancelling ──200 / 409──▶ confirming ──final──▶ cancelled | completed | failed
+       │                    └─ 404 ▶ lost                        └─ confirm_timeout ▶ unconfirmed
+       └──remote final on its own──▶ completed | failed | cancelled ("external") | lost (404)
+
+Pure: no I/O and no clock. The daemon asks `check_transition` before every write so an
+impossible move is a bug caught at once, not a corrupt row.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    WATCHING = "watching"
+    CANCELLING = "cancelling"
+    CONFIRMING = "confirming"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+    UNCONFIRMED = "unconfirmed"
+
+
+TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.LOST, State.UNCONFIRMED})
+ACTIVE = frozenset(State) - TERMINAL
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.WATCHING: frozenset(
+        {State.CANCELLING, State.COMPLETED, State.FAILED, State.CANCELLED, State.LOST}
+    ),
+    # A permanent refusal of the cancel call (400/403) cannot be confirmed either way.
+    State.CANCELLING: frozenset({State.CONFIRMING, State.LOST, State.UNCONFIRMED}),
+    State.CONFIRMING: frozenset(
+        {State.CANCELLED, State.COMPLETED, State.FAILED, State.LOST, State.UNCONFIRMED}
+    ),
+}
+
+
+class Reason:
+    """Public cancel reasons. Budget reasons are `budget:<name>`."""
+
+    MAX_RUNTIME = "max_runtime"
+    MAX_QUEUED = "max_queued"
+    STALL_TIMEOUT = "stall_timeout"
+    MAX_CREDITS = "max_credits"
+    ACCOUNT_FLOOR = "account_floor"
+    MANUAL = "manual"
+    EXTERNAL = "external"
+
+
+# Remote statuses of the Clado API.
+RUNNING_STATUSES = frozenset({"pending", "searching", "processing"})
+FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
+REMOTE_STATUSES = RUNNING_STATUSES | FINAL_STATUSES
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(current: State, target: State) -> None:
+    if target not in _ALLOWED.get(current, frozenset()):
+        raise IllegalTransition(f"{current} → {target} is not a supervisor transition")
+
+
+def final_state(remote_status: str) -> State:
+    """The terminal state that a final remote status confirms."""
+    return {
+        "completed": State.COMPLETED,
+        "error": State.FAILED,
+        "cancelled": State.CANCELLED,
+    }[remote_status]

@@ -1,0 +1,118 @@
+"""SQL tables. Timestamps are UTC-aware on every backend (SQLite stores them naive)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+# Stable constraint names, so Alembic batch migrations on SQLite can find them later.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out — SQLite drops the zone otherwise."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
+EventId = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", String(128), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("remote_status", String(16)),
+    Column("labels", JSON, nullable=False, default=dict),
+    Column("policy", String(64), nullable=False),
+    # Per-job overrides of the policy (track --max-runtime / --max-credits).
+    Column("max_runtime_s", Float),
+    Column("max_credits", Integer),
+    Column("source", String(8), nullable=False),  # "track" | "submit"
+    Column("query", Text),
+    Column("result_limit", Integer),
+    Column("credits_used", Integer, nullable=False, default=0),
+    Column("credits_per_s", Float),  # observed rate, for polling sooner near a credit limit
+    Column("submitted_at", UTCDateTime, nullable=False),  # when the supervisor learned of it
+    Column("remote_created_at", UTCDateTime),
+    Column("last_progress_at", UTCDateTime),  # last time credits grew (stall detection)
+    Column("last_polled_at", UTCDateTime),
+    Column("next_check_at", UTCDateTime, nullable=False),
+    Column("poll_errors", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("warned", JSON, nullable=False, default=list),  # thresholds already fired
+    Column("cancel_reason", String(80)),
+    Column("cancel_detail", JSON),
+    Column("cancel_requested_at", UTCDateTime),  # the decision, committed before the call
+    Column("credits_at_decision", Integer),
+    Column("cancel_attempts", Integer, nullable=False, default=0),
+    Column("cancel_sent_at", UTCDateTime),
+    Column("cancel_acked_at", UTCDateTime),
+    Column("would_cancel_reason", String(80)),  # observe mode / dry run
+    Column("would_cancel_at", UTCDateTime),
+    Column("would_cancel_credits", Integer),
+    Column("final_status", String(16)),
+    Column("confirmed_at", UTCDateTime),
+    # Lease: whoever holds the token may write the job; every write checks it (fencing).
+    Column("lease_owner", String(128)),
+    Column("lease_token", String(36)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_jobs_state_next_check_at", "state", "next_check_at"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", EventId, primary_key=True, autoincrement=True),
+    Column(
+        "job_id",
+        String(128),
+        ForeignKey("jobs.job_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("at", UTCDateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("from_state", String(16)),
+    Column("to_state", String(16)),
+    Column("reason", String(80)),
+    Column("detail", JSON),
+)

@@ -1,0 +1,148 @@
+"""The pure policy core: given what is known of a running job, its policy and the time,
+decide whether it breaches a limit, which warnings fire, and when to look at it next.
+
+No I/O, no clock: `now` is an argument, so every rule is tested by a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .config import Policy
+from .lifecycle import Reason
+
+# Never poll one job more often than this, however close it is to its credit limit.
+MIN_POLL_GAP = timedelta(milliseconds=50)
+PROBE_GAP = timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A running job as the last status poll showed it."""
+
+    remote_status: str  # pending | searching | processing
+    credits: int
+    started_at: datetime  # the API's created_at, else when the supervisor learned of the job
+    last_progress_at: datetime  # last time credits grew (or the job started running)
+    credits_per_s: float | None  # observed rate; None until two polls saw it
+    warned: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Breach:
+    reason: str
+    limit: str
+    value: float  # seconds or credits
+    threshold: float
+
+    def detail(self) -> dict[str, float | str]:
+        return {"limit": self.limit, "value": round(self.value, 3), "threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class Warning:
+    key: str  # "<limit>@<fraction>", stored so each fires once per job
+    limit: str
+    fraction: float
+    value: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    breach: Breach | None
+    warnings: tuple[Warning, ...]
+    next_check_at: datetime
+
+
+def _measures(obs: Observation, policy: Policy, now: datetime) -> list[tuple[str, float, float]]:
+    """(limit name, current value, limit) for every limit that applies to this job now."""
+    measures: list[tuple[str, float, float]] = []
+    if policy.max_credits is not None:
+        measures.append((Reason.MAX_CREDITS, obs.credits, policy.max_credits))
+    elapsed = (now - obs.started_at).total_seconds()
+    if policy.max_runtime is not None:
+        measures.append((Reason.MAX_RUNTIME, elapsed, policy.max_runtime.total_seconds()))
+    if policy.max_queued is not None and obs.remote_status == "pending":
+        measures.append((Reason.MAX_QUEUED, elapsed, policy.max_queued.total_seconds()))
+    if policy.stall_timeout is not None and obs.remote_status in ("searching", "processing"):
+        idle = (now - obs.last_progress_at).total_seconds()
+        measures.append((Reason.STALL_TIMEOUT, idle, policy.stall_timeout.total_seconds()))
+    return measures
+
+
+def evaluate(
+    obs: Observation,
+    policy: Policy,
+    now: datetime,
+    *,
+    poll_interval: timedelta,
+    min_gap: timedelta = MIN_POLL_GAP,
+) -> Evaluation:
+    measures = _measures(obs, policy, now)
+    # A limit is breached once the value reaches it ("credits reach the limit").
+    breach = next(
+        (Breach(name, name, value, limit) for name, value, limit in measures if value >= limit),
+        None,
+    )
+    warnings = tuple(
+        Warning(f"{name}@{fraction:g}", name, fraction, value, limit)
+        for name, value, limit in measures
+        for fraction in policy.warn_at
+        if value >= fraction * limit and f"{name}@{fraction:g}" not in obs.warned
+    )
+    return Evaluation(breach, warnings, next_check_at(obs, policy, now, poll_interval, min_gap))
+
+
+def next_check_at(
+    obs: Observation,
+    policy: Policy,
+    now: datetime,
+    poll_interval: timedelta,
+    min_gap: timedelta = MIN_POLL_GAP,
+) -> datetime:
+    """The regular poll, pulled earlier to the next deadline so limits do not wait for it.
+
+    Time limits are exact deadlines. The credit limit is predicted from the observed rate:
+    the job is polled when it should reach the limit, so the overshoot is about one
+    result's worth of time rather than a whole poll interval's.
+    """
+    candidates = [now + poll_interval]
+    if policy.max_runtime is not None:
+        candidates.append(obs.started_at + policy.max_runtime)
+    if policy.max_queued is not None and obs.remote_status == "pending":
+        candidates.append(obs.started_at + policy.max_queued)
+    if policy.stall_timeout is not None and obs.remote_status in ("searching", "processing"):
+        candidates.append(obs.last_progress_at + policy.stall_timeout)
+    if policy.max_credits is not None and obs.remote_status != "pending":
+        if obs.credits_per_s:
+            remaining = policy.max_credits - obs.credits
+            candidates.append(now + timedelta(seconds=remaining / obs.credits_per_s))
+        else:
+            # Rate not known yet: probe at doubling gaps (1 s, 2 s, 4 s … since the start)
+            # so a fast job is measured before it can run far past its limit.
+            candidates.append(now + max(PROBE_GAP, now - obs.started_at))
+    # A deadline already behind us (a breach being observed, not acted on) must not
+    # make the job be polled in a tight loop.
+    upcoming = [at for at in candidates if at > now]
+    return max(min(upcoming), now + min_gap)
+
+
+def observed_rate(
+    previous_credits: int,
+    previous_at: datetime | None,
+    credits: int,
+    now: datetime,
+    previous_rate: float | None,
+) -> float | None:
+    """Credits per second between two polls, smoothed so one burst does not dominate."""
+    if previous_at is None:
+        return previous_rate
+    seconds = (now - previous_at).total_seconds()
+    if seconds <= 0 or credits < previous_credits:
+        return previous_rate
+    rate = (credits - previous_credits) / seconds
+    if previous_rate is None:
+        return rate
+    return 0.5 * rate + 0.5 * previous_rate

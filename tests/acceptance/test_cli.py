@@ -1,0 +1,172 @@
+"""The CLI contract of DESIGN.md, through the real command as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from .conftest import DaemonProcess, FakeApiProcess, cli, jobs_json, wait_for
+
+PUBLIC_FIELDS = {
+    "job_id", "state", "remote_status", "labels", "policy", "credits_used", "cancel_reason",
+    "final_status", "submitted_at", "cancel_requested_at", "confirmed_at",
+}  # fmt: skip
+
+
+def test_track_is_idempotent_and_reads_ids_from_a_file_or_stdin(workdir: Path) -> None:
+    first = cli("track", "job-a", "job-b", "--label", "team=growth", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    assert "tracking 2 new job(s); 0 already tracked" in first.stdout
+
+    (workdir / "ids.txt").write_text("job-b\n\n# a comment\njob-c\n")
+    again = cli("track", "--from-file", "ids.txt", cwd=workdir)
+    assert "tracking 1 new job(s); 1 already tracked" in again.stdout
+
+    piped = cli("track", "--from-file", "-", cwd=workdir, stdin="job-d\njob-a\n")
+    assert "tracking 1 new job(s); 1 already tracked" in piped.stdout
+
+    jobs = jobs_json(workdir)
+    assert sorted(jobs) == ["job-a", "job-b", "job-c", "job-d"]
+    assert jobs["job-a"]["labels"] == {"team": "growth"}
+    assert all(job["state"] == "watching" for job in jobs.values())
+
+
+def test_bad_job_ids_are_rejected_before_anything_is_written(workdir: Path, fake_api: FakeApiProcess) -> None:
+    for bad in ["", "../etc/passwd", "a b", "x" * 129, "job\x07", "јob", "a/b", "%2e%2e"]:
+        result = cli("track", "good-one", bad, cwd=workdir)
+        assert result.returncode == 2, (bad, result.stderr)
+        if bad.strip():
+            assert "invalid job id" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert jobs_json(workdir) == {}  # all or nothing: the good id was not written either
+    for command in (["jobs", "show", "../x"], ["cancel", "../x"]):
+        result = cli(*command, cwd=workdir)
+        assert result.returncode == 2 and "invalid job id" in result.stderr
+    assert fake_api.get("/_fake/stats")["status"] == 0
+
+
+def test_policy_choice_labels_and_overrides(workdir: Path) -> None:
+    config = workdir / "supervisor.toml"
+    config.write_text(config.read_text().replace(
+        "[logging]", '[policies.bulk]\nmatch = { team = "growth" }\nmax_credits = 1000\n\n[logging]'
+    ))
+    assert cli("track", "j1", "--label", "team=growth", cwd=workdir).returncode == 0
+    assert cli("track", "j2", "--label", "team=search", cwd=workdir).returncode == 0
+    assert cli("track", "j3", "--policy", "bulk", "--max-credits", "7", "--max-runtime", "90s", cwd=workdir).returncode == 0
+    jobs = jobs_json(workdir)
+    assert (jobs["j1"]["policy"], jobs["j1"]["limits"]["max_credits"]) == ("bulk", 1000)
+    assert (jobs["j2"]["policy"], jobs["j2"]["limits"]["max_credits"]) == ("default", 200)
+    assert jobs["j3"]["limits"]["max_credits"] == 7
+    assert jobs["j3"]["limits"]["max_runtime_s"] == 90
+
+    unknown = cli("track", "j4", "--policy", "nope", cwd=workdir)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == (
+        "clado-supervisor: error: unknown policy 'nope' (known: default, bulk)"
+    )
+    bad_label = cli("track", "j4", "--label", "novalue", cwd=workdir)
+    assert bad_label.returncode == 2 and "KEY=VALUE" in bad_label.stderr
+    assert "j4" not in jobs_json(workdir)
+
+
+def test_jobs_list_and_show_json_contract(workdir: Path) -> None:
+    cli("track", "j1", "--label", "team=a", cwd=workdir)
+    listed = json.loads(cli("jobs", "list", "--json", cwd=workdir).stdout)
+    assert isinstance(listed, list) and len(listed) == 1
+    assert PUBLIC_FIELDS <= set(listed[0])
+    assert listed[0]["submitted_at"].endswith("Z")
+    assert isinstance(listed[0]["credits_used"], int)
+
+    shown = json.loads(cli("jobs", "show", "j1", "--json", cwd=workdir).stdout)
+    assert PUBLIC_FIELDS <= set(shown)
+    assert [e["kind"] for e in shown["events"]] == ["tracked"]
+
+    human = cli("jobs", "list", cwd=workdir)
+    assert human.returncode == 0 and "j1" in human.stdout and "watching" in human.stdout
+    assert cli("jobs", "list", "--state", "cancelled", "--json", cwd=workdir).stdout.strip() == "[]"
+    missing = cli("jobs", "show", "nope", cwd=workdir)
+    assert missing.returncode == 2 and "not tracked" in missing.stderr
+
+
+def test_submit_starts_a_job_and_tracks_it(workdir: Path, fake_api: FakeApiProcess) -> None:
+    result = cli("submit", "engineers in Paris", "--limit", "5", "--label", "team=x", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    assert fake_api.job(job_id)["limit"] == 5
+    job = jobs_json(workdir)[job_id]
+    assert (job["source"], job["query"], job["labels"]) == ("submit", "engineers in Paris", {"team": "x"})
+
+    rejected = cli("submit", "q", cwd=workdir, env={"PATH": "/usr/bin:/bin"})
+    assert rejected.returncode == 2
+    assert "CLADO_API_KEY is not set" in rejected.stderr
+
+
+def test_manual_cancel_without_a_daemon_sends_it_then_the_daemon_confirms(
+    workdir: Path, fake_api: FakeApiProcess
+) -> None:
+    job_id = fake_api.create_job(rate=1, limit=500)
+    cli("track", job_id, cwd=workdir)
+    result = cli("cancel", job_id, "--reason", "wrong query", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"{job_id}: confirming (reason manual)" in result.stdout
+    assert fake_api.job(job_id)["cancel_calls"] == 1
+
+    again = cli("cancel", job_id, cwd=workdir)
+    assert again.returncode == 0
+    assert fake_api.job(job_id)["cancel_calls"] == 1  # not sent twice
+
+    daemon = DaemonProcess(workdir)
+    try:
+        wait_for(lambda: jobs_json(workdir)[job_id]["state"] == "cancelled", what="confirmation")
+    finally:
+        assert daemon.stop() == 0
+    shown = json.loads(cli("jobs", "show", job_id, "--json", cwd=workdir).stdout)
+    assert shown["cancel_reason"] == "manual"
+    decision = next(e for e in shown["events"] if e["to_state"] == "cancelling")
+    assert decision["detail"] == {"note": "wrong query"}
+    assert cli("cancel", "never-tracked", cwd=workdir).returncode == 2
+
+
+def test_run_stops_gracefully_on_sigterm_and_sigint(workdir: Path) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        daemon = DaemonProcess(workdir)
+        wait_for(lambda: any(line.get("event") == "supervisor started" for line in daemon.log_lines()),
+                 what="startup")
+        assert daemon.stop(sig) == 0
+        events = [line.get("event") for line in daemon.log_lines()]
+        assert events[-1] == "supervisor stopped"
+        assert not any(line.get("unparsed") for line in daemon.log_lines())  # JSON lines only
+
+
+def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir)
+    config = workdir / "supervisor.toml"
+    try:
+        wait_for(lambda: any(line.get("event") == "supervisor started" for line in daemon.log_lines()),
+                 what="startup")
+        config.write_text(config.read_text().replace("max_credits = 200", "max_credits = 150"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(line.get("event") == "config reloaded" for line in daemon.log_lines()),
+                 what="reload")
+        config.write_text("[policies.default]\nmax_credits = -1\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = wait_for(
+            lambda: [line for line in daemon.log_lines() if line.get("event", "").startswith("config reload failed")],
+            what="failed reload",
+        )
+        assert "policies.default.max_credits" in failed[0]["error"]
+        assert daemon.proc.poll() is None  # still running
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_check_config_and_migrate(workdir: Path) -> None:
+    ok = cli("check-config", cwd=workdir)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    migrated = cli("migrate", cwd=workdir)
+    assert migrated.returncode == 0 and (workdir / "supervisor.db").exists()
+    assert cli("migrate", cwd=workdir).returncode == 0  # idempotent
+    help_text = cli("--help", cwd=workdir).stdout
+    for command in ("run", "migrate", "check-config", "track", "submit", "jobs", "cancel", "fake-api", "demo"):
+        assert command in help_text

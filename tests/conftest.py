@@ -1,0 +1,161 @@
+"""Shared test fixtures: the fake API over loopback, config files, an in-process daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakeserver import FakeServer  # noqa: E402
+
+from supervisor import migrate  # noqa: E402
+from supervisor.clado import CladoClient  # noqa: E402
+from supervisor.config import Config, load_config  # noqa: E402
+from supervisor.daemon import Daemon  # noqa: E402
+from supervisor.store import Store  # noqa: E402
+
+API_KEY = "lk_test_4f1c2e9a7b"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    with FakeServer() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLADO_API_KEY", API_KEY)
+    monkeypatch.delenv("CLADO_SUPERVISOR_CONFIG", raising=False)
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+TEST_SUPERVISOR = {
+    "poll_interval": '"1s"',
+    "tick_interval": '"200ms"',
+    "confirm_interval": '"200ms"',
+    "confirm_timeout": '"5s"',
+    "lease_ttl": '"10s"',
+    "shutdown_timeout": '"5s"',
+}
+
+
+def config_text(
+    base_url: str,
+    db_url: str,
+    *,
+    supervisor: dict[str, str] | None = None,
+    policies: str = "",
+    extra: str = "",
+) -> str:
+    """A fast test config: short intervals so scenarios play out in seconds.
+    `supervisor` overrides [supervisor] keys with TOML literals."""
+    settings = "\n".join(f"{k} = {v}" for k, v in {**TEST_SUPERVISOR, **(supervisor or {})}.items())
+    default_policy = '[policies.default]\nmax_runtime = "30m"\nmax_credits = 200'
+    return f"""
+[api]
+base_url = "{base_url}"
+timeout = "2s"
+max_retries = 2
+
+[database]
+url = "{db_url}"
+
+[supervisor]
+{settings}
+
+{policies or default_policy}
+
+[logging]
+format = "json"
+level = "info"
+{extra}
+"""
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'supervisor.db'}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database per test (skipped, with the reason, when not configured)."""
+    base = os.environ.get("CLADO_SUPERVISOR_TEST_PG_URL")
+    if not base:
+        pytest.skip("CLADO_SUPERVISOR_TEST_PG_URL is not set (PostgreSQL tests need it)")
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"cs_test_{uuid.uuid4().hex[:12]}"
+    admin = make_url(base).set(drivername="postgresql")
+    dsn = admin.render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def load(path: Path) -> Config:
+    return load_config(path)
+
+
+@asynccontextmanager
+async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
+    """The daemon on the test's event loop, stopped (gracefully) at the end."""
+    await asyncio.to_thread(migrate.upgrade, config.database.url)
+    store = Store(config.database.url)
+    client = CladoClient(
+        config.api.base_url,
+        API_KEY,
+        timeout=config.api.timeout.total_seconds(),
+        max_concurrency=config.api.max_concurrency,
+        max_retries=config.api.max_retries,
+        backoff_initial=0.05,
+        backoff_max=0.5,
+    )
+    daemon = Daemon(config, store, client)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
+        await client.aclose()
+        await store.close()
+
+
+async def wait_until(
+    daemon: Daemon,
+    predicate: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 30.0,
+    what: str = "condition",
+) -> Any:
+    """Re-check `predicate` after each batch the daemon writes, until it holds (bounded)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                result = await predicate()
+                if result:
+                    return result
+                await daemon.writer.next_flush()
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None

@@ -1,0 +1,156 @@
+"""The pure policy core, by table: breach, warnings and the next check time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from supervisor.config import Policy
+from supervisor.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, observed_rate
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+POLL = timedelta(seconds=15)
+
+
+def s(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
+
+
+def obs(
+    status: str = "searching",
+    credits: int = 0,
+    started: float = 0,
+    progress: float | None = None,
+    rate: float | None = None,
+    warned: frozenset[str] = frozenset(),
+) -> Observation:
+    return Observation(
+        remote_status=status,
+        credits=credits,
+        started_at=T0 + s(started),
+        last_progress_at=T0 + s(started if progress is None else progress),
+        credits_per_s=rate,
+        warned=warned,
+    )
+
+
+FULL = Policy(
+    name="p",
+    max_runtime=s(1800),
+    max_queued=s(600),
+    stall_timeout=s(300),
+    max_credits=200,
+)
+
+
+@pytest.mark.parametrize(
+    ("observation", "at", "reason"),
+    [
+        # nothing reached
+        (obs(credits=199, progress=1700), 1799, None),
+        # credits: breached once they reach the limit, not only beyond it
+        (obs(credits=200), 10, "max_credits"),
+        (obs(credits=350), 10, "max_credits"),
+        # runtime counts from the start, whatever the status
+        (obs(status="pending"), 1800, "max_runtime"),
+        (obs(status="processing", progress=1790), 1800.5, "max_runtime"),
+        # queued: only while pending
+        (obs(status="pending"), 599, None),
+        (obs(status="pending"), 600, "max_queued"),
+        (obs(status="searching", progress=500), 700, None),
+        # stall: no progress for stall_timeout while searching or processing
+        (obs(status="searching", progress=100), 399, None),
+        (obs(status="searching", progress=100), 400, "stall_timeout"),
+        (obs(status="processing", progress=100), 400, "stall_timeout"),
+        (obs(status="pending", progress=0), 400, None),
+        # credits win over time limits when both are reached
+        (obs(credits=200), 1900, "max_credits"),
+    ],
+)
+def test_breach(observation: Observation, at: float, reason: str | None) -> None:
+    verdict = evaluate(observation, FULL, T0 + s(at), poll_interval=POLL)
+    assert (verdict.breach.reason if verdict.breach else None) == reason
+
+
+def test_breach_detail_names_the_limit_and_values() -> None:
+    verdict = evaluate(obs(credits=205), FULL, T0 + s(60), poll_interval=POLL)
+    assert verdict.breach is not None
+    assert verdict.breach.detail() == {"limit": "max_credits", "value": 205, "threshold": 200}
+
+
+def test_no_limits_no_breach() -> None:
+    verdict = evaluate(obs(credits=10_000), Policy(name="open"), T0 + s(86400), poll_interval=POLL)
+    assert verdict.breach is None
+    assert verdict.next_check_at == T0 + s(86400) + POLL
+
+
+@pytest.mark.parametrize(
+    ("observation", "at", "warn_at", "fired"),
+    [
+        (obs(credits=159), 10, (0.8,), []),
+        (obs(credits=160), 10, (0.8,), ["max_credits@0.8"]),
+        (obs(credits=189), 10, (0.8, 0.95), ["max_credits@0.8"]),
+        (obs(credits=195), 10, (0.8, 0.95), ["max_credits@0.8", "max_credits@0.95"]),
+        # a threshold already fired does not fire again (it is stored on the job)
+        (obs(credits=195, warned=frozenset({"max_credits@0.8"})), 10, (0.8, 0.95), ["max_credits@0.95"]),
+        # runtime warnings
+        (obs(), 1440, (0.8,), ["max_runtime@0.8"]),
+    ],
+)
+def test_warnings(observation: Observation, at: float, warn_at: tuple[float, ...], fired: list[str]) -> None:
+    policy = Policy(name="w", max_runtime=s(1800), max_credits=200, warn_at=warn_at)
+    verdict = evaluate(observation, policy, T0 + s(at), poll_interval=POLL)
+    assert [warning.key for warning in verdict.warnings] == fired
+
+
+@pytest.mark.parametrize(
+    ("policy", "observation", "at", "expected"),
+    [
+        # the regular poll when no deadline is nearer
+        (Policy(name="p", max_runtime=s(1800)), obs(), 0, 15),
+        # a runtime deadline nearer than the poll interval is the next check, exactly
+        (Policy(name="p", max_runtime=s(20)), obs(), 10, 20),
+        # queued deadline only while pending
+        (Policy(name="p", max_queued=s(12)), obs(status="pending"), 5, 12),
+        (Policy(name="p", max_queued=s(12)), obs(status="searching", rate=1), 5, 20),
+        # stall deadline from the last progress
+        (Policy(name="p", stall_timeout=s(30)), obs(progress=10), 35, 40),
+        # credits: polled when the observed rate says the limit is reached
+        (Policy(name="p", max_credits=100), obs(credits=50, rate=10), 7, 12),
+        (Policy(name="p", max_credits=100), obs(credits=99, rate=10), 7, 7.1),
+        # rate unknown: probe at doubling gaps since the start (1 s at least)
+        (Policy(name="p", max_credits=100), obs(credits=0), 0, 1),
+        (Policy(name="p", max_credits=100), obs(credits=3), 4, 8),
+        (Policy(name="p", max_credits=100), obs(credits=3), 12, 24),
+        # a pending job has no rate to predict from: the regular poll
+        (Policy(name="p", max_credits=100), obs(status="pending"), 0, 15),
+        # a deadline already passed (observe mode) does not cause a tight loop
+        (Policy(name="p", max_runtime=s(10)), obs(), 60, 75),
+    ],
+)
+def test_next_check(policy: Policy, observation: Observation, at: float, expected: float) -> None:
+    assert next_check_at(observation, policy, T0 + s(at), POLL) == T0 + s(expected)
+
+
+def test_next_check_is_never_closer_than_the_minimum_gap() -> None:
+    policy = Policy(name="p", max_credits=100)
+    now = T0 + s(5)
+    assert next_check_at(obs(credits=99, rate=1000), policy, now, POLL) == now + MIN_POLL_GAP
+
+
+@pytest.mark.parametrize(
+    ("previous", "previous_at", "credits", "at", "previous_rate", "expected"),
+    [
+        (0, None, 10, 5, None, None),  # one observation: no rate yet
+        (0, 0, 10, 5, None, 2.0),
+        (10, 5, 30, 10, 2.0, 3.0),  # smoothed: half the new rate, half the old
+        (10, 5, 10, 5, 2.0, 2.0),  # no time passed: keep the old rate
+        (10, 5, 4, 10, 2.0, 2.0),  # a count that went down is ignored
+    ],
+)
+def test_observed_rate(
+    previous: int, previous_at: float | None, credits: int, at: float, previous_rate: float | None, expected: float | None
+) -> None:
+    when = None if previous_at is None else T0 + s(previous_at)
+    assert observed_rate(previous, when, credits, T0 + s(at), previous_rate) == expected
