@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -72,96 +73,99 @@ def parse_ids(ids: Iterable[str]) -> list[str]:
     return [validate_job_id(job_id) for job_id in ids]
 
 
-async def track(
-    config: Config,
-    ids: list[str],
-    *,
-    labels: dict[str, str],
-    policy: str | None,
-    max_runtime: timedelta | None,
-    max_credits: int | None,
-) -> tuple[list[str], list[str]]:
-    name = config.choose_policy(labels, policy)
-    store = await open_store(config)
-    try:
-        return await store.add_jobs(
-            [
-                NewJob(
-                    job_id=job_id,
-                    policy=name,
-                    labels=labels,
-                    max_runtime_s=max_runtime.total_seconds() if max_runtime else None,
-                    max_credits=max_credits,
-                )
-                for job_id in ids
-            ],
-            utcnow(),
-        )
-    finally:
-        await store.close()
+class Operations:
+    """What a user can ask of the supervisor (CLI and admin API), over one store.
 
+    The API client is made on first use, so commands that only read need no API key."""
 
-async def submit(
-    config: Config, query: str, *, limit: int, labels: dict[str, str], policy: str | None
-) -> str:
-    name = config.choose_policy(labels, policy)
-    store = await open_store(config)
-    try:
-        async with client_for(config) as client:
-            job_id = await client.initiate(query, limit)
-        await store.add_jobs(
+    def __init__(self, config: Config, store: Store, client: CladoClient | None = None) -> None:
+        self.config = config
+        self.store = store
+        self._client = client
+        self._owns_client = client is None
+
+    @property
+    def client(self) -> CladoClient:
+        if self._client is None:
+            self._client = client_for(self.config)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+
+    async def track(
+        self,
+        ids: list[str],
+        *,
+        labels: dict[str, str],
+        policy: str | None = None,
+        max_runtime: timedelta | None = None,
+        max_credits: int | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """Track jobs started elsewhere. Returns (added, already tracked)."""
+        name = self.config.choose_policy(labels, policy)
+        new_jobs = [
+            NewJob(
+                job_id=job_id,
+                policy=name,
+                labels=labels,
+                max_runtime_s=max_runtime.total_seconds() if max_runtime else None,
+                max_credits=max_credits,
+            )
+            for job_id in parse_ids(ids)
+        ]
+        return await self.store.add_jobs(new_jobs, utcnow())
+
+    async def submit(
+        self, query: str, *, limit: int, labels: dict[str, str], policy: str | None = None
+    ) -> str:
+        """Start a job through the API and track it; returns its id."""
+        name = self.config.choose_policy(labels, policy)
+        job_id = await self.client.initiate(query, limit)
+        await self.store.add_jobs(
             [NewJob(job_id, name, labels, source="submit", query=query, result_limit=limit)], utcnow()
         )
         return job_id
-    finally:
-        await store.close()
 
+    async def cancel(self, job_id: str, note: str | None = None) -> Job | None:
+        """Commit a manual cancel decision and, unless the daemon holds the job, send it now.
 
-async def manual_cancel(config: Config, job_id: str, note: str | None) -> Job | None:
-    """Commit a manual cancel decision and, unless the daemon holds the job, send it now.
-
-    Returns the job afterwards, or None if it is not tracked."""
-    validate_job_id(job_id)
-    store = await open_store(config)
-    try:
+        Returns the job afterwards, or None if it is not tracked."""
+        validate_job_id(job_id)
         now = utcnow()
-        job = await store.request_cancel(job_id, Reason.MANUAL, {"note": note} if note else {}, now)
+        job = await self.store.request_cancel(job_id, Reason.MANUAL, {"note": note} if note else {}, now)
         if job is None or job["state"] != State.CANCELLING.value:
             return job
-        claimed = await store.claim_due(
-            now, horizon=timedelta(0), limit=1, lease_ttl=config.supervisor.lease_ttl, job_id=job_id
+        claimed = await self.store.claim_due(
+            now, horizon=timedelta(0), limit=1, lease_ttl=self.config.supervisor.lease_ttl, job_id=job_id
         )
         if claimed:  # else the daemon claimed it first and sends the cancel itself
-            async with client_for(config) as client:
-                handler = JobHandler(config, client, _direct_writer(store), utcnow)
-                await handler.handle(claimed[0])
-        return await store.get_job(job_id)
-    finally:
-        await store.close()
+            handler = JobHandler(self.config, self.client, self._write, utcnow)
+            await handler.handle(claimed[0])
+        return await self.store.get_job(job_id)
+
+    async def _write(self, job_write: JobWrite) -> bool:
+        return job_write.job_id in await self.store.apply([job_write])
+
+    async def jobs(self, state: str | None = None) -> list[Job]:
+        return await self.store.list_jobs(state)
+
+    async def job(self, job_id: str) -> tuple[Job | None, list[dict[str, Any]]]:
+        validate_job_id(job_id)
+        job = await self.store.get_job(job_id)
+        return job, (await self.store.events(job_id) if job else [])
 
 
-def _direct_writer(store: Store) -> Any:
-    async def write(job_write: JobWrite) -> bool:
-        return job_write.job_id in await store.apply([job_write])
-
-    return write
-
-
-async def list_jobs(config: Config, state: str | None) -> list[Job]:
+@asynccontextmanager
+async def operations(config: Config) -> AsyncIterator[Operations]:
+    """Operations on the configured database, for one CLI command."""
     store = await open_store(config)
+    ops = Operations(config, store)
     try:
-        return await store.list_jobs(state)
+        yield ops
     finally:
-        await store.close()
-
-
-async def show_job(config: Config, job_id: str) -> tuple[Job | None, list[dict[str, Any]]]:
-    validate_job_id(job_id)
-    store = await open_store(config)
-    try:
-        job = await store.get_job(job_id)
-        return job, (await store.events(job_id) if job else [])
-    finally:
+        await ops.aclose()
         await store.close()
 
 

@@ -21,6 +21,7 @@ from . import app
 from .clado import CladoError, InvalidJobId
 from .config import Config, ConfigError, config_path, load_config, parse_duration, parse_label
 from .lifecycle import State
+from .store import Job
 
 T = TypeVar("T")
 PROG = "clado-supervisor"
@@ -156,12 +157,14 @@ def track(
     if not ids:
         raise click.UsageError("give at least one JOB_ID (or --from-file)")
 
+    parsed_labels = _labels(labels)
+
     async def go() -> tuple[list[str], list[str]]:
-        parsed = app.parse_ids(ids)
-        return await app.track(
-            config, parsed, labels=_labels(labels), policy=policy,
-            max_runtime=max_runtime, max_credits=max_credits,
-        )
+        app.parse_ids(ids)  # all ids valid before the database is even opened
+        async with app.operations(config) as ops:
+            return await ops.track(
+                ids, labels=parsed_labels, policy=policy, max_runtime=max_runtime, max_credits=max_credits
+            )
 
     added, existing = run_async(go())
     click.echo(f"tracking {len(added)} new job(s); {len(existing)} already tracked")
@@ -178,8 +181,12 @@ def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], poli
     if not query.strip():
         raise click.BadParameter("the query is empty", param_hint="QUERY")
     parsed = _labels(labels)
-    job_id = run_async(app.submit(config, query, limit=limit, labels=parsed, policy=policy))
-    click.echo(job_id)
+
+    async def go() -> str:
+        async with app.operations(config) as ops:
+            return await ops.submit(query, limit=limit, labels=parsed, policy=policy)
+
+    click.echo(run_async(go()))
 
 
 @main.group()
@@ -193,7 +200,11 @@ def jobs() -> None:
 @with_config
 def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
     """List jobs with their state, credits and cancel reason."""
-    rows = [app.job_json(config, job) for job in run_async(app.list_jobs(config, state))]
+    async def go() -> list[Job]:
+        async with app.operations(config) as ops:
+            return await ops.jobs(state)
+
+    rows = [app.job_json(config, job) for job in run_async(go())]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -216,7 +227,11 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
 @with_config
 def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
     """One job with its events."""
-    job, events = run_async(app.show_job(config, job_id))
+    async def go() -> tuple[Job | None, list[dict[str, Any]]]:
+        async with app.operations(config) as ops:
+            return await ops.job(job_id)
+
+    job, events = run_async(go())
     if job is None:
         _fail(f"job {job_id} is not tracked", 2)
     data = {**app.job_json(config, job), "events": [app.event_json(e) for e in events]}
@@ -244,7 +259,11 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
 @with_config
 def cancel(config: Config, job_id: str, note: str | None) -> None:
     """Cancel a job now, through the same state machine as the daemon."""
-    job = run_async(app.manual_cancel(config, job_id, note))
+    async def go() -> Job | None:
+        async with app.operations(config) as ops:
+            return await ops.cancel(job_id, note)
+
+    job = run_async(go())
     if job is None:
         _fail(f"job {job_id} is not tracked", 2)
     if job["cancel_reason"] == "manual" or job["state"] in ("cancelling", "confirming"):
