@@ -10,18 +10,17 @@ import sys
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
-
-from . import app
-from .clado import CladoError, InvalidJobId
 from .config import Config, ConfigError, config_path, load_config, parse_duration, parse_label
 from .lifecycle import State
-from .store import Job
+
+if TYPE_CHECKING:
+    from .store import Job
+
+# Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
+# need them, so `check-config` and `--help` answer at once.
 
 T = TypeVar("T")
 PROG = "clado-supervisor"
@@ -40,6 +39,11 @@ def _fail(message: str, code: int) -> None:
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning known failures into one line and an exit code."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .clado import CladoError, InvalidJobId
+
+    app = _app()
     try:
         return asyncio.run(coro)
     except (ConfigError, InvalidJobId) as exc:
@@ -53,6 +57,18 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except SQLAlchemyError as exc:
         _fail(f"database: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}", 1)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _app() -> Any:
+    from . import app
+
+    return app
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
 
 
 def with_config(func: Callable[..., T]) -> Callable[..., T]:
@@ -109,7 +125,7 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 @click.pass_context
 def run(ctx: click.Context) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it, SIGHUP reloads the config)."""
-    run_async(app.run_daemon(ctx.obj["config_path"]))
+    run_async(_app().run_daemon(ctx.obj["config_path"]))
 
 
 @main.command("migrate")
@@ -120,7 +136,7 @@ def migrate_command(config: Config) -> None:
 
     try:
         migrate.upgrade(config.database.url)
-    except SQLAlchemyError as exc:
+    except Exception as exc:  # SQLAlchemy's errors: the database is unreachable or refused
         _fail(f"database: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}", 1)
     click.echo("database schema is up to date")
 
@@ -160,8 +176,8 @@ def track(
     parsed_labels = _labels(labels)
 
     async def go() -> tuple[list[str], list[str]]:
-        app.parse_ids(ids)  # all ids valid before the database is even opened
-        async with app.operations(config) as ops:
+        _app().parse_ids(ids)  # all ids valid before the database is even opened
+        async with _app().operations(config) as ops:
             return await ops.track(
                 ids, labels=parsed_labels, policy=policy, max_runtime=max_runtime, max_credits=max_credits
             )
@@ -183,7 +199,7 @@ def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], poli
     parsed = _labels(labels)
 
     async def go() -> str:
-        async with app.operations(config) as ops:
+        async with _app().operations(config) as ops:
             return await ops.submit(query, limit=limit, labels=parsed, policy=policy)
 
     click.echo(run_async(go()))
@@ -201,13 +217,15 @@ def jobs() -> None:
 def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
     """List jobs with their state, credits and cancel reason."""
     async def go() -> list[Job]:
-        async with app.operations(config) as ops:
+        async with _app().operations(config) as ops:
             return await ops.jobs(state)
 
-    rows = [app.job_json(config, job) for job in run_async(go())]
+    rows = [_app().job_json(config, job) for job in run_async(go())]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from rich.table import Table
+
     table = Table(title=f"{len(rows)} job(s)")
     for column in ("job id", "state", "remote", "policy", "credits", "limit", "reason", "submitted"):
         table.add_column(column, justify="right" if column in ("credits", "limit") else "left")
@@ -218,7 +236,7 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
             row["cancel_reason"] or row["would_cancel_reason"] and f"(would) {row['would_cancel_reason']}" or "-",
             (row["submitted_at"] or "")[:19].replace("T", " "),
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @jobs.command("show")
@@ -228,17 +246,19 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
 def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
     """One job with its events."""
     async def go() -> tuple[Job | None, list[dict[str, Any]]]:
-        async with app.operations(config) as ops:
+        async with _app().operations(config) as ops:
             return await ops.job(job_id)
 
     job, events = run_async(go())
     if job is None:
         _fail(f"job {job_id} is not tracked", 2)
-    data = {**app.job_json(config, job), "events": [app.event_json(e) for e in events]}
+    data = {**_app().job_json(config, job), "events": [_app().event_json(e) for e in events]}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    console = Console()
+    from rich.table import Table
+
+    console = _console()
     for key, value in data.items():
         if key != "events" and value not in (None, {}, ""):
             console.print(f"[bold]{key}[/bold]: {value}")
@@ -260,7 +280,7 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
 def cancel(config: Config, job_id: str, note: str | None) -> None:
     """Cancel a job now, through the same state machine as the daemon."""
     async def go() -> Job | None:
-        async with app.operations(config) as ops:
+        async with _app().operations(config) as ops:
             return await ops.cancel(job_id, note)
 
     job = run_async(go())

@@ -9,6 +9,7 @@ disable a limit.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tomllib
@@ -25,7 +26,6 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 DEFAULT_CONFIG_PATH = "supervisor.toml"
@@ -41,25 +41,46 @@ class ConfigError(Exception):
     """A configuration problem, already phrased as the one line to show the user."""
 
 
+_DURATION_HINT = '(use a number with a unit: "90s", "15m", "2h", "1d")'
+MAX_DURATION = timedelta(days=3650)
+
+
+def _toml_spelling(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def parse_duration(value: Any) -> timedelta:
     """`"90s"`, `"15m"`, `"2h"`, `"1d"` (also `"250ms"`) or a number of seconds; > 0."""
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
-    elif isinstance(value, (int, float)):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ValueError(
-                f'invalid duration {value!r} (use a number with a unit: "90s", "15m", "2h", "1d")'
-            )
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError(f"invalid duration {value!r}")
-    if seconds <= 0:
+    elif isinstance(value, str) and value.strip().startswith("-"):
         raise ValueError(f"duration must be positive, got {value!r}")
+    elif isinstance(value, str):
+        raise ValueError(f"invalid duration {value!r} {_DURATION_HINT}")
+    else:
+        raise ValueError(
+            f'expected a duration ("90s", "15m", "2h", "1d" or seconds), got {_toml_spelling(value)}'
+        )
+    if math.isnan(seconds):
+        raise ValueError(f"invalid duration {_toml_spelling(value)} {_DURATION_HINT}")
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {_toml_spelling(value)}")
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"duration {_toml_spelling(value)} is too long (at most 3650 days)")
     return timedelta(seconds=seconds)
 
 
@@ -73,7 +94,10 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
         if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or any(
             ord(ch) < 32 for ch in value
         ):
-            raise ValueError(f"invalid value for label {key!r}")
+            raise ValueError(
+                f"invalid value for label {key!r} (a string of at most {MAX_LABEL_VALUE} "
+                "characters, no control characters)"
+            )
     return labels
 
 
@@ -87,13 +111,14 @@ def parse_label(text: str) -> tuple[str, str]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `max_credits = true` must be an error, not a limit of 1 credit.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ApiConfig(_Section):
     base_url: str = "https://search.clado.ai"
     api_key_env: str = "CLADO_API_KEY"
-    api_key_file: Path | None = None
+    api_key_file: Annotated[Path, BeforeValidator(lambda v: _path(v))] | None = None
     timeout: Duration = timedelta(seconds=10)
     max_concurrency: PositiveInt = Field(default=32, le=1024)
     credits_per_result: PositiveInt = 1
@@ -104,7 +129,7 @@ class ApiConfig(_Section):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
+        if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", value):
             raise ValueError(f"base_url must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
 
@@ -116,6 +141,10 @@ class DatabaseConfig(_Section):
     @field_validator("url")
     @classmethod
     def _supported(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(
+                f"{value!r} is not a URL (use sqlite:///supervisor.db or postgresql+psycopg://…)"
+            )
         scheme = value.split("://", 1)[0]
         if scheme not in {"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+psycopg"}:
             raise ValueError(
@@ -147,13 +176,15 @@ class PolicyConfig(_Section):
     max_runtime: Duration | None = None
     max_queued: Duration | None = None
     stall_timeout: Duration | None = None
-    max_credits: PositiveInt | None = None
+    max_credits: Annotated[int, Field(gt=0, le=1_000_000_000)] | None = None
     warn_at: list[float] | None = None
     action: Action | None = None
 
     @field_validator("match")
     @classmethod
     def _labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and not value:
+            raise ValueError("match must name at least one label (it would never match)")
         return None if value is None else check_labels(value)
 
     @field_validator("warn_at")
@@ -191,14 +222,19 @@ class Config(_Section):
     def config_hash(self) -> str:
         return self._hash
 
-    @model_validator(mode="after")
-    def _default_policy(self) -> Config:
-        if "default" not in self.policies:
-            raise ValueError("policies.default: missing (a [policies.default] table is required)")
-        for name in self.policies:
-            if not re.match(r"^[A-Za-z0-9_\-]{1,64}$", name):
-                raise ValueError(f"invalid policy name {name!r}")
-        return self
+    @field_validator("policies")
+    @classmethod
+    def _policy_names(cls, policies: dict[str, PolicyConfig]) -> dict[str, PolicyConfig]:
+        for name in policies:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
+                raise ValueError(
+                    f"invalid policy name {name!r} (letters, digits, _ and -; at most 64)"
+                )
+        if "default" not in policies:
+            raise ValueError("[policies.default] is required")
+        if policies["default"].match is not None:
+            raise ValueError("policies.default.match: the default policy applies to every job; remove match")
+        return policies
 
     def resolve_policy(self, name: str) -> Policy:
         """The effective limits of a policy: its own keys over those of `default`."""
@@ -254,6 +290,12 @@ DEFAULT_POLICY = PolicyConfig(
 )
 
 
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a file path string, got {_toml_spelling(value)}")
+    return Path(value)
+
+
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:
     return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
@@ -291,9 +333,31 @@ def _first_error(exc: ValidationError) -> str:
     message = error["msg"]
     # pydantic prefixes messages raised by our validators with "Value error, ".
     message = message.removeprefix("Value error, ")
-    if kind not in {"value_error", "assertion_error"} and "input" in error:
-        message = f"{message} (got {error['input']!r})"
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        message = f"must be a table, got {_toml_spelling(error.get('input'))}"
+    elif kind not in {"value_error", "assertion_error"} and "input" in error:
+        message = _plain(message) + f", got {_toml_spelling(error['input'])}"
+    if message.startswith("policies.default.match:"):
+        return message
     return f"{key}: {message}" if key else message
+
+
+_PYDANTIC_WORDS = (
+    ("Input should be ", "must be "),
+    ("a valid integer", "an integer"),
+    ("a valid boolean", "true or false"),
+    ("a valid string", "a string"),
+    ("a valid list", "a list"),
+    ("a valid number", "a number"),
+)
+
+
+def _plain(message: str) -> str:
+    """pydantic's wording, minus its internals ("unable to parse string as an integer")."""
+    message = re.sub(r", (unable to .*|got a number with a fractional part)$", "", message)
+    for theirs, ours in _PYDANTIC_WORDS:
+        message = message.replace(theirs, ours)
+    return message
 
 
 def _check_database_path(path: Path, url: str) -> None:
@@ -303,6 +367,6 @@ def _check_database_path(path: Path, url: str) -> None:
     file_part = url.split(":///", 1)[1] if ":///" in url else ""
     if not file_part or file_part.startswith(":memory:"):
         return
-    folder = Path(file_part).expanduser().parent
+    folder = Path(file_part).expanduser().absolute().parent
     if not folder.is_dir():
         raise ConfigError(f"{path}: database.url: directory {str(folder)!r} does not exist")
