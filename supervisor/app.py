@@ -14,12 +14,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import migrate
 from .clado import CladoClient, validate_job_id
 from .config import Config, ConfigError, load_config
-from .credentials import api_key
+from .credentials import api_key, read_secret
 from .daemon import Daemon
 from .handler import JobHandler, job_policy
 from .lifecycle import TERMINAL, Reason, State
 from .logs import configure_logging
 from .store import Job, JobWrite, NewJob, Store, utcnow
+from .systemd import Notifier
 
 
 class RuntimeFailure(Exception):
@@ -60,9 +61,21 @@ async def run_daemon(config_path: Path) -> None:
     config = load_config(config_path)
     configure_logging(config.logging.format, config.logging.level)
     client = client_for(config)
+    admin_token = read_secret(
+        env_name=config.http.token_env, file=config.http.token_file, key="http.token_file", source=config.source
+    )
     store = await open_store(config)
+    daemon = Daemon(config, store, client, config_path=config_path, notifier=Notifier())
+    services = []
+    if config.http.enabled:
+        from .http import AdminApi, AdminServer
+
+        api = AdminApi(daemon, admin_token, config.http.max_body_bytes)
+        services.append(AdminServer(api, config.http.listen))
     try:
-        await Daemon(config, store, client, config_path=config_path).run_until_signalled()
+        await daemon.run_until_signalled(services)
+    except OSError as exc:  # the admin API could not bind its address
+        raise RuntimeFailure(str(exc)) from None
     finally:
         await client.aclose()
         await store.close()

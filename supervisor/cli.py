@@ -292,6 +292,29 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
         click.echo(f"{job_id}: already {job['state']}; nothing to cancel")
 
 
+@main.command()
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@with_config
+def healthcheck(config: Config, timeout: float) -> None:
+    """Exit 0 if the running daemon answers /healthz (for Docker HEALTHCHECK)."""
+    import urllib.error
+    import urllib.request
+
+    from .config import split_address
+
+    host, port = split_address(config.http.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            click.echo(f"healthy ({response.status})")
+    except urllib.error.HTTPError as exc:
+        _fail(f"unhealthy: {url} answered {exc.code}", 1)
+    except OSError as exc:
+        _fail(f"unhealthy: cannot reach {url}: {getattr(exc, 'reason', exc)}", 1)
+
+
 @main.command("fake-api")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8900, show_default=True, type=click.IntRange(0, 65535))

@@ -198,6 +198,31 @@ class PolicyConfig(_Section):
         return sorted(set(value))
 
 
+class HttpConfig(_Section):
+    """The admin API: jobs in and out, health, metrics."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8787"
+    token_env: str = "CLADO_SUPERVISOR_TOKEN"
+    token_file: Annotated[Path, BeforeValidator(lambda v: _path(v))] | None = None
+    max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        split_address(value)
+        return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """"127.0.0.1:8787" / "[::1]:8787" / "0.0.0.0:0" → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen must look like HOST:PORT (e.g. 127.0.0.1:8787), got {value!r}")
+    return host, int(port)
+
+
 class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -208,6 +233,7 @@ class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {"default": DEFAULT_POLICY})
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     # Filled by load_config: where the settings came from and a short hash of the file,
     # recorded on every decision so an event can be traced to the rules that made it.

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -24,13 +26,23 @@ from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from . import metrics
 from .clado import CladoClient
 from .config import Config, ConfigError, load_config
 from .handler import JobHandler
+from .lifecycle import ACTIVE, State
 from .store import Job, Store, utcnow
+from .systemd import Notifier
 from .writer import BatchWriter
 
 log = structlog.get_logger("supervisor.daemon")
+
+
+class Service(Protocol):
+    """Something that runs beside the daemon (the admin API)."""
+
+    def start(self) -> Awaitable[None]: ...
+    def stop(self) -> Awaitable[None]: ...
 
 
 @dataclass
@@ -49,6 +61,7 @@ class Daemon:
         *,
         clock: Callable[[], datetime] = utcnow,
         config_path: Path | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -63,6 +76,9 @@ class Daemon:
         self.ticks = 0
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
+        self.notifier = notifier or Notifier({})
+        self._background: set[asyncio.Task[None]] = set()
+        self._summary_due = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -92,6 +108,10 @@ class Daemon:
             dry_run=settings.dry_run,
             config_hash=self.config.config_hash,
         )
+
+    @property
+    def scheduler_running(self) -> bool:
+        return self._scheduler is not None and self._scheduler.running and not self._stopping.is_set()
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -143,18 +163,31 @@ class Daemon:
         self.handler.config = new
         log.info("config reloaded", config_hash=new.config_hash)
 
-    async def run_until_signalled(self) -> None:
+    async def run_until_signalled(self, services: Sequence[Service] = ()) -> None:
+        """Start, tell systemd we are ready, serve until SIGTERM/SIGINT, stop in order:
+        the services (the admin API stops accepting requests) first, then the daemon."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.start()
+        started: list[Service] = []
         try:
+            self.start()
+            for service in services:
+                await service.start()
+                started.append(service)
+            self.notifier.ready("supervising")
             await self.wait_stopped()
         finally:
+            # Signals stay handled until the end: a second SIGTERM during shutdown must not
+            # kill the process halfway through finishing its cancels.
+            self._stopping.set()
+            self.notifier.stopping()
+            for service in reversed(started):
+                await service.stop()
+            await self.stop()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
-            await self.stop()
 
     # -- the tick -------------------------------------------------------------------------
 
@@ -164,6 +197,7 @@ class Daemon:
             return 0
         if self.client.api_key_rejected:
             return 0  # backing off: the client logged it once
+        started = time.perf_counter()
         settings = self.config.supervisor
         capacity = settings.batch_size - len(self.inflight)
         if capacity <= 0:
@@ -185,6 +219,10 @@ class Daemon:
             self.inflight[job["job_id"]] = _InFlight(task, job["lease_token"])
         self.last_tick_at = self.clock()
         self.ticks += 1
+        metrics.TICK_DURATION.observe(time.perf_counter() - started)
+        metrics.TICK_JOBS.observe(len(jobs))
+        metrics.LAST_TICK.set(self.last_tick_at.timestamp())
+        self._after_tick()
         return len(jobs)
 
     async def _run_job(self, job: Job) -> None:
@@ -193,6 +231,7 @@ class Daemon:
             delay = (job["next_check_at"] - self.clock()).total_seconds()
             if delay > 0:
                 await asyncio.sleep(delay)
+            metrics.POLL_LAG.observe(max(0.0, (self.clock() - job["next_check_at"]).total_seconds()))
             self._set_phase(job_id, "poll")
             # Bounded so that the lease cannot expire under a job still being handled.
             budget = self.config.supervisor.lease_ttl - self.config.supervisor.tick_interval
@@ -206,6 +245,27 @@ class Daemon:
             log.exception("job handling failed; its lease will expire and it is retried", job_id=job_id)
         finally:
             self.inflight.pop(job_id, None)
+
+    def _after_tick(self) -> None:
+        """Prove the loop is alive to systemd; refresh the summary every few seconds."""
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if now >= self._summary_due:
+            self._summary_due = now + 5
+            task = asyncio.create_task(self._refresh_summary(), name="summary")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _refresh_summary(self) -> None:
+        try:
+            counts = await self.store.count_by_state()
+        except Exception as exc:
+            log.warning("could not count jobs", error=str(exc))
+            return
+        for state in State:
+            metrics.JOBS.labels(state.value).set(counts.get(state.value, 0))
+        active = sum(counts.get(state.value, 0) for state in ACTIVE)
+        self.notifier.status(f"supervising {active} active job(s); {len(self.inflight)} in flight")
 
     def _set_phase(self, job_id: str, phase: str) -> None:
         item = self.inflight.get(job_id)

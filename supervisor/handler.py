@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from . import failpoints
+from . import failpoints, metrics
 from .clado import (
     ApiKeyRejected,
     ApiUnavailable,
@@ -25,7 +25,7 @@ from .clado import (
     RequestRejected,
 )
 from .config import Config, Policy
-from .lifecycle import Reason, State, check_transition, final_state
+from .lifecycle import TERMINAL, Reason, State, check_transition, final_state
 from .policy import Evaluation, Observation, evaluate, observed_rate
 from .store import Job, JobWrite, event_row
 
@@ -142,6 +142,7 @@ class JobHandler:
                 "config_hash": self.config.config_hash,
             }
             log.warning("limit warning", job_id=job["job_id"], policy=job["policy"], **detail)
+            metrics.WARNINGS.labels(warning.limit).inc()
             events.append(event_row("warning", now, reason=warning.limit, detail=detail))
         if verdict.warnings:
             values["warned"] = [*(job["warned"] or ()), *(w.key for w in verdict.warnings)]
@@ -166,6 +167,7 @@ class JobHandler:
             would_cancel_credits=values["credits_used"],
         )
         events.append(event_row("would_cancel", now, reason=verdict.breach.reason, detail=detail))
+        metrics.WOULD_CANCEL.labels(verdict.breach.reason).inc()
         log.warning(
             "would cancel (observe mode)",
             job_id=job["job_id"], state=job["state"], policy=policy.name,
@@ -205,6 +207,7 @@ class JobHandler:
             reason=reason, **detail,
         )
         self._on_phase(job["job_id"], "cancel")
+        metrics.CANCELS.labels(reason).inc()
         # Keep the lease: this handler sends the cancel right after the commit.
         committed = await self._write(
             JobWrite(job["job_id"], job["lease_token"], values, events, release=False)
@@ -347,7 +350,17 @@ class JobHandler:
             "job " + target.value,
             job_id=job["job_id"], state=target.value, policy=job["policy"], reason=reason, **detail,
         )
-        await self._write(JobWrite(job["job_id"], job["lease_token"], values, [event]))
+        if await self._write(JobWrite(job["job_id"], job["lease_token"], values, [event])):
+            self._observe_transition(job, target, values, now)
+
+    def _observe_transition(self, job: Job, target: State, values: dict[str, Any], now: datetime) -> None:
+        metrics.TRANSITIONS.labels(target.value).inc()
+        if job["cancel_requested_at"] is None or target not in TERMINAL:
+            return
+        metrics.CONFIRMATION.observe((now - job["cancel_requested_at"]).total_seconds())
+        limit = job_policy(self.config, job).max_credits
+        if job["cancel_reason"] == Reason.MAX_CREDITS and limit is not None and "credits_used" in values:
+            metrics.CREDIT_OVERSHOOT.observe(max(0, values["credits_used"] - limit))
 
     @staticmethod
     def _external_reason(status: JobStatus) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from . import metrics
 from .store import JobWrite, Store
 
 log = structlog.get_logger("supervisor.writer")
@@ -83,6 +84,8 @@ class BatchWriter:
                     pending.done.set_exception(exc)
             return
         self.transactions += 1
+        metrics.DB_WRITE_BATCH.observe(len(batch))
+        metrics.LEASES_LOST.inc(len(batch) - len(applied))
         for pending in batch:
             if not pending.done.done():
                 pending.done.set_result(pending.write.job_id in applied)

@@ -79,6 +79,9 @@ url = "{db_url}"
 
 {policies or default_policy}
 
+[http]
+listen = "127.0.0.1:0"
+
 [logging]
 format = "json"
 level = "info"
