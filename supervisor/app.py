@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import migrate
+from .budgets import AdmissionRefused, check_admission, period_start, statuses
 from .clado import CladoClient, validate_job_id
 from .config import Config, ConfigError, load_config
 from .credentials import api_key, read_secret
@@ -21,6 +22,10 @@ from .lifecycle import TERMINAL, Reason, State
 from .logs import configure_logging
 from .store import Job, JobWrite, NewJob, Store, utcnow
 from .systemd import Notifier
+
+
+# How long an admission's reservation counts if its submitter dies before recording the job.
+ADMISSION_TTL = timedelta(minutes=10)
 
 
 class RuntimeFailure(Exception):
@@ -133,13 +138,50 @@ class Operations:
     async def submit(
         self, query: str, *, limit: int, labels: dict[str, str], policy: str | None = None
     ) -> str:
-        """Start a job through the API and track it; returns its id."""
+        """Admit, start the job through the API and track it; returns its id.
+
+        Admission refuses (AdmissionRefused, with the numbers) when a matching budget is
+        blocked, when a reserving budget cannot hold the job's worst case (limit ×
+        credits_per_result), or when the account would drop below its floor. The
+        reservation is recorded before the API call and handed to the job after it."""
         name = self.config.choose_policy(labels, policy)
-        job_id = await self.client.initiate(query, limit)
-        await self.store.add_jobs(
-            [NewJob(job_id, name, labels, source="submit", query=query, result_limit=limit)], utcnow()
+        need = limit * self.config.api.credits_per_result
+        await self._check_account_floor(need)
+        admission_id = await self._admit(labels, need)
+        try:
+            job_id = await self.client.initiate(query, limit)
+        except BaseException:
+            if admission_id is not None:
+                await self.store.drop_admission(admission_id)
+            raise
+        new_job = NewJob(
+            job_id, name, labels, source="submit", query=query, result_limit=limit,
+            reserved_credits=need if admission_id is not None else None,
         )
+        await self.store.add_jobs([new_job], utcnow(), admission_id=admission_id)
         return job_id
+
+    async def _admit(self, labels: dict[str, str], need: int) -> str | None:
+        if not self.config.budgets:
+            return None
+        now = utcnow()
+        starts = {period_start(b.period, b.timezone, now) for b in self.config.budgets.values()}
+
+        def check(usage: Any) -> bool:
+            return bool(check_admission(self.config, labels, need, statuses(self.config, now, usage)))
+
+        return await self.store.admit(labels, need, now, check, starts, ADMISSION_TTL)
+
+    async def _check_account_floor(self, need: int) -> None:
+        account = self.config.account
+        if account is None or account.action == "observe":
+            return
+        credits = await self.client.credits()
+        if credits - need < account.min_credits:
+            raise AdmissionRefused(
+                f"the account has {credits} credits; this job may use {need}, which would take it "
+                f"below its floor of {account.min_credits} (account.min_credits)"
+            )
 
     async def cancel(self, job_id: str, note: str | None = None) -> Job | None:
         """Commit a manual cancel decision and, unless the daemon holds the job, send it now.

@@ -8,7 +8,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +41,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning known failures into one line and an exit code."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from .budgets import AdmissionRefused
     from .clado import CladoError, InvalidJobId
 
     app = _app()
@@ -48,6 +49,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except (ConfigError, InvalidJobId) as exc:
         _fail(str(exc), 2)
+    except AdmissionRefused as exc:
+        _fail(f"submission refused: {exc}", 2)
     except ExitError as exc:
         _fail(str(exc), exc.code)
     except app.RuntimeFailure as exc:
@@ -290,6 +293,53 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
         click.echo(f"{job_id}: {job['state']} (reason {job['cancel_reason']})")
     else:
         click.echo(f"{job_id}: already {job['state']}; nothing to cancel")
+
+
+@main.command()
+@click.option("--period", type=click.Choice(["day", "week", "month"]), default="day", show_default=True,
+              help="The calendar period (UTC) whose submitted jobs are reported.")
+@click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
+@with_config
+def report(config: Config, period: str, as_json: bool) -> None:
+    """Spend, budgets, cancels, warnings and credits saved, for a period."""
+    from .report import build_report
+
+    async def go() -> dict[str, Any]:
+        async with _app().operations(config) as ops:
+            return await build_report(ops.store, config, period, datetime.now(UTC))
+
+    data = run_async(go())
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]Report for this {period}[/bold] (jobs submitted since {data['period_start']})")
+    console.print(
+        f"jobs {data['jobs']}, spend {data['spend']} credits; saved by cancels {data['saved_by_cancels']}; "
+        f"observe rules would have saved {data['observe_would_have_saved']}; "
+        f"leaked after kill decisions {data['leaked_after_decision']}"
+    )
+    if data["budgets"]:
+        table = Table(title="budgets")
+        for column in ("budget", "period", "credits", "spent", "reserved", "remaining", "action", "state"):
+            table.add_column(column)
+        for b in data["budgets"]:
+            state = "exhausted" if b["exhausted"] else ("warned " + ",".join(b["warnings_fired"]) if b["warnings_fired"] else "ok")
+            table.add_row(b["name"], b["period"], str(b["credits"]), str(b["spent"]), str(b["reserved"]),
+                          str(b["remaining"]), b["action"], state)
+        console.print(table)
+    for title, key in (("cancels by reason", "cancels_by_reason"), ("would cancel (observe)", "would_cancel_by_reason"),
+                       ("warnings by limit", "warnings_by_limit"), ("spend by label", "spend_by_label"),
+                       ("spend by policy", "spend_by_policy")):
+        if data[key]:
+            table = Table(title=title)
+            table.add_column("key")
+            table.add_column("value", justify="right")
+            for key_, value in data[key].items():
+                table.add_row(key_, str(value))
+            console.print(table)
 
 
 @main.command()

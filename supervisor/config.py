@@ -16,6 +16,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -189,13 +190,76 @@ class PolicyConfig(_Section):
 
     @field_validator("warn_at")
     @classmethod
-    def _fractions(cls, value: list[float] | None) -> list[float] | None:
-        if value is None:
-            return None
-        for fraction in value:
-            if not 0 < fraction < 1:
-                raise ValueError(f"warn_at values must be between 0 and 1 (exclusive), got {fraction}")
-        return sorted(set(value))
+    def _warn(cls, value: list[float] | None) -> list[float] | None:
+        return _fractions(value)
+
+
+def _fractions(value: list[float] | None) -> list[float] | None:
+    if value is None:
+        return None
+    for fraction in value:
+        if not 0 < fraction < 1:
+            raise ValueError(f"warn_at values must be between 0 and 1 (exclusive), got {fraction}")
+    return sorted(set(value))
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {value!r} (use an IANA name such as 'UTC' or 'Europe/Paris')") from None
+    return value
+
+
+class BudgetConfig(_Section):
+    """Credits a group of jobs may spend per period. A job's spend counts in the period it
+    was submitted in; several budgets may match one job and each is enforced."""
+
+    match: dict[str, str] | None = None  # no match: every job
+    period: Literal["hour", "day", "week", "month", "total"] = "day"
+    timezone: str = "UTC"
+    credits: Annotated[int, Field(gt=0, le=10**12)]
+    warn_at: list[float] = Field(default_factory=list)
+    action: Literal["cancel", "block", "observe"] = "cancel"
+    reserve: bool = False
+
+    _labels = field_validator("match")(classmethod(lambda cls, v: None if v is None else check_labels(v)))
+    _warn = field_validator("warn_at")(classmethod(lambda cls, v: _fractions(v)))
+    _zone = field_validator("timezone")(classmethod(lambda cls, v: _timezone(v)))
+
+
+class AccountConfig(_Section):
+    """The account's remaining credits, read from GET /api/credits."""
+
+    min_credits: Annotated[int, Field(ge=0)]
+    check_interval: Duration = timedelta(minutes=1)
+    action: Literal["block", "cancel", "observe"] = "block"
+
+
+WEBHOOK_EVENTS = (
+    "warning", "cancel_requested", "cancelled", "unconfirmed", "budget_warning",
+    "budget_exhausted", "account_floor", "api_key_rejected",
+)  # fmt: skip
+
+
+class WebhookConfig(_Section):
+    url: str
+    events: list[Literal[WEBHOOK_EVENTS]] = Field(default_factory=lambda: list(WEBHOOK_EVENTS))  # type: ignore[valid-type]
+    format: Literal["json", "slack"] = "json"
+    secret_env: str | None = None
+    secret_file: Annotated[Path, BeforeValidator(lambda v: _path(v))] | None = None
+    timeout: Duration = timedelta(seconds=5)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", value):
+            raise ValueError(f"webhook url must be an http(s) URL, got {value!r}")
+        return value
+
+
+class NotifyConfig(_Section):
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
 
 
 class HttpConfig(_Section):
@@ -233,6 +297,9 @@ class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {"default": DEFAULT_POLICY})
+    budgets: dict[str, BudgetConfig] = Field(default_factory=dict)
+    account: AccountConfig | None = None
+    notify: NotifyConfig = NotifyConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     # Filled by load_config: where the settings came from and a short hash of the file,
@@ -261,6 +328,22 @@ class Config(_Section):
         if policies["default"].match is not None:
             raise ValueError("policies.default.match: the default policy applies to every job; remove match")
         return policies
+
+    @field_validator("budgets")
+    @classmethod
+    def _budget_names(cls, budgets: dict[str, BudgetConfig]) -> dict[str, BudgetConfig]:
+        for name in budgets:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
+                raise ValueError(f"invalid budget name {name!r} (letters, digits, _ and -; at most 64)")
+        return budgets
+
+    def budgets_for(self, labels: dict[str, str]) -> list[str]:
+        """Every budget whose match the labels satisfy (a budget without match: all jobs)."""
+        return [
+            name
+            for name, budget in self.budgets.items()
+            if all(labels.get(key) == value for key, value in (budget.match or {}).items())
+        ]
 
     def resolve_policy(self, name: str) -> Policy:
         """The effective limits of a policy: its own keys over those of `default`."""
@@ -352,10 +435,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: missing (this key is required)"
     message = error["msg"]
     # pydantic prefixes messages raised by our validators with "Value error, ".
     message = message.removeprefix("Value error, ")

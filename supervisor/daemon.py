@@ -29,8 +29,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from . import metrics
 from .clado import CladoClient
 from .config import Config, ConfigError, load_config
+from .enforcement import Enforcer
 from .handler import JobHandler
 from .lifecycle import ACTIVE, State
+from .notify import Webhooks
 from .store import Job, Store, utcnow
 from .systemd import Notifier
 from .writer import BatchWriter
@@ -69,7 +71,9 @@ class Daemon:
         self.clock = clock
         self.config_path = config_path
         self.writer = BatchWriter(store)
-        self.handler = JobHandler(config, client, self.writer.write, clock)
+        self.webhooks = Webhooks(config)
+        self.enforcer = Enforcer(store, client, self.webhooks, clock)
+        self.handler = JobHandler(config, client, self.writer.write, clock, self.webhooks)
         self.handler.on_phase(self._set_phase)
         self.inflight: dict[str, _InFlight] = {}
         self.last_tick_at: datetime | None = None
@@ -79,11 +83,13 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self._background: set[asyncio.Task[None]] = set()
         self._summary_due = 0.0
+        self._key_rejected = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
         self.writer.start()
+        self.webhooks.start()
         settings = self.config.supervisor
         tick = settings.tick_interval.total_seconds()
         self._scheduler = AsyncIOScheduler(
@@ -100,6 +106,15 @@ class Daemon:
         self._scheduler.add_job(
             self.tick, "interval", seconds=tick, id="tick", next_run_time=datetime.now().astimezone()
         )
+        # Aggregate rules: every second for budgets (usage moves with every poll), and the
+        # account floor at its own interval. Both catch their own errors.
+        self._scheduler.add_job(self._chore(self._sweep_budgets), "interval", seconds=max(1.0, tick), id="budgets")
+        if self.config.account is not None:
+            self._scheduler.add_job(
+                self._chore(self._check_account), "interval",
+                seconds=self.config.account.check_interval.total_seconds(), id="account",
+                next_run_time=datetime.now().astimezone(),
+            )
         self._scheduler.start()
         log.info(
             "supervisor started",
@@ -138,6 +153,7 @@ class Daemon:
         leftovers = {job_id: item.lease_token for job_id, item in self.inflight.items()}
         await asyncio.gather(*(item.task for item in self.inflight.values()), return_exceptions=True)
         await self.writer.close()
+        await self.webhooks.close()
         try:
             await self.store.release(leftovers)
         except Exception as exc:  # leases then simply expire
@@ -154,7 +170,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("config reload failed; keeping the previous config", error=str(exc))
             return
-        for section in ("database", "api"):
+        for section in ("database", "api", "notify", "http"):
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("config change needs a restart to take effect", section=section)
         if new.supervisor.tick_interval != self.config.supervisor.tick_interval:
@@ -196,7 +212,11 @@ class Daemon:
         if self._stopping.is_set():
             return 0
         if self.client.api_key_rejected:
+            if not self._key_rejected:
+                self._key_rejected = True
+                self.webhooks.emit("api_key_rejected")
             return 0  # backing off: the client logged it once
+        self._key_rejected = False
         started = time.perf_counter()
         settings = self.config.supervisor
         capacity = settings.batch_size - len(self.inflight)
@@ -245,6 +265,25 @@ class Daemon:
             log.exception("job handling failed; its lease will expire and it is retried", job_id=job_id)
         finally:
             self.inflight.pop(job_id, None)
+
+    def _chore(self, body: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            if self._stopping.is_set():
+                return
+            try:
+                async with asyncio.timeout(30):
+                    await body()
+            except Exception as exc:
+                log.error("chore failed; will retry", chore=body.__name__, error=str(exc) or type(exc).__name__)
+
+        run.__name__ = body.__name__
+        return run
+
+    async def _sweep_budgets(self) -> None:
+        await self.enforcer.sweep_budgets(self.config)
+
+    async def _check_account(self) -> None:
+        await self.enforcer.check_account(self.config)
 
     def _after_tick(self) -> None:
         """Prove the loop is alive to systemd; refresh the summary every few seconds."""

@@ -27,6 +27,7 @@ from .clado import (
 from .config import Config, Policy
 from .lifecycle import TERMINAL, Reason, State, check_transition, final_state
 from .policy import Evaluation, Observation, evaluate, observed_rate
+from .notify import Webhooks
 from .store import Job, JobWrite, event_row
 
 log = structlog.get_logger("supervisor.handler")
@@ -57,11 +58,13 @@ class JobHandler:
         client: CladoClient,
         write: Write,
         clock: Callable[[], datetime],
+        webhooks: Webhooks | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self._write = write
         self._clock = clock
+        self._webhooks = webhooks
         self._on_phase: Callable[[str, str], None] = lambda job_id, phase: None
 
     def on_phase(self, callback: Callable[[str, str], None]) -> None:
@@ -107,7 +110,8 @@ class JobHandler:
                 return
             self._would_cancel(job, verdict, policy, values, events, now)
         values["next_check_at"] = verdict.next_check_at
-        await self._write(JobWrite(job["job_id"], job["lease_token"], values, events))
+        if await self._write(JobWrite(job["job_id"], job["lease_token"], values, events)):
+            self._emit_warnings(job, events, values)
 
     def _progress(self, job: Job, status: JobStatus, now: datetime) -> dict[str, Any]:
         credits = status.result_count * self.config.api.credits_per_result
@@ -213,6 +217,9 @@ class JobHandler:
             JobWrite(job["job_id"], job["lease_token"], values, events, release=False)
         )
         if committed:
+            self._emit_warnings(job, events, values)
+            self._emit("cancel_requested", job, reason=reason, state=State.CANCELLING.value,
+                       credits=values["credits_used"], detail=detail)
             failpoints.hit(failpoints.AFTER_CANCEL_DECISION)
             await self._send_cancel({**job, **values})
 
@@ -340,6 +347,8 @@ class JobHandler:
         now = self._clock()
         reason = reason if reason is not None else job["cancel_reason"]
         values = {**values, "state": target.value, "updated_at": now}
+        if target in TERMINAL:
+            values["reserved_credits"] = None  # the unused part of a reservation is released
         if target is State.CANCELLED and job["cancel_reason"] is None:
             values["cancel_reason"] = reason
         event = event_row(
@@ -353,8 +362,21 @@ class JobHandler:
         if await self._write(JobWrite(job["job_id"], job["lease_token"], values, [event])):
             self._observe_transition(job, target, values, now)
 
+    def _emit_warnings(self, job: Job, events: list[dict[str, Any]], values: dict[str, Any]) -> None:
+        """Webhooks for warnings, once their events are committed (so each fires once)."""
+        for event in events:
+            if event["kind"] == "warning":
+                self._emit("warning", job, reason=event["reason"], credits=values["credits_used"], detail=event["detail"])
+
+    def _emit(self, event: str, job: Job, **fields: Any) -> None:
+        if self._webhooks is not None:
+            self._webhooks.emit(event, job_id=job["job_id"], policy=job["policy"], **fields)
+
     def _observe_transition(self, job: Job, target: State, values: dict[str, Any], now: datetime) -> None:
         metrics.TRANSITIONS.labels(target.value).inc()
+        if target in (State.CANCELLED, State.UNCONFIRMED):
+            self._emit(target.value, job, reason=values.get("cancel_reason") or job["cancel_reason"],
+                       state=target.value, credits=values.get("credits_used", job["credits_used"]))
         if job["cancel_requested_at"] is None or target not in TERMINAL:
             return
         metrics.CONFIRMATION.observe((now - job["cancel_requested_at"]).total_seconds())

@@ -20,6 +20,8 @@ import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,9 +29,11 @@ from starlette.routing import Route
 
 from . import metrics
 from .app import Operations, event_json, job_json
+from .budgets import AdmissionRefused
 from .clado import ApiKeyRejected, ApiUnavailable, CladoError, InvalidJobId, OutOfCredits
 from .config import ConfigError, check_labels, parse_duration, split_address
-from .lifecycle import State
+from .lifecycle import Reason, State
+from .store import utcnow
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -58,8 +62,16 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# What `clado.validate_job_id` accepts. The API checks ids with it (for its clearer message);
+# the pattern is published in the OpenAPI document.
+JOB_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+
+
 class TrackRequest(_Body):
-    job_ids: list[str] = Field(min_length=1, max_length=10_000)
+    job_ids: list[str] = Field(
+        min_length=1, max_length=10_000,
+        json_schema_extra={"items": {"type": "string", "pattern": JOB_ID_PATTERN}},
+    )
     labels: Labels
     policy: str | None = None
     max_runtime: str | int | None = Field(default=None, description='A duration: "90s", "15m", "2h" or seconds.')
@@ -160,12 +172,18 @@ class AdminApi:
                 return _error(exc.status, exc.code, exc.message)
             except (ConfigError, InvalidJobId) as exc:
                 return _error(422, "invalid_request", str(exc))
+            except AdmissionRefused as exc:
+                return _error(409, "admission_refused", str(exc))
             except ApiKeyRejected:
                 return _error(502, "api_key_rejected", "the Clado API rejected the API key")
             except OutOfCredits as exc:
                 return _error(402, "out_of_credits", str(exc))
             except (ApiUnavailable, CladoError) as exc:
                 return _error(502, "api_unavailable", str(exc))
+            except (OperationalError, InterfaceError, PoolTimeout) as exc:
+                log.warning("admin API request failed: database unavailable", path=request.url.path,
+                            error=type(exc).__name__)
+                return _error(503, "database_unavailable", "the database is not reachable; try again later")
 
         return guarded
 
@@ -197,9 +215,12 @@ class AdminApi:
         body = await self._body(request, TrackRequest)
         try:
             check_labels(body.labels)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_request", f"labels: {exc}") from None
+        try:
             max_runtime = parse_duration(body.max_runtime) if body.max_runtime is not None else None
         except ValueError as exc:
-            raise ApiError(422, "invalid_request", str(exc)) from None
+            raise ApiError(422, "invalid_request", f"max_runtime: {exc}") from None
         added, existing = await self.ops.track(
             body.job_ids, labels=body.labels, policy=body.policy,
             max_runtime=max_runtime, max_credits=body.max_credits,
@@ -211,15 +232,21 @@ class AdminApi:
         try:
             check_labels(body.labels)
         except ValueError as exc:
-            raise ApiError(422, "invalid_request", str(exc)) from None
+            raise ApiError(422, "invalid_request", f"labels: {exc}") from None
         job_id = await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy)
         return JSONResponse({"job_id": job_id}, status_code=201)
 
     async def cancel(self, request: Request) -> Response:
         body = await self._body(request, CancelRequest, empty_ok=True)
+        started = utcnow()
         job = await self.ops.cancel(request.path_params["job_id"], body.reason)
         if job is None:
             raise ApiError(404, "job_not_found", "this job is not tracked")
+        # A manual decision is committed by the store, not by the daemon's handler, so it is
+        # counted here: once, when this request made it (a repeated cancel changes nothing).
+        requested_at = job["cancel_requested_at"]
+        if job["cancel_reason"] == Reason.MANUAL and requested_at is not None and requested_at >= started:
+            metrics.CANCELS.labels(Reason.MANUAL).inc()
         return JSONResponse(job_json(self.daemon.config, job))
 
     async def _body(self, request: Request, model: type[_Body], empty_ok: bool = False) -> Any:
@@ -345,7 +372,7 @@ def _responses(ok: dict[str, Any], *codes: int, ok_code: str = "200") -> dict[st
 
 def openapi_document() -> dict[str, Any]:
     job_ref = {"$ref": "#/components/schemas/Job"}
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"}}
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
     auth = [{"bearer": []}]
 
     def body(model: type[BaseModel]) -> dict[str, Any]:
@@ -367,35 +394,39 @@ def openapi_document() -> dict[str, Any]:
                     "security": auth,
                     "parameters": [
                         {"name": "state", "in": "query", "schema": {"type": "string", "enum": [s.value for s in State]}},
-                        {"name": "label", "in": "query", "schema": {"type": "string"}, "description": "KEY=VALUE"},
+                        {
+                            "name": "label", "in": "query", "style": "form", "explode": True,
+                            "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
+                            "description": "KEY=VALUE; repeat it to require several labels",
+                        },
                     ],
-                    "responses": _responses({"type": "array", "items": job_ref}, 401, 403, 422),
+                    "responses": _responses({"type": "array", "items": job_ref}, 401, 403, 422, 503),
                 },
                 "post": {
                     "security": auth,
                     "requestBody": body(TrackRequest),
                     "responses": {
-                        **_responses({"type": "object"}, 400, 401, 403, 413, 422, ok_code="201"),
+                        **_responses({"type": "object"}, 400, 401, 403, 413, 422, 503, ok_code="201"),
                         "200": {"description": "all already tracked", **_json({"type": "object"})},
                     },
                 },
             },
             "/v1/jobs/{job_id}": {
-                "get": {"security": auth, "parameters": [job_id], "responses": _responses(job_ref, 401, 403, 404, 422)},
+                "get": {"security": auth, "parameters": [job_id], "responses": _responses(job_ref, 401, 403, 404, 422, 503)},
             },
             "/v1/jobs/{job_id}/cancel": {
                 "post": {
                     "security": auth,
                     "parameters": [job_id],
                     "requestBody": {**body(CancelRequest), "required": False},
-                    "responses": _responses(job_ref, 400, 401, 403, 404, 413, 422, 502),
+                    "responses": _responses(job_ref, 400, 401, 403, 404, 413, 422, 502, 503),
                 },
             },
             "/v1/submit": {
                 "post": {
                     "security": auth,
                     "requestBody": body(SubmitRequest),
-                    "responses": _responses({"type": "object"}, 400, 401, 402, 403, 413, 422, 502, ok_code="201"),
+                    "responses": _responses({"type": "object"}, 400, 401, 402, 403, 409, 413, 422, 502, 503, ok_code="201"),
                 },
             },
         },

@@ -60,3 +60,14 @@ LEASES_LOST = Counter(
     registry=REGISTRY,
 )
 LAST_TICK = Gauge(_P + "last_tick_timestamp_seconds", "When the last tick completed.", registry=REGISTRY)
+WEBHOOKS = Counter(
+    _P + "webhook_deliveries_total", "Webhook deliveries by outcome (delivered, failed, dropped).",
+    ["outcome"], registry=REGISTRY,
+)
+BUDGET_SPENT = Gauge(_P + "budget_spent_credits", "Credits spent in the current period, per budget.", ["budget"], registry=REGISTRY)
+BUDGET_RESERVED = Gauge(
+    _P + "budget_reserved_credits", "Credits reserved (not yet spent) in the current period, per budget.",
+    ["budget"], registry=REGISTRY,
+)
+BUDGET_LIMIT = Gauge(_P + "budget_limit_credits", "The budget's credits per period.", ["budget"], registry=REGISTRY)
+ACCOUNT_CREDITS = Gauge(_P + "account_credits", "Remaining account credits at the last check.", registry=REGISTRY)

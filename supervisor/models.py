@@ -85,6 +85,8 @@ jobs = Table(
     Column("cancel_attempts", Integer, nullable=False, default=0),
     Column("cancel_sent_at", UTCDateTime),
     Column("cancel_acked_at", UTCDateTime),
+    # Credits held against reserving budgets while the job runs (submit with reserve = true).
+    Column("reserved_credits", Integer),
     Column("would_cancel_reason", String(80)),  # observe mode / dry run
     Column("would_cancel_at", UTCDateTime),
     Column("would_cancel_credits", Integer),
@@ -96,6 +98,7 @@ jobs = Table(
     Column("lease_expires_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_jobs_state_next_check_at", "state", "next_check_at"),
+    Index("ix_jobs_submitted_at", "submitted_at"),
 )
 
 job_events = Table(
@@ -115,4 +118,28 @@ job_events = Table(
     Column("to_state", String(16)),
     Column("reason", String(80)),
     Column("detail", JSON),
+)
+
+
+# A submission between its admission check and its job row: its reservation counts against
+# the budgets until the job is recorded (or the admission expires, if the submitter died).
+admissions = Table(
+    "admissions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("labels", JSON, nullable=False),
+    Column("credits", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+)
+
+# Per budget and period: which warnings fired and when it was exhausted, so each fires once.
+budget_periods = Table(
+    "budget_periods",
+    metadata,
+    Column("budget", String(64), primary_key=True),
+    Column("period_start", String(32), primary_key=True),  # ISO UTC, or "total"
+    Column("warned", JSON, nullable=False, default=list),
+    Column("exhausted_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
 )

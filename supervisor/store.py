@@ -8,6 +8,7 @@ transaction, one statement per shape of update, one insert for all events.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -18,12 +19,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, event, func, insert, select, text, update
+from sqlalchemy import String, bindparam, case, cast, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .lifecycle import ACTIVE, State
-from .models import job_events, jobs
+from .budgets import Usage
+from .models import admissions, budget_periods, job_events, jobs
 
 log = structlog.get_logger("supervisor.store")
 
@@ -80,6 +82,7 @@ class NewJob:
     max_credits: int | None = None
     query: str | None = None
     result_limit: int | None = None
+    reserved_credits: int | None = None
 
 
 @dataclass
@@ -137,10 +140,17 @@ class Store:
 
     # -- jobs in ------------------------------------------------------------------------
 
-    async def add_jobs(self, new_jobs: Sequence[NewJob], now: datetime) -> tuple[list[str], list[str]]:
-        """Insert jobs not tracked yet. Returns (added ids, ids that were already tracked)."""
+    async def add_jobs(
+        self, new_jobs: Sequence[NewJob], now: datetime, *, admission_id: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Insert jobs not tracked yet. Returns (added ids, ids that were already tracked).
+
+        With `admission_id`, the admission's reservation passes to the job in the same
+        transaction, so the budget never counts it twice or not at all."""
         ids = [job.job_id for job in new_jobs]
         async with self.engine.begin() as conn:
+            if admission_id is not None:
+                await conn.execute(delete(admissions).where(admissions.c.id == admission_id))
             existing: set[str] = set()
             for chunk in _chunks(ids, 500):
                 rows = await conn.execute(select(jobs.c.job_id).where(jobs.c.job_id.in_(chunk)))
@@ -160,6 +170,7 @@ class Store:
                             "max_credits": job.max_credits,
                             "query": job.query,
                             "result_limit": job.result_limit,
+                            "reserved_credits": job.reserved_credits,
                             "credits_used": 0,
                             "submitted_at": now,
                             "next_check_at": now,
@@ -319,6 +330,193 @@ class Store:
             job.update(values)
             return job
 
+    # -- budgets and admission ------------------------------------------------------------
+
+    async def usage(
+        self, starts: Iterable[datetime | None], now: datetime, conn: AsyncConnection | None = None
+    ) -> dict[datetime | None, list[tuple[dict[str, str], Usage]]]:
+        """Usage grouped by label set, for jobs submitted since each period start."""
+        if conn is None:
+            async with self.engine.connect() as own:
+                return await self.usage(starts, now, own)
+        outstanding = case(
+            (jobs.c.reserved_credits > jobs.c.credits_used, jobs.c.reserved_credits - jobs.c.credits_used),
+            else_=0,
+        )
+        label_text = cast(jobs.c.labels, String)
+        admission_labels = cast(admissions.c.labels, String)
+        result: dict[datetime | None, list[tuple[dict[str, str], Usage]]] = {}
+        for start in set(starts):
+            spent = select(label_text, func.sum(jobs.c.credits_used), func.sum(outstanding)).group_by(label_text)
+            pending = (
+                select(admission_labels, func.sum(admissions.c.credits))
+                .where(admissions.c.expires_at > now)
+                .group_by(admission_labels)
+            )
+            if start is not None:
+                spent = spent.where(jobs.c.submitted_at >= start)
+                pending = pending.where(admissions.c.created_at >= start)
+            rows = [(_labels(text_), Usage(int(s or 0), int(r or 0))) for text_, s, r in await conn.execute(spent)]
+            rows += [(_labels(text_), Usage(0, int(c or 0))) for text_, c in await conn.execute(pending)]
+            result[start] = rows
+        return result
+
+    async def admit(
+        self,
+        labels: dict[str, str],
+        credits: int,
+        now: datetime,
+        check: Any,
+        starts: Iterable[datetime | None],
+        ttl: timedelta,
+    ) -> str | None:
+        """Serialized admission: compute usage, run `check(usage)` (which raises to refuse
+        and returns whether to reserve), and record the admission — all in one transaction,
+        so two submitters cannot both take the last of a budget."""
+        async with self.engine.begin() as conn:
+            if not self.is_sqlite:  # SQLite's BEGIN IMMEDIATE already serializes writers
+                await conn.execute(text("SELECT pg_advisory_xact_lock(7346001)"))
+            reserve = check(await self.usage(starts, now, conn))
+            if not reserve:
+                return None
+            admission_id = str(uuid.uuid4())
+            await conn.execute(
+                insert(admissions).values(
+                    id=admission_id, labels=labels, credits=credits, created_at=now, expires_at=now + ttl
+                )
+            )
+            return admission_id
+
+    async def drop_admission(self, admission_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(admissions).where(admissions.c.id == admission_id))
+
+    async def watching_since(self, start: datetime | None) -> list[Job]:
+        """Running jobs submitted since `start` (budget enforcement picks from these)."""
+        query = select(
+            jobs.c.job_id, jobs.c.labels, jobs.c.credits_used, jobs.c.would_cancel_reason, jobs.c.policy
+        ).where(jobs.c.state == State.WATCHING.value)
+        if start is not None:
+            query = query.where(jobs.c.submitted_at >= start)
+        async with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
+    async def decide_cancel(
+        self, job_ids: Sequence[str], reason: str, detail: dict[str, Any], now: datetime
+    ) -> list[str]:
+        """Commit cancel decisions for those of `job_ids` still watching; the tick sends
+        them. Clearing their leases fences off polls in flight. Returns the ids decided."""
+        decided: list[str] = []
+        async with self.engine.begin() as conn:
+            for chunk in _chunks(list(job_ids), 500):
+                rows = await conn.execute(
+                    select(jobs.c.job_id, jobs.c.credits_used)
+                    .where(jobs.c.job_id.in_(chunk))
+                    .where(jobs.c.state == State.WATCHING.value)
+                )
+                found = [(row.job_id, row.credits_used) for row in rows]
+                if not found:
+                    continue
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.job_id == bindparam("b_job_id"))
+                    .where(jobs.c.state == State.WATCHING.value)
+                    .values(
+                        state=State.CANCELLING.value, cancel_reason=reason, cancel_detail=detail,
+                        cancel_requested_at=now, credits_at_decision=bindparam("b_credits"),
+                        next_check_at=now, lease_owner=None, lease_token=None, lease_expires_at=None,
+                        updated_at=now,
+                    ),
+                    [{"b_job_id": job_id, "b_credits": credits} for job_id, credits in found],
+                )
+                await conn.execute(
+                    insert(job_events),
+                    [
+                        {"job_id": job_id, **event_row(
+                            "transition", now, from_state=State.WATCHING.value,
+                            to_state=State.CANCELLING.value, reason=reason, detail=detail,
+                        )}
+                        for job_id, _ in found
+                    ],
+                )
+                decided += [job_id for job_id, _ in found]
+        return decided
+
+    async def record_would_cancel(
+        self, job_ids: Sequence[str], reason: str, detail: dict[str, Any], now: datetime
+    ) -> list[str]:
+        """Observe mode for aggregate rules: note "would cancel" once per job."""
+        recorded: list[str] = []
+        async with self.engine.begin() as conn:
+            for chunk in _chunks(list(job_ids), 500):
+                rows = await conn.execute(
+                    select(jobs.c.job_id, jobs.c.credits_used)
+                    .where(jobs.c.job_id.in_(chunk))
+                    .where(jobs.c.would_cancel_reason.is_(None))
+                )
+                found = [(row.job_id, row.credits_used) for row in rows]
+                if not found:
+                    continue
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.job_id == bindparam("b_job_id"))
+                    .values(
+                        would_cancel_reason=reason, would_cancel_at=now,
+                        would_cancel_credits=bindparam("b_credits"), updated_at=now,
+                    ),
+                    [{"b_job_id": job_id, "b_credits": credits} for job_id, credits in found],
+                )
+                await conn.execute(
+                    insert(job_events),
+                    [{"job_id": job_id, **event_row("would_cancel", now, reason=reason, detail=detail)}
+                     for job_id, _ in found],
+                )
+                recorded += [job_id for job_id, _ in found]
+        return recorded
+
+    async def budget_period(self, budget: str, period_key: str) -> dict[str, Any]:
+        query = select(budget_periods).where(
+            (budget_periods.c.budget == budget) & (budget_periods.c.period_start == period_key)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return dict(row._mapping) if row else {"warned": [], "exhausted_at": None}
+
+    async def save_budget_period(
+        self, budget: str, period_key: str, warned: list[str], exhausted_at: datetime | None, now: datetime
+    ) -> None:
+        key = (budget_periods.c.budget == budget) & (budget_periods.c.period_start == period_key)
+        values = {"warned": warned, "exhausted_at": exhausted_at, "updated_at": now}
+        async with self.engine.begin() as conn:
+            result = await conn.execute(update(budget_periods).where(key).values(**values))
+            if result.rowcount == 0:
+                await conn.execute(insert(budget_periods).values(budget=budget, period_start=period_key, **values))
+
+    async def budget_periods_since(self, since: datetime) -> list[dict[str, Any]]:
+        query = select(budget_periods).where(budget_periods.c.updated_at >= since)
+        async with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
+    async def jobs_submitted_since(self, start: datetime | None) -> list[Job]:
+        """What the report needs of every job submitted in a period."""
+        columns = [
+            jobs.c.job_id, jobs.c.state, jobs.c.labels, jobs.c.policy, jobs.c.credits_used,
+            jobs.c.cancel_reason, jobs.c.credits_at_decision, jobs.c.result_limit,
+            jobs.c.reserved_credits, jobs.c.would_cancel_reason, jobs.c.would_cancel_credits,
+        ]  # fmt: skip
+        query = select(*columns)
+        if start is not None:
+            query = query.where(jobs.c.submitted_at >= start)
+        async with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
+    async def event_counts(self, kind: str, since: datetime | None) -> dict[str, int]:
+        query = select(job_events.c.reason, func.count()).where(job_events.c.kind == kind).group_by(job_events.c.reason)
+        if since is not None:
+            query = query.where(job_events.c.at >= since)
+        async with self.engine.connect() as conn:
+            return {reason or "": count for reason, count in await conn.execute(query)}
+
     # -- reads ---------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -352,6 +550,13 @@ class Store:
         if value is not None and value.tzinfo is None:  # aggregates bypass the column type
             value = value.replace(tzinfo=UTC)
         return value
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        return value
+    parsed = json.loads(value) if value else {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

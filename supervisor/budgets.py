@@ -1,0 +1,136 @@
+"""Budgets and admission, the pure part: period windows, usage, warnings, refusals.
+
+A budget's usage in a period = credits already charged by the jobs it matches that were
+submitted in the period ("spent") + the unused part of their reservations and of
+admissions still in flight ("reserved"). No I/O and no clock: `now` is an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .config import BudgetConfig, Config
+
+
+def period_start(period: str, timezone: str, now: datetime) -> datetime | None:
+    """The start (UTC) of the period containing `now`, aligned in `timezone`; None for total."""
+    if period == "total":
+        return None
+    local = now.astimezone(ZoneInfo(timezone))
+    if period == "hour":
+        start = local.replace(minute=0, second=0, microsecond=0)
+    elif period == "day":
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    elif period == "week":  # ISO weeks start on Monday
+        start = (local - timedelta(days=local.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
+    elif period == "month":
+        start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    else:
+        raise ValueError(f"unknown period {period!r}")
+    # Re-attach the zone so a DST change inside the day does not shift midnight.
+    return start.replace(tzinfo=ZoneInfo(timezone)).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Usage:
+    spent: int = 0
+    reserved: int = 0
+
+    @property
+    def committed(self) -> int:
+        return self.spent + self.reserved
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.spent + other.spent, self.reserved + other.reserved)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    name: str
+    credits: int
+    period: str
+    period_start: datetime | None
+    usage: Usage
+    action: str
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.credits - self.usage.committed)
+
+    @property
+    def exhausted(self) -> bool:
+        """Actual spend reached the budget: what cancel/observe act on."""
+        return self.usage.spent >= self.credits
+
+    @property
+    def full(self) -> bool:
+        """Spend plus reservations reached the budget: no room for another submission."""
+        return self.usage.committed >= self.credits
+
+    def summary(self) -> str:
+        return (
+            f"spent {self.usage.spent} + reserved {self.usage.reserved} "
+            f"of {self.credits} credits ({self.period})"
+        )
+
+
+def matches(budget: BudgetConfig, labels: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in (budget.match or {}).items())
+
+
+def statuses(
+    config: Config,
+    now: datetime,
+    usage_since: Mapping[datetime | None, Iterable[tuple[Mapping[str, str], Usage]]],
+) -> list[BudgetStatus]:
+    """Every budget's status, from usage grouped by label set for each period start."""
+    result = []
+    for name, budget in config.budgets.items():
+        start = period_start(budget.period, budget.timezone, now)
+        total = Usage()
+        for labels, usage in usage_since.get(start, ()):
+            if matches(budget, labels):
+                total = total + usage
+        result.append(BudgetStatus(name, budget.credits, budget.period, start, total, budget.action))
+    return result
+
+
+def thresholds_crossed(status: BudgetStatus, warn_at: Iterable[float], already: Iterable[str]) -> list[str]:
+    """Warning keys ("0.8") newly reached by actual spend; each fires once per period."""
+    fired = set(already)
+    return [
+        f"{fraction:g}"
+        for fraction in warn_at
+        if status.usage.spent >= fraction * status.credits and f"{fraction:g}" not in fired
+    ]
+
+
+class AdmissionRefused(Exception):
+    """A submission would break a budget or the account floor. The message has the numbers."""
+
+
+def check_admission(
+    config: Config, labels: Mapping[str, str], need: int, budget_statuses: Iterable[BudgetStatus]
+) -> list[str]:
+    """Raise AdmissionRefused if a job needing `need` credits may not start; return the
+    names of the budgets that hold a reservation for it."""
+    reserving = []
+    for status in budget_statuses:
+        budget = config.budgets[status.name]
+        if not matches(budget, labels):
+            continue
+        if budget.action == "block" and status.full:
+            raise AdmissionRefused(
+                f"budget {status.name!r} is exhausted: {status.summary()}; new submissions are blocked"
+            )
+        if budget.reserve:
+            if status.usage.committed + need > status.credits:
+                raise AdmissionRefused(
+                    f"budget {status.name!r} cannot hold this job: {status.summary()}, "
+                    f"and this job may use {need} more (limit × credits_per_result)"
+                )
+            reserving.append(status.name)
+    return reserving

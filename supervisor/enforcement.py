@@ -1,0 +1,135 @@
+"""Aggregate rules the daemon checks on a schedule: team budgets and the account floor.
+
+Per-job limits are decided in the handler at each poll; these rules look across jobs.
+A cancel they decide is committed here (state `cancelling`, reason `budget:<name>` or
+`account_floor`) and sent by the regular tick, through the same state machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from . import metrics
+from .budgets import BudgetStatus, matches, period_start, statuses, thresholds_crossed
+from .clado import CladoClient, CladoError
+from .config import Config
+from .lifecycle import Reason
+from .notify import Webhooks
+from .store import Store
+
+log = structlog.get_logger("supervisor.enforcement")
+
+
+class Enforcer:
+    def __init__(self, store: Store, client: CladoClient, webhooks: Webhooks, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.client = client
+        self.webhooks = webhooks
+        self.clock = clock
+        self._periods: dict[tuple[str, str], dict[str, Any]] = {}  # cache of budget_periods rows
+        self.account_below_floor = False
+        self.account_credits: int | None = None
+
+    # -- budgets ----------------------------------------------------------------------------
+
+    async def sweep_budgets(self, config: Config) -> list[BudgetStatus]:
+        if not config.budgets:
+            return []
+        now = self.clock()
+        starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
+        result = statuses(config, now, await self.store.usage(starts, now))
+        for status in result:
+            metrics.BUDGET_SPENT.labels(status.name).set(status.usage.spent)
+            metrics.BUDGET_RESERVED.labels(status.name).set(status.usage.reserved)
+            metrics.BUDGET_LIMIT.labels(status.name).set(status.credits)
+            await self._budget_events(config, status, now)
+            if status.exhausted and config.budgets[status.name].action in ("cancel", "observe"):
+                await self._stop_matching(config, status, now)
+        return result
+
+    async def _budget_events(self, config: Config, status: BudgetStatus, now: datetime) -> None:
+        budget = config.budgets[status.name]
+        key = status.period_start.isoformat() if status.period_start else "total"
+        record = self._periods.get((status.name, key))
+        if record is None:
+            record = await self.store.budget_period(status.name, key)
+            self._periods = {k: v for k, v in self._periods.items() if k[0] != status.name}
+            self._periods[(status.name, key)] = record
+        crossed = thresholds_crossed(status, budget.warn_at, record["warned"])
+        newly_exhausted = status.exhausted and record["exhausted_at"] is None
+        if not crossed and not newly_exhausted:
+            return
+        record["warned"] = [*record["warned"], *crossed]
+        if newly_exhausted:
+            record["exhausted_at"] = now
+        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now)
+        figures = {"spent": status.usage.spent, "reserved": status.usage.reserved, "credits": status.credits}
+        for fraction in crossed:
+            log.warning("budget warning", budget=status.name, fraction=float(fraction), **figures)
+            self.webhooks.emit("budget_warning", budget=status.name, fraction=float(fraction), **figures)
+        if newly_exhausted:
+            log.error("budget exhausted", budget=status.name, action=budget.action, **figures)
+            self.webhooks.emit("budget_exhausted", budget=status.name, action=budget.action, **figures)
+
+    async def _stop_matching(self, config: Config, status: BudgetStatus, now: datetime) -> None:
+        budget = config.budgets[status.name]
+        candidates = [
+            job for job in await self.store.watching_since(status.period_start) if matches(budget, job["labels"] or {})
+        ]
+        if not candidates:
+            return
+        reason = f"budget:{status.name}"
+        detail = {
+            "rule": f"budgets.{status.name}", "spent": status.usage.spent, "credits": status.credits,
+            "period_start": status.period_start.isoformat() if status.period_start else None,
+            "config_hash": config.config_hash,
+        }
+        await self._act(config, budget.action, [job["job_id"] for job in candidates], reason, detail, now)
+
+    # -- the account floor --------------------------------------------------------------------
+
+    async def check_account(self, config: Config) -> None:
+        account = config.account
+        if account is None:
+            return
+        try:
+            credits = await self.client.credits()
+        except CladoError as exc:
+            log.warning("could not read the account's credits", error=str(exc))
+            return
+        self.account_credits = credits
+        metrics.ACCOUNT_CREDITS.set(credits)
+        below = credits < account.min_credits
+        if below and not self.account_below_floor:
+            log.error("account below its credit floor", credits=credits, min_credits=account.min_credits, action=account.action)
+            self.webhooks.emit("account_floor", credits=credits, min_credits=account.min_credits, action=account.action)
+        elif not below and self.account_below_floor:
+            log.info("account back above its credit floor", credits=credits, min_credits=account.min_credits)
+        self.account_below_floor = below
+        if below and account.action in ("cancel", "observe"):
+            now = self.clock()
+            running = [job["job_id"] for job in await self.store.watching_since(None)]
+            detail = {"rule": "account.min_credits", "credits": credits, "min_credits": account.min_credits,
+                      "config_hash": config.config_hash}  # fmt: skip
+            await self._act(config, account.action, running, Reason.ACCOUNT_FLOOR, detail, now)
+
+    async def _act(
+        self, config: Config, action: str, job_ids: list[str], reason: str, detail: dict[str, Any], now: datetime
+    ) -> None:
+        if action == "cancel" and not config.supervisor.dry_run:
+            decided = await self.store.decide_cancel(job_ids, reason, detail, now)
+            for job_id in decided:
+                metrics.CANCELS.labels(reason).inc()
+                self.webhooks.emit("cancel_requested", job_id=job_id, reason=reason, state="cancelling", detail=detail)
+            if decided:
+                log.warning("cancelling jobs", reason=reason, count=len(decided))
+        else:
+            recorded = await self.store.record_would_cancel(job_ids, reason, detail, now)
+            for _ in recorded:
+                metrics.WOULD_CANCEL.labels(reason).inc()
+            if recorded:
+                log.warning("would cancel jobs (observe mode)", reason=reason, count=len(recorded))

@@ -1,0 +1,154 @@
+"""Webhooks, off the enforcement path.
+
+`emit` only puts the event on a bounded queue and returns: a slow or failing hook never
+delays a cancel. A worker posts each event to every hook that wants it, with a timeout
+and a few retries, and logs what it could not deliver.
+
+Payload (format = "json"):
+    {"event": "cancel_requested", "at": "2026-…Z", "job_id": "…", "policy": "default",
+     "reason": "max_credits", "state": "cancelling", "credits": 203, "detail": {…},
+     "budget": null, "config_hash": "…"}
+Slack format: {"text": "<one line for humans>"}.
+With a secret, the header `X-Clado-Supervisor-Signature: sha256=<hex>` is the
+HMAC-SHA256 of `<X-Clado-Supervisor-Timestamp>.<body>` under the secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from . import metrics
+from .config import Config, WebhookConfig
+from .credentials import read_secret
+
+log = structlog.get_logger("supervisor.notify")
+
+SIGNATURE_HEADER = "X-Clado-Supervisor-Signature"
+TIMESTAMP_HEADER = "X-Clado-Supervisor-Timestamp"
+_ATTEMPTS = 3
+_QUEUE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class _Hook:
+    config: WebhookConfig
+    secret: bytes | None
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    digest = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def slack_text(event: dict[str, Any]) -> str:
+    subject = f"job {event['job_id']}" if event.get("job_id") else f"budget {event.get('budget')}"
+    parts = [f"clado-supervisor: {event['event'].replace('_', ' ')} — {subject}"]
+    for key in ("reason", "state", "credits", "policy"):
+        if event.get(key) is not None:
+            parts.append(f"{key} {event[key]}")
+    return "; ".join(parts)
+
+
+class Webhooks:
+    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._hooks = [
+            _Hook(hook, _secret(config, index, hook)) for index, hook in enumerate(config.notify.webhooks)
+        ]
+        self._config_hash = config.config_hash
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE_SIZE)
+        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._hooks)
+
+    def start(self) -> None:
+        if self._hooks:
+            self._task = asyncio.create_task(self._run(), name="webhooks")
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Queue an event for the hooks that want it; never blocks, never raises."""
+        if not any(event in hook.config.events for hook in self._hooks):
+            return
+        payload = {
+            "event": event,
+            "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "config_hash": self._config_hash,
+            **fields,
+        }
+        try:
+            self._queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            metrics.WEBHOOKS.labels("dropped").inc()
+            log.error("webhook queue full; event dropped", webhook_event=event)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (bounded by `timeout`), then stop."""
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._queue.join(), timeout)
+            except TimeoutError:
+                log.warning("webhooks not delivered before shutdown", pending=self._queue.qsize())
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            payload = await self._queue.get()
+            try:
+                await asyncio.gather(
+                    *(self._deliver(hook, payload) for hook in self._hooks if payload["event"] in hook.config.events)
+                )
+            finally:
+                self._queue.task_done()
+
+    async def _deliver(self, hook: _Hook, payload: dict[str, Any]) -> None:
+        body_obj = {"text": slack_text(payload)} if hook.config.format == "slack" else payload
+        body = json.dumps(body_obj, separators=(",", ":"), default=str).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "clado-supervisor"}
+        if hook.secret is not None:
+            timestamp = str(int(time.time()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(hook.secret, timestamp, body)
+        error = ""
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                response = await self._client.post(
+                    hook.config.url, content=body, headers=headers, timeout=hook.config.timeout.total_seconds()
+                )
+                if response.status_code < 300:
+                    metrics.WEBHOOKS.labels("delivered").inc()
+                    return
+                error = f"HTTP {response.status_code}"
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    break  # the receiver refuses this payload; retrying will not help
+            except httpx.HTTPError as exc:
+                error = type(exc).__name__
+            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        metrics.WEBHOOKS.labels("failed").inc()
+        log.warning("webhook delivery failed", url=_redact_url(hook.config.url), webhook_event=payload["event"], error=error)
+
+
+def _secret(config: Config, index: int, hook: WebhookConfig) -> bytes | None:
+    value = read_secret(
+        env_name=hook.secret_env, file=hook.secret_file,
+        key=f"notify.webhooks[{index}].secret_file", source=config.source,
+    )
+    return value.encode() if value else None
+
+
+def _redact_url(url: str) -> str:
+    """Hook URLs often carry a token in their path (Slack): log the host only."""
+    return "/".join(url.split("/")[:3]) + "/…"

@@ -1,0 +1,106 @@
+"""`clado-supervisor report`: spend, budgets, cancels, warnings and savings for a period.
+
+Definitions (also in the README):
+- spend: credits charged by the jobs submitted in the period (a job's spend counts in the
+  period it was submitted in).
+- saved_by_cancels: for jobs the supervisor cancelled whose requested limit is known
+  (submitted through it): limit × credits_per_result − credits charged. Tracked jobs have
+  no known limit; they are counted in `cancelled_without_known_limit`.
+- observe_would_have_saved: for jobs an observe-mode rule (or dry run) would have
+  cancelled, now finished: credits charged after that would-be decision.
+- leaked_after_decision: credits charged between a real cancel decision and the
+  confirmed final state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from .budgets import period_start, statuses
+from .config import Config
+from .lifecycle import TERMINAL, Reason
+from .store import Job, Store
+
+PERIODS = ("day", "week", "month")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def summarize(config: Config, jobs: list[Job]) -> dict[str, Any]:
+    """The pure part: aggregate job rows into the report's figures."""
+    price = config.api.credits_per_result
+    spend_by_label: Counter[str] = Counter()
+    cancels: Counter[str] = Counter()
+    saved = leaked = would_save = unknown_limit = 0
+    for job in jobs:
+        credits = job["credits_used"]
+        for key, value in sorted((job["labels"] or {}).items()):
+            spend_by_label[f"{key}={value}"] += credits
+        reason = job["cancel_reason"]
+        finished = job["state"] in TERMINAL
+        if reason and reason != Reason.EXTERNAL and job["credits_at_decision"] is not None:
+            cancels[reason] += 1
+            if finished:
+                leaked += max(0, credits - job["credits_at_decision"])
+            if job["state"] == "cancelled":
+                if job["result_limit"] is not None:
+                    saved += max(0, job["result_limit"] * price - credits)
+                else:
+                    unknown_limit += 1
+        if job["would_cancel_credits"] is not None and finished:
+            would_save += max(0, credits - job["would_cancel_credits"])
+    return {
+        "jobs": len(jobs),
+        "spend": sum(job["credits_used"] for job in jobs),
+        "spend_by_policy": dict(sorted(_by(jobs, "policy").items())),
+        "spend_by_label": dict(sorted(spend_by_label.items())),
+        "cancels_by_reason": dict(sorted(cancels.items())),
+        "would_cancel_by_reason": dict(sorted(Counter(
+            job["would_cancel_reason"] for job in jobs if job["would_cancel_reason"]
+        ).items())),
+        "saved_by_cancels": saved,
+        "cancelled_without_known_limit": unknown_limit,
+        "observe_would_have_saved": would_save,
+        "leaked_after_decision": leaked,
+    }
+
+
+def _by(jobs: list[Job], key: str) -> Counter[str]:
+    totals: Counter[str] = Counter()
+    for job in jobs:
+        totals[job[key]] += job["credits_used"]
+    return totals
+
+
+async def build_report(store: Store, config: Config, period: str, now: datetime) -> dict[str, Any]:
+    start = period_start(period, "UTC", now)
+    jobs = await store.jobs_submitted_since(start)
+    budget_starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
+    budget_rows = []
+    for status in statuses(config, now, await store.usage(budget_starts, now)):
+        key = status.period_start.isoformat() if status.period_start else "total"
+        record = await store.budget_period(status.name, key)
+        budget_rows.append({
+            "name": status.name,
+            "period": status.period,
+            "period_start": _iso(status.period_start),
+            "credits": status.credits,
+            "spent": status.usage.spent,
+            "reserved": status.usage.reserved,
+            "remaining": status.remaining,
+            "action": status.action,
+            "exhausted": status.exhausted,
+            "warnings_fired": record["warned"],
+        })
+    return {
+        "period": period,
+        "period_start": _iso(start),
+        "generated_at": _iso(now),
+        "budgets": budget_rows,
+        **summarize(config, jobs),
+        "warnings_by_limit": await store.event_counts("warning", start),
+    }
