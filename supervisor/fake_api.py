@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 import uvicorn
@@ -44,7 +46,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["FakeClado", "Scenario", "create_app", "serve"]
+__all__ = ["FakeClado", "Scenario", "ThreadedFakeApi", "create_app", "serve"]
 
 Clock = Callable[[], float]
 
@@ -954,3 +956,84 @@ def serve(host: str = "127.0.0.1", port: int = 8900, *, log_level: str = "warnin
     """Run the simulator in the foreground until interrupted."""
     print(f"fake Clado API listening on http://{host}:{port}", file=sys.stderr, flush=True)
     uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
+
+
+class ThreadedFakeApi:
+    """``with ThreadedFakeApi(fake) as server:`` serves `fake` on ``server.base_url`` from a
+    background thread of this process until exit (tests and the demo).
+
+    `log_config` is uvicorn's: its default gives uvicorn its own stderr handlers; None leaves
+    uvicorn's loggers to propagate to the root logger (the demo sends them to its log file).
+    """
+
+    def __init__(
+        self,
+        fake: FakeClado | None = None,
+        *,
+        host: str = "127.0.0.1",
+        timeout: float = 10.0,
+        log_config: dict[str, Any] | None = uvicorn.config.LOGGING_CONFIG,
+    ) -> None:
+        self.fake = fake if fake is not None else FakeClado()
+        self.host = host
+        self.port = 0
+        self._timeout = timeout
+        self._log_config = log_config
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.base_url
+
+    def start(self) -> ThreadedFakeApi:
+        # Binding port 0 ourselves and handing uvicorn the socket leaves no window in which
+        # another process could take the port between choosing and binding it. The explicit
+        # IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto says TCP, and
+        # without it every response waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind((self.host, 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(self.fake),
+            log_level="warning",
+            log_config=self._log_config,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="fake-clado-api", daemon=True
+        )
+        self._server, self._thread = server, thread
+        thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                sock.close()
+                raise RuntimeError(f"fake Clado API did not start on {self.base_url}")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(self._timeout)
+        self._server = self._thread = None
+
+    def __enter__(self) -> ThreadedFakeApi:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

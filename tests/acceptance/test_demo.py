@@ -1,0 +1,62 @@
+"""`clado-supervisor demo` as a user runs it: no API key, no config, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# Planted in the environment: the simulator rejects it (no "lk_" prefix), so the demo only
+# passes if it uses its own key, never the user's.
+USER_KEY = "sk_users_real_key_7c1e9b"
+
+
+def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: Path) -> None:
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLADO_")}
+    # TMPDIR: the demo's temporary directory and its kept log land where the test can see them.
+    env.update(PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "demo", "--speed", "3"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = " ".join(result.stdout.split())  # the summary's sentences wrap at the console width
+    assert "Traceback" not in out + result.stderr
+    assert result.stderr == ""  # the daemon's logs go to the log file, never to the terminal
+
+    assert "4 runaways cancelled (max_credits: 2, max_runtime: 1, stall_timeout: 1), one cancel call each." in out
+    assert "1 cancelled by someone else (external)" in out
+    assert "completed before the max_credits cancel landed (409" in out
+    assert "Every final state confirmed by a status poll: 9 of 9 jobs" in out
+    assert "matches the simulator's bill for 9 of 9" in out
+    saved = re.search(r"saved ([\d,]+) credits \(\$([\d,.]+) at \$0.01/credit\)", out)
+    assert saved is not None, out
+    assert int(saved.group(1).replace(",", "")) > 0
+    assert "✓ Every job ended as it was built to" in out
+    assert "✗" not in out
+
+    # Nothing left behind but the log the summary points to, which holds the daemon's decisions.
+    assert list(cwd.iterdir()) == []
+    [log] = list(tmp.iterdir())
+    assert log.suffix == ".log" and str(log) in out
+    log_text = log.read_text()
+    assert log_text.count('"cancelling runaway job"') == 5  # 4 runaways + the cancel that lost the race
+    assert "lk_" not in out + log_text
+
+
+def test_demo_never_uses_or_prints_the_users_api_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLADO_")}
+    env.update(CLADO_API_KEY=USER_KEY, TMPDIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "demo", "--speed", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    [log] = list(tmp_path.glob("*.log"))
+    assert USER_KEY not in result.stdout + result.stderr + log.read_text()
