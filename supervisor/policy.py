@@ -109,16 +109,21 @@ def next_check_at(
     result's worth of time rather than a whole poll interval's.
     """
     candidates = [now + poll_interval]
+    # Each limit is looked at when it is reached, and when each warning still to fire is.
+    fractions = {name: [1.0, *(f for f in policy.warn_at if f"{name}@{f:g}" not in obs.warned)]
+                 for name in (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS)}  # fmt: skip
     if policy.max_runtime is not None:
-        candidates.append(obs.started_at + policy.max_runtime)
+        candidates += [obs.started_at + policy.max_runtime * f for f in fractions[Reason.MAX_RUNTIME]]
     if policy.max_queued is not None and obs.remote_status == "pending":
-        candidates.append(obs.started_at + policy.max_queued)
+        candidates += [obs.started_at + policy.max_queued * f for f in fractions[Reason.MAX_QUEUED]]
     if policy.stall_timeout is not None and obs.remote_status in ("searching", "processing"):
-        candidates.append(obs.last_progress_at + policy.stall_timeout)
+        candidates += [obs.last_progress_at + policy.stall_timeout * f for f in fractions[Reason.STALL_TIMEOUT]]
     if policy.max_credits is not None and obs.remote_status != "pending":
         if obs.credits_per_s:
-            remaining = policy.max_credits - obs.credits
-            candidates.append(now + timedelta(seconds=remaining / obs.credits_per_s))
+            candidates += [
+                now + timedelta(seconds=(policy.max_credits * f - obs.credits) / obs.credits_per_s)
+                for f in fractions[Reason.MAX_CREDITS]
+            ]
         else:
             # Rate not known yet: probe at doubling gaps (1 s, 2 s, 4 s … since the start)
             # so a fast job is measured before it can run far past its limit.

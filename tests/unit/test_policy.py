@@ -127,6 +127,11 @@ def test_warnings(observation: Observation, at: float, warn_at: tuple[float, ...
         (Policy(name="p", max_credits=100), obs(status="pending"), 0, 15),
         # a deadline already passed (observe mode) does not cause a tight loop
         (Policy(name="p", max_runtime=s(10)), obs(), 60, 75),
+        # a warning still to fire is a deadline of its own; once fired it is not
+        (Policy(name="p", max_runtime=s(20), warn_at=(0.5,)), obs(), 5, 10),
+        (Policy(name="p", max_runtime=s(20), warn_at=(0.5,)), obs(warned=frozenset({"max_runtime@0.5"})), 5, 20),
+        (Policy(name="p", max_credits=100, warn_at=(0.8,)), obs(credits=50, rate=10), 0, 3),
+        (Policy(name="p", stall_timeout=s(10), warn_at=(0.8,)), obs(progress=0), 1, 8),
     ],
 )
 def test_next_check(policy: Policy, observation: Observation, at: float, expected: float) -> None:
