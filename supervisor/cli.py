@@ -343,6 +343,25 @@ def report(config: Config, period: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=40, show_default=True, help="Active jobs to show.")
+@click.option("--once", is_flag=True, help="Print one snapshot and exit (also when stdout is not a terminal).")
+@with_config
+def top(config: Config, interval: float, limit: int, once: bool) -> None:
+    """Watch a running daemon: jobs by state and the active jobs, live, from the database."""
+    from .top import run_top
+
+    async def go() -> None:
+        async with _app().operations(config) as ops:
+            await run_top(config, ops.store, interval=interval, limit=limit, once=once)
+
+    try:
+        run_async(go())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @with_config
 def healthcheck(config: Config, timeout: float) -> None:

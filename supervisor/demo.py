@@ -23,11 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
 from rich.console import Console, Group
 from rich.live import Live
 from rich.rule import Rule
 from rich.table import Table
-import structlog
 from rich.text import Text
 
 from .app import Operations, client_for, open_store
@@ -38,6 +38,7 @@ from .handler import job_policy
 from .lifecycle import TERMINAL, Reason, State
 from .logs import configure_logging
 from .store import Job, Store, utcnow
+from .top import STATE_STYLE
 
 log = structlog.get_logger("supervisor.demo")
 USD_PER_CREDIT = 0.01  # the public price: 1 credit per result, $0.01 a credit
@@ -111,16 +112,6 @@ NUMERIC_COLUMNS = frozenset({"credits/max", "elapsed", "left alone"})
 # Left out below WIDE_TERMINAL columns, so that each job stays on one line of an 80-column terminal.
 NARROW_OMITS = frozenset({"job", "policy", "remote"})
 WIDE_TERMINAL = 100
-STATE_STYLE = {
-    State.WATCHING: "cyan",
-    State.CANCELLING: "bold magenta",
-    State.CONFIRMING: "magenta",
-    State.COMPLETED: "green",
-    State.FAILED: "red",
-    State.CANCELLED: "yellow",
-    State.LOST: "bold red",
-    State.UNCONFIRMED: "bold red",
-}
 
 
 def run_demo(speed: float = 1.0) -> int:

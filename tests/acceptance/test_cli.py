@@ -170,3 +170,24 @@ def test_check_config_and_migrate(workdir: Path) -> None:
     help_text = cli("--help", cwd=workdir).stdout
     for command in ("run", "migrate", "check-config", "track", "submit", "jobs", "cancel", "fake-api", "demo"):
         assert command in help_text
+
+
+def test_top_once_and_healthcheck(workdir: Path) -> None:
+    from fakeserver import free_port
+
+    cli("track", "job-top", "--label", "team=a", cwd=workdir)
+    snapshot = cli("top", "--once", cwd=workdir)
+    assert snapshot.returncode == 0, snapshot.stderr
+    assert "job-top" in snapshot.stdout and "watching 1" in snapshot.stdout
+
+    config = workdir / "supervisor.toml"
+    port = free_port()
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+    down = cli("healthcheck", "--timeout", "2", cwd=workdir)
+    assert down.returncode == 1 and "unhealthy" in down.stderr
+    daemon = DaemonProcess(workdir)
+    try:
+        healthy = wait_for(lambda: (r := cli("healthcheck", cwd=workdir)).returncode == 0 and r, what="healthz")
+        assert "healthy" in healthy.stdout
+    finally:
+        assert daemon.stop() == 0
