@@ -157,7 +157,7 @@ def check_config(config: Config) -> None:
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label the jobs (repeatable).")
 @click.option("--policy", help="Use this policy instead of matching labels.")
 @click.option("--max-runtime", callback=_duration, metavar="DUR", help="Override the policy's max_runtime.")
-@click.option("--max-credits", type=click.IntRange(min=1), help="Override the policy's max_credits.")
+@click.option("--max-credits", type=click.IntRange(1, 1_000_000_000), help="Override the policy's max_credits.")
 @with_config
 def track(
     config: Config,

@@ -24,13 +24,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse as _StarletteJSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from . import metrics
 from .app import Operations, event_json, job_json
 from .budgets import AdmissionRefused
-from .clado import ApiKeyRejected, ApiUnavailable, CladoError, InvalidJobId, OutOfCredits
+from .clado import ApiKeyRejected, ApiUnavailable, CladoError, InvalidJobId, OutOfCredits, RequestRejected
 from .config import ConfigError, check_labels, parse_duration, split_address
 from .lifecycle import Reason, State
 from .store import utcnow
@@ -49,6 +50,17 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+class JSONResponse(_StarletteJSONResponse):
+    """UTF-8 JSON; text that cannot be UTF-8 (a lone surrogate stored from a non-UTF-8
+    command line) is escaped instead of failing the whole answer."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
@@ -61,6 +73,9 @@ Labels = Annotated[dict[str, str], Field(default_factory=dict)]
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+
+# The largest value an INTEGER column holds on every supported database (PostgreSQL int4).
+MAX_DB_INT = 2**31 - 1
 
 # What `clado.validate_job_id` accepts. The API checks ids with it (for its clearer message);
 # the pattern is published in the OpenAPI document.
@@ -75,18 +90,25 @@ class TrackRequest(_Body):
     labels: Labels
     policy: str | None = None
     max_runtime: str | int | None = Field(default=None, description='A duration: "90s", "15m", "2h" or seconds.')
-    max_credits: int | None = Field(default=None, gt=0)
+    max_credits: int | None = Field(default=None, gt=0, le=MAX_DB_INT)
 
 
 class SubmitRequest(_Body):
-    query: str = Field(min_length=1, max_length=10_000)
+    query: str = Field(min_length=1, max_length=10_000, description="Not blank; no control characters.")
     limit: int = Field(default=30, ge=1, le=1000)
     labels: Labels
     policy: str | None = None
 
 
 class CancelRequest(_Body):
-    reason: str | None = Field(default=None, max_length=500)
+    reason: str | None = Field(default=None, max_length=500, description="No control characters.")
+
+
+def _check_text(value: str, name: str) -> None:
+    """Free text that goes to the database and the API: no control characters (PostgreSQL
+    refuses NUL in text, and a query is sent upstream before it is stored)."""
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value):
+        raise ApiError(422, "invalid_request", f"{name}: control characters are not allowed")
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -178,6 +200,8 @@ class AdminApi:
                 return _error(502, "api_key_rejected", "the Clado API rejected the API key")
             except OutOfCredits as exc:
                 return _error(402, "out_of_credits", str(exc))
+            except RequestRejected as exc:  # the API refused this request (4xx): not a gateway fault
+                return _error(422, "request_rejected", f"the Clado API rejected the request: {exc}")
             except (ApiUnavailable, CladoError) as exc:
                 return _error(502, "api_unavailable", str(exc))
             except (OperationalError, InterfaceError, PoolTimeout) as exc:
@@ -233,11 +257,16 @@ class AdminApi:
             check_labels(body.labels)
         except ValueError as exc:
             raise ApiError(422, "invalid_request", f"labels: {exc}") from None
+        if not body.query.strip():
+            raise ApiError(422, "invalid_request", "query: must not be blank")
+        _check_text(body.query, "query")
         job_id = await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy)
         return JSONResponse({"job_id": job_id}, status_code=201)
 
     async def cancel(self, request: Request) -> Response:
         body = await self._body(request, CancelRequest, empty_ok=True)
+        if body.reason is not None:
+            _check_text(body.reason, "reason")
         started = utcnow()
         job = await self.ops.cancel(request.path_params["job_id"], body.reason)
         if job is None:
@@ -262,8 +291,13 @@ class AdminApi:
             return model()
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        try:
+            # A lone surrogate ("\ud800") parses, but no database or JSON answer can hold it.
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "invalid_json", "the body holds text that is not valid Unicode") from None
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -300,7 +334,9 @@ class AdminServer:
         host, port = split_address(self._listen)
         # Bind here, so "address in use" is our clear error, not uvicorn's exit.
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # The explicit IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets
+        # whose proto says TCP; without it every response waits ~40 ms for a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

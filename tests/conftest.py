@@ -156,9 +156,14 @@ async def wait_until(
     try:
         async with asyncio.timeout(timeout):
             while True:
+                # Subscribe to the next flush before checking, so a flush that lands while
+                # the predicate runs still wakes us.
+                flushed = asyncio.ensure_future(daemon.writer.next_flush())
+                await asyncio.sleep(0)
                 result = await predicate()
                 if result:
+                    flushed.cancel()
                     return result
-                await daemon.writer.next_flush()
+                await flushed
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
