@@ -94,6 +94,10 @@ def statuses(
         for labels, usage in usage_since.get(start, ()):
             if matches(budget, labels):
                 total = total + usage
+        if not budget.reserve:
+            # Reservations are held for the budgets that asked for them; the others count
+            # actual spend only.
+            total = Usage(total.spent, 0)
         result.append(BudgetStatus(name, budget.credits, budget.period, start, total, budget.action))
     return result
 
@@ -120,11 +124,16 @@ def check_admission(
     reserving = []
     for status in budget_statuses:
         budget = config.budgets[status.name]
-        if not matches(budget, labels):
-            continue
+        if not matches(budget, labels) or budget.action == "observe":
+            continue  # an observe-mode budget records, it never refuses
+        if status.exhausted:
+            # block: that is the rule; cancel: the job would be cancelled at once anyway.
+            raise AdmissionRefused(
+                f"budget {status.name!r} is exhausted: {status.summary()}; new submissions are refused"
+            )
         if budget.action == "block" and status.full:
             raise AdmissionRefused(
-                f"budget {status.name!r} is exhausted: {status.summary()}; new submissions are blocked"
+                f"budget {status.name!r} is full: {status.summary()}; new submissions are blocked"
             )
         if budget.reserve:
             if status.usage.committed + need > status.credits:

@@ -93,7 +93,7 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
         if not LABEL_KEY.match(key):
             raise ValueError(f"invalid label key {key!r} (letters, digits, _ . - /; at most 64)")
         if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or any(
-            ord(ch) < 32 for ch in value
+            ord(ch) < 32 or 0xD800 <= ord(ch) <= 0xDFFF for ch in value  # controls, lone surrogates
         ):
             raise ValueError(
                 f"invalid value for label {key!r} (a string of at most {MAX_LABEL_VALUE} "
@@ -168,6 +168,21 @@ class SupervisorConfig(_Section):
     lease_ttl: Duration = timedelta(seconds=30)
     shutdown_timeout: Duration = timedelta(seconds=10)
 
+    @field_validator("tick_interval")
+    @classmethod
+    def _tick_floor(cls, value: timedelta) -> timedelta:
+        # Shorter ticks overrun their own claim transaction and only add load.
+        if value < timedelta(milliseconds=100):
+            raise ValueError("tick_interval must be at least 100ms")
+        return value
+    # Several replicas on one PostgreSQL database: one of them is the leader and alone runs
+    # the singleton chores (budget sweeps, the account floor, retention, the jobs-by-state
+    # gauges). It renews its leader row every leader_ttl / 3; when it dies, another replica
+    # takes over once the row has expired (database time).
+    leader_ttl: Duration = timedelta(seconds=15)
+    # Terminal jobs (and their events) not updated for this long are deleted by the leader.
+    retention: Duration = timedelta(days=30)
+
 
 Action = Literal["cancel", "observe"]
 
@@ -203,6 +218,12 @@ def _fractions(value: list[float] | None) -> list[float] | None:
     return sorted(set(value))
 
 
+def _match(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is not None and not value:
+        raise ValueError("match must name at least one label (leave it out to cover every job)")
+    return None if value is None else check_labels(value)
+
+
 def _timezone(value: str) -> str:
     try:
         ZoneInfo(value)
@@ -223,7 +244,7 @@ class BudgetConfig(_Section):
     action: Literal["cancel", "block", "observe"] = "cancel"
     reserve: bool = False
 
-    _labels = field_validator("match")(classmethod(lambda cls, v: None if v is None else check_labels(v)))
+    _labels = field_validator("match")(classmethod(lambda cls, v: _match(v)))
     _warn = field_validator("warn_at")(classmethod(lambda cls, v: _fractions(v)))
     _zone = field_validator("timezone")(classmethod(lambda cls, v: _timezone(v)))
 

@@ -347,8 +347,10 @@ class JobHandler:
         now = self._clock()
         reason = reason if reason is not None else job["cancel_reason"]
         values = {**values, "state": target.value, "updated_at": now}
-        if target in TERMINAL:
-            values["reserved_credits"] = None  # the unused part of a reservation is released
+        if target in TERMINAL and target is not State.UNCONFIRMED:
+            # The unused part of a reservation is released, except when the cancel was never
+            # confirmed: that job may still be spending.
+            values["reserved_credits"] = None
         if target is State.CANCELLED and job["cancel_reason"] is None:
             values["cancel_reason"] = reason
         event = event_row(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.engine import make_url
 
 from . import migrations
 from .store import sync_url
@@ -22,8 +26,42 @@ def _alembic_config(url: str) -> AlembicConfig:
 
 
 def upgrade(url: str) -> None:
-    """Bring the database to the newest schema (a no-op when it already is)."""
-    command.upgrade(_alembic_config(url), "head")
+    """Bring the database to the newest schema (a no-op when it already is).
+
+    Serialized across processes (the daemon and a CLI command may both auto-migrate a new
+    database at once): the second one waits, then finds the schema at head."""
+    with _migration_lock(url):
+        command.upgrade(_alembic_config(url), "head")
+
+
+@contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if not database or database.startswith(":memory:") or database.startswith("file:"):
+            yield
+            return
+        # SQLite runs DDL outside transactions, so a lock file is the reliable mutex.
+        with open(f"{database}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return
+    engine = create_engine(sync_url(url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(7346002)"))
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(7346002)"))
+                connection.commit()
+    finally:
+        engine.dispose()
 
 
 def is_current(url: str) -> bool:

@@ -1,8 +1,8 @@
 """Webhooks, off the enforcement path.
 
-`emit` only puts the event on a bounded queue and returns: a slow or failing hook never
-delays a cancel. A worker posts each event to every hook that wants it, with a timeout
-and a few retries, and logs what it could not deliver.
+`emit` only puts the event on each interested hook's bounded queue and returns: a slow or
+failing hook never delays a cancel, nor another hook. Each hook has its own worker, which
+posts with a timeout and a few retries and logs what it could not deliver.
 
 Payload (format = "json"):
     {"event": "cancel_requested", "at": "2026-…Z", "job_id": "…", "policy": "default",
@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,10 +39,11 @@ _ATTEMPTS = 3
 _QUEUE_SIZE = 10_000
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Hook:
     config: WebhookConfig
     secret: bytes | None
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(_QUEUE_SIZE))
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -65,54 +66,55 @@ class Webhooks:
             _Hook(hook, _secret(config, index, hook)) for index, hook in enumerate(config.notify.webhooks)
         ]
         self._config_hash = config.config_hash
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE_SIZE)
         self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def enabled(self) -> bool:
         return bool(self._hooks)
 
     def start(self) -> None:
-        if self._hooks:
-            self._task = asyncio.create_task(self._run(), name="webhooks")
+        self._tasks = [
+            asyncio.create_task(self._run(hook), name=f"webhook-{index}") for index, hook in enumerate(self._hooks)
+        ]
 
     def emit(self, event: str, **fields: Any) -> None:
         """Queue an event for the hooks that want it; never blocks, never raises."""
-        if not any(event in hook.config.events for hook in self._hooks):
-            return
         payload = {
             "event": event,
             "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "config_hash": self._config_hash,
             **fields,
         }
-        try:
-            self._queue.put_nowait(payload)
-        except asyncio.QueueFull:
-            metrics.WEBHOOKS.labels("dropped").inc()
-            log.error("webhook queue full; event dropped", webhook_event=event)
+        for hook in self._hooks:
+            if event not in hook.config.events:
+                continue
+            try:
+                hook.queue.put_nowait(payload)
+            except asyncio.QueueFull:
+                metrics.WEBHOOKS.labels("dropped").inc()
+                log.error("webhook queue full; event dropped", url=_redact_url(hook.config.url), webhook_event=event)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (bounded by `timeout`), then stop."""
-        if self._task is not None:
+        if self._tasks:
             try:
-                await asyncio.wait_for(self._queue.join(), timeout)
+                await asyncio.wait_for(asyncio.gather(*(hook.queue.join() for hook in self._hooks)), timeout)
             except TimeoutError:
-                log.warning("webhooks not delivered before shutdown", pending=self._queue.qsize())
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+                pending = sum(hook.queue.qsize() for hook in self._hooks)
+                log.warning("webhooks not delivered before shutdown", pending=pending)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
 
-    async def _run(self) -> None:
+    async def _run(self, hook: _Hook) -> None:
         while True:
-            payload = await self._queue.get()
+            payload = await hook.queue.get()
             try:
-                await asyncio.gather(
-                    *(self._deliver(hook, payload) for hook in self._hooks if payload["event"] in hook.config.events)
-                )
+                await self._deliver(hook, payload)
             finally:
-                self._queue.task_done()
+                hook.queue.task_done()
 
     async def _deliver(self, hook: _Hook, payload: dict[str, Any]) -> None:
         body_obj = {"text": slack_text(payload)} if hook.config.format == "slack" else payload
@@ -136,7 +138,8 @@ class Webhooks:
                     break  # the receiver refuses this payload; retrying will not help
             except httpx.HTTPError as exc:
                 error = type(exc).__name__
-            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+            if attempt < _ATTEMPTS:
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
         metrics.WEBHOOKS.labels("failed").inc()
         log.warning("webhook delivery failed", url=_redact_url(hook.config.url), webhook_event=payload["event"], error=error)
 

@@ -1,0 +1,158 @@
+"""Budgets through the real CLI: admission refusals, `report`, and budget config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import config_text
+
+from .conftest import DaemonProcess, FakeApiProcess, cli, cli_env, jobs_json, wait_for
+
+
+def write_config(workdir: Path, fake_api: FakeApiProcess, *, policies: str, extra: str) -> None:
+    (workdir / "supervisor.toml").write_text(
+        config_text(
+            fake_api.base_url, "sqlite:///supervisor.db",
+            supervisor={"lease_ttl": '"2s"'}, policies=policies, extra=extra,
+        )  # fmt: skip
+    )
+
+
+def one_error_line(result: Any) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("clado-supervisor: error: ")
+    return lines[0]
+
+
+def test_submit_refused_by_a_budget_exits_2_and_tracks_nothing(workdir: Path, fake_api: FakeApiProcess) -> None:
+    write_config(
+        workdir, fake_api, policies='[policies.default]\nmax_credits = 200',
+        extra='[budgets.growth-pool]\nmatch = { team = "growth" }\ncredits = 50\nreserve = true\naction = "block"\n',
+    )  # fmt: skip
+    result = cli("submit", "engineers in SF", "--limit", "60", "--label", "team=growth", cwd=workdir)
+    line = one_error_line(result)
+    assert line.startswith("clado-supervisor: error: submission refused: budget 'growth-pool' ")
+    for number in ("spent 0", "reserved 0", "of 50", "60"):
+        assert number in line, line
+    assert result.stdout == ""
+    assert jobs_json(workdir) == {}
+    assert fake_api.get("/_fake/stats")["initiate"] == 0  # nothing was started either
+
+    # The same submission outside the budget's match goes through.
+    ok = cli("submit", "engineers in SF", "--limit", "60", "--label", "team=search", cwd=workdir)
+    assert ok.returncode == 0, ok.stderr
+    job_id = ok.stdout.strip()
+    assert list(jobs_json(workdir)) == [job_id]
+
+
+REPORT_POLICIES = """
+[policies.default]
+max_credits = 10
+warn_at = [0.5]
+"""
+
+REPORT_BUDGETS = """
+[budgets.growth-cap]
+match = { team = "growth" }
+credits = 10
+warn_at = [0.5]
+action = "block"
+"""
+
+BUDGET_FIELDS = {"name", "credits", "spent", "reserved", "remaining", "action", "exhausted", "warnings_fired"}
+
+
+def report_json(workdir: Path) -> dict[str, Any]:
+    result = cli("report", "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_report_after_a_runaway_is_cancelled_and_a_full_budget_blocks(
+    workdir: Path, fake_api: FakeApiProcess
+) -> None:
+    write_config(workdir, fake_api, policies=REPORT_POLICIES, extra=REPORT_BUDGETS)
+    # Migrate first: `run` and `submit` both auto-migrate, and two first-time migrations of
+    # one fresh SQLite file at the same moment can fail ("table jobs already exists").
+    migrated = cli("migrate", cwd=workdir)
+    assert migrated.returncode == 0, migrated.stderr
+    daemon = DaemonProcess(workdir)
+    try:
+        submitted = cli(
+            "submit", "runaway search fake:rate=10", "--limit", "100", "--label", "team=growth", cwd=workdir
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        job = wait_for(
+            lambda: (j := jobs_json(workdir).get(job_id)) and j["state"] == "cancelled" and j,
+            timeout=30, what="the runaway cancelled",
+        )  # fmt: skip
+        # The budget sweep (every second) records the warning once the spend shows.
+        wait_for(
+            lambda: report_json(workdir)["budgets"][0]["warnings_fired"], timeout=15, what="the budget warning"
+        )
+    finally:
+        assert daemon.stop() == 0
+
+    credits = job["credits_used"]
+    assert credits == fake_api.job(job_id)["results"] >= 10
+    shown = json.loads(cli("jobs", "show", job_id, "--json", cwd=workdir).stdout)
+    at_decision = shown["cancel_detail"]["credits"]
+
+    data = report_json(workdir)
+    assert data["period"] == "day"
+    (budget,) = data["budgets"]
+    assert BUDGET_FIELDS <= set(budget)
+    assert budget == {
+        **budget,
+        "name": "growth-cap", "credits": 10, "spent": credits, "reserved": 0, "remaining": 0,
+        "action": "block", "exhausted": True, "warnings_fired": ["0.5"],
+    }  # fmt: skip
+    assert data["cancels_by_reason"] == {"max_credits": 1}
+    assert data["saved_by_cancels"] == 100 - credits
+    assert data["observe_would_have_saved"] == 0
+    assert data["leaked_after_decision"] == credits - at_decision
+    assert data["warnings_by_limit"] == {"max_credits": 1}
+
+    # The budget is spent: a block budget refuses the next matching submission.
+    refused = cli("submit", "one more", "--limit", "1", "--label", "team=growth", cwd=workdir)
+    line = one_error_line(refused)
+    assert "submission refused: budget 'growth-cap' is exhausted" in line
+    assert f"spent {credits}" in line and "of 10" in line
+    assert list(jobs_json(workdir)) == [job_id]
+
+    # The human report prints tables with the same figures.
+    human = cli("report", cwd=workdir, env=cli_env(COLUMNS="200"))
+    assert human.returncode == 0, human.stderr
+    for text in ("budgets", "growth-cap", "exhausted", "cancels by reason", "max_credits",
+                 f"saved by cancels {100 - credits}"):  # fmt: skip
+        assert text in human.stdout, human.stdout
+    assert "┃" in human.stdout or "|" in human.stdout  # a table, not a JSON dump
+
+
+BAD_BUDGETS = {
+    "unknown_period": ('[budgets.b]\ncredits = 10\nperiod = "fortnight"\n', "budgets.b.period"),
+    "unknown_timezone": ('[budgets.b]\ncredits = 10\ntimezone = "Mars/Olympus_Mons"\n', "budgets.b.timezone"),
+    "unknown_action": ('[budgets.b]\ncredits = 10\naction = "kill"\n', "budgets.b.action"),
+    "bad_label_key": ('[budgets.b]\ncredits = 10\nmatch = { "bad key" = "x" }\n', "budgets.b.match"),
+    "warn_at_above_1": ("[budgets.b]\ncredits = 10\nwarn_at = [0.5, 1.5]\n", "budgets.b.warn_at"),
+    "webhook_ftp_url": ('[[notify.webhooks]]\nurl = "ftp://hooks.example/x"\n', "notify.webhooks[0].url"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BUDGETS))
+def test_budget_and_webhook_config_errors_exit_2_with_one_line(
+    case: str, workdir: Path, fake_api: FakeApiProcess
+) -> None:
+    snippet, key = BAD_BUDGETS[case]
+    write_config(workdir, fake_api, policies="[policies.default]\nmax_credits = 200", extra=snippet)
+    result = cli("check-config", cwd=workdir)
+    line = one_error_line(result)
+    assert "supervisor.toml" in line and key in line, line
+    assert result.stdout == ""
