@@ -17,7 +17,6 @@ import structlog
 from . import failpoints, metrics
 from .clado import (
     ApiKeyRejected,
-    ApiUnavailable,
     CladoClient,
     CladoError,
     JobNotFound,
@@ -249,7 +248,7 @@ class JobHandler:
             bound.error("cancel refused by the API", error=str(exc))
             await self._transition(job, State.UNCONFIRMED, base, detail={"cancel": str(exc)})
             return
-        except (ApiKeyRejected, ApiUnavailable) as exc:
+        except CladoError as exc:  # API down, throttled, key rejected: the decision stands, retry
             now = self._clock()
             retry = _AUTH_RETRY if isinstance(exc, ApiKeyRejected) else self._backoff(attempts)
             bound.warning("cancel not sent yet; will retry", error=str(exc), retry_in=retry.total_seconds())
