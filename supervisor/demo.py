@@ -54,6 +54,10 @@ _TIME_KNOBS = frozenset({"queue_for", "process_for", "fail_after", "external_can
 DEFAULT_LIMITS = {"max_runtime": 25, "stall_timeout": 8, "max_credits": 60}
 BULK_LIMITS = {"max_runtime": 40, "max_credits": 150}
 GROWTH = {"team": "growth"}
+RESEARCH = {"team": "research"}  # under a team budget that runs out mid-demo
+SHADOW = {"team": "shadow"}  # under an observe-mode rule: recorded, never cancelled
+RESEARCH_BUDGET = {"name": "research-daily", "credits": 90}
+SHADOW_MAX_CREDITS = 20
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,14 @@ JOBS: tuple[DemoJob, ...] = (
     # late (409, "already completed"), which the supervisor must record as completed.
     DemoJob("finishes first", "data engineers in Austin", 80,
             {"rate": 6, "race": True}, State.COMPLETED, Reason.MAX_CREDITS),
+    # Each is within its own limits; together they exhaust the team's daily budget.
+    DemoJob("team budget", "ML researchers in Zurich", 300,
+            {"rate": 4}, State.CANCELLED, f"budget:{RESEARCH_BUDGET['name']}", RESEARCH),
+    DemoJob("team budget", "robotics PhDs in Boston", 300,
+            {"rate": 4}, State.CANCELLED, f"budget:{RESEARCH_BUDGET['name']}", RESEARCH),
+    # A rule being tried out: it would cancel at 20 credits, but only records that.
+    DemoJob("observe rule", "recruiters in Berlin", 45,
+            {"rate": 3}, State.COMPLETED, None, SHADOW),
 )  # fmt: skip
 
 LIVE_COLUMNS = ("job", "kind", "policy", "state", "remote", "credits/max", "elapsed", "reason")
@@ -211,6 +223,24 @@ warn_at = [0.8]
 match = {{ team = "growth" }}
 max_runtime = {duration(BULK_LIMITS["max_runtime"])}
 max_credits = {BULK_LIMITS["max_credits"]}
+
+[policies.research]
+match = {{ team = "research" }}
+max_runtime = {duration(BULK_LIMITS["max_runtime"])}
+max_credits = 400
+
+# A rule under trial: it decides and records "would cancel", and never cancels.
+[policies.shadow]
+match = {{ team = "shadow" }}
+max_credits = {SHADOW_MAX_CREDITS}
+action = "observe"
+
+[budgets.{RESEARCH_BUDGET["name"]}]
+match = {{ team = "research" }}
+period = "day"
+credits = {RESEARCH_BUDGET["credits"]}
+warn_at = [0.5]
+action = "cancel"
 """
 
 
@@ -355,7 +385,9 @@ class Tour:
             credits.stylize("bold red")
         end = row["confirmed_at"] or row["updated_at"] if state in TERMINAL else utcnow()
         reason = row["cancel_reason"] or ""
-        if live and not reason and row["warned"]:
+        if not reason and row["would_cancel_reason"]:
+            reason = f"(would cancel) {row['would_cancel_reason']}"
+        elif live and not reason and row["warned"]:
             reason = "warned: " + ", ".join(_warning_name(key) for key in row["warned"])
         cells: dict[str, Text | str] = {
             "job": row["job_id"][:8],
@@ -389,6 +421,8 @@ def describe_event(event: Mapping[str, Any]) -> str:
         return f"warning: {detail['fraction']:.0%} of {event['reason']} ({_measure(detail)})"
     if kind in ("poll_error", "cancel_error"):
         return f"{kind.replace('_', ' ')}: {detail.get('error')}"
+    if kind == "would_cancel":
+        return f"would cancel for {event['reason']} ({_measure(detail)}): observe mode, recorded only"
     if kind != "transition":
         return kind
     target = State(event["to_state"])
@@ -405,6 +439,8 @@ def describe_event(event: Mapping[str, Any]) -> str:
 
 
 def _measure(detail: Mapping[str, Any]) -> str:
+    if "spent" in detail:  # a budget's decision
+        return f"the team has spent {detail['spent']} of {detail['credits']} credits today"
     value, threshold = detail["value"], detail["threshold"]
     if detail["limit"] == Reason.MAX_CREDITS:
         return f"{value:g} credits, limit {threshold:g}"
@@ -436,9 +472,14 @@ def _print_summary(console: Console, tour: Tour, log_path: Path) -> int:
     return 1 if problems else 0
 
 
+def stopped_by_rule(reason: str | None) -> bool:
+    """A reason the supervisor itself cancels for: a policy limit or a budget."""
+    return reason in POLICY_REASONS or (reason or "").startswith("budget:")
+
+
 def is_runaway(row: Job) -> bool:
     """Stopped by the supervisor for breaking a limit (a lost race is not a stop)."""
-    return row["state"] == State.CANCELLED and row["cancel_reason"] in POLICY_REASONS
+    return row["state"] == State.CANCELLED and stopped_by_rule(row["cancel_reason"])
 
 
 def left_alone_cost(sim_job: Mapping[str, Any]) -> int:
@@ -471,6 +512,20 @@ def outcome_lines(tour: Tour) -> list[str]:
         f"credit count matches the simulator's bill for {matching} of {len(tour.kinds)}.",
         f"The runaways spent {spent:,} credits; left alone they would have billed {alone:,}: "
         f"saved {saved:,} credits (${saved * USD_PER_CREDIT:,.2f} at ${USD_PER_CREDIT}/credit).",
+        *_observe_lines(rows),
+    ]
+
+
+def _observe_lines(rows: list[Job]) -> list[str]:
+    """What the observe-mode rule would have done, had it been switched on."""
+    observed = [row for row in rows if row["would_cancel_credits"] is not None and row["state"] in TERMINAL]
+    if not observed:
+        return []
+    would_save = sum(row["credits_used"] - row["would_cancel_credits"] for row in observed)
+    return [
+        f"The observe-mode rule (policies.shadow, max_credits {SHADOW_MAX_CREDITS}) would have cancelled "
+        f"{len(observed)} job(s); it only recorded that, and switched on it would have saved "
+        f"{would_save:,} more credits."
     ]
 
 
@@ -513,7 +568,7 @@ def find_problems(tour: Tour) -> list[str]:
                 f"{name}: the supervisor counted {row['credits_used']} credits, "
                 f"the simulator billed {sim['results']}"
             )
-        expected_calls = 1 if row["cancel_reason"] in POLICY_REASONS else 0
+        expected_calls = 1 if stopped_by_rule(row["cancel_reason"]) else 0
         if sim["cancel_calls"] != expected_calls:
             problems.append(f"{name}: {sim['cancel_calls']} cancel calls, expected {expected_calls}")
     return problems

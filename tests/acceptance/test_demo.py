@@ -30,11 +30,18 @@ def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: P
     assert "Traceback" not in out + result.stderr
     assert result.stderr == ""  # the daemon's logs go to the log file, never to the terminal
 
-    assert "4 runaways cancelled (max_credits: 2, max_runtime: 1, stall_timeout: 1), one cancel call each." in out
+    assert (
+        "6 runaways cancelled (budget:research-daily: 2, max_credits: 2, max_runtime: 1, stall_timeout: 1), "
+        "one cancel call each." in out
+    )
     assert "1 cancelled by someone else (external)" in out
     assert "completed before the max_credits cancel landed (409" in out
-    assert "Every final state confirmed by a status poll: 9 of 9 jobs" in out
-    assert "matches the simulator's bill for 9 of 9" in out
+    assert "Every final state confirmed by a status poll: 12 of 12 jobs" in out
+    assert "matches the simulator's bill for 12 of 12" in out
+    observe = re.search(r"The observe-mode rule \(policies.shadow, max_credits 20\) would have cancelled 1 job\(s\); "
+                        r"it only recorded that, and switched on it would have saved ([\d,]+) more credits", out)
+    assert observe is not None, out
+    assert int(observe.group(1).replace(",", "")) > 0
     saved = re.search(r"saved ([\d,]+) credits \(\$([\d,.]+) at \$0.01/credit\)", out)
     assert saved is not None, out
     assert int(saved.group(1).replace(",", "")) > 0
