@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -65,25 +66,46 @@ def _db_error(exc: SQLAlchemyError) -> str:
 async def run_daemon(config_path: Path) -> None:
     config = load_config(config_path)
     configure_logging(config.logging.format, config.logging.level)
-    client = client_for(config)
-    admin_token = read_secret(
-        env_name=config.http.token_env, file=config.http.token_file, key="http.token_file", source=config.source
-    )
-    store = await open_store(config)
-    daemon = Daemon(config, store, client, config_path=config_path, notifier=Notifier())
-    services = []
-    if config.http.enabled:
-        from .http import AdminApi, AdminServer
+    # SIGTERM/SIGINT during startup (migrations can take a while) mean "stop", exit 0, not
+    # death by the default handler; the daemon installs its own handlers once it runs.
+    started: list[Daemon] = []
+    stop_early = asyncio.Event()
 
-        api = AdminApi(daemon, admin_token, config.http.max_body_bytes)
-        services.append(AdminServer(api, config.http.listen))
+    def stop() -> None:
+        stop_early.set()
+        for daemon in started:
+            daemon.request_stop()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    client = client_for(config)
     try:
-        await daemon.run_until_signalled(services)
-    except OSError as exc:  # the admin API could not bind its address
-        raise RuntimeFailure(str(exc)) from None
+        admin_token = read_secret(
+            env_name=config.http.token_env, file=config.http.token_file, key="http.token_file", source=config.source
+        )
+        store = await open_store(config)
+        try:
+            if stop_early.is_set():
+                return
+            daemon = Daemon(config, store, client, config_path=config_path, notifier=Notifier())
+            started.append(daemon)
+            services = []
+            if config.http.enabled:
+                from .http import AdminApi, AdminServer
+
+                api = AdminApi(daemon, admin_token, config.http.max_body_bytes)
+                services.append(AdminServer(api, config.http.listen))
+            if stop_early.is_set():
+                daemon.request_stop()
+            try:
+                await daemon.run_until_signalled(services)
+            except OSError as exc:  # the admin API could not bind its address
+                raise RuntimeFailure(str(exc)) from None
+        finally:
+            await store.close()
     finally:
         await client.aclose()
-        await store.close()
 
 
 def parse_ids(ids: Iterable[str]) -> list[str]:

@@ -109,7 +109,24 @@ def _duration(_ctx: Any, _param: Any, value: str | None) -> timedelta | None:
         raise click.BadParameter(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Usage errors as one line on stderr (exit 2), like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo(f"{PROG}: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) else ""
+            _fail(exc.format_message().replace("\n", " ") + hint, exc.exit_code)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_file",
@@ -249,6 +266,7 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
 def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
     """One job with its events."""
     async def go() -> tuple[Job | None, list[dict[str, Any]]]:
+        _app().parse_ids([job_id])  # before the database is even opened
         async with _app().operations(config) as ops:
             return await ops.job(job_id)
 
@@ -283,6 +301,7 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
 def cancel(config: Config, job_id: str, note: str | None) -> None:
     """Cancel a job now, through the same state machine as the daemon."""
     async def go() -> Job | None:
+        _app().parse_ids([job_id])  # before the database is even opened
         async with _app().operations(config) as ops:
             return await ops.cancel(job_id, note)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -48,8 +49,11 @@ def api_key(config: Config) -> str:
         source=config.source,
     )
     if not value:
+        name = config.api.api_key_env
+        # A key pasted in place of the variable's name must not be echoed to the journal.
+        shown = name if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", name) else "it names"
         raise ConfigError(
-            f"{config.source}: api.api_key_env: environment variable "
-            f"{config.api.api_key_env} is not set (or set api.api_key_file)"
+            f"{config.source}: api.api_key_env: the environment variable {shown} is not set "
+            "(or set api.api_key_file)"
         )
     return value

@@ -79,7 +79,7 @@ MAX_DB_INT = 2**31 - 1
 
 # What `clado.validate_job_id` accepts. The API checks ids with it (for its clearer message);
 # the pattern is published in the OpenAPI document.
-JOB_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+JOB_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"  # as clado.validate_job_id
 
 
 class TrackRequest(_Body):
@@ -136,7 +136,7 @@ class AdminApi:
             Route("/v1/jobs/{job_id}/cancel", self._v1(self.cancel), methods=["POST"]),
             Route("/v1/submit", self._v1(self.submit), methods=["POST"]),
         ]
-        return Starlette(
+        app = Starlette(
             routes=routes,
             exception_handlers={
                 404: lambda request, exc: _error(404, "not_found", "no such route"),
@@ -144,6 +144,9 @@ class AdminApi:
                 Exception: self._internal_error,
             },
         )
+        # No unauthenticated redirects built from the Host header: an odd path is a 404.
+        app.router.redirect_slashes = False
+        return app
 
     @property
     def ops(self) -> Operations:

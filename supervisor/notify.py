@@ -28,7 +28,7 @@ import httpx
 import structlog
 
 from . import metrics
-from .config import Config, WebhookConfig
+from .config import Config, ConfigError, WebhookConfig
 from .credentials import read_secret
 
 log = structlog.get_logger("supervisor.notify")
@@ -149,6 +149,12 @@ def _secret(config: Config, index: int, hook: WebhookConfig) -> bytes | None:
         env_name=hook.secret_env, file=hook.secret_file,
         key=f"notify.webhooks[{index}].secret_file", source=config.source,
     )
+    if value is None and (hook.secret_env or hook.secret_file):
+        # Fail closed: a hook configured to be signed is never sent unsigned.
+        raise ConfigError(
+            f"{config.source}: notify.webhooks[{index}].secret_env: the environment variable it names "
+            "is not set or empty"
+        )
     return value.encode() if value else None
 
 
