@@ -71,3 +71,13 @@ BUDGET_RESERVED = Gauge(
 )
 BUDGET_LIMIT = Gauge(_P + "budget_limit_credits", "The budget's credits per period.", ["budget"], registry=REGISTRY)
 ACCOUNT_CREDITS = Gauge(_P + "account_credits", "Remaining account credits at the last check.", registry=REGISTRY)
+LEADER = Gauge(_P + "leader", "1 while this replica is the leader (runs the singleton chores), else 0.", registry=REGISTRY)
+CLAIM_LIMIT = Gauge(
+    _P + "claim_limit", "Jobs this replica lets itself hold at once (adapts to how fast it handles them).",
+    registry=REGISTRY,
+)
+TASK_FAILURES = Counter(
+    _P + "task_failures_total",
+    "Failed runs of recurring work (claim, chores, leader renewal, lease extension), by operation.",
+    ["operation"], registry=REGISTRY,
+)

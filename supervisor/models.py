@@ -99,6 +99,8 @@ jobs = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_jobs_state_next_check_at", "state", "next_check_at"),
     Index("ix_jobs_submitted_at", "submitted_at"),
+    # Retention prunes terminal jobs by age.
+    Index("ix_jobs_state_updated_at", "state", "updated_at"),
 )
 
 job_events = Table(
@@ -142,4 +144,17 @@ budget_periods = Table(
     Column("warned", JSON, nullable=False, default=list),
     Column("exhausted_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
+)
+
+
+# Leadership for singleton chores (budget sweeps, the account floor, retention, the totals
+# gauges): one row per role; its holder renews `expires_at` (database time on PostgreSQL)
+# and anyone may take the row over once it has expired (River's river_leader).
+leaders = Table(
+    "leaders",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("acquired_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
 )

@@ -4,6 +4,12 @@ Jobs are claimed in batches under a lease (owner, token, expiry); every later wr
 claimed job is conditioned on its token, so a write from a claimer that lost its lease is
 dropped and logged, never applied (fencing). Writes are applied in batches: one
 transaction, one statement per shape of update, one insert for all events.
+
+Several replicas may share one PostgreSQL database. Claims use FOR UPDATE SKIP LOCKED, so
+each due job goes to exactly one of them, and lease expiry is reckoned in the database's
+clock (`now()`), so replicas whose clocks disagree still agree on who holds what. The same
+goes for the leader row of the singleton chores. On SQLite (one host) the local clock is
+the database clock.
 """
 
 from __future__ import annotations
@@ -19,13 +25,30 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import String, bindparam, case, cast, delete, event, func, insert, select, text, update
+from sqlalchemy import (
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .lifecycle import ACTIVE, State
 from .budgets import Usage
-from .models import admissions, budget_periods, job_events, jobs
+from .lifecycle import ACTIVE, TERMINAL, State
+from .models import admissions, budget_periods, job_events, jobs, leaders
 
 log = structlog.get_logger("supervisor.store")
 
@@ -119,6 +142,22 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or the connection broke (as
+    opposed to a bug or a constraint): the caller logs it briefly and retries later."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OSError)
+
+
+def db_error_text(exc: BaseException) -> str:
+    """One short line for a log: the driver's message without SQLAlchemy's SQL and links."""
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    return message.splitlines()[0][:300] if message else type(exc).__name__
+
+
 class Store:
     def __init__(self, url: str, *, owner: str | None = None, pool_size: int = 5) -> None:
         self.url = url
@@ -126,7 +165,24 @@ class Store:
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         options: dict[str, Any] = {}
         if not self.is_sqlite:
-            options = {"pool_size": pool_size, "max_overflow": pool_size, "pool_pre_ping": True}
+            options = {
+                "pool_size": pool_size,
+                "max_overflow": pool_size,
+                # A connection the server dropped (restart, failover) is replaced at checkout.
+                "pool_pre_ping": True,
+                "pool_timeout": 10,
+                "connect_args": {
+                    # Fail fast while the server is down instead of hanging a tick.
+                    "connect_timeout": 5,
+                    # Notice a peer that vanished without a FIN (network partition).
+                    "keepalives": 1,
+                    "keepalives_idle": 10,
+                    "keepalives_interval": 5,
+                    "keepalives_count": 3,
+                    # Which replica a session belongs to, in pg_stat_activity.
+                    "application_name": f"clado-supervisor {self.owner}"[:63],
+                },
+            }
         self.engine: AsyncEngine = create_async_engine(async_url(url), **options)
         if self.is_sqlite:
             configure_sqlite(self.engine.sync_engine)
@@ -136,7 +192,23 @@ class Store:
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+            if self.is_sqlite:
+                # Outside any transaction: every SQLite transaction here starts with BEGIN
+                # IMMEDIATE (the write lock), and one cancelled mid-statement (a health check
+                # timing out) would keep that lock for good.
+                raw = await conn.get_raw_connection()
+                cursor = await raw.driver_connection.execute("SELECT 1")  # type: ignore[union-attr]
+                await cursor.close()
+            else:
+                await conn.execute(text("SELECT 1"))
+
+    async def _db_now(self, conn: AsyncConnection, local_now: datetime) -> datetime:
+        """The clock leases and leadership are reckoned in: the database's on PostgreSQL
+        (the start of the current transaction), the caller's on SQLite (one host)."""
+        if self.is_sqlite:
+            return local_now
+        value = (await conn.execute(select(func.now()))).scalar_one()
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
     # -- jobs in ------------------------------------------------------------------------
 
@@ -206,23 +278,34 @@ class Store:
         lease_ttl: timedelta,
         job_id: str | None = None,
     ) -> list[Job]:
-        """Lease up to `limit` active jobs due before now + horizon, soonest first."""
-        query = (
-            select(jobs)
-            .where(jobs.c.state.in_([s.value for s in ACTIVE]))
-            .where(jobs.c.next_check_at <= now + horizon)
-            .where((jobs.c.lease_token.is_(None)) | (jobs.c.lease_expires_at <= now))
-            .order_by(jobs.c.next_check_at)
-            .limit(limit)
-        )
-        if job_id is not None:
-            query = query.where(jobs.c.job_id == job_id)
-        if not self.is_sqlite:
-            # Several replicas: each row goes to exactly one claimer.
-            query = query.with_for_update(skip_locked=True)
+        """Lease up to `limit` active jobs due before now + horizon, soonest first.
+
+        Due-ness uses `now` (the replica's clock, which also computed `next_check_at`); the
+        lease (whether an old one has expired, when the new one does) uses the database's
+        clock, so a replica whose clock runs ahead cannot take leases that still hold."""
         token = str(uuid.uuid4())
-        lease = {"lease_owner": self.owner, "lease_token": token, "lease_expires_at": now + lease_ttl}
         async with self.engine.begin() as conn:
+            lease_now = await self._db_now(conn, now)
+            query = (
+                select(jobs)
+                .where(jobs.c.state.in_([s.value for s in ACTIVE]))
+                .where(jobs.c.next_check_at <= now + horizon)
+                .where((jobs.c.lease_token.is_(None)) | (jobs.c.lease_expires_at <= lease_now))
+                .order_by(jobs.c.next_check_at)
+                .limit(limit)
+            )
+            if job_id is not None:
+                query = query.where(jobs.c.job_id == job_id)
+            if not self.is_sqlite:
+                # Several replicas: each row goes to exactly one claimer. A row another
+                # claimer leased meanwhile is re-checked against the WHERE after its lock
+                # (READ COMMITTED), so it is skipped rather than claimed twice.
+                query = query.with_for_update(skip_locked=True)
+            lease = {
+                "lease_owner": self.owner,
+                "lease_token": token,
+                "lease_expires_at": lease_now + lease_ttl,
+            }
             rows = [dict(row._mapping) for row in await conn.execute(query)]
             if rows:
                 await conn.execute(
@@ -234,33 +317,44 @@ class Store:
 
     async def apply(self, writes: Sequence[JobWrite]) -> set[str]:
         """Apply the writes whose lease still holds; return the ids that were applied."""
+        done = await self.apply_each(writes)
+        return {write.job_id for write, ok in zip(writes, done, strict=True) if ok}
+
+    async def apply_each(self, writes: Sequence[JobWrite]) -> list[bool]:
+        """Apply the writes whose lease still holds, in one transaction; for each write,
+        whether it was applied. A write whose job holds another token now (its lease
+        expired and another claimer took the job) is dropped and logged: fencing."""
         if not writes:
-            return set()
+            return []
         async with self.engine.begin() as conn:
-            valid = await self._holding_lease(conn, writes)
-            applied = [write for write in writes if write.job_id in valid]
-            for write in writes:
-                if write.job_id not in valid:
-                    log.warning("lease lost; write dropped", job_id=write.job_id)
+            current = await self._current_tokens(conn, writes)
+            # Valid per write, not per job: a batch may hold a stale write (a handler that
+            # outlived its lease) beside the new holder's write of the same job.
+            done = [not write.lease_token or current.get(write.job_id) == write.lease_token for write in writes]
+            applied = [write for write, ok in zip(writes, done, strict=True) if ok]
+            for write, ok in zip(writes, done, strict=True):
+                if not ok:
+                    log.warning("lease lost; write dropped", job_id=write.job_id, owner=self.owner)
             await self._update_many(conn, applied)
             events = [
                 {"job_id": write.job_id, **row} for write in applied for row in write.events
             ]
             if events:
                 await conn.execute(insert(job_events), events)
-        return {write.job_id for write in applied}
+        return done
 
-    async def _holding_lease(self, conn: AsyncConnection, writes: Sequence[JobWrite]) -> set[str]:
-        leased = {write.job_id: write.lease_token for write in writes if write.lease_token}
-        valid = {write.job_id for write in writes if not write.lease_token}
-        for chunk in _chunks(list(leased), 500):
+    async def _current_tokens(self, conn: AsyncConnection, writes: Sequence[JobWrite]) -> dict[str, str | None]:
+        """The lease token each leased write's job holds now, its row locked until commit
+        (on PostgreSQL: a claimer skips it meanwhile, SKIP LOCKED)."""
+        leased = sorted({write.job_id for write in writes if write.lease_token})
+        current: dict[str, str | None] = {}
+        for chunk in _chunks(leased, 500):
             query = select(jobs.c.job_id, jobs.c.lease_token).where(jobs.c.job_id.in_(chunk))
             if not self.is_sqlite:
                 query = query.with_for_update()
             for row in await conn.execute(query):
-                if row.lease_token == leased[row.job_id]:
-                    valid.add(row.job_id)
-        return valid
+                current[row.job_id] = row.lease_token
+        return current
 
     async def _update_many(self, conn: AsyncConnection, writes: Iterable[JobWrite]) -> None:
         # executemany needs one parameter shape, so group the writes by the columns they set.
@@ -278,6 +372,34 @@ class Store:
             )
             await conn.execute(statement, params)
 
+    async def extend_leases(self, leases: Mapping[str, str], ttl: timedelta, now: datetime) -> dict[str, str]:
+        """Push on the expiry of leases still held (job id → token) to now + ttl, in the
+        database's clock; returns those extended (a lease lost meanwhile is not)."""
+        if not leases:
+            return {}
+        kept: dict[str, str] = {}
+        async with self.engine.begin() as conn:
+            lease_now = await self._db_now(conn, now)
+            for chunk in _chunks(sorted(leases), 500):
+                held = (
+                    jobs.c.job_id.in_(chunk),
+                    jobs.c.lease_token.in_(sorted({leases[job_id] for job_id in chunk})),
+                )
+                which: Any = and_(*held)
+                if not self.is_sqlite:
+                    # Rows the batch writer has locked are being written right now (their
+                    # lease released, or kept for a cancel): skip them rather than wait; the
+                    # next round extends those still held.
+                    which = jobs.c.job_id.in_(select(jobs.c.job_id).where(*held).with_for_update(skip_locked=True))
+                result = await conn.execute(
+                    update(jobs)
+                    .where(which)
+                    .values(lease_expires_at=lease_now + ttl)
+                    .returning(jobs.c.job_id, jobs.c.lease_token)
+                )
+                kept.update({row.job_id: row.lease_token for row in result if leases.get(row.job_id) == row.lease_token})
+        return kept
+
     async def release(self, leases: Mapping[str, str]) -> None:
         """Give leases back without changing the jobs (shutdown before handling them)."""
         if not leases:
@@ -290,6 +412,91 @@ class Store:
                 .values(lease_owner=None, lease_token=None, lease_expires_at=None),
                 [{"b_job_id": job_id, "b_token": token} for job_id, token in leases.items()],
             )
+
+    # -- leadership for singleton chores --------------------------------------------------
+
+    async def acquire_leader(self, name: str, ttl: timedelta, now: datetime) -> datetime | None:
+        """Take or renew the leader row `name` for `ttl`. Returns its new expiry (database
+        time) if this store's owner holds it now, None if another owner's row still holds.
+
+        One statement: INSERT … ON CONFLICT DO UPDATE … WHERE expired OR mine, RETURNING.
+        On PostgreSQL the expiry is computed from the database's clock."""
+        async with self.engine.begin() as conn:
+            db_now = await self._db_now(conn, now)
+            dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
+            statement = dialect_insert(leaders).values(
+                name=name, owner=self.owner, acquired_at=db_now, expires_at=db_now + ttl
+            )
+            statement = statement.on_conflict_do_update(
+                index_elements=[leaders.c.name],
+                set_={
+                    "owner": statement.excluded.owner,
+                    "expires_at": statement.excluded.expires_at,
+                    # A renewal keeps the original acquisition time.
+                    "acquired_at": case(
+                        (leaders.c.owner == statement.excluded.owner, leaders.c.acquired_at),
+                        else_=statement.excluded.acquired_at,
+                    ),
+                },
+                where=(leaders.c.expires_at <= db_now) | (leaders.c.owner == self.owner),
+            ).returning(leaders.c.owner, leaders.c.expires_at)
+            row = (await conn.execute(statement)).first()
+        if row is None or row.owner != self.owner:
+            return None
+        expires: datetime = row.expires_at
+        return expires if expires.tzinfo is not None else expires.replace(tzinfo=UTC)
+
+    async def release_leader(self, name: str) -> bool:
+        """Give the leader row up (shutdown), so another replica takes over at once."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(leaders).where(leaders.c.name == name).where(leaders.c.owner == self.owner)
+            )
+        return bool(result.rowcount)
+
+    async def leader(self, name: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(leaders).where(leaders.c.name == name))).first()
+        return None if row is None else dict(row._mapping)
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def prune(self, cutoff: datetime, *, batch: int = 500, max_batches: int = 4) -> int:
+        """Delete terminal jobs last updated before `cutoff`, with their events, at most
+        `batch` per transaction and `max_batches` transactions per call (short locks; the
+        next run carries on). Returns the number of jobs deleted."""
+        terminal = [state.value for state in TERMINAL]
+        deleted = 0
+        for _ in range(max_batches):
+            async with self.engine.begin() as conn:
+                query = (
+                    select(jobs.c.job_id)
+                    .where(jobs.c.state.in_(terminal))
+                    .where(jobs.c.updated_at < cutoff)
+                    .order_by(jobs.c.updated_at)
+                    .limit(batch)
+                )
+                if not self.is_sqlite:
+                    query = query.with_for_update(skip_locked=True)
+                ids = [row.job_id for row in await conn.execute(query)]
+                if not ids:
+                    break
+                # Events go explicitly (ON DELETE CASCADE would take them too, but SQLite
+                # only honours it on connections with foreign_keys=ON).
+                await conn.execute(delete(job_events).where(job_events.c.job_id.in_(ids)))
+                result = await conn.execute(
+                    delete(jobs).where(jobs.c.job_id.in_(ids)).where(jobs.c.state.in_(terminal))
+                )
+                deleted += result.rowcount
+            if len(ids) < batch:
+                break
+        return deleted
+
+    async def prune_admissions(self, cutoff: datetime) -> int:
+        """Forget admissions that expired before `cutoff` (their submitter died)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(admissions).where(admissions.c.expires_at < cutoff))
+        return result.rowcount
 
     # -- manual actions ------------------------------------------------------------------
 

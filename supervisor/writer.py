@@ -3,6 +3,13 @@
 A handler awaits its write: the await returns once the write is committed (True) or
 dropped because the lease was lost (False). While one transaction commits the next
 writes queue up, so batching grows with load and adds no delay when idle.
+
+When the database is unreachable a batch is tried once more after a short pause (a
+connection the server dropped), then every waiter gets the error: a handler whose
+decision was not committed sends nothing, and its job is claimed again after its lease.
+A flush is bounded by a timeout, so a database that hangs cannot hold every handler (not
+on SQLite, where a cancelled statement would keep the write lock; its busy timeout bounds
+a flush there).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from . import metrics
-from .store import JobWrite, Store
+from .store import JobWrite, Store, database_unavailable, db_error_text
 
 log = structlog.get_logger("supervisor.writer")
 
@@ -25,9 +32,14 @@ class _Pending:
 
 
 class BatchWriter:
-    def __init__(self, store: Store, *, max_batch: int = 500) -> None:
+    def __init__(
+        self, store: Store, *, max_batch: int = 500, timeout: float | None = 30.0, retry_delay: float = 0.2
+    ) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._timeout = timeout
+        self._retry_delay = retry_delay
+        self.failures = 0
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0
@@ -74,21 +86,37 @@ class BatchWriter:
             if batch:
                 await self._flush(batch)
 
+    async def _apply(self, writes: list[JobWrite]) -> list[bool]:
+        async with asyncio.timeout(self._timeout):
+            return await self._store.apply_each(writes)
+
     async def _flush(self, batch: list[_Pending]) -> None:
+        writes = [pending.write for pending in batch]
         try:
-            applied = await self._store.apply([pending.write for pending in batch])
+            try:
+                applied = await self._apply(writes)
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                # Once more: a pooled connection the server dropped fails only this once.
+                # (Should the first commit have landed unacknowledged, the retry finds
+                # released leases and drops those writes, or re-applies the same values.)
+                await asyncio.sleep(self._retry_delay)
+                applied = await self._apply(writes)
         except Exception as exc:  # the database is down or refused: every waiter learns it
-            log.error("database write failed", error=str(exc), writes=len(batch))
+            self.failures += 1
+            log.error("database write failed", error=db_error_text(exc), writes=len(batch),
+                      database_unavailable=database_unavailable(exc))
             for pending in batch:
                 if not pending.done.done():
                     pending.done.set_exception(exc)
             return
         self.transactions += 1
         metrics.DB_WRITE_BATCH.observe(len(batch))
-        metrics.LEASES_LOST.inc(len(batch) - len(applied))
-        for pending in batch:
+        metrics.LEASES_LOST.inc(applied.count(False))
+        for pending, ok in zip(batch, applied, strict=True):
             if not pending.done.done():
-                pending.done.set_result(pending.write.job_id in applied)
+                pending.done.set_result(ok)
         # Wake whoever waits for a flush; the next waiters get a fresh event.
         flushed, self._flushed = self._flushed, asyncio.Event()
         flushed.set()

@@ -1,9 +1,12 @@
-"""The daemon against the fake API over loopback HTTP, on a real SQLite file."""
+"""The daemon against the fake API over loopback HTTP, on a real SQLite file and on
+PostgreSQL (the latter needs CLADO_SUPERVISOR_TEST_PG_URL; skipped with that reason
+otherwise)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import config_text, load, running_daemon, wait_until
 from fakeserver import FakeServer
 
@@ -29,13 +32,18 @@ SCENARIOS = {
 }
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
 async def test_every_kind_of_job_ends_in_the_right_state(
-    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+    tmp_path: Path, fake_server: FakeServer, db_url: str
 ) -> None:
     fake = fake_server.fake
     ids = {name: fake.create_job(**knobs) for name, (knobs, *_rest) in SCENARIOS.items()}
     path = tmp_path / "supervisor.toml"
-    path.write_text(config_text(fake_server.base_url, sqlite_url, policies=POLICIES))
+    path.write_text(config_text(fake_server.base_url, db_url, policies=POLICIES))
     config = load(path)
 
     async with running_daemon(config) as daemon:
@@ -59,7 +67,7 @@ async def test_every_kind_of_job_ends_in_the_right_state(
             assert job["credits_used"] == info["results"]
 
     # After each cancel, the final state was confirmed by a status poll, not assumed.
-    store = Store(sqlite_url)
+    store = Store(db_url)
     try:
         for name, (_knobs, _state, _reason, runaway) in SCENARIOS.items():
             if not runaway:
