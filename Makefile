@@ -24,6 +24,7 @@ run: install
 	$(BIN)/clado-supervisor run
 
 bench: install
+	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench
 
 clean:

@@ -1,0 +1,119 @@
+"""The physical limit: a bare httpx loop polling job statuses as fast as it can.
+
+`concurrency` worker tasks share one httpx.AsyncClient (pool limits = concurrency, like
+CladoClient) and go round the given job ids, each request the supervisor's own status poll
+(`GET /api/search/deep_research/{id}?page=1&page_size=1` with the bearer key), parsing
+the JSON like the supervisor does. No database, no policy, no scheduler: what is left is
+the cost of the HTTP client and the simulator.
+
+Run in its own process (`python -m bench.bareloop ...`), it prints one JSON object:
+requests done in the measured window, errors, the rate and the latency quantiles.
+
+`--transport httpx` is httpx's default transport (httpcore); `aiohttp` is the same
+httpx.AsyncClient over `httpx_aiohttp.AiohttpTransport`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import time
+
+import httpx
+
+from .common import API_KEY, quantile
+
+
+def make_client(base_url: str, concurrency: int, transport: str, timeout: float = 10.0) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    chosen: httpx.AsyncBaseTransport | None = None
+    if transport == "aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        chosen = AiohttpTransport(limits=limits)
+    elif transport != "httpx":
+        raise SystemExit(f"unknown transport {transport!r}")
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {API_KEY}", "Accept": "application/json"},
+        timeout=timeout, limits=limits, transport=chosen, follow_redirects=False,
+    )
+
+
+async def run(base_url: str, ids: list[str], concurrency: int, transport: str, duration: float,
+              warmup: float) -> dict[str, object]:
+    client = make_client(base_url, concurrency, transport)
+    cycle = itertools.cycle(ids)
+    counting = False
+    stop = False
+    done = 0
+    errors = 0
+    latencies: list[float] = []
+
+    async def worker() -> None:
+        nonlocal done, errors
+        while not stop:
+            job_id = next(cycle)
+            started = time.perf_counter()
+            try:
+                response = await client.get(
+                    f"/api/search/deep_research/{job_id}", params={"page": 1, "page_size": 1}
+                )
+                body = response.json()
+                ok = response.status_code == 200 and isinstance(body.get("status"), str)
+            except (httpx.HTTPError, ValueError):
+                ok = False
+            if counting:
+                if ok:
+                    done += 1
+                    if len(latencies) < 200_000:
+                        latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(warmup)
+    counting = True
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.sleep(duration)
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    counting = False
+    stop = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await client.aclose()
+    return {
+        "transport": transport,
+        "concurrency": concurrency,
+        "window_s": round(elapsed, 3),
+        "requests": done,
+        "errors": errors,
+        "per_s": done / elapsed,
+        "client_cpu_s": round(cpu, 3),
+        "latency_p50_ms": quantile(latencies, 0.5) * 1000,
+        "latency_p99_ms": quantile(latencies, 0.99) * 1000,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bareloop")
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--ids", required=True, help="file with one job id a line")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--transport", choices=("httpx", "aiohttp"), default="httpx")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    with open(args.ids) as handle:
+        ids = [line.strip() for line in handle if line.strip()]
+    result = asyncio.run(run(args.base_url, ids, args.concurrency, args.transport, args.duration, args.warmup))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
