@@ -86,7 +86,8 @@ def code_version() -> dict[str, Any]:
     """The commit measured, and the files of the daemon that differ from it (a dirty tree)."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -120,7 +121,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A plain-text table (GitHub markdown, so it pastes into an issue as it is)."""
     body = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     out = [line(list(headers)), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in body]
     return "\n".join(out)
@@ -150,7 +153,7 @@ def plt():
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    from matplotlib import pyplot
 
     return pyplot
 
@@ -437,7 +440,7 @@ level = "warning"
 def cli(args: Sequence[str], *, cwd: Path, config: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [PY, "-m", "supervisor", "--config", str(config), *args],
-        cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"clado-supervisor {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")

@@ -59,7 +59,7 @@ def classify(statement: str) -> str:
         return "write_update"
     if s.startswith("insert into job_events"):
         return "write_events"
-    if s.startswith("insert into jobs") or s.startswith("select jobs.job_id from jobs where jobs.job_id in"):
+    if s.startswith(("insert into jobs", "select jobs.job_id from jobs where jobs.job_id in")):
         return "track"
     if "group by jobs.state" in s:
         return "gauges"

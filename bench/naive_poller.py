@@ -41,7 +41,7 @@ def _created(body: dict[str, Any]) -> float | None:
     value = body.get("created_at")
     if not isinstance(value, str):
         return None
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    parsed = datetime.fromisoformat(value)
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 

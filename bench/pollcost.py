@@ -14,6 +14,7 @@ Then per day for 10,000 jobs polled every 15 s (57.6 M polls).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,8 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         for size in SIZES:
             # Fast enough to be complete at once: the job holds exactly `size` results.
             job_id = fake.bulk(1, rate=100_000, limit=size)[0]
-            common.wait_until(lambda: fake.job(job_id)["status"] == "completed", timeout=10, what="job done")
+            common.wait_until(lambda job_id=job_id: fake.job(job_id)["status"] == "completed", timeout=10,
+                              what="job done")
             paged = measure(client, fake, job_id, True, polls)
             unpaged = measure(client, fake, job_id, False, polls)
             rows.append({
@@ -96,6 +98,7 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         "value": max(flat) / min(flat),
         "met": max(flat) / min(flat) <= 1.05,
     }]
+    shutil.rmtree(work, ignore_errors=True)  # kept only when the run failed, for its logs
     name = "pollcost-quick" if quick else "pollcost"
     common.write_json(f"{name}.json", result)
     plot(result, common.RESULTS / f"{name}.png")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import time
 from datetime import datetime
@@ -210,6 +211,7 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
     }
     result["targets"] = targets(result)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
+    shutil.rmtree(work, ignore_errors=True)  # kept only when the run failed, for its logs
     name = "precision-quick" if quick else "precision"
     common.write_json(f"{name}.json", result)
     plot(result, common.RESULTS / f"{name}.png")
@@ -218,7 +220,7 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
 
 
 def _ts(value: str | None) -> float | None:
-    return None if value is None else datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None if value is None else datetime.fromisoformat(value).timestamp()
 
 
 def _breakdown(name: str, ids: list[str], infos: dict[str, dict[str, Any]],
@@ -290,9 +292,9 @@ def render(result: dict[str, Any]) -> str:
     overall = result["status_calls_ratio_overall"]
     before = result["status_calls_before_cancel_ratio_overall"]
     lines = [
-        f"Precision at poll_interval {POLL_INTERVAL_S} s: max_credits {MAX_CREDITS}, max_runtime {MAX_RUNTIME_S} s "
-        f"({result['setup']['jobs_per_class']} jobs per class and watcher; naive = poll every 15 s, cancel on breach; "
-        "supervisor = shipped defaults, tick 1 s)",
+        (f"Precision at poll_interval {POLL_INTERVAL_S} s: max_credits {MAX_CREDITS}, max_runtime {MAX_RUNTIME_S} s "
+         f"({result['setup']['jobs_per_class']} jobs per class and watcher; naive = poll every 15 s, cancel on breach; "
+         "supervisor = shipped defaults, tick 1 s)"),
         common.table(["class", "watcher", "figure", "p50", "p95", "p99", "max", "status calls/job",
                       "of them before the cancel", "calls vs naive"], rows),
         "",
@@ -300,8 +302,8 @@ def render(result: dict[str, Any]) -> str:
         + "; ".join(f"{w} {overall[w]:.2f} (before the cancel, without the confirmation poll: {before[w]:.2f})"
                     for w in DAEMONS),
         "",
-        "Where a daemon's overshoot and lateness come from (p50 / p95): the deciding poll (how late after the limit "
-        "was reached, and the credits it saw) vs decision committed -> cancel call at the simulator",
+        ("Where a daemon's overshoot and lateness come from (p50 / p95): the deciding poll (how late after the limit "
+         "was reached, and the credits it saw) vs decision committed -> cancel call at the simulator"),
         common.table(
             ["class", "watcher", "decision late s", "past the limit at decision", "accrued after decision",
              "decision -> cancel call s"],
