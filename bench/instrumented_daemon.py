@@ -1,6 +1,6 @@
 """`clado-supervisor` with a SQL statement counter: `python -m bench.instrumented_daemon ARGS`.
 
-It is the CLI's own entry point (`supervisor.cli.main`, what `python -m supervisor` runs)
+It is the CLI's own entry point (`supervisor.app.cli.main`, what `python -m supervisor` runs)
 after one addition: a SQLAlchemy `before_cursor_execute` listener on every Engine counts
 the statements the process sends, by kind, into two counters registered on the daemon's
 own metrics registry, so they come out of its /metrics beside the tick and lag figures:
@@ -23,7 +23,7 @@ from prometheus_client import Counter
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from supervisor import metrics
+from supervisor.adapters import metrics
 
 CALLS = Counter(
     metrics._P + "bench_sql_calls_total", "SQL cursor executions (executemany = 1), by kind.", ["kind"],
@@ -85,13 +85,13 @@ def _count(conn, cursor, statement, parameters, context, executemany):  # type: 
 def use_aiohttp_transport() -> None:
     """BENCH_TRANSPORT=aiohttp: build the daemon's CladoClient on httpx-aiohttp's transport
     (the change this benchmark recommends), without editing the supervisor: the client is
-    made by `supervisor.app.client_for`, which is replaced by the same call plus `transport=`."""
+    made by `supervisor.app.operations.client_for`, which is replaced by the same call plus `transport=`."""
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
-    from supervisor import app
-    from supervisor.clado import CladoClient
-    from supervisor.credentials import api_key
+    from supervisor.app import operations as app
+    from supervisor.adapters.clado import CladoClient
+    from supervisor.adapters.secrets import api_key
 
     def client_for(config):  # type: ignore[no-untyped-def]
         limits = httpx.Limits(
@@ -112,7 +112,7 @@ def use_aiohttp_transport() -> None:
 def main() -> None:
     import os
 
-    from supervisor.cli import main as cli_main
+    from supervisor.app.cli import main as cli_main
 
     if os.environ.get("BENCH_TRANSPORT") == "aiohttp":
         use_aiohttp_transport()

@@ -165,8 +165,8 @@ class LagTracker:
     def __init__(self, db_url: str) -> None:
         from sqlalchemy import create_engine, pool, select
 
-        from supervisor.models import jobs
-        from supervisor.store import sync_url
+        from supervisor.adapters.tables import jobs
+        from supervisor.adapters.store import sync_url
 
         self._engine = create_engine(sync_url(db_url), poolclass=pool.NullPool)
         self._query = select(jobs.c.job_id, jobs.c.last_polled_at, jobs.c.next_check_at)

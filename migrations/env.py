@@ -1,4 +1,4 @@
-"""Alembic environment. The URL comes from the caller (supervisor.migrate) or, for
+"""Alembic environment. The URL comes from the caller (supervisor.adapters.migrate) or, for
 developers running `alembic` by hand, from $CLADO_SUPERVISOR_DB_URL."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from supervisor.models import metadata
+from supervisor.adapters.tables import metadata
 
 config = context.config
 url = config.attributes.get("url") or os.environ.get("CLADO_SUPERVISOR_DB_URL")

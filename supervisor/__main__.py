@@ -1,3 +1,3 @@
-from .cli import main
+from supervisor.app.cli import main
 
 main(prog_name="clado-supervisor")

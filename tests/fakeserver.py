@@ -1,12 +1,12 @@
 """Test helpers around the fake Clado API: a manual clock, a free port, and `FakeServer`, which
 serves the simulator over real loopback HTTP from a background thread (the implementation
-lives in supervisor.fake_api, shared with the demo)."""
+lives in supervisor.sim.server, shared with the demo)."""
 
 from __future__ import annotations
 
 import socket
 
-from supervisor.fake_api import ThreadedFakeApi as FakeServer
+from supervisor.sim.server import ThreadedFakeApi as FakeServer
 
 __all__ = ["FakeServer", "ManualClock", "free_port"]
 

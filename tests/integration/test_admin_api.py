@@ -21,10 +21,10 @@ from fakeserver import FakeServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import Config
-from supervisor.daemon import Daemon
-from supervisor.http import AdminApi, AdminServer
-from supervisor.lifecycle import State
-from supervisor.store import NewJob, utcnow
+from supervisor.service.runtime import Daemon
+from supervisor.app.http import AdminApi, AdminServer
+from supervisor.core.states import State
+from supervisor.adapters.store import NewJob, utcnow
 
 TOKEN = "adm-7c1d9e0f4b2a8e6d5c3b"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -12,7 +12,7 @@ import pytest
 from fakeserver import FakeServer, ManualClock
 from structlog.testing import capture_logs
 
-from supervisor.clado import (
+from supervisor.adapters.clado import (
     ApiKeyRejected,
     ApiUnavailable,
     CancelResult,
@@ -22,7 +22,7 @@ from supervisor.clado import (
     RequestRejected,
     validate_job_id,
 )
-from supervisor.fake_api import FakeClado
+from supervisor.sim.server import FakeClado
 
 KEY = "lk_integration_5be0c7a1d9"
 MAX_RETRIES = 3

@@ -10,8 +10,8 @@ import pytest
 from conftest import config_text, load, running_daemon, wait_until
 from fakeserver import FakeServer
 
-from supervisor.lifecycle import TERMINAL
-from supervisor.store import NewJob, Store, utcnow
+from supervisor.core.states import TERMINAL
+from supervisor.adapters.store import NewJob, Store, utcnow
 
 POLICIES = """
 [policies.default]

@@ -23,11 +23,11 @@ from fakeserver import FakeServer
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-from supervisor import migrate
-from supervisor.http import AdminApi
-from supervisor.lifecycle import TERMINAL
-from supervisor.store import JobWrite, NewJob, Store, database_unavailable, utcnow
-from supervisor.writer import BatchWriter
+from supervisor.adapters import migrate
+from supervisor.app.http import AdminApi
+from supervisor.core.states import TERMINAL
+from supervisor.adapters.store import JobWrite, NewJob, Store, database_unavailable, utcnow
+from supervisor.adapters.writer import BatchWriter
 
 pytestmark = pytest.mark.timeout(120)
 

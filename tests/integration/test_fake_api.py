@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fakeserver import FakeServer, ManualClock, free_port
 
-from supervisor.fake_api import FakeClado
+from supervisor.sim.server import FakeClado
 
 KEY = "lk_test"
 INITIATE = "/api/search/deep_research"

@@ -23,15 +23,15 @@ import structlog.testing
 from conftest import API_KEY, config_text, load, running_daemon, wait_until
 from fakeserver import FakeServer
 
-from supervisor import metrics, migrate
-from supervisor.app import Operations
-from supervisor.budgets import AdmissionRefused, period_start
-from supervisor.clado import CladoClient
+from supervisor.adapters import metrics, migrate
+from supervisor.app.operations import Operations
+from supervisor.core.budgets import AdmissionRefused, period_start
+from supervisor.adapters.clado import CladoClient
 from supervisor.config import Config
-from supervisor.daemon import Daemon
-from supervisor.lifecycle import TERMINAL
-from supervisor.report import build_report
-from supervisor.store import NewJob, Store, utcnow
+from supervisor.service.runtime import Daemon
+from supervisor.core.states import TERMINAL
+from supervisor.app.report import build_report
+from supervisor.adapters.store import NewJob, Store, utcnow
 
 # -- helpers -------------------------------------------------------------------------------------
 

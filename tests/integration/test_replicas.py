@@ -20,10 +20,10 @@ from fakeserver import FakeServer
 from sqlalchemy import create_engine, func, insert, pool, select, update
 from structlog.testing import capture_logs
 
-from supervisor import migrate
-from supervisor.budgets import period_start
-from supervisor.models import job_events, jobs, metadata
-from supervisor.store import JobWrite, NewJob, Store, event_row, sync_url, utcnow
+from supervisor.adapters import migrate
+from supervisor.core.budgets import period_start
+from supervisor.adapters.tables import job_events, jobs, metadata
+from supervisor.adapters.store import JobWrite, NewJob, Store, event_row, sync_url, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -191,7 +191,7 @@ async def test_leadership_is_exclusive_renewable_expires_and_is_given_up(db_url:
 
         # a dies: its row expires, b takes over; a, back, cannot renew b's row.
         async with a.engine.begin() as conn:
-            from supervisor.models import leaders
+            from supervisor.adapters.tables import leaders
 
             await conn.execute(update(leaders).values(expires_at=utcnow() - timedelta(seconds=1)))
         assert await b.acquire_leader("chores", ttl, utcnow()) is not None

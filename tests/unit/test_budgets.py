@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from supervisor.budgets import (
+from supervisor.core.budgets import (
     AdmissionRefused,
     BudgetStatus,
     Usage,

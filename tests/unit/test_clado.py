@@ -13,7 +13,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor.clado import (
+from supervisor.adapters.clado import (
     ApiKeyRejected,
     ApiUnavailable,
     CancelResult,

@@ -1,4 +1,4 @@
-"""deploy/grafana-dashboard.json: valid, importable anywhere, and in step with supervisor.metrics.
+"""deploy/grafana-dashboard.json: valid, importable anywhere, and in step with supervisor.adapters.metrics.
 
 A renamed or removed metric must break this test rather than leave an empty panel.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.metrics import REGISTRY
+from supervisor.adapters.metrics import REGISTRY
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json"
 DS_UID = "${DS_PROMETHEUS}"
@@ -111,7 +111,7 @@ def test_every_referenced_metric_exists(dashboard: dict[str, Any], exposed: froz
     referenced = {name for expr in _exprs(dashboard) for name in METRIC.findall(expr)}
     assert referenced, "no clado_supervisor_ metric referenced"
     unknown = sorted(referenced - exposed)
-    assert not unknown, f"metrics not in supervisor.metrics.REGISTRY: {unknown}"
+    assert not unknown, f"metrics not in supervisor.adapters.metrics.REGISTRY: {unknown}"
 
 
 def test_queries_filter_by_job_and_instance(dashboard: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from supervisor.config import Policy
-from supervisor.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, observed_rate
+from supervisor.core.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, observed_rate
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 POLL = timedelta(seconds=15)

@@ -30,15 +30,15 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from .app import Operations, client_for, open_store
-from .config import Config, load_config
-from .daemon import Daemon
-from .fake_api import FakeClado, ThreadedFakeApi
-from .handler import job_policy
-from .lifecycle import TERMINAL, Reason, State
-from .logs import configure_logging
-from .store import Job, Store, utcnow
-from .top import STATE_STYLE
+from supervisor.app.operations import Operations, client_for, open_store
+from supervisor.config import Config, load_config
+from supervisor.service.runtime import Daemon
+from supervisor.sim.server import FakeClado, ThreadedFakeApi
+from supervisor.service.executor import job_policy
+from supervisor.core.states import TERMINAL, Reason, State
+from supervisor.adapters.logs import configure_logging
+from supervisor.adapters.store import Job, Store, utcnow
+from supervisor.app.top import STATE_STYLE
 
 log = structlog.get_logger("supervisor.demo")
 USD_PER_CREDIT = 0.01  # the public price: 1 credit per result, $0.01 a credit

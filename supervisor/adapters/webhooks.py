@@ -27,9 +27,9 @@ from typing import Any
 import httpx
 import structlog
 
-from . import metrics
-from .config import Config, ConfigError, WebhookConfig
-from .credentials import read_secret
+from supervisor.adapters import metrics
+from supervisor.config import Config, ConfigError, WebhookConfig
+from supervisor.adapters.secrets import read_secret
 
 log = structlog.get_logger("supervisor.notify")
 

@@ -35,8 +35,8 @@ import httpx
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from . import metrics
-from .lifecycle import REMOTE_STATUSES
+from supervisor.adapters import metrics
+from supervisor.core.states import REMOTE_STATUSES
 
 log = structlog.get_logger("supervisor.clado")
 

@@ -28,16 +28,16 @@ from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import metrics
-from .app import Operations, event_json, job_json
-from .budgets import AdmissionRefused
-from .clado import ApiKeyRejected, ApiUnavailable, CladoError, InvalidJobId, OutOfCredits, RequestRejected
-from .config import ConfigError, check_labels, parse_duration, split_address
-from .lifecycle import Reason, State
-from .store import utcnow
+from supervisor.adapters import metrics
+from supervisor.app.operations import Operations, event_json, job_json
+from supervisor.core.budgets import AdmissionRefused
+from supervisor.adapters.clado import ApiKeyRejected, ApiUnavailable, CladoError, InvalidJobId, OutOfCredits, RequestRejected
+from supervisor.config import ConfigError, check_labels, parse_duration, split_address
+from supervisor.core.states import Reason, State
+from supervisor.adapters.store import utcnow
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from supervisor.service.runtime import Daemon
 
 log = structlog.get_logger("supervisor.http")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from .config import Config, ConfigError, config_path, load_config, parse_duration, parse_label
-from .lifecycle import State
+from supervisor.config import Config, ConfigError, config_path, load_config, parse_duration, parse_label
+from supervisor.core.states import State
 
 if TYPE_CHECKING:
-    from .store import Job
+    from supervisor.adapters.store import Job
 
 # Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
 # need them, so `check-config` and `--help` answer at once.
@@ -41,8 +41,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning known failures into one line and an exit code."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .budgets import AdmissionRefused
-    from .clado import CladoError, InvalidJobId
+    from supervisor.core.budgets import AdmissionRefused
+    from supervisor.adapters.clado import CladoError, InvalidJobId
 
     app = _app()
     try:
@@ -63,7 +63,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _app() -> Any:
-    from . import app
+    from supervisor.app import operations as app
 
     return app
 
@@ -152,7 +152,7 @@ def run(ctx: click.Context) -> None:
 @with_config
 def migrate_command(config: Config) -> None:
     """Upgrade the database schema to the newest version."""
-    from . import migrate
+    from supervisor.adapters import migrate
 
     try:
         migrate.upgrade(config.database.url)
@@ -321,7 +321,7 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
 @with_config
 def report(config: Config, period: str, as_json: bool) -> None:
     """Spend, budgets, cancels, warnings and credits saved, for a period."""
-    from .report import build_report
+    from supervisor.app.report import build_report
 
     async def go() -> dict[str, Any]:
         async with _app().operations(config) as ops:
@@ -368,7 +368,7 @@ def report(config: Config, period: str, as_json: bool) -> None:
 @with_config
 def top(config: Config, interval: float, limit: int, once: bool) -> None:
     """Watch a running daemon: jobs by state and the active jobs, live, from the database."""
-    from .top import run_top
+    from supervisor.app.top import run_top
 
     async def go() -> None:
         async with _app().operations(config) as ops:
@@ -388,7 +388,7 @@ def healthcheck(config: Config, timeout: float) -> None:
     import urllib.error
     import urllib.request
 
-    from .config import split_address
+    from supervisor.config import split_address
 
     host, port = split_address(config.http.listen)
     if host in ("0.0.0.0", "::", ""):
@@ -408,7 +408,7 @@ def healthcheck(config: Config, timeout: float) -> None:
 @click.option("--port", default=8900, show_default=True, type=click.IntRange(0, 65535))
 def fake_api_command(host: str, port: int) -> None:
     """Run the local Clado API simulator."""
-    from .fake_api import serve
+    from supervisor.sim.server import serve
 
     serve(host, port)
 
@@ -417,6 +417,6 @@ def fake_api_command(host: str, port: int) -> None:
 @click.option("--speed", type=click.FloatRange(min=0.1), default=1.0, hidden=True)
 def demo(speed: float) -> None:
     """A one-command tour: the simulator, the daemon and a handful of jobs."""
-    from .demo import run_demo
+    from supervisor.app.demo import run_demo
 
     sys.exit(run_demo(speed=speed))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import structlog
 
-from .config import Config, ConfigError
-from .logs import register_secret
+from supervisor.config import Config, ConfigError
+from supervisor.adapters.logs import register_secret
 
 log = structlog.get_logger("supervisor.credentials")
 

@@ -12,17 +12,17 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import migrate
-from .budgets import AdmissionRefused, check_admission, period_start, statuses
-from .clado import CladoClient, validate_job_id
-from .config import Config, ConfigError, load_config
-from .credentials import api_key, read_secret
-from .daemon import Daemon
-from .handler import JobHandler, job_policy
-from .lifecycle import TERMINAL, Reason, State
-from .logs import configure_logging
-from .store import Job, JobWrite, NewJob, Store, utcnow
-from .systemd import Notifier
+from supervisor.adapters import migrate
+from supervisor.core.budgets import AdmissionRefused, check_admission, period_start, statuses
+from supervisor.adapters.clado import CladoClient, validate_job_id
+from supervisor.config import Config, ConfigError, load_config
+from supervisor.adapters.secrets import api_key, read_secret
+from supervisor.service.runtime import Daemon
+from supervisor.service.executor import JobHandler, job_policy
+from supervisor.core.states import TERMINAL, Reason, State
+from supervisor.adapters.logs import configure_logging
+from supervisor.adapters.store import Job, JobWrite, NewJob, Store, utcnow
+from supervisor.adapters.systemd import Notifier
 
 
 # How long an admission's reservation counts if its submitter dies before recording the job.
@@ -92,7 +92,7 @@ async def run_daemon(config_path: Path) -> None:
             started.append(daemon)
             services = []
             if config.http.enabled:
-                from .http import AdminApi, AdminServer
+                from supervisor.app.http import AdminApi, AdminServer
 
                 api = AdminApi(daemon, admin_token, config.http.max_body_bytes)
                 services.append(AdminServer(api, config.http.listen))

@@ -46,9 +46,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .budgets import Usage
-from .lifecycle import ACTIVE, TERMINAL, State
-from .models import admissions, budget_periods, job_events, jobs, leaders
+from supervisor.core.budgets import Usage
+from supervisor.core.states import ACTIVE, TERMINAL, State
+from supervisor.adapters.tables import admissions, budget_periods, job_events, jobs, leaders
 
 log = structlog.get_logger("supervisor.store")
 

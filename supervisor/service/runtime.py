@@ -35,17 +35,17 @@ from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from . import metrics
-from .budgets import period_start
-from .clado import CladoClient
-from .config import Config, ConfigError, load_config
-from .enforcement import Enforcer
-from .handler import JobHandler
-from .lifecycle import ACTIVE, State
-from .notify import Webhooks
-from .store import Job, Store, database_unavailable, db_error_text, utcnow
-from .systemd import Notifier
-from .writer import BatchWriter
+from supervisor.adapters import metrics
+from supervisor.core.budgets import period_start
+from supervisor.adapters.clado import CladoClient
+from supervisor.config import Config, ConfigError, load_config
+from supervisor.service.chores import Enforcer
+from supervisor.service.executor import JobHandler
+from supervisor.core.states import ACTIVE, State
+from supervisor.adapters.webhooks import Webhooks
+from supervisor.adapters.store import Job, Store, database_unavailable, db_error_text, utcnow
+from supervisor.adapters.systemd import Notifier
+from supervisor.adapters.writer import BatchWriter
 
 log = structlog.get_logger("supervisor.daemon")
 

@@ -18,10 +18,10 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
-from .budgets import period_start, statuses
-from .config import Config
-from .lifecycle import TERMINAL, Reason
-from .store import Job, Store
+from supervisor.core.budgets import period_start, statuses
+from supervisor.config import Config
+from supervisor.core.states import TERMINAL, Reason
+from supervisor.adapters.store import Job, Store
 
 PERIODS = ("day", "week", "month")
 

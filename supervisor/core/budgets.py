@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from .config import BudgetConfig, Config
+from supervisor.config import BudgetConfig, Config
 
 
 def period_start(period: str, timezone: str, now: datetime) -> datetime | None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from . import metrics
-from .store import JobWrite, Store, database_unavailable, db_error_text
+from supervisor.adapters import metrics
+from supervisor.adapters.store import JobWrite, Store, database_unavailable, db_error_text
 
 log = structlog.get_logger("supervisor.writer")
 

@@ -14,10 +14,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .config import Config
-from .handler import job_policy
-from .lifecycle import ACTIVE, State
-from .store import Job, Store, utcnow
+from supervisor.config import Config
+from supervisor.service.executor import job_policy
+from supervisor.core.states import ACTIVE, State
+from supervisor.adapters.store import Job, Store, utcnow
 
 STATE_STYLE = {
     State.WATCHING: "cyan",

@@ -14,8 +14,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import make_url
 
-from . import migrations
-from .store import sync_url
+from supervisor import migrations
+from supervisor.adapters.store import sync_url
 
 
 def _alembic_config(url: str) -> AlembicConfig:

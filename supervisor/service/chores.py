@@ -13,13 +13,13 @@ from typing import Any
 
 import structlog
 
-from . import metrics
-from .budgets import BudgetStatus, matches, period_start, statuses, thresholds_crossed
-from .clado import CladoClient, CladoError
-from .config import Config
-from .lifecycle import Reason
-from .notify import Webhooks
-from .store import Store
+from supervisor.adapters import metrics
+from supervisor.core.budgets import BudgetStatus, matches, period_start, statuses, thresholds_crossed
+from supervisor.adapters.clado import CladoClient, CladoError
+from supervisor.config import Config
+from supervisor.core.states import Reason
+from supervisor.adapters.webhooks import Webhooks
+from supervisor.adapters.store import Store
 
 log = structlog.get_logger("supervisor.enforcement")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import structlog
 
-from . import failpoints, metrics
-from .clado import (
+from supervisor.adapters import failpoints, metrics
+from supervisor.adapters.clado import (
     ApiKeyRejected,
     CladoClient,
     CladoError,
@@ -23,11 +23,11 @@ from .clado import (
     JobStatus,
     RequestRejected,
 )
-from .config import Config, Policy
-from .lifecycle import TERMINAL, Reason, State, check_transition, final_state
-from .policy import Evaluation, Observation, evaluate, observed_rate
-from .notify import Webhooks
-from .store import Job, JobWrite, event_row
+from supervisor.config import Config, Policy
+from supervisor.core.states import TERMINAL, Reason, State, check_transition, final_state
+from supervisor.core.policy import Evaluation, Observation, evaluate, observed_rate
+from supervisor.adapters.webhooks import Webhooks
+from supervisor.adapters.store import Job, JobWrite, event_row
 
 log = structlog.get_logger("supervisor.handler")
 

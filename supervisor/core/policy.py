@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .config import Policy
-from .lifecycle import Reason
+from supervisor.config import Policy
+from supervisor.core.states import Reason
 
 # Never poll one job more often than this, however close it is to its credit limit.
 MIN_POLL_GAP = timedelta(milliseconds=50)
