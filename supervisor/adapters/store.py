@@ -47,12 +47,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from supervisor.core.budgets import Usage
+from supervisor.core.job import Job
 from supervisor.core.states import ACTIVE, TERMINAL, State
 from supervisor.adapters.tables import admissions, budget_periods, job_events, jobs, leaders
 
 log = structlog.get_logger("supervisor.store")
-
-Job = Mapping[str, Any]
 
 
 def utcnow() -> datetime:
@@ -306,14 +305,12 @@ class Store:
                 "lease_token": token,
                 "lease_expires_at": lease_now + lease_ttl,
             }
-            rows = [dict(row._mapping) for row in await conn.execute(query)]
-            if rows:
+            claimed = [Job.from_row(row._mapping) for row in await conn.execute(query)]
+            if claimed:
                 await conn.execute(
-                    update(jobs).where(jobs.c.job_id.in_([row["job_id"] for row in rows])).values(**lease)
+                    update(jobs).where(jobs.c.job_id.in_([job.job_id for job in claimed])).values(**lease)
                 )
-        for row in rows:
-            row.update(lease)
-        return rows
+        return [job.with_values(lease) for job in claimed]
 
     async def apply(self, writes: Sequence[JobWrite]) -> set[str]:
         """Apply the writes whose lease still holds; return the ids that were applied."""
@@ -511,15 +508,15 @@ class Store:
             row = (await conn.execute(select(jobs).where(jobs.c.job_id == job_id))).first()
             if row is None:
                 return None
-            job = dict(row._mapping)
-            if job["state"] != State.WATCHING.value:
+            job = Job.from_row(row._mapping)
+            if job.state is not State.WATCHING:
                 return job
             values = {
                 "state": State.CANCELLING.value,
                 "cancel_reason": reason,
                 "cancel_detail": detail,
                 "cancel_requested_at": now,
-                "credits_at_decision": job["credits_used"],
+                "credits_at_decision": job.credits_used,
                 "next_check_at": now,
                 "lease_owner": None,
                 "lease_token": None,
@@ -534,8 +531,7 @@ class Store:
                     to_state=State.CANCELLING.value, reason=reason, detail=detail,
                 )},
             )
-            job.update(values)
-            return job
+            return job.with_values(values)
 
     # -- budgets and admission ------------------------------------------------------------
 
@@ -600,13 +596,11 @@ class Store:
 
     async def watching_since(self, start: datetime | None) -> list[Job]:
         """Running jobs submitted since `start` (budget enforcement picks from these)."""
-        query = select(
-            jobs.c.job_id, jobs.c.labels, jobs.c.credits_used, jobs.c.would_cancel_reason, jobs.c.policy
-        ).where(jobs.c.state == State.WATCHING.value)
+        query = select(jobs).where(jobs.c.state == State.WATCHING.value)
         if start is not None:
             query = query.where(jobs.c.submitted_at >= start)
         async with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in await conn.execute(query)]
+            return [Job.from_row(row._mapping) for row in await conn.execute(query)]
 
     async def decide_cancel(
         self, job_ids: Sequence[str], reason: str, detail: dict[str, Any], now: datetime
@@ -706,16 +700,11 @@ class Store:
 
     async def jobs_submitted_since(self, start: datetime | None) -> list[Job]:
         """What the report needs of every job submitted in a period."""
-        columns = [
-            jobs.c.job_id, jobs.c.state, jobs.c.labels, jobs.c.policy, jobs.c.credits_used,
-            jobs.c.cancel_reason, jobs.c.credits_at_decision, jobs.c.result_limit,
-            jobs.c.reserved_credits, jobs.c.would_cancel_reason, jobs.c.would_cancel_credits,
-        ]  # fmt: skip
-        query = select(*columns)
+        query = select(jobs)
         if start is not None:
             query = query.where(jobs.c.submitted_at >= start)
         async with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in await conn.execute(query)]
+            return [Job.from_row(row._mapping) for row in await conn.execute(query)]
 
     async def event_counts(self, kind: str, since: datetime | None) -> dict[str, int]:
         query = select(job_events.c.reason, func.count()).where(job_events.c.kind == kind).group_by(job_events.c.reason)
@@ -729,7 +718,7 @@ class Store:
     async def get_job(self, job_id: str) -> Job | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(jobs).where(jobs.c.job_id == job_id))).first()
-            return None if row is None else dict(row._mapping)
+            return None if row is None else Job.from_row(row._mapping)
 
     async def list_jobs(self, state: str | None = None, limit: int | None = None) -> list[Job]:
         query = select(jobs).order_by(jobs.c.submitted_at, jobs.c.job_id)
@@ -738,7 +727,7 @@ class Store:
         if limit is not None:
             query = query.limit(limit)
         async with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in await conn.execute(query)]
+            return [Job.from_row(row._mapping) for row in await conn.execute(query)]
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         query = select(job_events).where(job_events.c.job_id == job_id).order_by(job_events.c.id)

@@ -17,7 +17,7 @@ from supervisor.config import Config, ConfigError, config_path, load_config, par
 from supervisor.core.states import State
 
 if TYPE_CHECKING:
-    from supervisor.adapters.store import Job
+    from supervisor.core.job import Job
 
 # Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
 # need them, so `check-config` and `--help` answer at once.
@@ -308,10 +308,10 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
     job = run_async(go())
     if job is None:
         _fail(f"job {job_id} is not tracked", 2)
-    if job["cancel_reason"] == "manual" or job["state"] in ("cancelling", "confirming"):
-        click.echo(f"{job_id}: {job['state']} (reason {job['cancel_reason']})")
+    if job.cancel_reason == "manual" or job.state in ("cancelling", "confirming"):
+        click.echo(f"{job_id}: {job.state} (reason {job.cancel_reason})")
     else:
-        click.echo(f"{job_id}: already {job['state']}; nothing to cancel")
+        click.echo(f"{job_id}: already {job.state}; nothing to cancel")
 
 
 @main.command()

@@ -37,7 +37,8 @@ from supervisor.sim.server import FakeClado, ThreadedFakeApi
 from supervisor.service.executor import job_policy
 from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.adapters.logs import configure_logging
-from supervisor.adapters.store import Job, Store, utcnow
+from supervisor.adapters.store import Store, utcnow
+from supervisor.core.job import Job
 from supervisor.app.top import STATE_STYLE
 
 log = structlog.get_logger("supervisor.demo")
@@ -288,7 +289,7 @@ class Tour:
 
     @property
     def all_final(self) -> bool:
-        return len(self.rows) == len(self.kinds) and all(row["state"] in TERMINAL for row in self.rows)
+        return len(self.rows) == len(self.kinds) and all(row.state in TERMINAL for row in self.rows)
 
     async def run(self) -> None:
         store = await open_store(self.config)
@@ -333,9 +334,9 @@ class Tour:
         """What the daemon recorded since the last look, one line an event."""
         events = []
         for row in self.rows:
-            if self._seen_update.get(row["job_id"]) != row["updated_at"]:
-                self._seen_update[row["job_id"]] = row["updated_at"]
-                events += [e for e in await store.events(row["job_id"]) if e["id"] > self._seen_event]
+            if self._seen_update.get(row.job_id) != row.updated_at:
+                self._seen_update[row.job_id] = row.updated_at
+                events += [e for e in await store.events(row.job_id) if e["id"] > self._seen_event]
         for event in sorted(events, key=lambda e: e["id"]):
             self.console.print(self._event_line(event))
         self._seen_event = max([self._seen_event, *(e["id"] for e in events)])
@@ -353,7 +354,7 @@ class Tour:
 
     def _live_view(self) -> Group:
         seconds = (utcnow() - self.started).total_seconds()
-        final = sum(row["state"] in TERMINAL for row in self.rows)
+        final = sum(row.state in TERMINAL for row in self.rows)
         billed = self.fake.stats()["credits_charged"]
         status = Text(
             f"{seconds:5.1f}s · {final}/{len(self.kinds)} jobs final · "
@@ -370,7 +371,7 @@ class Tour:
         table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
         for column in columns:
             table.add_column(column, justify="right" if column in NUMERIC_COLUMNS else "left")
-        by_id = {row["job_id"]: row for row in self.rows}
+        by_id = {row.job_id: row for row in self.rows}
         for job_id, kind in self.kinds.items():
             if job_id in by_id:
                 cells = self._cells(by_id[job_id], kind, live=live)
@@ -378,31 +379,31 @@ class Tour:
         return table
 
     def _cells(self, row: Job, kind: DemoJob, *, live: bool) -> dict[str, Text | str]:
-        state = State(row["state"])
+        state = State(row.state)
         limit = job_policy(self.config, row).max_credits
-        credits = Text(f"{row['credits_used']}/{limit}")
-        if limit is not None and row["credits_used"] >= limit:
+        credits = Text(f"{row.credits_used}/{limit}")
+        if limit is not None and row.credits_used >= limit:
             credits.stylize("bold red")
-        end = row["confirmed_at"] or row["updated_at"] if state in TERMINAL else utcnow()
-        reason = row["cancel_reason"] or ""
-        if not reason and row["would_cancel_reason"]:
-            reason = f"(would cancel) {row['would_cancel_reason']}"
-        elif live and not reason and row["warned"]:
-            reason = "warned: " + ", ".join(_warning_name(key) for key in row["warned"])
+        end = row.confirmed_at or row.updated_at if state in TERMINAL else utcnow()
+        reason = row.cancel_reason or ""
+        if not reason and row.would_cancel_reason:
+            reason = f"(would cancel) {row.would_cancel_reason}"
+        elif live and not reason and row.warned:
+            reason = "warned: " + ", ".join(_warning_name(key) for key in row.warned)
         cells: dict[str, Text | str] = {
-            "job": row["job_id"][:8],
+            "job": row.job_id[:8],
             "kind": kind.kind,
-            "policy": row["policy"],
+            "policy": row.policy,
             "state": Text(state.value, style=STATE_STYLE[state]),
-            "remote": row["remote_status"] or "-",
+            "remote": row.remote_status or "-",
             "credits/max": credits,
-            "elapsed": f"{(end - row['submitted_at']).total_seconds():.1f}s",
+            "elapsed": f"{(end - row.submitted_at).total_seconds():.1f}s",
             "reason": reason,
         }
         if not live:
-            cells["confirmed"] = "yes" if row["confirmed_at"] else Text("no", style="bold red")
+            cells["confirmed"] = "yes" if row.confirmed_at else Text("no", style="bold red")
             # What a runaway would have billed had nobody stopped it (a column of the summary).
-            cells["left alone"] = str(left_alone_cost(self.sim[row["job_id"]])) if is_runaway(row) else ""
+            cells["left alone"] = str(left_alone_cost(self.sim[row.job_id])) if is_runaway(row) else ""
         return cells
 
 
@@ -479,7 +480,7 @@ def stopped_by_rule(reason: str | None) -> bool:
 
 def is_runaway(row: Job) -> bool:
     """Stopped by the supervisor for breaking a limit (a lost race is not a stop)."""
-    return row["state"] == State.CANCELLED and stopped_by_rule(row["cancel_reason"])
+    return row.state == State.CANCELLED and stopped_by_rule(row.cancel_reason)
 
 
 def left_alone_cost(sim_job: Mapping[str, Any]) -> int:
@@ -492,16 +493,16 @@ def left_alone_cost(sim_job: Mapping[str, Any]) -> int:
 
 def outcome_lines(tour: Tour) -> list[str]:
     """The run in four sentences, every number taken from the jobs table or the simulator."""
-    rows = [row for row in tour.rows if row["job_id"] in tour.kinds]
+    rows = [row for row in tour.rows if row.job_id in tour.kinds]
     runaways = [row for row in rows if is_runaway(row)]
-    reasons = Counter(row["cancel_reason"] for row in runaways)
-    calls = Counter(tour.sim[row["job_id"]]["cancel_calls"] for row in runaways)
+    reasons = Counter(row.cancel_reason for row in runaways)
+    calls = Counter(tour.sim[row.job_id]["cancel_calls"] for row in runaways)
     others = Counter(_plain_outcome(row) for row in rows if not is_runaway(row))
-    spent = sum(row["credits_used"] for row in runaways)
-    alone = sum(left_alone_cost(tour.sim[row["job_id"]]) for row in runaways)
+    spent = sum(row.credits_used for row in runaways)
+    alone = sum(left_alone_cost(tour.sim[row.job_id]) for row in runaways)
     saved = alone - spent
-    confirmed = sum(row["confirmed_at"] is not None for row in rows)
-    matching = sum(row["credits_used"] == tour.sim[row["job_id"]]["results"] for row in rows)
+    confirmed = sum(row.confirmed_at is not None for row in rows)
+    matching = sum(row.credits_used == tour.sim[row.job_id]["results"] for row in rows)
     by_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
     by_calls = "one cancel call each" if set(calls) == {1} else f"cancel calls per job: {dict(calls)}"
     every = "Every final state" if confirmed == len(tour.kinds) else "Final states"
@@ -518,10 +519,10 @@ def outcome_lines(tour: Tour) -> list[str]:
 
 def _observe_lines(rows: list[Job]) -> list[str]:
     """What the observe-mode rule would have done, had it been switched on."""
-    observed = [row for row in rows if row["would_cancel_credits"] is not None and row["state"] in TERMINAL]
+    observed = [row for row in rows if row.would_cancel_credits is not None and row.state in TERMINAL]
     if not observed:
         return []
-    would_save = sum(row["credits_used"] - row["would_cancel_credits"] for row in observed)
+    would_save = sum(row.credits_used - row.would_cancel_credits for row in observed)
     return [
         f"The observe-mode rule (policies.shadow, max_credits {SHADOW_MAX_CREDITS}) would have cancelled "
         f"{len(observed)} job(s); it only recorded that, and switched on it would have saved "
@@ -530,7 +531,7 @@ def _observe_lines(rows: list[Job]) -> list[str]:
 
 
 def _plain_outcome(row: Job) -> str:
-    state, reason = row["state"], row["cancel_reason"]
+    state, reason = row.state, row.cancel_reason
     if state == State.COMPLETED and reason:
         return f"completed before the {reason} cancel landed (409; the breach is recorded)"
     if state == State.COMPLETED:
@@ -546,29 +547,29 @@ def find_problems(tour: Tour) -> list[str]:
     """Every way the run differs from what the jobs were built to show, checked against the
     simulator's records: its bill and its count of cancel calls."""
     problems = []
-    rows = {row["job_id"]: row for row in tour.rows}
+    rows = {row.job_id: row for row in tour.rows}
     for job_id, kind in tour.kinds.items():
         row, sim = rows.get(job_id), tour.sim[job_id]
         name = f"{job_id[:8]} ({kind.kind})"
         if row is None:
             problems.append(f"{name}: not in the jobs table")
             continue
-        if row["state"] not in TERMINAL:
-            problems.append(f"{name}: still {row['state']} after {TIMEOUT_S / tour.speed:.0f}s")
+        if row.state not in TERMINAL:
+            problems.append(f"{name}: still {row.state} after {TIMEOUT_S / tour.speed:.0f}s")
             continue
-        if (row["state"], row["cancel_reason"]) != (kind.expect_state, kind.expect_reason):
+        if (row.state, row.cancel_reason) != (kind.expect_state, kind.expect_reason):
             problems.append(
-                f"{name}: ended {row['state']} (reason {row['cancel_reason']}), "
+                f"{name}: ended {row.state} (reason {row.cancel_reason}), "
                 f"expected {kind.expect_state} (reason {kind.expect_reason})"
             )
-        if row["confirmed_at"] is None or row["final_status"] != sim["status"]:
+        if row.confirmed_at is None or row.final_status != sim["status"]:
             problems.append(f"{name}: final state not confirmed (remote status {sim['status']})")
-        if row["credits_used"] != sim["results"]:
+        if row.credits_used != sim["results"]:
             problems.append(
-                f"{name}: the supervisor counted {row['credits_used']} credits, "
+                f"{name}: the supervisor counted {row.credits_used} credits, "
                 f"the simulator billed {sim['results']}"
             )
-        expected_calls = 1 if stopped_by_rule(row["cancel_reason"]) else 0
+        expected_calls = 1 if stopped_by_rule(row.cancel_reason) else 0
         if sim["cancel_calls"] != expected_calls:
             problems.append(f"{name}: {sim['cancel_calls']} cancel calls, expected {expected_calls}")
     return problems

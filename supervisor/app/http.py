@@ -228,7 +228,7 @@ class AdminApi:
         rows = [
             job_json(self.daemon.config, job)
             for job in jobs
-            if all((job["labels"] or {}).get(k) == v for k, v in wanted.items())
+            if all((job.labels or {}).get(k) == v for k, v in wanted.items())
         ]
         return JSONResponse(rows)
 
@@ -276,8 +276,8 @@ class AdminApi:
             raise ApiError(404, "job_not_found", "this job is not tracked")
         # A manual decision is committed by the store, not by the daemon's handler, so it is
         # counted here: once, when this request made it (a repeated cancel changes nothing).
-        requested_at = job["cancel_requested_at"]
-        if job["cancel_reason"] == Reason.MANUAL and requested_at is not None and requested_at >= started:
+        requested_at = job.cancel_requested_at
+        if job.cancel_reason == Reason.MANUAL and requested_at is not None and requested_at >= started:
             metrics.CANCELS.labels(Reason.MANUAL).inc()
         return JSONResponse(job_json(self.daemon.config, job))
 

@@ -21,7 +21,8 @@ from supervisor.service.runtime import Daemon
 from supervisor.service.executor import JobHandler, job_policy
 from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.adapters.logs import configure_logging
-from supervisor.adapters.store import Job, JobWrite, NewJob, Store, utcnow
+from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
+from supervisor.core.job import Job
 from supervisor.adapters.systemd import Notifier
 
 
@@ -212,7 +213,7 @@ class Operations:
         validate_job_id(job_id)
         now = utcnow()
         job = await self.store.request_cancel(job_id, Reason.MANUAL, {"note": note} if note else {}, now)
-        if job is None or job["state"] != State.CANCELLING.value:
+        if job is None or job.state != State.CANCELLING.value:
             return job
         claimed = await self.store.claim_due(
             now, horizon=timedelta(0), limit=1, lease_ttl=self.config.supervisor.lease_ttl, job_id=job_id
@@ -254,19 +255,19 @@ def job_json(config: Config, job: Job) -> dict[str, Any]:
     """The public JSON shape of a job (`jobs list --json`, `jobs show --json`)."""
     policy = job_policy(config, job)
     return {
-        "job_id": job["job_id"],
-        "state": job["state"],
-        "remote_status": job["remote_status"],
-        "labels": job["labels"] or {},
-        "policy": job["policy"],
-        "credits_used": job["credits_used"],
-        "cancel_reason": job["cancel_reason"],
-        "final_status": job["final_status"],
-        "submitted_at": _iso(job["submitted_at"]),
-        "cancel_requested_at": _iso(job["cancel_requested_at"]),
-        "confirmed_at": _iso(job["confirmed_at"]),
-        "source": job["source"],
-        "query": job["query"],
+        "job_id": job.job_id,
+        "state": job.state,
+        "remote_status": job.remote_status,
+        "labels": job.labels or {},
+        "policy": job.policy,
+        "credits_used": job.credits_used,
+        "cancel_reason": job.cancel_reason,
+        "final_status": job.final_status,
+        "submitted_at": _iso(job.submitted_at),
+        "cancel_requested_at": _iso(job.cancel_requested_at),
+        "confirmed_at": _iso(job.confirmed_at),
+        "source": job.source,
+        "query": job.query,
         "limits": {
             "max_runtime_s": policy.max_runtime.total_seconds() if policy.max_runtime else None,
             "max_queued_s": policy.max_queued.total_seconds() if policy.max_queued else None,
@@ -274,13 +275,13 @@ def job_json(config: Config, job: Job) -> dict[str, Any]:
             "max_credits": policy.max_credits,
             "action": policy.action,
         },
-        "remote_created_at": _iso(job["remote_created_at"]),
-        "last_polled_at": _iso(job["last_polled_at"]),
-        "next_check_at": _iso(job["next_check_at"]) if job["state"] not in TERMINAL else None,
-        "cancel_detail": job["cancel_detail"],
-        "would_cancel_reason": job["would_cancel_reason"],
-        "would_cancel_at": _iso(job["would_cancel_at"]),
-        "last_error": job["last_error"],
+        "remote_created_at": _iso(job.remote_created_at),
+        "last_polled_at": _iso(job.last_polled_at),
+        "next_check_at": _iso(job.next_check_at) if job.state not in TERMINAL else None,
+        "cancel_detail": job.cancel_detail,
+        "would_cancel_reason": job.would_cancel_reason,
+        "would_cancel_at": _iso(job.would_cancel_at),
+        "last_error": job.last_error,
     }
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from supervisor.core.budgets import period_start, statuses
 from supervisor.config import Config
 from supervisor.core.states import TERMINAL, Reason
-from supervisor.adapters.store import Job, Store
+from supervisor.adapters.store import Store
+from supervisor.core.job import Job
 
 PERIODS = ("day", "week", "month")
 
@@ -37,30 +38,30 @@ def summarize(config: Config, jobs: list[Job]) -> dict[str, Any]:
     cancels: Counter[str] = Counter()
     saved = leaked = would_save = unknown_limit = 0
     for job in jobs:
-        credits = job["credits_used"]
-        for key, value in sorted((job["labels"] or {}).items()):
+        credits = job.credits_used
+        for key, value in sorted((job.labels or {}).items()):
             spend_by_label[f"{key}={value}"] += credits
-        reason = job["cancel_reason"]
-        finished = job["state"] in TERMINAL
-        if reason and reason != Reason.EXTERNAL and job["credits_at_decision"] is not None:
+        reason = job.cancel_reason
+        finished = job.state in TERMINAL
+        if reason and reason != Reason.EXTERNAL and job.credits_at_decision is not None:
             cancels[reason] += 1
             if finished:
-                leaked += max(0, credits - job["credits_at_decision"])
-            if job["state"] == "cancelled":
-                if job["result_limit"] is not None:
-                    saved += max(0, job["result_limit"] * price - credits)
+                leaked += max(0, credits - job.credits_at_decision)
+            if job.state == "cancelled":
+                if job.result_limit is not None:
+                    saved += max(0, job.result_limit * price - credits)
                 else:
                     unknown_limit += 1
-        if job["would_cancel_credits"] is not None and finished:
-            would_save += max(0, credits - job["would_cancel_credits"])
+        if job.would_cancel_credits is not None and finished:
+            would_save += max(0, credits - job.would_cancel_credits)
     return {
         "jobs": len(jobs),
-        "spend": sum(job["credits_used"] for job in jobs),
+        "spend": sum(job.credits_used for job in jobs),
         "spend_by_policy": dict(sorted(_by(jobs, "policy").items())),
         "spend_by_label": dict(sorted(spend_by_label.items())),
         "cancels_by_reason": dict(sorted(cancels.items())),
         "would_cancel_by_reason": dict(sorted(Counter(
-            job["would_cancel_reason"] for job in jobs if job["would_cancel_reason"]
+            job.would_cancel_reason for job in jobs if job.would_cancel_reason
         ).items())),
         "saved_by_cancels": saved,
         "cancelled_without_known_limit": unknown_limit,
@@ -72,7 +73,7 @@ def summarize(config: Config, jobs: list[Job]) -> dict[str, Any]:
 def _by(jobs: list[Job], key: str) -> Counter[str]:
     totals: Counter[str] = Counter()
     for job in jobs:
-        totals[job[key]] += job["credits_used"]
+        totals[getattr(job, key)] += job.credits_used
     return totals
 
 

@@ -17,7 +17,8 @@ from rich.text import Text
 from supervisor.config import Config
 from supervisor.service.executor import job_policy
 from supervisor.core.states import ACTIVE, State
-from supervisor.adapters.store import Job, Store, utcnow
+from supervisor.adapters.store import Store, utcnow
+from supervisor.core.job import Job
 
 STATE_STYLE = {
     State.WATCHING: "cyan",
@@ -44,16 +45,16 @@ def render(config: Config, counts: dict[str, int], jobs: list[Job], now: datetim
     for column in ("job id", "state", "remote", "policy", "credits/max", "age", "reason / last error"):
         table.add_column(column, justify="right" if column in ("credits/max", "age") else "left")
     for job in jobs[:limit]:
-        state = State(job["state"])
+        state = State(job.state)
         limit_credits = job_policy(config, job).max_credits
-        credits = Text(f"{job['credits_used']}/{limit_credits if limit_credits is not None else '-'}")
-        if limit_credits is not None and job["credits_used"] >= limit_credits:
+        credits = Text(f"{job.credits_used}/{limit_credits if limit_credits is not None else '-'}")
+        if limit_credits is not None and job.credits_used >= limit_credits:
             credits.stylize("bold red")
         table.add_row(
-            job["job_id"], Text(state.value, style=STATE_STYLE[state]), job["remote_status"] or "-",
-            job["policy"], credits, _age(job["submitted_at"], now),
-            job["cancel_reason"] or job["would_cancel_reason"] and f"(would) {job['would_cancel_reason']}"
-            or job["last_error"] or "",
+            job.job_id, Text(state.value, style=STATE_STYLE[state]), job.remote_status or "-",
+            job.policy, credits, _age(job.submitted_at, now),
+            job.cancel_reason or job.would_cancel_reason and f"(would) {job.would_cancel_reason}"
+            or job.last_error or "",
         )
     active = sum(counts.get(state.value, 0) for state in ACTIVE)
     footer = Text(

@@ -78,7 +78,7 @@ class Enforcer:
     async def _stop_matching(self, config: Config, status: BudgetStatus, now: datetime) -> None:
         budget = config.budgets[status.name]
         candidates = [
-            job for job in await self.store.watching_since(status.period_start) if matches(budget, job["labels"] or {})
+            job for job in await self.store.watching_since(status.period_start) if matches(budget, job.labels or {})
         ]
         if not candidates:
             return
@@ -88,7 +88,7 @@ class Enforcer:
             "period_start": status.period_start.isoformat() if status.period_start else None,
             "config_hash": config.config_hash,
         }
-        await self._act(config, budget.action, [job["job_id"] for job in candidates], reason, detail, now)
+        await self._act(config, budget.action, [job.job_id for job in candidates], reason, detail, now)
 
     # -- the account floor --------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ class Enforcer:
         self.account_below_floor = below
         if below and account.action in ("cancel", "observe"):
             now = self.clock()
-            running = [job["job_id"] for job in await self.store.watching_since(None)]
+            running = [job.job_id for job in await self.store.watching_since(None)]
             detail = {"rule": "account.min_credits", "credits": credits, "min_credits": account.min_credits,
                       "config_hash": config.config_hash}  # fmt: skip
             await self._act(config, account.action, running, Reason.ACCOUNT_FLOOR, detail, now)

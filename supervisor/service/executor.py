@@ -27,7 +27,8 @@ from supervisor.config import Config, Policy
 from supervisor.core.states import TERMINAL, Reason, State, check_transition, final_state
 from supervisor.core.policy import Evaluation, Observation, evaluate, observed_rate
 from supervisor.adapters.webhooks import Webhooks
-from supervisor.adapters.store import Job, JobWrite, event_row
+from supervisor.adapters.store import JobWrite, event_row
+from supervisor.core.job import Job
 
 log = structlog.get_logger("supervisor.handler")
 
@@ -41,12 +42,12 @@ _AUTH_RETRY = timedelta(seconds=30)
 
 def job_policy(config: Config, job: Job) -> Policy:
     """The job's policy from the current config, with its per-job overrides."""
-    policy = config.resolve_policy(job["policy"])
+    policy = config.resolve_policy(job.policy)
     overrides: dict[str, Any] = {}
-    if job.get("max_runtime_s") is not None:
-        overrides["max_runtime"] = timedelta(seconds=job["max_runtime_s"])
-    if job.get("max_credits") is not None:
-        overrides["max_credits"] = job["max_credits"]
+    if job.max_runtime_s is not None:
+        overrides["max_runtime"] = timedelta(seconds=job.max_runtime_s)
+    if job.max_credits is not None:
+        overrides["max_credits"] = job.max_credits
     return policy.model_copy(update=overrides) if overrides else policy
 
 
@@ -71,7 +72,7 @@ class JobHandler:
         self._on_phase = callback
 
     async def handle(self, job: Job) -> None:
-        state = State(job["state"])
+        state = State(job.state)
         if state is State.WATCHING:
             await self._watch(job)
         elif state is State.CANCELLING:
@@ -94,10 +95,10 @@ class JobHandler:
         observation = Observation(
             remote_status=status.status,
             credits=values["credits_used"],
-            started_at=values["remote_created_at"] or job["submitted_at"],
+            started_at=values["remote_created_at"] or job.submitted_at,
             last_progress_at=values["last_progress_at"],
             credits_per_s=values["credits_per_s"],
-            warned=frozenset(job["warned"] or ()),
+            warned=frozenset(job.warned or ()),
         )
         verdict = evaluate(
             observation, policy, now, poll_interval=self.config.supervisor.poll_interval
@@ -109,22 +110,22 @@ class JobHandler:
                 return
             self._would_cancel(job, verdict, policy, values, events, now)
         values["next_check_at"] = verdict.next_check_at
-        if await self._write(JobWrite(job["job_id"], job["lease_token"], values, events)):
+        if await self._write(JobWrite(job.job_id, job.lease_token, values, events)):
             self._emit_warnings(job, events, values)
 
     def _progress(self, job: Job, status: JobStatus, now: datetime) -> dict[str, Any]:
         credits = status.result_count * self.config.api.credits_per_result
-        started_running = job["remote_status"] in (None, "pending") and status.status not in (
+        started_running = job.remote_status in (None, "pending") and status.status not in (
             "pending",
         )
-        progressed = credits > job["credits_used"] or started_running
+        progressed = credits > job.credits_used or started_running
         return {
             "remote_status": status.status,
             "credits_used": credits,
-            "remote_created_at": status.created_at or job["remote_created_at"],
-            "last_progress_at": now if progressed or job["last_progress_at"] is None else job["last_progress_at"],
+            "remote_created_at": status.created_at or job.remote_created_at,
+            "last_progress_at": now if progressed or job.last_progress_at is None else job.last_progress_at,
             "credits_per_s": observed_rate(
-                job["credits_used"], job["last_polled_at"], credits, now, job["credits_per_s"]
+                job.credits_used, job.last_polled_at, credits, now, job.credits_per_s
             ),
             "last_polled_at": now,
             "poll_errors": 0,
@@ -144,11 +145,11 @@ class JobHandler:
                 "threshold": warning.threshold,
                 "config_hash": self.config.config_hash,
             }
-            log.warning("limit warning", job_id=job["job_id"], policy=job["policy"], **detail)
+            log.warning("limit warning", job_id=job.job_id, policy=job.policy, **detail)
             metrics.WARNINGS.labels(warning.limit).inc()
             events.append(event_row("warning", now, reason=warning.limit, detail=detail))
         if verdict.warnings:
-            values["warned"] = [*(job["warned"] or ()), *(w.key for w in verdict.warnings)]
+            values["warned"] = [*(job.warned or ()), *(w.key for w in verdict.warnings)]
         return events
 
     def _would_cancel(
@@ -161,7 +162,7 @@ class JobHandler:
         now: datetime,
     ) -> None:
         """Observe mode and dry run: record the decision once, do not act on it."""
-        if job["would_cancel_reason"] is not None or verdict.breach is None:
+        if job.would_cancel_reason is not None or verdict.breach is None:
             return
         detail = self._decision_detail(verdict, policy, values)
         values.update(
@@ -173,7 +174,7 @@ class JobHandler:
         metrics.WOULD_CANCEL.labels(verdict.breach.reason).inc()
         log.warning(
             "would cancel (observe mode)",
-            job_id=job["job_id"], state=job["state"], policy=policy.name,
+            job_id=job.job_id, state=job.state, policy=policy.name,
             reason=verdict.breach.reason, **detail,
         )
 
@@ -206,21 +207,21 @@ class JobHandler:
         )
         log.warning(
             "cancelling runaway job",
-            job_id=job["job_id"], state=State.CANCELLING.value, policy=policy.name,
+            job_id=job.job_id, state=State.CANCELLING.value, policy=policy.name,
             reason=reason, **detail,
         )
-        self._on_phase(job["job_id"], "cancel")
+        self._on_phase(job.job_id, "cancel")
         metrics.CANCELS.labels(reason).inc()
         # Keep the lease: this handler sends the cancel right after the commit.
         committed = await self._write(
-            JobWrite(job["job_id"], job["lease_token"], values, events, release=False)
+            JobWrite(job.job_id, job.lease_token, values, events, release=False)
         )
         if committed:
             self._emit_warnings(job, events, values)
             self._emit("cancel_requested", job, reason=reason, state=State.CANCELLING.value,
                        credits=values["credits_used"], detail=detail)
             failpoints.hit(failpoints.AFTER_CANCEL_DECISION)
-            await self._send_cancel({**job, **values})
+            await self._send_cancel(job.with_values(values))
 
     def _decision_detail(self, verdict: Evaluation, policy: Policy, values: dict[str, Any]) -> dict[str, Any]:
         assert verdict.breach is not None
@@ -234,12 +235,12 @@ class JobHandler:
     # -- cancelling ---------------------------------------------------------------------
 
     async def _send_cancel(self, job: Job) -> None:
-        self._on_phase(job["job_id"], "cancel")
-        attempts = job["cancel_attempts"] + 1
-        base = {"cancel_attempts": attempts, "cancel_sent_at": job["cancel_sent_at"] or self._clock()}
-        bound = log.bind(job_id=job["job_id"], state=job["state"], policy=job["policy"], reason=job["cancel_reason"])
+        self._on_phase(job.job_id, "cancel")
+        attempts = job.cancel_attempts + 1
+        base = {"cancel_attempts": attempts, "cancel_sent_at": job.cancel_sent_at or self._clock()}
+        bound = log.bind(job_id=job.job_id, state=job.state, policy=job.policy, reason=job.cancel_reason)
         try:
-            result = await self.client.cancel(job["job_id"])
+            result = await self.client.cancel(job.job_id)
         except JobNotFound:
             await self._transition(job, State.LOST, base, detail={"cancel": "HTTP 404"})
             return
@@ -253,8 +254,8 @@ class JobHandler:
             retry = _AUTH_RETRY if isinstance(exc, ApiKeyRejected) else self._backoff(attempts)
             bound.warning("cancel not sent yet; will retry", error=str(exc), retry_in=retry.total_seconds())
             values = {**base, "last_error": str(exc), "next_check_at": now + retry, "updated_at": now}
-            events = [event_row("cancel_error", now, reason=job["cancel_reason"], detail={"error": str(exc)})]
-            await self._write(JobWrite(job["job_id"], job["lease_token"], values, events))
+            events = [event_row("cancel_error", now, reason=job.cancel_reason, detail={"error": str(exc)})]
+            await self._write(JobWrite(job.job_id, job.lease_token, values, events))
             return
         now = self._clock()
         answer = "accepted" if result.accepted else "already final (409)"
@@ -275,40 +276,40 @@ class JobHandler:
         now = self._clock()
         values = self._progress(job, status, now)
         if status.is_final:
-            await self._finish(job, status, values, now, reason=job["cancel_reason"])
+            await self._finish(job, status, values, now, reason=job.cancel_reason)
             return
-        deadline = (job["cancel_acked_at"] or now) + self.config.supervisor.confirm_timeout
+        deadline = (job.cancel_acked_at or now) + self.config.supervisor.confirm_timeout
         if now >= deadline:
             log.error(
                 "cancel not confirmed in time: the job still runs and may keep spending",
-                job_id=job["job_id"], policy=job["policy"], reason=job["cancel_reason"],
+                job_id=job.job_id, policy=job.policy, reason=job.cancel_reason,
                 remote_status=status.status, credits=values["credits_used"],
             )
             await self._transition(job, State.UNCONFIRMED, values, detail={"remote_status": status.status})
             return
         values["next_check_at"] = min(now + self.config.supervisor.confirm_interval, deadline)
-        await self._write(JobWrite(job["job_id"], job["lease_token"], values))
+        await self._write(JobWrite(job.job_id, job.lease_token, values))
 
     # -- shared -------------------------------------------------------------------------
 
     async def _poll(self, job: Job) -> JobStatus | None:
         """The job's status, or None after recording why it could not be had."""
         try:
-            return await self.client.status(job["job_id"])
+            return await self.client.status(job.job_id)
         except JobNotFound:
             await self._transition(job, State.LOST, {}, detail={"status": "HTTP 404"})
         except ApiKeyRejected as exc:
             now = self._clock()
             values = {"last_error": str(exc), "next_check_at": now + _AUTH_RETRY, "updated_at": now}
-            await self._write(JobWrite(job["job_id"], job["lease_token"], values))
+            await self._write(JobWrite(job.job_id, job.lease_token, values))
         except CladoError as exc:
             now = self._clock()
-            errors = job["poll_errors"] + 1
+            errors = job.poll_errors + 1
             retry = min(self._backoff(errors), self.config.supervisor.poll_interval)
-            if job["state"] == State.CONFIRMING.value:
+            if job.state == State.CONFIRMING.value:
                 retry = min(retry, self.config.supervisor.confirm_interval)
             log.warning(
-                "status poll failed", job_id=job["job_id"], state=job["state"],
+                "status poll failed", job_id=job.job_id, state=job.state,
                 error=str(exc), errors=errors, retry_in=retry.total_seconds(),
             )
             values = {
@@ -318,7 +319,7 @@ class JobHandler:
                 "updated_at": now,
             }
             events = [event_row("poll_error", now, detail={"error": str(exc)})] if errors == 1 else []
-            await self._write(JobWrite(job["job_id"], job["lease_token"], values, events))
+            await self._write(JobWrite(job.job_id, job.lease_token, values, events))
         return None
 
     async def _finish(
@@ -326,10 +327,10 @@ class JobHandler:
     ) -> None:
         values.update(final_status=status.status, confirmed_at=now)
         detail: dict[str, Any] = {"remote_status": status.status, "credits": values["credits_used"]}
-        if job["would_cancel_credits"] is not None:
-            detail["would_have_saved"] = max(0, values["credits_used"] - job["would_cancel_credits"])
-        if job["credits_at_decision"] is not None:
-            detail["credits_after_decision"] = max(0, values["credits_used"] - job["credits_at_decision"])
+        if job.would_cancel_credits is not None:
+            detail["would_have_saved"] = max(0, values["credits_used"] - job.would_cancel_credits)
+        if job.credits_at_decision is not None:
+            detail["credits_after_decision"] = max(0, values["credits_used"] - job.credits_at_decision)
         await self._transition(job, final_state(status.status), values, detail=detail, reason=reason)
 
     async def _transition(
@@ -341,16 +342,16 @@ class JobHandler:
         detail: dict[str, Any],
         reason: str | None = None,
     ) -> None:
-        current = State(job["state"])
+        current = State(job.state)
         check_transition(current, target)
         now = self._clock()
-        reason = reason if reason is not None else job["cancel_reason"]
+        reason = reason if reason is not None else job.cancel_reason
         values = {**values, "state": target.value, "updated_at": now}
         if target in TERMINAL and target is not State.UNCONFIRMED:
             # The unused part of a reservation is released, except when the cancel was never
             # confirmed: that job may still be spending.
             values["reserved_credits"] = None
-        if target is State.CANCELLED and job["cancel_reason"] is None:
+        if target is State.CANCELLED and job.cancel_reason is None:
             values["cancel_reason"] = reason
         event = event_row(
             "transition", now, from_state=current.value, to_state=target.value, reason=reason, detail=detail
@@ -358,9 +359,9 @@ class JobHandler:
         level = "error" if target in (State.UNCONFIRMED, State.LOST) else "info"
         getattr(log, level)(
             "job " + target.value,
-            job_id=job["job_id"], state=target.value, policy=job["policy"], reason=reason, **detail,
+            job_id=job.job_id, state=target.value, policy=job.policy, reason=reason, **detail,
         )
-        if await self._write(JobWrite(job["job_id"], job["lease_token"], values, [event])):
+        if await self._write(JobWrite(job.job_id, job.lease_token, values, [event])):
             self._observe_transition(job, target, values, now)
 
     def _emit_warnings(self, job: Job, events: list[dict[str, Any]], values: dict[str, Any]) -> None:
@@ -371,18 +372,18 @@ class JobHandler:
 
     def _emit(self, event: str, job: Job, **fields: Any) -> None:
         if self._webhooks is not None:
-            self._webhooks.emit(event, job_id=job["job_id"], policy=job["policy"], **fields)
+            self._webhooks.emit(event, job_id=job.job_id, policy=job.policy, **fields)
 
     def _observe_transition(self, job: Job, target: State, values: dict[str, Any], now: datetime) -> None:
         metrics.TRANSITIONS.labels(target.value).inc()
         if target in (State.CANCELLED, State.UNCONFIRMED):
-            self._emit(target.value, job, reason=values.get("cancel_reason") or job["cancel_reason"],
-                       state=target.value, credits=values.get("credits_used", job["credits_used"]))
-        if job["cancel_requested_at"] is None or target not in TERMINAL:
+            self._emit(target.value, job, reason=values.get("cancel_reason") or job.cancel_reason,
+                       state=target.value, credits=values.get("credits_used", job.credits_used))
+        if job.cancel_requested_at is None or target not in TERMINAL:
             return
-        metrics.CONFIRMATION.observe((now - job["cancel_requested_at"]).total_seconds())
+        metrics.CONFIRMATION.observe((now - job.cancel_requested_at).total_seconds())
         limit = job_policy(self.config, job).max_credits
-        if job["cancel_reason"] == Reason.MAX_CREDITS and limit is not None and "credits_used" in values:
+        if job.cancel_reason == Reason.MAX_CREDITS and limit is not None and "credits_used" in values:
             metrics.CREDIT_OVERSHOOT.observe(max(0, values["credits_used"] - limit))
 
     @staticmethod

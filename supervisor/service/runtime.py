@@ -43,7 +43,8 @@ from supervisor.service.chores import Enforcer
 from supervisor.service.executor import JobHandler
 from supervisor.core.states import ACTIVE, State
 from supervisor.adapters.webhooks import Webhooks
-from supervisor.adapters.store import Job, Store, database_unavailable, db_error_text, utcnow
+from supervisor.adapters.store import Store, database_unavailable, db_error_text, utcnow
+from supervisor.core.job import Job
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.writer import BatchWriter
 
@@ -369,8 +370,8 @@ class Daemon:
             self._last_claim_full = len(jobs) >= capacity
             deadline = claimed_at + settings.lease_ttl.total_seconds() * LEASE_USE
             for job in jobs:
-                task = asyncio.create_task(self._run_job(job), name=f"job-{job['job_id']}")
-                self.inflight[job["job_id"]] = _InFlight(task, job["lease_token"], claimed_at, deadline)
+                task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
+                self.inflight[job.job_id] = _InFlight(task, job.lease_token, claimed_at, deadline)
         self.last_tick_at = self.clock()
         self.ticks += 1
         metrics.TICK_DURATION.observe(time.perf_counter() - started)
@@ -380,7 +381,7 @@ class Daemon:
         return len(jobs)
 
     async def _run_job(self, job: Job) -> None:
-        job_id = job["job_id"]
+        job_id = job.job_id
         item = self.inflight[job_id]  # registered by the tick before this task first runs
         started: float | None = None
         try:
@@ -389,10 +390,10 @@ class Daemon:
             # lease keeper extends the lease (a slow API call, a queue behind a burst).
             async with asyncio.timeout_at(item.deadline) as scope:
                 item.scope = scope
-                delay = (job["next_check_at"] - self.clock()).total_seconds()
+                delay = (job.next_check_at - self.clock()).total_seconds()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                metrics.POLL_LAG.observe(max(0.0, (self.clock() - job["next_check_at"]).total_seconds()))
+                metrics.POLL_LAG.observe(max(0.0, (self.clock() - job.next_check_at).total_seconds()))
                 self._set_phase(job_id, "poll")
                 started = time.monotonic()
                 await self.handler.handle(job)

@@ -286,7 +286,7 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
         assert response.status_code == 201, response.text
         assert (await admin.v1("GET", f"/v1/jobs/{fourth}")).json()["limits"]["max_runtime_s"] == 90
 
-        before = {job["job_id"] for job in await admin.daemon.store.list_jobs()}
+        before = {job.job_id for job in await admin.daemon.store.list_jobs()}
         rejected = [
             # one bad id rejects the whole request: nothing is written
             ({"job_ids": ["fresh-ok-1", "bad id!"]}, "invalid_request", "invalid job id"),
@@ -331,7 +331,7 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
             )
             assert_error(response, 400, "invalid_json")
 
-        after = {job["job_id"] for job in await admin.daemon.store.list_jobs()}
+        after = {job.job_id for job in await admin.daemon.store.list_jobs()}
         assert after == before
         for n in range(1, 18):
             assert_error(await admin.v1("GET", f"/v1/jobs/fresh-ok-{n}"), 404, "job_not_found")
@@ -389,7 +389,7 @@ async def test_list_filters_by_state_and_label_and_show_has_events(
 
         async def done_completed() -> bool:
             job = await daemon.store.get_job(done)
-            return job is not None and job["state"] == State.COMPLETED.value
+            return job is not None and job.state == State.COMPLETED.value
 
         await wait_until(daemon, done_completed, what="the short job completed")
 
@@ -478,7 +478,7 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
         # The daemon picks it up like any other job.
         async def polled() -> bool:
             job = await admin.daemon.store.get_job(job_id)
-            return job is not None and job["last_polled_at"] is not None
+            return job is not None and job.last_polled_at is not None
 
         await wait_until(admin.daemon, polled, what="the submitted job polled")
 
@@ -521,7 +521,7 @@ async def test_manual_cancel_goes_through_the_state_machine_once(config: Config,
 
         async def both_polled() -> bool:
             jobs = await daemon.store.list_jobs()
-            return all(job["last_polled_at"] is not None for job in jobs)
+            return all(job.last_polled_at is not None for job in jobs)
 
         await wait_until(daemon, both_polled, what="both jobs polled once")
         _, samples = await scrape(admin)
@@ -608,7 +608,7 @@ async def test_metrics_parse_and_carry_the_daemon_s_numbers(config: Config, fake
 
         async def runaway_cancelled() -> bool:
             job = await daemon.store.get_job(runaway)
-            return job is not None and job["state"] == State.CANCELLED.value
+            return job is not None and job.state == State.CANCELLED.value
 
         await wait_until(daemon, runaway_cancelled, what="the runaway cancelled for max_credits")
 

@@ -51,20 +51,20 @@ async def test_every_kind_of_job_ends_in_the_right_state(
 
         async def all_terminal() -> bool:
             jobs = await daemon.store.list_jobs()
-            return all(job["state"] in TERMINAL for job in jobs)
+            return all(job.state in TERMINAL for job in jobs)
 
         await wait_until(daemon, all_terminal, timeout=30, what="every job terminal")
-        jobs = {job["job_id"]: job for job in await daemon.store.list_jobs()}
+        jobs = {job.job_id: job for job in await daemon.store.list_jobs()}
 
     for name, (_knobs, state, reason, runaway) in SCENARIOS.items():
         job, info = jobs[ids[name]], fake.job_info(ids[name])
-        assert (name, job["state"], job["cancel_reason"]) == (name, state, reason)
+        assert (name, job.state, job.cancel_reason) == (name, state, reason)
         # exactly one cancel call per runaway, none for the others
         assert (name, info["cancel_calls"]) == (name, 1 if runaway else 0)
-        if job["state"] in ("cancelled", "completed", "failed"):
-            assert job["final_status"] == info["status"]
-            assert job["confirmed_at"] is not None
-            assert job["credits_used"] == info["results"]
+        if job.state in ("cancelled", "completed", "failed"):
+            assert job.final_status == info["status"]
+            assert job.confirmed_at is not None
+            assert job.credits_used == info["results"]
 
     # After each cancel, the final state was confirmed by a status poll, not assumed.
     store = Store(db_url)

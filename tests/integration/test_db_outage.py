@@ -197,19 +197,19 @@ async def test_daemon_survives_a_database_outage_and_loses_nothing(
                 finally:
                     await http.aclose()
                 assert daemon.scheduler_running  # never stopped, never exited
-        jobs = {job["job_id"]: job for job in await observer.list_jobs()}
+        jobs = {job.job_id: job for job in await observer.list_jobs()}
         await observer.close()
 
     for job_id in early_runaways + late_runaways:
-        assert (jobs[job_id]["state"], jobs[job_id]["cancel_reason"]) == ("cancelled", "max_credits")
-        assert jobs[job_id]["confirmed_at"] is not None
+        assert (jobs[job_id].state, jobs[job_id].cancel_reason) == ("cancelled", "max_credits")
+        assert jobs[job_id].confirmed_at is not None
     for job_id in early_runaways:
         assert fake.job_info(job_id)["cancel_calls"] == 1
     for job_id in late_runaways:  # decided once the database was back, never before
-        assert jobs[job_id]["cancel_requested_at"] >= restored_wall
+        assert jobs[job_id].cancel_requested_at >= restored_wall
         assert fake.job_info(job_id)["cancel_calls"] == 1
     for job_id in early_good + late_good:
-        assert jobs[job_id]["state"] == "completed"
+        assert jobs[job_id].state == "completed"
         assert fake.job_info(job_id)["cancel_calls"] == 0
 
     # The outage was logged, sparsely (backoff), and so was the recovery.
@@ -233,8 +233,8 @@ async def _until(predicate: object, timeout: float, what: str) -> None:
 
 async def _states(store: Store, ids: list[str], states: object) -> bool:
     wanted = set(ids)
-    rows = [job for job in await store.list_jobs() if job["job_id"] in wanted]
-    return len(rows) == len(wanted) and all(job["state"] in states for job in rows)  # type: ignore[operator]
+    rows = [job for job in await store.list_jobs() if job.job_id in wanted]
+    return len(rows) == len(wanted) and all(job.state in states for job in rows)  # type: ignore[operator]
 
 
 async def _status_is(ready: object, code: int) -> bool:
@@ -256,7 +256,7 @@ async def test_batch_writer_fails_its_waiters_while_the_database_is_away_then_re
         try:
             await store.add_jobs([NewJob("job-1", "default")], utcnow())
             [job] = await store.claim_due(utcnow(), horizon=timedelta(0), limit=1, lease_ttl=timedelta(seconds=30))
-            decision = JobWrite("job-1", job["lease_token"], {"state": "cancelling", "updated_at": utcnow()}, release=False)
+            decision = JobWrite("job-1", job.lease_token, {"state": "cancelling", "updated_at": utcnow()}, release=False)
             before = await observer.get_job("job-1")
 
             proxy.cut()
@@ -268,7 +268,7 @@ async def test_batch_writer_fails_its_waiters_while_the_database_is_away_then_re
 
             proxy.restore()
             assert await writer.write(decision) is True
-            assert (await observer.get_job("job-1"))["state"] == "cancelling"
+            assert (await observer.get_job("job-1")).state == "cancelling"
         finally:
             await writer.close()
             await store.close()

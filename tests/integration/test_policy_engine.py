@@ -57,7 +57,7 @@ async def track(daemon: Daemon, *job_ids: str, labels: dict[str, str] | None = N
 async def wait_terminal(daemon: Daemon, *job_ids: str, timeout: float = 20) -> dict[str, Any]:
     async def done() -> dict[str, Any] | None:
         rows = {job_id: await daemon.store.get_job(job_id) for job_id in job_ids}
-        if all(row is not None and row["state"] in TERMINAL for row in rows.values()):
+        if all(row is not None and row.state in TERMINAL for row in rows.values()):
             return rows
         return None
 
@@ -181,7 +181,7 @@ async def test_max_queued_cancels_a_job_stuck_in_the_queue(
         events = await daemon.store.events(job_id)
 
     info = fake.job_info(job_id)
-    assert (job["state"], job["cancel_reason"], job["final_status"]) == ("cancelled", "max_queued", "cancelled")
+    assert (job.state, job.cancel_reason, job.final_status) == ("cancelled", "max_queued", "cancelled")
     assert info["cancel_calls"] == 1
     assert info["cancel_call_times"][0] - info["created_at_ts"] >= 2 - 0.002  # ms-precision created_at
     decision = [e for e in events if e["to_state"] == "cancelling"]
@@ -201,8 +201,8 @@ async def test_stall_timeout_cancels_a_job_whose_results_stop_growing(
         job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
 
     info = fake.job_info(job_id)
-    assert (job["state"], job["cancel_reason"]) == ("cancelled", "stall_timeout")
-    assert (job["credits_used"], info["results"], info["cancel_calls"]) == (3, 3, 1)
+    assert (job.state, job.cancel_reason) == ("cancelled", "stall_timeout")
+    assert (job.credits_used, info["results"], info["cancel_calls"]) == (3, 3, 1)
     # The 3rd result lands 0.3 s after creation; the job is idle for 2 s after that.
     assert info["cancel_call_times"][0] - info["created_at_ts"] >= 2.3 - 0.002
 
@@ -221,7 +221,7 @@ async def test_max_runtime_is_enforced_at_its_deadline_not_at_the_next_poll(
         job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
 
     info = fake.job_info(job_id)
-    assert (job["state"], job["cancel_reason"], info["cancel_calls"]) == ("cancelled", "max_runtime", 1)
+    assert (job.state, job.cancel_reason, info["cancel_calls"]) == ("cancelled", "max_runtime", 1)
     deadline = info["created_at_ts"] + 3
     lateness = info["cancel_call_times"][0] - deadline
     # Not before the deadline (the API's created_at has millisecond precision)...
@@ -251,7 +251,7 @@ async def test_a_warning_fires_once_before_the_limit(tmp_path: Path, fake_server
         job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
         events = await daemon.store.events(job_id)
 
-    assert (job["state"], job["cancel_reason"]) == ("cancelled", "max_credits")
+    assert (job.state, job.cancel_reason) == ("cancelled", "max_credits")
     warnings = events_of(events, "warning")
     assert len(warnings) == 1, warnings
     (warning,) = warnings
@@ -260,7 +260,7 @@ async def test_a_warning_fires_once_before_the_limit(tmp_path: Path, fake_server
     assert warning["detail"]["fraction"] == 0.5
     assert warning["detail"]["threshold"] == 20
     assert 10 <= warning["detail"]["value"] < 20  # fired before the limit, not with the cancel
-    assert job["warned"] == ["max_credits@0.5"]
+    assert list(job.warned) == ["max_credits@0.5"]
     # the warning came before the decision
     decision = next(e for e in events if e["to_state"] == "cancelling")
     assert warning["id"] < decision["id"]
@@ -282,22 +282,22 @@ async def test_a_warning_is_not_repeated_after_a_restart(
             return bool(events_of(await daemon.store.events(job_id), "warning"))
 
         await wait_until(daemon, warned, timeout=15, what="the warning at 10 credits")
-        at_warning = (await daemon.store.get_job(job_id))["credits_used"]  # type: ignore[index]
+        at_warning = (await daemon.store.get_job(job_id)).credits_used
 
     # Same database, a new daemon: it must know the warning already fired.
     async with running_daemon(config) as daemon:
 
         async def polled_twice_more() -> bool:
             job = await daemon.store.get_job(job_id)
-            return job is not None and job["credits_used"] >= at_warning + 10
+            return job is not None and job.credits_used >= at_warning + 10
 
         await wait_until(daemon, polled_twice_more, timeout=15, what="more polls after the restart")
         job = await daemon.store.get_job(job_id)
         events = await daemon.store.events(job_id)
 
-    assert job is not None and job["state"] == "watching"
+    assert job is not None and job.state == "watching"
     assert len(events_of(events, "warning")) == 1
-    assert job["warned"] == ["max_credits@0.1"]
+    assert list(job.warned) == ["max_credits@0.1"]
 
 
 # -- observe mode ---------------------------------------------------------------------------------
@@ -334,13 +334,13 @@ async def test_observe_mode_records_but_never_cancels(
 
     info = fake.job_info(job_id)
     assert info["cancel_calls"] == 0
-    assert (job["state"], job["final_status"], job["credits_used"]) == ("completed", "completed", 40)
-    assert job["cancel_reason"] is None
+    assert (job.state, job.final_status, job.credits_used) == ("completed", "completed", 40)
+    assert job.cancel_reason is None
     would = events_of(events, "would_cancel")
     assert len(would) == 1, would
     assert would[0]["reason"] == reason
-    assert job["would_cancel_reason"] == reason
-    at_decision = job["would_cancel_credits"]
+    assert job.would_cancel_reason == reason
+    at_decision = job.would_cancel_credits
     assert at_decision is not None and 10 <= at_decision < 40
     assert report["observe_would_have_saved"] == 40 - at_decision > 0
     assert report["would_cancel_by_reason"] == {reason: 1}
@@ -383,12 +383,12 @@ async def test_a_daily_budget_cancels_the_matching_running_jobs_and_only_those(
 
     for job_id in (*growth, queued):
         job, info = jobs[job_id], fake.job_info(job_id)
-        assert (job["state"], job["cancel_reason"], info["cancel_calls"]) == ("cancelled", "budget:growth-daily", 1)
-        assert job["cancel_detail"]["rule"] == "budgets.growth-daily"
-        assert job["cancel_detail"]["spent"] >= 30
+        assert (job.state, job.cancel_reason, info["cancel_calls"]) == ("cancelled", "budget:growth-daily", 1)
+        assert job.cancel_detail["rule"] == "budgets.growth-daily"
+        assert job.cancel_detail["spent"] >= 30
     other_job, other_info = jobs[other], fake.job_info(other)
-    assert (other_job["state"], other_job["cancel_reason"], other_info["cancel_calls"]) == ("completed", None, 0)
-    assert other_job["credits_used"] == 25
+    assert (other_job.state, other_job.cancel_reason, other_info["cancel_calls"]) == ("completed", None, 0)
+    assert other_job.credits_used == 25
 
     exhausted = [entry for entry in logs if entry["event"] == "budget exhausted"]
     assert len(exhausted) == 1, exhausted  # several sweeps ran while the other job finished
@@ -396,7 +396,7 @@ async def test_a_daily_budget_cancels_the_matching_running_jobs_and_only_those(
     assert record["exhausted_at"] is not None  # persisted: a restart does not log it again
     (budget,) = report["budgets"]
     assert budget["exhausted"] is True
-    assert budget["spent"] == sum(jobs[j]["credits_used"] for j in (*growth, queued))
+    assert budget["spent"] == sum(jobs[j].credits_used for j in (*growth, queued))
     assert report["cancels_by_reason"] == {"budget:growth-daily": 3}
 
 
@@ -437,7 +437,7 @@ async def test_reservations_hold_the_worst_case_until_the_job_ends(
         jobs = await wait_terminal(daemon, first, second, timeout=15)
         usage = (await daemon.store.usage([None], utcnow()))[None]
 
-    assert [jobs[j]["state"] for j in (first, second)] == ["failed", "failed"]
+    assert [jobs[j].state for j in (first, second)] == ["failed", "failed"]
     actual = sum(fake.job_info(j)["results"] for j in (first, second))
     assert actual == 20
     assert sum(u.reserved for _, u in usage) == 0  # released when the jobs ended
@@ -445,7 +445,7 @@ async def test_reservations_hold_the_worst_case_until_the_job_ends(
 
     async with operations_on(config) as ops:
         third = await ops.submit(query, limit=40, labels={})  # 20 spent + 40 fits in 100
-        assert (await ops.store.get_job(third))["reserved_credits"] == 40  # type: ignore[index]
+        assert (await ops.store.get_job(third)).reserved_credits == 40
 
 
 async def test_spend_through_the_supervisor_never_exceeds_a_reserving_budget(
@@ -485,7 +485,7 @@ async def test_spend_through_the_supervisor_never_exceeds_a_reserving_budget(
         jobs = await ops.store.list_jobs()
 
     charged = fake.stats()["credits_charged"]
-    assert charged == sum(job["credits_used"] for job in jobs) == 100
+    assert charged == sum(job.credits_used for job in jobs) == 100
     assert charged <= config.budgets["pool"].credits
     assert fake.stats()["initiate"] == 4
 
@@ -504,7 +504,7 @@ async def test_an_unconfirmed_job_keeps_its_reservation(
     async with running_daemon(config) as daemon:
         job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
         usage = (await daemon.store.usage([None], utcnow()))[None]
-    assert job["state"] == "unconfirmed"
+    assert job.state == "unconfirmed"
     assert fake.job_info(job_id)["status"] == "searching"  # still spending, towards 60
     # "submit holds limit × price until the job ends": this one has not ended.
     assert sum(u.committed for _, u in usage) == 60
@@ -546,7 +546,7 @@ async def test_account_floor_cancels_running_jobs(tmp_path: Path, fake_server: F
 
     for job_id in job_ids:
         job, info = jobs[job_id], fake.job_info(job_id)
-        assert (job["state"], job["cancel_reason"], info["cancel_calls"]) == ("cancelled", "account_floor", 1)
+        assert (job.state, job.cancel_reason, info["cancel_calls"]) == ("cancelled", "account_floor", 1)
         decision = next(e for e in events[job_id] if e["to_state"] == "cancelling")
         assert decision["detail"]["rule"] == "account.min_credits"
         assert decision["detail"]["min_credits"] == 80
@@ -625,7 +625,7 @@ async def test_a_failing_webhook_does_not_hold_up_the_cancel(
             lambda: webhook_metric("failed") > failed_before, timeout=15, what="the hook given up on"
         )
 
-    assert (job["state"], job["cancel_reason"]) == ("cancelled", "max_credits")
+    assert (job.state, job.cancel_reason) == ("cancelled", "max_credits")
     assert fake.job_info(job_id)["cancel_calls"] == 1
     attempts = receiver.at("/fail")
     assert len(attempts) == 3  # retried, then logged as failed

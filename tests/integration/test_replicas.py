@@ -87,7 +87,7 @@ async def test_racing_claimers_claim_each_job_exactly_once(db_url: str) -> None:
                 if not got:
                     return
                 rounds[store.owner] += 1
-                claims.extend((job["job_id"], job["lease_owner"], job["lease_token"]) for job in got)
+                claims.extend((job.job_id, job.lease_owner, job.lease_token) for job in got)
                 await asyncio.sleep(0)
 
         await asyncio.gather(*(claimer(store) for store in stores))
@@ -99,9 +99,9 @@ async def test_racing_claimers_claim_each_job_exactly_once(db_url: str) -> None:
             # Real concurrency, not one claimer taking everything in turn.
             assert len(rounds) >= 4, rounds
         # The database agrees with what each claimer believes it holds.
-        rows = {job["job_id"]: job for job in await stores[0].list_jobs()}
+        rows = {job.job_id: job for job in await stores[0].list_jobs()}
         for job_id, owner, token in claims:
-            assert (rows[job_id]["lease_owner"], rows[job_id]["lease_token"]) == (owner, token)
+            assert (rows[job_id].lease_owner, rows[job_id].lease_token) == (owner, token)
         # And nobody can claim them again while the leases hold.
         assert await stores[1].claim_due(
             utcnow(), horizon=timedelta(seconds=1), limit=1000, lease_ttl=timedelta(minutes=5)
@@ -122,12 +122,12 @@ async def test_a_stale_replica_cannot_write_after_its_lease_was_taken(db_url: st
                 update(jobs).where(jobs.c.job_id == "job-1").values(lease_expires_at=now - timedelta(hours=1))
             )
         [theirs] = await new.claim_due(utcnow(), horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30))
-        assert theirs["lease_token"] != mine["lease_token"]
+        assert theirs.lease_token != mine.lease_token
         before = await old.get_job("job-1")
         events_before = await old.events("job-1")
 
         stale = JobWrite(
-            "job-1", mine["lease_token"],
+            "job-1", mine.lease_token,
             {"state": "cancelling", "cancel_reason": "max_credits", "credits_used": 999, "updated_at": utcnow()},
             [event_row("transition", utcnow(), from_state="watching", to_state="cancelling", reason="max_credits")],
         )
@@ -141,11 +141,11 @@ async def test_a_stale_replica_cannot_write_after_its_lease_was_taken(db_url: st
         # The holder's write goes through, and a mixed batch applies only the valid part.
         await new.add_jobs([NewJob("job-2", "default")], now)
         [other] = await new.claim_due(utcnow(), horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30))
-        fresh = JobWrite("job-1", theirs["lease_token"], {"credits_used": 5, "updated_at": utcnow()})
-        also = JobWrite("job-2", other["lease_token"], {"credits_used": 7, "updated_at": utcnow()})
+        fresh = JobWrite("job-1", theirs.lease_token, {"credits_used": 5, "updated_at": utcnow()})
+        also = JobWrite("job-2", other.lease_token, {"credits_used": 7, "updated_at": utcnow()})
         assert await new.apply_each([stale, fresh, also]) == [False, True, True]
         after = await new.get_job("job-1")
-        assert (after["state"], after["credits_used"], after["lease_token"]) == ("watching", 5, None)
+        assert (after.state, after.credits_used, after.lease_token) == ("watching", 5, None)
     finally:
         await _close([old, new])
 
@@ -162,12 +162,12 @@ async def test_leases_are_reckoned_in_the_database_clock(pg_db: str) -> None:
         skewed = now + timedelta(hours=1)
         taken = await fast.claim_due(skewed, horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30))
         # Only the two free jobs: with its own clock it would have taken all four.
-        assert sorted(job["job_id"] for job in taken) == sorted({f"job-{i}" for i in range(4)} - {j["job_id"] for j in held})
+        assert sorted(job.job_id for job in taken) == sorted({f"job-{i}" for i in range(4)} - {j.job_id for j in held})
         async with honest.engine.connect() as conn:
             db_now = (await conn.execute(select(func.now()))).scalar_one()
         for job in taken:
-            expires = (await fast.get_job(job["job_id"]))["lease_expires_at"]
-            assert expires == job["lease_expires_at"]
+            expires = (await fast.get_job(job.job_id)).lease_expires_at
+            assert expires == job.lease_expires_at
             assert abs((expires - db_now) - timedelta(seconds=30)) < timedelta(seconds=5)
     finally:
         await _close([honest, fast])
@@ -276,7 +276,7 @@ async def test_retention_prunes_old_terminal_jobs_and_their_events_in_batches(db
         assert await store.prune(cutoff, batch=5, max_batches=2) == 4
         assert await store.prune(cutoff, batch=5, max_batches=2) == 0
 
-        left = {job["job_id"] for job in await store.list_jobs()}
+        left = {job.job_id for job in await store.list_jobs()}
         assert left == {"old-but-active", "old-confirming", "recent-done"}
         async with store.engine.connect() as conn:
             orphans = (await conn.execute(select(func.count()).select_from(job_events).where(
@@ -327,7 +327,7 @@ async def test_the_leader_runs_retention_keeping_budget_periods_whole(
                 while not daemon.is_leader:
                     await asyncio.sleep(0.05)
             await daemon._retention()
-            assert {job["job_id"] for job in await daemon.store.list_jobs()} == expected, period
+            assert {job.job_id for job in await daemon.store.list_jobs()} == expected, period
 
     # Without budgets, only retention counts.
     path.write_text(config_text(fake_server.base_url, sqlite_url, supervisor={"retention": str(int(retention.total_seconds()))}))
@@ -336,7 +336,7 @@ async def test_the_leader_runs_retention_keeping_budget_periods_whole(
             while not daemon.is_leader:
                 await asyncio.sleep(0.05)
         await daemon._retention()
-        assert {job["job_id"] for job in await daemon.store.list_jobs()} == {"young"}
+        assert {job.job_id for job in await daemon.store.list_jobs()} == {"young"}
 
 
 # -- long handling keeps its lease -----------------------------------------------------------
@@ -347,21 +347,21 @@ async def test_extend_leases_keeps_only_leases_still_held(db_url: str) -> None:
     try:
         now = utcnow()
         await a.add_jobs([NewJob("kept", "default"), NewJob("lost", "default")], now)
-        held = {job["job_id"]: job for job in await a.claim_due(
+        held = {job.job_id: job for job in await a.claim_due(
             now, horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30)
         )}
         async with a.engine.begin() as conn:  # "lost" expires and b takes it
             await conn.execute(update(jobs).where(jobs.c.job_id == "lost").values(lease_expires_at=now - timedelta(1)))
         [taken] = await b.claim_due(utcnow(), horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30))
-        assert taken["job_id"] == "lost"
+        assert taken.job_id == "lost"
 
         kept = await a.extend_leases(
-            {job_id: job["lease_token"] for job_id, job in held.items()}, timedelta(minutes=10), utcnow()
+            {job_id: job.lease_token for job_id, job in held.items()}, timedelta(minutes=10), utcnow()
         )
-        assert kept == {"kept": held["kept"]["lease_token"]}
-        assert (await a.get_job("kept"))["lease_expires_at"] > utcnow() + timedelta(minutes=9)
+        assert kept == {"kept": held["kept"].lease_token}
+        assert (await a.get_job("kept")).lease_expires_at > utcnow() + timedelta(minutes=9)
         lost = await a.get_job("lost")
-        assert (lost["lease_token"], lost["lease_expires_at"]) == (taken["lease_token"], taken["lease_expires_at"])
+        assert (lost.lease_token, lost.lease_expires_at) == (taken.lease_token, taken.lease_expires_at)
     finally:
         await _close([a, b])
 
@@ -384,9 +384,9 @@ async def test_slow_api_calls_keep_their_lease_and_cancel_once(
         async with running_daemon(load(path)) as daemon:
             await daemon.store.add_jobs([NewJob(j, "default") for j in runaways + good], utcnow())
             async with asyncio.timeout(30):
-                while not all(job["state"] in ("cancelled", "completed") for job in await daemon.store.list_jobs()):
+                while not all(job.state in ("cancelled", "completed") for job in await daemon.store.list_jobs()):
                     await asyncio.sleep(0.1)
-            states = {job["job_id"]: job["state"] for job in await daemon.store.list_jobs()}
+            states = {job.job_id: job.state for job in await daemon.store.list_jobs()}
             # Handling is slow against the lease: the claim limit came down to its floor.
             assert daemon.claim_limit == load(path).api.max_concurrency
     assert {states[j] for j in runaways} == {"cancelled"}
@@ -443,7 +443,7 @@ async def test_budget_and_admission_statements_on_both_backends(db_url: str) -> 
         assert len(set(results)) == 5
 
         watching = await store.watching_since(start)
-        assert {job["job_id"] for job in watching} == {"g1", "g2", "g3", "a1"}
+        assert {job.job_id for job in watching} == {"g1", "g2", "g3", "a1"}
         assert await store.record_would_cancel(["a1"], "budget:ads", {"spent": 7}, now) == ["a1"]
         assert await store.record_would_cancel(["a1"], "budget:ads", {"spent": 7}, now) == []
         assert sorted(await store.decide_cancel(["g1", "g2"], "budget:growth", {"spent": 40}, now)) == ["g1", "g2"]
@@ -476,7 +476,7 @@ async def test_the_claim_limit_grows_while_handling_is_fast(tmp_path: Path, fake
         await daemon.store.add_jobs([NewJob(j, "default") for j in ids], utcnow())
         highest = start
         async with asyncio.timeout(30):
-            while not all(job["state"] == "completed" for job in await daemon.store.list_jobs()):
+            while not all(job.state == "completed" for job in await daemon.store.list_jobs()):
                 highest = max(highest, daemon.claim_limit)
                 await asyncio.sleep(0.05)
         # (It may come down again if this busy little machine slows the handling.)

@@ -1,0 +1,87 @@
+"""A supervised job as the code sees it: one frozen, typed value read from its row.
+
+The fields are the `jobs` table's columns, one for one (a test holds them equal), so a
+renamed column fails at import and type-check time rather than as a KeyError in a poll.
+A job is never changed in place: a move of the state machine returns a Change
+(core.transitions), the store applies it, and the next read gives a new Job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from supervisor.core.states import State
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: str
+    state: State
+    remote_status: str | None
+    labels: Mapping[str, str]
+    policy: str
+    max_runtime_s: float | None  # per-job overrides of the policy (track --max-runtime …)
+    max_credits: int | None
+    source: str  # "track" | "submit"
+    query: str | None
+    result_limit: int | None
+    credits_used: int
+    credits_per_s: float | None  # observed rate, for polling sooner near a credit limit
+    submitted_at: datetime  # when the supervisor learned of the job
+    remote_created_at: datetime | None
+    last_progress_at: datetime | None  # last time credits grew (stall detection)
+    last_polled_at: datetime | None
+    next_check_at: datetime
+    poll_errors: int
+    last_error: str | None
+    warned: tuple[str, ...]  # warning thresholds already fired ("max_credits@0.8")
+    cancel_reason: str | None
+    cancel_detail: Mapping[str, Any] | None
+    cancel_requested_at: datetime | None  # the decision, committed before the call
+    credits_at_decision: int | None
+    cancel_attempts: int
+    cancel_sent_at: datetime | None
+    cancel_acked_at: datetime | None
+    reserved_credits: int | None  # held against reserving budgets while the job runs
+    would_cancel_reason: str | None  # observe mode / dry run
+    would_cancel_at: datetime | None
+    would_cancel_credits: int | None
+    final_status: str | None
+    confirmed_at: datetime | None
+    lease_owner: str | None
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        """A job from a `jobs` row (a SQLAlchemy RowMapping or any mapping of its columns)."""
+        return cls(**_typed({name: row[name] for name in FIELDS}))
+
+    def with_values(self, values: Mapping[str, Any]) -> Job:
+        """This job as it will read once `values` (column → value) are written."""
+        return dataclasses.replace(self, **_typed(values))
+
+    @property
+    def started_at(self) -> datetime:
+        """When the job started: the API's created_at, else when the supervisor learned of it."""
+        return self.remote_created_at or self.submitted_at
+
+
+def _typed(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values as the Job's field types (the state an enum, JSON columns immutable)."""
+    typed = dict(values)
+    if "state" in typed:
+        typed["state"] = State(typed["state"])
+    if "labels" in typed:
+        typed["labels"] = dict(typed["labels"] or {})
+    if "warned" in typed:
+        typed["warned"] = tuple(typed["warned"] or ())
+    return typed
+
+
+FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Job))
