@@ -49,7 +49,7 @@ lint-report: $(LINT_STAMP)
 	@echo "ruff check (findings per file):"
 	@$(BIN)/ruff check --output-format concise --quiet . | cut -d: -f1 | sort | uniq -c | sort -rn || true
 	@echo "ruff format (files it would change):"
-	@$(BIN)/ruff format --check --quiet . 2>/dev/null | sed -n 's/^Would reformat: /      /p' || true
+	@$(BIN)/ruff format --check --output-format concise . 2>/dev/null | sed -n 's/^\([^:]*\):.*unformatted.*/      \1/p' || true
 	@echo "mypy supervisor (errors per file):"
 	@$(BIN)/mypy supervisor | grep -oE '^[^:]+\.py(:[0-9]+: error)' | cut -d: -f1 | sort | uniq -c | sort -rn || true
 	@$(BIN)/lint-imports | sed -n '/^Contracts:/p;/ BROKEN$$/p' || true
