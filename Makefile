@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.lint-installed
 
-.PHONY: install test demo run bench lint clean
+.PHONY: install test demo run bench lint lint-report clean
 
 install: $(STAMP)
 
@@ -27,5 +28,31 @@ bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench
 
+# The linters alone (the `lint` extra), so `make lint` needs no test dependencies.
+$(LINT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[lint]"
+	touch $(LINT_STAMP)
+
+# Every check runs even when an earlier one fails, so one run shows all that is wrong.
+lint: $(LINT_STAMP)
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/mypy supervisor || status=1; \
+	$(BIN)/lint-imports || status=1; \
+	exit $$status
+
+# Where the code stands: ruff and mypy findings per file, and the import contracts. Never fails.
+lint-report: $(LINT_STAMP)
+	@echo "ruff check (findings per file):"
+	@$(BIN)/ruff check --output-format concise --quiet . | cut -d: -f1 | sort | uniq -c | sort -rn || true
+	@echo "ruff format (files it would change):"
+	@$(BIN)/ruff format --check --output-format concise . 2>/dev/null | sed -n 's/^\([^:]*\):.*unformatted.*/      \1/p' || true
+	@echo "mypy supervisor (errors per file):"
+	@$(BIN)/mypy supervisor | grep -oE '^[^:]+\.py(:[0-9]+: error)' | cut -d: -f1 | sort | uniq -c | sort -rn || true
+	@$(BIN)/lint-imports | sed -n '/^Contracts:/p;/ BROKEN$$/p' || true
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

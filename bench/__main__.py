@@ -14,10 +14,18 @@ NAMES = ("throughput", "precision", "pollcost")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("benchmarks", nargs="*", choices=[*NAMES, []], metavar="BENCHMARK",
-                        help=f"which to run: {', '.join(NAMES)} (default: all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller runs (throughput: 1,000 jobs, SQLite only); results go to *-quick.json")
+    parser.add_argument(
+        "benchmarks",
+        nargs="*",
+        choices=[*NAMES, []],
+        metavar="BENCHMARK",
+        help=f"which to run: {', '.join(NAMES)} (default: all)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller runs (throughput: 1,000 jobs, SQLite only); results go to *-quick.json",
+    )
     args = parser.parse_args(argv)
     chosen = args.benchmarks or list(NAMES)
     for name in chosen:

@@ -24,7 +24,7 @@ import time
 
 import httpx
 
-from .common import API_KEY, quantile
+from bench.common import API_KEY, quantile
 
 
 def make_client(base_url: str, concurrency: int, transport: str, timeout: float = 10.0) -> httpx.AsyncClient:
@@ -39,12 +39,16 @@ def make_client(base_url: str, concurrency: int, transport: str, timeout: float 
     return httpx.AsyncClient(
         base_url=base_url,
         headers={"Authorization": f"Bearer {API_KEY}", "Accept": "application/json"},
-        timeout=timeout, limits=limits, transport=chosen, follow_redirects=False,
+        timeout=timeout,
+        limits=limits,
+        transport=chosen,
+        follow_redirects=False,
     )
 
 
-async def run(base_url: str, ids: list[str], concurrency: int, transport: str, duration: float,
-              warmup: float) -> dict[str, object]:
+async def run(
+    base_url: str, ids: list[str], concurrency: int, transport: str, duration: float, warmup: float
+) -> dict[str, object]:
     client = make_client(base_url, concurrency, transport)
     cycle = itertools.cycle(ids)
     counting = False
@@ -59,9 +63,7 @@ async def run(base_url: str, ids: list[str], concurrency: int, transport: str, d
             job_id = next(cycle)
             started = time.perf_counter()
             try:
-                response = await client.get(
-                    f"/api/search/deep_research/{job_id}", params={"page": 1, "page_size": 1}
-                )
+                response = await client.get(f"/api/search/deep_research/{job_id}", params={"page": 1, "page_size": 1})
                 body = response.json()
                 ok = response.status_code == 200 and isinstance(body.get("status"), str)
             except (httpx.HTTPError, ValueError):

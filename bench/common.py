@@ -35,8 +35,11 @@ ADMIN_TOKEN = "bench-admin-token"
 def _pg_admin_url() -> str:
     """The PostgreSQL server for the scratch databases: $CLADO_SUPERVISOR_BENCH_PG_URL, else
     the tests' $CLADO_SUPERVISOR_TEST_PG_URL, else the local server (trust auth), as a libpq URL."""
-    url = (os.environ.get("CLADO_SUPERVISOR_BENCH_PG_URL") or os.environ.get("CLADO_SUPERVISOR_TEST_PG_URL")
-           or "postgresql://postgres@127.0.0.1:5432/postgres")
+    url = (
+        os.environ.get("CLADO_SUPERVISOR_BENCH_PG_URL")
+        or os.environ.get("CLADO_SUPERVISOR_TEST_PG_URL")
+        or "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
     from sqlalchemy.engine import make_url
 
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -77,23 +80,37 @@ def machine_info() -> dict[str, Any]:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "loadavg_at_start": [round(x, 2) for x in load],
         "code": code_version(),
-        "packages": _versions("httpx", "httpx-aiohttp", "aiohttp", "uvicorn", "starlette", "sqlalchemy",
-                              "aiosqlite", "psycopg", "apscheduler"),
+        "packages": _versions(
+            "httpx",
+            "httpx-aiohttp",
+            "aiohttp",
+            "uvicorn",
+            "starlette",
+            "sqlalchemy",
+            "aiosqlite",
+            "psycopg",
+            "apscheduler",
+        ),
     }
 
 
 def code_version() -> dict[str, Any]:
     """The commit measured, and the files of the daemon that differ from it (a dirty tree)."""
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
-                                  check=False).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
     dirty = git("status", "--porcelain", "--", "supervisor", "migrations", "pyproject.toml")
-    return {"commit": git("rev-parse", "HEAD") or None, "subject": git("log", "-1", "--format=%s")[:120] or None,
-            "dirty": [line[3:] for line in dirty.splitlines()]}
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "subject": git("log", "-1", "--format=%s")[:120] or None,
+        "dirty": [line[3:] for line in dirty.splitlines()],
+    }
 
 
 def _versions(*names: str) -> dict[str, str | None]:
@@ -121,6 +138,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A plain-text table (GitHub markdown, so it pastes into an issue as it is)."""
     body = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
@@ -185,7 +203,7 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 # -- Prometheus text ---------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -258,8 +276,9 @@ def histogram_quantile(hist: dict[str, Any], q: float) -> float:
 # -- HTTP helpers ------------------------------------------------------------------------------
 
 
-def http_json(url: str, body: Any | None = None, *, method: str | None = None, token: str | None = None,
-              timeout: float = 60) -> Any:
+def http_json(
+    url: str, body: Any | None = None, *, method: str | None = None, token: str | None = None, timeout: float = 60
+) -> Any:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method or ("GET" if body is None else "POST"))
     request.add_header("Content-Type", "application/json")
@@ -324,7 +343,10 @@ class FakeApi:
         self._log = (workdir / "fake-api.log").open("w")
         self.proc = subprocess.Popen(
             [PY, "-m", "supervisor", "fake-api", "--port", str(self.port)],
-            cwd=workdir, env=child_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=child_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
         def up() -> bool:
@@ -388,7 +410,8 @@ class ScratchPg:
         from sqlalchemy.engine import make_url
 
         self.url = (
-            make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=self.name)
+            make_url(PG_ADMIN_URL)
+            .set(drivername="postgresql+psycopg", database=self.name)
             .render_as_string(hide_password=False)
         )
 
@@ -411,8 +434,15 @@ def pg_available() -> str | None:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
-def config_text(base_url: str, db_url: str, *, listen: str, supervisor: dict[str, str],
-                policies: str, api: dict[str, str] | None = None) -> str:
+def config_text(
+    base_url: str,
+    db_url: str,
+    *,
+    listen: str,
+    supervisor: dict[str, str],
+    policies: str,
+    api: dict[str, str] | None = None,
+) -> str:
     sup = "\n".join(f"{k} = {v}" for k, v in supervisor.items())
     api_extra = "\n".join(f"{k} = {v}" for k, v in (api or {}).items())
     return f"""
@@ -440,7 +470,12 @@ level = "warning"
 def cli(args: Sequence[str], *, cwd: Path, config: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [PY, "-m", "supervisor", "--config", str(config), *args],
-        cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"clado-supervisor {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
@@ -452,8 +487,9 @@ class Daemon:
     `python -m bench.instrumented_daemon run` — the same CLI entry point with a SQLAlchemy
     statement counter registered on the daemon's own /metrics (see instrumented_daemon.py)."""
 
-    def __init__(self, workdir: Path, config: Path, port: int, *, instrumented: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config: Path, port: int, *, instrumented: bool = False, env: dict[str, str] | None = None
+    ) -> None:
         self.port = port
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self.admin_url = f"http://127.0.0.1:{port}"
@@ -462,7 +498,9 @@ class Daemon:
         module = "bench.instrumented_daemon" if instrumented else "supervisor"
         self.proc = subprocess.Popen(
             [PY, "-m", module, "--config", str(config), "run"],
-            cwd=REPO if instrumented else workdir, env=child_env(**(env or {})), stdout=self._log,
+            cwd=REPO if instrumented else workdir,
+            env=child_env(**(env or {})),
+            stdout=self._log,
             stderr=subprocess.STDOUT,
         )
 
@@ -482,8 +520,11 @@ class Daemon:
 
     def track(self, job_ids: Sequence[str], **fields: Any) -> None:
         for start in range(0, len(job_ids), 5000):
-            http_json(self.admin_url + "/v1/jobs", {"job_ids": list(job_ids[start:start + 5000]), **fields},
-                      token=ADMIN_TOKEN)
+            http_json(
+                self.admin_url + "/v1/jobs",
+                {"job_ids": list(job_ids[start : start + 5000]), **fields},
+                token=ADMIN_TOKEN,
+            )
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.proc.pid)

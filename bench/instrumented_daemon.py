@@ -26,12 +26,16 @@ from sqlalchemy.engine import Engine
 from supervisor.adapters import metrics
 
 CALLS = Counter(
-    metrics._P + "bench_sql_calls_total", "SQL cursor executions (executemany = 1), by kind.", ["kind"],
+    metrics._P + "bench_sql_calls_total",
+    "SQL cursor executions (executemany = 1), by kind.",
+    ["kind"],
     registry=metrics.REGISTRY,
 )
 ROWS = Counter(
-    metrics._P + "bench_sql_rows_total", "SQL statements run (executemany of N parameter sets = N), by kind.",
-    ["kind"], registry=metrics.REGISTRY,
+    metrics._P + "bench_sql_rows_total",
+    "SQL statements run (executemany of N parameter sets = N), by kind.",
+    ["kind"],
+    registry=metrics.REGISTRY,
 )
 
 _SPACE = re.compile(r"\s+")
@@ -89,9 +93,9 @@ def use_aiohttp_transport() -> None:
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
-    from supervisor.app import operations as app
     from supervisor.adapters.clado import CladoClient
     from supervisor.adapters.secrets import api_key
+    from supervisor.app import operations as app
 
     def client_for(config):  # type: ignore[no-untyped-def]
         limits = httpx.Limits(

@@ -45,10 +45,11 @@ def _created(body: dict[str, Any]) -> float | None:
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
-async def watch_all(base_url: str, api_key: str, interval: float, concurrency: int,
-                    deadline: float) -> dict[str, Any]:
+async def watch_all(base_url: str, api_key: str, interval: float, concurrency: int, deadline: float) -> dict[str, Any]:
     client = httpx.AsyncClient(
-        base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10.0,
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=10.0,
         limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
     )
     slots = asyncio.Semaphore(concurrency)
@@ -57,16 +58,16 @@ async def watch_all(base_url: str, api_key: str, interval: float, concurrency: i
 
     async def watch(spec: dict[str, Any]) -> None:
         job_id = spec["job_id"]
-        record: dict[str, Any] = {"polls": 0, "cancelled_at": None, "reason": None, "results_seen": None,
-                                  "errors": 0}
+        record: dict[str, Any] = {"polls": 0, "cancelled_at": None, "reason": None, "results_seen": None, "errors": 0}
         out[job_id] = record
         start = loop.time()
         k = 0
         while loop.time() < deadline:
             try:
                 async with slots:
-                    response = await client.get(f"/api/search/deep_research/{job_id}",
-                                                params={"page": 1, "page_size": 1})
+                    response = await client.get(
+                        f"/api/search/deep_research/{job_id}", params={"page": 1, "page_size": 1}
+                    )
                 record["polls"] += 1
                 body = response.json()
             except (httpx.HTTPError, ValueError):
@@ -82,8 +83,11 @@ async def watch_all(base_url: str, api_key: str, interval: float, concurrency: i
                 reason = None
                 if spec.get("max_credits") is not None and results >= spec["max_credits"]:
                     reason = "max_credits"
-                elif (spec.get("max_runtime") is not None and created is not None
-                      and time.time() - created >= spec["max_runtime"]):
+                elif (
+                    spec.get("max_runtime") is not None
+                    and created is not None
+                    and time.time() - created >= spec["max_runtime"]
+                ):
                     reason = "max_runtime"
                 if reason is not None:
                     async with slots:

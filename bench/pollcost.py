@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from . import common
-from .common import API_KEY, FakeApi
+from bench import common
+from bench.common import API_KEY, FakeApi
 
 SIZES = (10, 100, 1000)
 POLLS = 200
@@ -69,18 +69,21 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         for size in SIZES:
             # Fast enough to be complete at once: the job holds exactly `size` results.
             job_id = fake.bulk(1, rate=100_000, limit=size)[0]
-            common.wait_until(lambda job_id=job_id: fake.job(job_id)["status"] == "completed", timeout=10,
-                              what="job done")
+            common.wait_until(
+                lambda job_id=job_id: fake.job(job_id)["status"] == "completed", timeout=10, what="job done"
+            )
             paged = measure(client, fake, job_id, True, polls)
             unpaged = measure(client, fake, job_id, False, polls)
-            rows.append({
-                "results": size,
-                "paged": paged,
-                "unpaged": unpaged,
-                "unpaged_over_paged_bytes": unpaged["wire_bytes"] / paged["wire_bytes"],
-                "paged_gb_per_day_10k_jobs_15s": paged["wire_bytes"] * POLLS_PER_DAY_10K / 1e9,
-                "unpaged_gb_per_day_10k_jobs_15s": unpaged["wire_bytes"] * POLLS_PER_DAY_10K / 1e9,
-            })
+            rows.append(
+                {
+                    "results": size,
+                    "paged": paged,
+                    "unpaged": unpaged,
+                    "unpaged_over_paged_bytes": unpaged["wire_bytes"] / paged["wire_bytes"],
+                    "paged_gb_per_day_10k_jobs_15s": paged["wire_bytes"] * POLLS_PER_DAY_10K / 1e9,
+                    "unpaged_gb_per_day_10k_jobs_15s": unpaged["wire_bytes"] * POLLS_PER_DAY_10K / 1e9,
+                }
+            )
         client.close()
     finally:
         fake.close()
@@ -93,11 +96,13 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     flat = [r["paged"]["wire_bytes"] for r in rows]
-    result["targets"] = [{
-        "target": "paged poll costs the same bytes whatever the result count (within 5%)",
-        "value": max(flat) / min(flat),
-        "met": max(flat) / min(flat) <= 1.05,
-    }]
+    result["targets"] = [
+        {
+            "target": "paged poll costs the same bytes whatever the result count (within 5%)",
+            "value": max(flat) / min(flat),
+            "met": max(flat) / min(flat) <= 1.05,
+        }
+    ]
     shutil.rmtree(work, ignore_errors=True)  # kept only when the run failed, for its logs
     name = "pollcost-quick" if quick else "pollcost"
     common.write_json(f"{name}.json", result)
@@ -111,17 +116,37 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "Poll cost over loopback: the supervisor's poll (page=1&page_size=1) vs an unpaged GET (naive client)",
         common.table(
-            ["results in job", "supervisor bytes/poll", "naive bytes/poll", "naive / supervisor",
-             "supervisor ms", "naive ms", "supervisor GB/day*", "naive GB/day*"],
-            [[r["results"], r["paged"]["wire_bytes"], r["unpaged"]["wire_bytes"], r["unpaged_over_paged_bytes"],
-              r["paged"]["latency_ms_p50"], r["unpaged"]["latency_ms_p50"], r["paged_gb_per_day_10k_jobs_15s"],
-              r["unpaged_gb_per_day_10k_jobs_15s"]] for r in rows],
+            [
+                "results in job",
+                "supervisor bytes/poll",
+                "naive bytes/poll",
+                "naive / supervisor",
+                "supervisor ms",
+                "naive ms",
+                "supervisor GB/day*",
+                "naive GB/day*",
+            ],
+            [
+                [
+                    r["results"],
+                    r["paged"]["wire_bytes"],
+                    r["unpaged"]["wire_bytes"],
+                    r["unpaged_over_paged_bytes"],
+                    r["paged"]["latency_ms_p50"],
+                    r["unpaged"]["latency_ms_p50"],
+                    r["paged_gb_per_day_10k_jobs_15s"],
+                    r["unpaged_gb_per_day_10k_jobs_15s"],
+                ]
+                for r in rows
+            ],
         ),
         "* 10,000 jobs polled every 15 s for a day (57.6 M polls), response bytes only; ms = latency p50",
         "",
         "Targets",
-        common.table(["target", "value", "met"],
-                     [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in result["targets"]]),
+        common.table(
+            ["target", "value", "met"],
+            [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in result["targets"]],
+        ),
     ]
     return "\n".join(lines)
 
@@ -146,10 +171,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title("Bytes per poll")
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.bar([i - 0.2 for i in x], [r["paged"]["latency_ms_p50"] for r in rows], 0.4, label="supervisor",
-           color="#1f77b4")
-    ax.bar([i + 0.2 for i in x], [r["unpaged"]["latency_ms_p50"] for r in rows], 0.4, label="naive (unpaged)",
-           color="#ff7f0e")
+    ax.bar([i - 0.2 for i in x], [r["paged"]["latency_ms_p50"] for r in rows], 0.4, label="supervisor", color="#1f77b4")
+    ax.bar(
+        [i + 0.2 for i in x],
+        [r["unpaged"]["latency_ms_p50"] for r in rows],
+        0.4,
+        label="naive (unpaged)",
+        color="#ff7f0e",
+    )
     ax.set_xticks(x, labels)
     ax.set_ylabel("latency p50, ms (loopback, simulator)")
     ax.set_title("Time per poll")

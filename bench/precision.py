@@ -38,8 +38,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import common
-from .common import PY, REPO, Daemon, FakeApi
+from bench import common
+from bench.common import PY, REPO, Daemon, FakeApi
 
 RATES = (1, 5, 10, 20)
 JOBS_PER_CLASS = 20
@@ -73,23 +73,42 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         for index, (watcher, extra) in enumerate(DAEMONS.items()):
             port = common.free_port()
             config = work / f"supervisor-{index}.toml"
-            config.write_text(common.config_text(
-                fake.base_url, f"sqlite:///{work / f'precision-{index}.db'}", listen=f"127.0.0.1:{port}",
-                supervisor={"poll_interval": f'"{POLL_INTERVAL_S}s"', **extra}, policies=POLICIES,
-            ))
+            config.write_text(
+                common.config_text(
+                    fake.base_url,
+                    f"sqlite:///{work / f'precision-{index}.db'}",
+                    listen=f"127.0.0.1:{port}",
+                    supervisor={"poll_interval": f'"{POLL_INTERVAL_S}s"', **extra},
+                    policies=POLICIES,
+                )
+            )
             common.cli(["migrate"], cwd=work, config=config)
             daemons[watcher] = Daemon(work, config, port)
         naive = subprocess.Popen(
-            [PY, "-m", "bench.naive_poller", "--base-url", fake.base_url, "--interval", str(POLL_INTERVAL_S),
-             "--deadline", "240"],
-            cwd=REPO, env=common.child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [
+                PY,
+                "-m",
+                "bench.naive_poller",
+                "--base-url",
+                fake.base_url,
+                "--interval",
+                str(POLL_INTERVAL_S),
+                "--deadline",
+                "240",
+            ],
+            cwd=REPO,
+            env=common.child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         time.sleep(1.0)  # every watcher up (imports done) before the jobs exist
 
         classes = [(f"{rate}/s", {"rate": rate, "limit": 1000}) for rate in RATES]
         classes.append(("runtime", {"rate": RUNTIME_RATE, "limit": 1000}))
         jobs: dict[str, dict[str, list[str]]] = {name: {w: [] for w in WATCHERS} for name, _ in classes}
-        assert naive.stdin is not None
+        if naive.stdin is None:  # for the type checker: stdin=PIPE always gives one
+            raise RuntimeError("the naive poller has no stdin")
         # One job at a time, each handed to its watcher as soon as it exists, at random
         # moments over a few seconds: jobs meet the daemons' 1 s tick and the naive
         # poller's 15 s cycle at every phase, as jobs started by users would.
@@ -101,8 +120,10 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
                     jobs[name][watcher].append(job_id)
                     max_runtime = MAX_RUNTIME_S if name == "runtime" else None
                     if watcher == "naive":
-                        naive.stdin.write(json.dumps(
-                            {"job_id": job_id, "max_credits": MAX_CREDITS, "max_runtime": max_runtime}) + "\n")
+                        naive.stdin.write(
+                            json.dumps({"job_id": job_id, "max_credits": MAX_CREDITS, "max_runtime": max_runtime})
+                            + "\n"
+                        )
                         naive.stdin.flush()
                     elif max_runtime is not None:
                         daemons[watcher].track([job_id], max_runtime=f"{max_runtime}s")
@@ -111,8 +132,10 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
                 time.sleep(rng.uniform(0.0, 0.08))
         naive.stdin.write(json.dumps({"end": True}) + "\n")
         naive.stdin.flush()
-        log(f"  {len(classes)} classes x {per_class} jobs x {len(WATCHERS)} watchers made and handed over, "
-            "one at a time; waiting for every job to be cancelled")
+        log(
+            f"  {len(classes)} classes x {per_class} jobs x {len(WATCHERS)} watchers made and handed over, "
+            "one at a time; waiting for every job to be cancelled"
+        )
 
         all_ids = [j for sides in jobs.values() for side in sides.values() for j in side]
         # Status calls a job had had when its first cancel call was seen (sampled every
@@ -133,8 +156,11 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
 
         # The daemons confirm through the status endpoint (confirm_interval 2 s): let them.
         def confirmed() -> bool:
-            return all(row["state"] not in ("watching", "cancelling", "confirming")
-                       for daemon in daemons.values() for row in _daemon_jobs(daemon))
+            return all(
+                row["state"] not in ("watching", "cancelling", "confirming")
+                for daemon in daemons.values()
+                for row in _daemon_jobs(daemon)
+            )
 
         common.wait_until(confirmed, timeout=30, what="the daemons to confirm every cancel", interval=1.0)
         naive_out, _ = naive.communicate(timeout=260)
@@ -163,20 +189,25 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
                 "jobs": len(ids),
                 "status_calls": common.summary(calls),
                 "status_calls_before_cancel": common.summary(
-                    [float(calls_at_cancel[j]) for j in ids if j in calls_at_cancel]),
+                    [float(calls_at_cancel[j]) for j in ids if j in calls_at_cancel]
+                ),
                 "cancel_calls": sum(i["cancel_calls"] for i in infos),
                 "final_status": sorted({i["status"] for i in infos}),
             }
             if name == "runtime":
-                lateness = [i["cancel_call_times"][0] - (i["created_at_ts"] + MAX_RUNTIME_S)
-                            for i in infos if i["cancel_call_times"]]
+                lateness = [
+                    i["cancel_call_times"][0] - (i["created_at_ts"] + MAX_RUNTIME_S)
+                    for i in infos
+                    if i["cancel_call_times"]
+                ]
                 entry["lateness_s"] = common.summary(lateness)
                 entry["not_cancelled"] = sum(1 for i in infos if not i["cancel_call_times"])
             else:
                 overshoot = [float(i["results"] - MAX_CREDITS) for i in infos]
                 entry["overshoot_credits"] = common.summary(overshoot)
                 entry["time_to_cancel_s"] = common.summary(
-                    [i["cancel_call_times"][0] - i["created_at_ts"] for i in infos if i["cancel_call_times"]])
+                    [i["cancel_call_times"][0] - i["created_at_ts"] for i in infos if i["cancel_call_times"]]
+                )
             if side in DAEMONS:
                 entry["breakdown"] = _breakdown(name, ids, info_by_id, sup_jobs)
                 entry["states"] = sorted({sup_jobs[j]["state"] for j in ids if j in sup_jobs})
@@ -189,7 +220,8 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
             sup = results[name][watcher]
             sup["status_calls_ratio"] = sup["status_calls"]["mean"] / nai["status_calls"]["mean"]
             sup["status_calls_before_cancel_ratio"] = (
-                sup["status_calls_before_cancel"]["mean"] / nai["status_calls_before_cancel"]["mean"])
+                sup["status_calls_before_cancel"]["mean"] / nai["status_calls_before_cancel"]["mean"]
+            )
 
     def total(watcher: str, key: str) -> float:
         return sum(results[n][watcher][key]["mean"] for n in results)
@@ -198,14 +230,22 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         "benchmark": "precision",
         "quick": quick,
         "machine": info,
-        "setup": {"rates": list(RATES), "jobs_per_class": per_class, "max_credits": MAX_CREDITS,
-                  "max_runtime_s": MAX_RUNTIME_S, "runtime_rate": RUNTIME_RATE, "poll_interval_s": POLL_INTERVAL_S,
-                  "database": "sqlite", "warn_at": [0.8], "daemons": DAEMONS},
+        "setup": {
+            "rates": list(RATES),
+            "jobs_per_class": per_class,
+            "max_credits": MAX_CREDITS,
+            "max_runtime_s": MAX_RUNTIME_S,
+            "runtime_rate": RUNTIME_RATE,
+            "poll_interval_s": POLL_INTERVAL_S,
+            "database": "sqlite",
+            "warn_at": [0.8],
+            "daemons": DAEMONS,
+        },
         "classes": results,
-        "status_calls_ratio_overall": {
-            w: total(w, "status_calls") / total("naive", "status_calls") for w in DAEMONS},
+        "status_calls_ratio_overall": {w: total(w, "status_calls") / total("naive", "status_calls") for w in DAEMONS},
         "status_calls_before_cancel_ratio_overall": {
-            w: total(w, "status_calls_before_cancel") / total("naive", "status_calls_before_cancel") for w in DAEMONS},
+            w: total(w, "status_calls_before_cancel") / total("naive", "status_calls_before_cancel") for w in DAEMONS
+        },
         "daemon_exit": daemon_exit,
         "daemon_errors": daemon_errors,
     }
@@ -223,8 +263,9 @@ def _ts(value: str | None) -> float | None:
     return None if value is None else datetime.fromisoformat(value).timestamp()
 
 
-def _breakdown(name: str, ids: list[str], infos: dict[str, dict[str, Any]],
-               sup_jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _breakdown(
+    name: str, ids: list[str], infos: dict[str, dict[str, Any]], sup_jobs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Where the supervisor's overshoot / lateness comes from: the decision (its poll saw the
     breach; the daemon's cancel_requested_at and cancel_detail.credits) vs the path from the
     committed decision to the cancel call reaching the simulator. Same machine, same clock."""
@@ -267,8 +308,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         name = f"{rate}/s"
         over = classes[name]["supervisor"]["overshoot_credits"]
         if rate <= 10:
-            out.append({"target": f"overshoot p50 <= 1 credit at {name}", "value": over["p50"], "met": over["p50"] <= 1})
-            out.append({"target": f"overshoot p95 <= 3 credits at {name}", "value": over["p95"], "met": over["p95"] <= 3})
+            out.append(
+                {"target": f"overshoot p50 <= 1 credit at {name}", "value": over["p50"], "met": over["p50"] <= 1}
+            )
+            out.append(
+                {"target": f"overshoot p95 <= 3 credits at {name}", "value": over["p95"], "met": over["p95"] <= 3}
+            )
     late = classes["runtime"]["supervisor"]["lateness_s"]
     out.append({"target": "runtime lateness p99 <= 1 s", "value": late["p99"], "met": late["p99"] <= 1.0})
     for name in classes:
@@ -286,38 +331,82 @@ def render(result: dict[str, Any]) -> str:
         for side in WATCHERS:
             entry = sides[side]
             fig = entry["lateness_s" if name == "runtime" else "overshoot_credits"]
-            rows.append([name, side, "lateness s" if name == "runtime" else "overshoot credits", fig["p50"],
-                         fig["p95"], fig["p99"], fig["max"], entry["status_calls"]["mean"],
-                         entry["status_calls_before_cancel"]["mean"], entry.get("status_calls_ratio")])
+            rows.append(
+                [
+                    name,
+                    side,
+                    "lateness s" if name == "runtime" else "overshoot credits",
+                    fig["p50"],
+                    fig["p95"],
+                    fig["p99"],
+                    fig["max"],
+                    entry["status_calls"]["mean"],
+                    entry["status_calls_before_cancel"]["mean"],
+                    entry.get("status_calls_ratio"),
+                ]
+            )
     overall = result["status_calls_ratio_overall"]
     before = result["status_calls_before_cancel_ratio_overall"]
     lines = [
-        (f"Precision at poll_interval {POLL_INTERVAL_S} s: max_credits {MAX_CREDITS}, max_runtime {MAX_RUNTIME_S} s "
-         f"({result['setup']['jobs_per_class']} jobs per class and watcher; naive = poll every 15 s, cancel on breach; "
-         "supervisor = shipped defaults, tick 1 s)"),
-        common.table(["class", "watcher", "figure", "p50", "p95", "p99", "max", "status calls/job",
-                      "of them before the cancel", "calls vs naive"], rows),
+        (
+            f"Precision at poll_interval {POLL_INTERVAL_S} s: max_credits {MAX_CREDITS}, "
+            f"max_runtime {MAX_RUNTIME_S} s ({result['setup']['jobs_per_class']} jobs per class and watcher; "
+            "naive = poll every 15 s, cancel on breach; supervisor = shipped defaults, tick 1 s)"
+        ),
+        common.table(
+            [
+                "class",
+                "watcher",
+                "figure",
+                "p50",
+                "p95",
+                "p99",
+                "max",
+                "status calls/job",
+                "of them before the cancel",
+                "calls vs naive",
+            ],
+            rows,
+        ),
         "",
         "Status calls per job, all classes, vs naive: "
-        + "; ".join(f"{w} {overall[w]:.2f} (before the cancel, without the confirmation poll: {before[w]:.2f})"
-                    for w in DAEMONS),
+        + "; ".join(
+            f"{w} {overall[w]:.2f} (before the cancel, without the confirmation poll: {before[w]:.2f})" for w in DAEMONS
+        ),
         "",
-        ("Where a daemon's overshoot and lateness come from (p50 / p95): the deciding poll (how late after the limit "
-         "was reached, and the credits it saw) vs decision committed -> cancel call at the simulator"),
+        (
+            "Where a daemon's overshoot and lateness come from (p50 / p95): the deciding poll "
+            "(how late after the limit was reached, and the credits it saw) "
+            "vs decision committed -> cancel call at the simulator"
+        ),
         common.table(
-            ["class", "watcher", "decision late s", "past the limit at decision", "accrued after decision",
-             "decision -> cancel call s"],
-            [[name, w,
-              _pp(classes[name][w]["breakdown"].get("decision_late_s")),
-              _pp(classes[name][w]["breakdown"].get("overshoot_at_decision")),
-              _pp(classes[name][w]["breakdown"].get("overshoot_after_decision")),
-              _pp(classes[name][w]["breakdown"]["decision_to_cancel_call_s"])]
-             for name in classes for w in DAEMONS],
+            [
+                "class",
+                "watcher",
+                "decision late s",
+                "past the limit at decision",
+                "accrued after decision",
+                "decision -> cancel call s",
+            ],
+            [
+                [
+                    name,
+                    w,
+                    _pp(classes[name][w]["breakdown"].get("decision_late_s")),
+                    _pp(classes[name][w]["breakdown"].get("overshoot_at_decision")),
+                    _pp(classes[name][w]["breakdown"].get("overshoot_after_decision")),
+                    _pp(classes[name][w]["breakdown"]["decision_to_cancel_call_s"]),
+                ]
+                for name in classes
+                for w in DAEMONS
+            ],
         ),
         "",
         "Targets (supervisor with the shipped defaults)",
-        common.table(["target", "value", "met"],
-                     [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in result["targets"]]),
+        common.table(
+            ["target", "value", "met"],
+            [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in result["targets"]],
+        ),
     ]
     return "\n".join(lines)
 
@@ -345,12 +434,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
         p95 = [max(o["p95"], 0.1) for o in over]
         xs = [i + offsets[side] for i in x]
         ax.bar(xs, p50, width, color=colors[side], label=f"{side}: p50 (whisker p95, dot max)")
-        ax.errorbar(xs, p50, yerr=[[0] * len(x), [max(b - a, 0) for a, b in zip(p50, p95, strict=True)]],
-                    fmt="none", ecolor="black", capsize=3)
+        ax.errorbar(
+            xs,
+            p50,
+            yerr=[[0] * len(x), [max(b - a, 0) for a, b in zip(p50, p95, strict=True)]],
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+        )
         ax.plot(xs, [max(o["max"], 0.1) for o in over], "k.", ms=5)
         for xi, o in zip(xs, over, strict=True):
-            ax.annotate(f"{o['p50']:g}", (xi, max(o["p50"], 0.1)), textcoords="offset points", xytext=(0, 2),
-                        ha="center", fontsize=7)
+            ax.annotate(
+                f"{o['p50']:g}",
+                (xi, max(o["p50"], 0.1)),
+                textcoords="offset points",
+                xytext=(0, 2),
+                ha="center",
+                fontsize=7,
+            )
     ax.axhline(1, color="red", ls="--", lw=1, label="target p50 <= 1")
     ax.axhline(3, color="red", ls=":", lw=1, label="target p95 <= 3 (up to 10/s)")
     ax.set_yscale("log")
@@ -364,8 +465,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for side in WATCHERS:
         late = classes["runtime"][side]["lateness_s"]
         values = [late["p50"], late["p95"], late["p99"], late["max"]]
-        ax.bar([i + offsets[side] for i in range(4)], [max(v, 0.001) for v in values], width, color=colors[side],
-               label=side)
+        ax.bar(
+            [i + offsets[side] for i in range(4)],
+            [max(v, 0.001) for v in values],
+            width,
+            color=colors[side],
+            label=side,
+        )
     ax.axhline(1, color="red", ls="--", lw=1, label="target p99 <= 1 s")
     ax.set_yscale("log")
     ax.set_xticks(range(4), ["p50", "p95", "p99", "max"])
@@ -377,22 +483,35 @@ def plot(result: dict[str, Any], path: Path) -> None:
     all_names = [*names, "runtime"]
     for side in WATCHERS:
         xs = [i + offsets[side] for i in range(len(all_names))]
-        ax.bar(xs, [classes[n][side]["status_calls"]["mean"] for n in all_names], width, color=colors[side],
-               alpha=0.4)
-        ax.bar(xs, [classes[n][side]["status_calls_before_cancel"]["mean"] for n in all_names], width,
-               color=colors[side], label=f"{side} (light: after the cancel)")
+        ax.bar(xs, [classes[n][side]["status_calls"]["mean"] for n in all_names], width, color=colors[side], alpha=0.4)
+        ax.bar(
+            xs,
+            [classes[n][side]["status_calls_before_cancel"]["mean"] for n in all_names],
+            width,
+            color=colors[side],
+            label=f"{side} (light: after the cancel)",
+        )
     for i, n in enumerate(all_names):
         entry = classes[n]["supervisor"]
-        ax.annotate(f"{entry['status_calls_ratio']:.2f}x", (i + offsets["supervisor"], entry["status_calls"]["mean"]),
-                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+        ax.annotate(
+            f"{entry['status_calls_ratio']:.2f}x",
+            (i + offsets["supervisor"], entry["status_calls"]["mean"]),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=7,
+        )
     ax.set_xticks(range(len(all_names)), all_names)
     ax.set_ylabel("status calls per job (mean)")
     ax.set_title("Cost: status calls per job (label: supervisor / naive)")
     ax.legend(fontsize=7)
 
     m = result["machine"]
-    fig.suptitle(f"clado-supervisor precision, poll_interval {POLL_INTERVAL_S} s - {m['nproc']} cores (shared), "
-                 f"Python {m['python']}, {m['date']}", fontsize=10)
+    fig.suptitle(
+        f"clado-supervisor precision, poll_interval {POLL_INTERVAL_S} s - {m['nproc']} cores (shared), "
+        f"Python {m['python']}, {m['date']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

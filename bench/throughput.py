@@ -52,18 +52,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import common
-from .common import (
-    PY,
-    REPO,
-    Daemon,
-    FakeApi,
-    ScratchPg,
-    histogram,
-    histogram_delta,
-    histogram_quantile,
-    metric,
-)
+from bench import common
+from bench.common import PY, REPO, Daemon, FakeApi, ScratchPg, histogram, histogram_delta, histogram_quantile, metric
 
 POLICIES = """
 [policies.default]
@@ -102,13 +92,21 @@ class Plan:
     transport_duration: float = 5.0
 
 
-FULL = Plan(rows=[
-    *((backend, n, "as-is") for n in (1_000, 5_000, 10_000) for backend in ("sqlite", "postgresql")),
-    ("sqlite", 10_000, "aiohttp"),
-    ("postgresql", 10_000, "aiohttp"),
-])
-QUICK = Plan(rows=[("sqlite", 1_000, "as-is")], window=15.0, saturate_sizes=(1_000,), saturate_window=8.0,
-             transport_duration=4.0, bare_duration=4.0)
+FULL = Plan(
+    rows=[
+        *((backend, n, "as-is") for n in (1_000, 5_000, 10_000) for backend in ("sqlite", "postgresql")),
+        ("sqlite", 10_000, "aiohttp"),
+        ("postgresql", 10_000, "aiohttp"),
+    ]
+)
+QUICK = Plan(
+    rows=[("sqlite", 1_000, "as-is")],
+    window=15.0,
+    saturate_sizes=(1_000,),
+    saturate_window=8.0,
+    transport_duration=4.0,
+    bare_duration=4.0,
+)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -134,13 +132,36 @@ class CpuSampler:
         return (1 - (idle - i0) / (total - t0)) * nproc
 
 
-def bare_loop(base_url: str, ids_file: Path, *, concurrency: int = 32, transport: str = "httpx",
-              duration: float = 8.0, procs: int = 1) -> dict[str, Any]:
+def bare_loop(
+    base_url: str,
+    ids_file: Path,
+    *,
+    concurrency: int = 32,
+    transport: str = "httpx",
+    duration: float = 8.0,
+    procs: int = 1,
+) -> dict[str, Any]:
     runs = [
         subprocess.Popen(
-            [PY, "-m", "bench.bareloop", "--base-url", base_url, "--ids", str(ids_file),
-             "--concurrency", str(concurrency), "--transport", transport, "--duration", str(duration)],
-            cwd=REPO, env=common.child_env(), stdout=subprocess.PIPE, text=True,
+            [
+                PY,
+                "-m",
+                "bench.bareloop",
+                "--base-url",
+                base_url,
+                "--ids",
+                str(ids_file),
+                "--concurrency",
+                str(concurrency),
+                "--transport",
+                transport,
+                "--duration",
+                str(duration),
+            ],
+            cwd=REPO,
+            env=common.child_env(),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(procs)
     ]
@@ -153,9 +174,13 @@ def bare_loop(base_url: str, ids_file: Path, *, concurrency: int = 32, transport
     if procs == 1:
         return outs[0]
     return {
-        "transport": transport, "concurrency": concurrency, "procs": procs,
-        "per_s": sum(o["per_s"] for o in outs), "errors": sum(o["errors"] for o in outs),
-        "latency_p50_ms": max(o["latency_p50_ms"] for o in outs), "runs": outs,
+        "transport": transport,
+        "concurrency": concurrency,
+        "procs": procs,
+        "per_s": sum(o["per_s"] for o in outs),
+        "errors": sum(o["errors"] for o in outs),
+        "latency_p50_ms": max(o["latency_p50_ms"] for o in outs),
+        "runs": outs,
     }
 
 
@@ -165,8 +190,8 @@ class LagTracker:
     def __init__(self, db_url: str) -> None:
         from sqlalchemy import create_engine, pool, select
 
-        from supervisor.adapters.tables import jobs
         from supervisor.adapters.store import sync_url
+        from supervisor.adapters.tables import jobs
 
         self._engine = create_engine(sync_url(db_url), poolclass=pool.NullPool)
         self._query = select(jobs.c.job_id, jobs.c.last_polled_at, jobs.c.next_check_at)
@@ -251,11 +276,16 @@ def run_row(fake: FakeApi, backend: str, n: int, variant: str, plan: Plan, work:
     config = work / f"supervisor-{backend}-{n}.toml"
 
     def write_config(poll_interval: str) -> None:
-        config.write_text(common.config_text(
-            fake.base_url, db_url, listen=f"127.0.0.1:{port}",
-            supervisor={"poll_interval": f'"{poll_interval}"'}, policies=POLICIES,
-            api={"max_concurrency": "32", "timeout": '"10s"'},
-        ))
+        config.write_text(
+            common.config_text(
+                fake.base_url,
+                db_url,
+                listen=f"127.0.0.1:{port}",
+                supervisor={"poll_interval": f'"{poll_interval}"'},
+                policies=POLICIES,
+                api={"max_concurrency": "32", "timeout": '"10s"'},
+            )
+        )
 
     write_config("15s")
     daemon: Daemon | None = None
@@ -279,8 +309,9 @@ def run_row(fake: FakeApi, backend: str, n: int, variant: str, plan: Plan, work:
         t0 = started
 
         def sample_limit() -> None:
-            limits.append((round(time.monotonic() - started, 1),
-                           metric(daemon.metrics(), "clado_supervisor_claim_limit")))
+            limits.append(
+                (round(time.monotonic() - started, 1), metric(daemon.metrics(), "clado_supervisor_claim_limit"))
+            )
 
         steady_from = created + 30.0
         polls: list[tuple[float, int]] = []
@@ -325,10 +356,13 @@ def run_row(fake: FakeApi, backend: str, n: int, variant: str, plan: Plan, work:
         busy = machine.busy_cores(common.machine_info()["nproc"] or 2)
         polls = s1["status"] - s0["status"]
         d = scalar_deltas(m1, m0)
-        hist_lag = histogram_delta(histogram(m1, "clado_supervisor_poll_lag_seconds"),
-                                   histogram(m0, "clado_supervisor_poll_lag_seconds"))
-        hist_tick = histogram_delta(histogram(m1, "clado_supervisor_tick_duration_seconds"),
-                                    histogram(m0, "clado_supervisor_tick_duration_seconds"))
+        hist_lag = histogram_delta(
+            histogram(m1, "clado_supervisor_poll_lag_seconds"), histogram(m0, "clado_supervisor_poll_lag_seconds")
+        )
+        hist_tick = histogram_delta(
+            histogram(m1, "clado_supervisor_tick_duration_seconds"),
+            histogram(m0, "clado_supervisor_tick_duration_seconds"),
+        )
         sql = sql_delta(sql_counts(m1), sql_counts(m0))
         statements = sum(v for k, v in sql["rows"].items() if k != "txn_control")
         calls = sum(v for k, v in sql["calls"].items() if k != "txn_control")
@@ -438,11 +472,13 @@ def run_row(fake: FakeApi, backend: str, n: int, variant: str, plan: Plan, work:
         row["cpu_bound_capacity_per_s"] = 1000 / cpu_ms if cpu_ms else math.nan
         row["supervisor_over_bare_cpu"] = bare["cpu_ms_per_request"] / cpu_ms if cpu_ms else math.nan
         row["held_over_bare"] = row["polls_per_s"] / bare["per_s"]
-        log(f"  {backend:10} {n:>6} jobs {variant:11}: {row['polls_per_s']:.0f} polls/s of {n / 15:.0f} demanded, "
+        log(
+            f"  {backend:10} {n:>6} jobs {variant:11}: {row['polls_per_s']:.0f} polls/s of {n / 15:.0f} demanded, "
             f"lag p99 {lags['p99']:.3f}s (hist {row['lag_histogram_p99_s']:.3f}s), "
             f"tick {row['tick_mean_ms']:.1f} ms, {row['sql_statements_per_tick']:.1f} SQL/tick, "
             f"RSS {row['peak_rss_mb']:.0f} MB, bare {bare['per_s']:.0f}/s"
-            + (f", capacity {capacity:.0f}/s" if capacity else ""))
+            + (f", capacity {capacity:.0f}/s" if capacity else "")
+        )
         return row
     finally:
         if lag is not None:
@@ -481,8 +517,13 @@ def transports(fake: FakeApi, ids_file: Path, plan: Plan) -> dict[str, Any]:
             for transport in ("httpx", "aiohttp") if have_aiohttp else ("httpx",):
                 key = f"{transport}@{concurrency}"
                 runs.setdefault(key, []).append(
-                    bare_loop(fake.base_url, ids_file, concurrency=concurrency, transport=transport,
-                              duration=plan.transport_duration)
+                    bare_loop(
+                        fake.base_url,
+                        ids_file,
+                        concurrency=concurrency,
+                        transport=transport,
+                        duration=plan.transport_duration,
+                    )
                 )
     out: dict[str, Any] = {"runs": runs}
     for key, results in runs.items():
@@ -524,11 +565,16 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         probe_file = work / "probe-ids.txt"
         probe_file.write_text("\n".join(probe_ids) + "\n")
         alone = simulator_alone(fake, probe_file, duration=plan.transport_duration)
-        log(f"  simulator alone: {alone['observed_per_s']:.0f} req/s observed, "
-            f"{alone['fake_cpu_ms_per_request']:.2f} ms CPU/request -> ~{alone['fake_capacity_one_core_per_s']:.0f}/s on one core")
+        log(
+            f"  simulator alone: {alone['observed_per_s']:.0f} req/s observed, "
+            f"{alone['fake_cpu_ms_per_request']:.2f} ms CPU/request "
+            f"-> ~{alone['fake_capacity_one_core_per_s']:.0f}/s on one core"
+        )
         trans = transports(fake, probe_file, plan)
-        log("  bare loop by transport: " + ", ".join(f"{k} {v:.0f}/s" for k, v in trans.items()
-                                                      if isinstance(v, float) and "@" in k))
+        log(
+            "  bare loop by transport: "
+            + ", ".join(f"{k} {v:.0f}/s" for k, v in trans.items() if isinstance(v, float) and "@" in k)
+        )
         rows = [run_row(fake, backend, n, variant, plan, work, log) for backend, n, variant in planned]
     finally:
         fake.close()
@@ -537,9 +583,11 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         "quick": quick,
         "machine": info,
         "plan": plan.__dict__ | {"saturate_sizes": list(plan.saturate_sizes)},
-        "variants": {"as-is": "the daemon as it is (python -m supervisor run + a SQL statement counter)",
-                     "aiohttp": "as-is, CladoClient on httpx-aiohttp's transport (applied from "
-                                "bench/instrumented_daemon.py, the supervisor's code unchanged)"},
+        "variants": {
+            "as-is": "the daemon as it is (python -m supervisor run + a SQL statement counter)",
+            "aiohttp": "as-is, CladoClient on httpx-aiohttp's transport (applied from "
+            "bench/instrumented_daemon.py, the supervisor's code unchanged)",
+        },
         "job_knobs": JOB_KNOBS,
         "skipped": skipped,
         "simulator_alone": alone,
@@ -561,32 +609,77 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         label = f"{row['backend']} {row['jobs']:,} {row['variant']}"
         if row["jobs"] == 10_000:
-            out.append({"row": label, "target": "10,000 jobs at 15 s: 667 polls/s held (>= 95% of demand)",
-                        "value": round(row["polls_per_s"], 1), "met": row["held_fraction"] >= 0.95})
-            out.append({"row": label, "target": "poll lag p99 <= 2 s", "value": round(row["lag_exact_s"]["p99"], 3),
-                        "met": row["lag_exact_s"]["p99"] <= 2.0})
+            out.append(
+                {
+                    "row": label,
+                    "target": "10,000 jobs at 15 s: 667 polls/s held (>= 95% of demand)",
+                    "value": round(row["polls_per_s"], 1),
+                    "met": row["held_fraction"] >= 0.95,
+                }
+            )
+            out.append(
+                {
+                    "row": label,
+                    "target": "poll lag p99 <= 2 s",
+                    "value": round(row["lag_exact_s"]["p99"], 3),
+                    "met": row["lag_exact_s"]["p99"] <= 2.0,
+                }
+            )
         if row.get("supervisor_over_bare") is not None:
-            out.append({"row": label, "target": "supervisor/bare >= 0.8 (capacity, polls/s)",
-                        "value": round(row["supervisor_over_bare"], 3), "met": row["supervisor_over_bare"] >= 0.8})
-        out.append({"row": label, "target": "supervisor/bare >= 0.8 (CPU per poll)",
-                    "value": round(row["supervisor_over_bare_cpu"], 3), "met": row["supervisor_over_bare_cpu"] >= 0.8})
-        out.append({"row": label, "target": "peak RSS <= 250 MB", "value": round(row["peak_rss_mb"], 1),
-                    "met": row["peak_rss_mb"] <= 250})
+            out.append(
+                {
+                    "row": label,
+                    "target": "supervisor/bare >= 0.8 (capacity, polls/s)",
+                    "value": round(row["supervisor_over_bare"], 3),
+                    "met": row["supervisor_over_bare"] >= 0.8,
+                }
+            )
+        out.append(
+            {
+                "row": label,
+                "target": "supervisor/bare >= 0.8 (CPU per poll)",
+                "value": round(row["supervisor_over_bare_cpu"], 3),
+                "met": row["supervisor_over_bare_cpu"] >= 0.8,
+            }
+        )
+        out.append(
+            {
+                "row": label,
+                "target": "peak RSS <= 250 MB",
+                "value": round(row["peak_rss_mb"], 1),
+                "met": row["peak_rss_mb"] <= 250,
+            }
+        )
     for backend in sorted({r["backend"] for r in rows}):
         mine = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["jobs_claimed_per_tick"])
         if len(mine) < 2:
             continue
         low, high = mine[0], mine[-1]
         label = f"{backend}: {low['jobs_claimed_per_tick']:.0f} -> {high['jobs_claimed_per_tick']:.0f} jobs/tick"
-        out.append({"row": label, "target": "claim SQL calls per tick do not grow with jobs per tick",
-                    "value": f"{low['claim_calls_per_tick']:.2f} -> {high['claim_calls_per_tick']:.2f}",
-                    "met": high["claim_calls_per_tick"] <= 1.2 * low["claim_calls_per_tick"]})
-        out.append({"row": label, "target": "SQL calls (round trips) per poll do not grow with jobs",
-                    "value": f"{low['sql_calls_per_poll']:.3f} -> {high['sql_calls_per_poll']:.3f}",
-                    "met": high["sql_calls_per_poll"] <= 1.2 * low["sql_calls_per_poll"]})
-        out.append({"row": label, "target": "SQL statements run per poll do not grow with jobs",
-                    "value": f"{low['sql_statements_per_poll']:.2f} -> {high['sql_statements_per_poll']:.2f}",
-                    "met": high["sql_statements_per_poll"] <= 1.2 * low["sql_statements_per_poll"]})
+        out.append(
+            {
+                "row": label,
+                "target": "claim SQL calls per tick do not grow with jobs per tick",
+                "value": f"{low['claim_calls_per_tick']:.2f} -> {high['claim_calls_per_tick']:.2f}",
+                "met": high["claim_calls_per_tick"] <= 1.2 * low["claim_calls_per_tick"],
+            }
+        )
+        out.append(
+            {
+                "row": label,
+                "target": "SQL calls (round trips) per poll do not grow with jobs",
+                "value": f"{low['sql_calls_per_poll']:.3f} -> {high['sql_calls_per_poll']:.3f}",
+                "met": high["sql_calls_per_poll"] <= 1.2 * low["sql_calls_per_poll"],
+            }
+        )
+        out.append(
+            {
+                "row": label,
+                "target": "SQL statements run per poll do not grow with jobs",
+                "value": f"{low['sql_statements_per_poll']:.2f} -> {high['sql_statements_per_poll']:.2f}",
+                "met": high["sql_statements_per_poll"] <= 1.2 * low["sql_statements_per_poll"],
+            }
+        )
     return out
 
 
@@ -604,36 +697,120 @@ def render(result: dict[str, Any]) -> str:
     alone = result["simulator_alone"]
     trans = result["transports"]
     lines = [
-        "Held at poll_interval 15 s (32 requests in flight; lag exact from the jobs table, hist = the daemon's histogram)",
+        (
+            "Held at poll_interval 15 s (32 requests in flight; lag exact from the jobs table, "
+            "hist = the daemon's histogram)"
+        ),
         common.table(
-            ["db", "jobs", "variant", "demand/s", "polls/s", "held", "lag p50 s", "lag p99 s", "hist p99 s",
-             "overdue at end", "claim limit min-max", "RSS MB"],
-            [[r["backend"], r["jobs"], r["variant"], r["demand_per_s"], r["polls_per_s"],
-              f"{100 * r['held_fraction']:.0f}%", r["lag_exact_s"]["p50"], r["lag_exact_s"]["p99"],
-              r["lag_histogram_p99_s"], r["overdue_jobs_at_end"], _limits(r), r["peak_rss_mb"]]
-             for r in rows],
+            [
+                "db",
+                "jobs",
+                "variant",
+                "demand/s",
+                "polls/s",
+                "held",
+                "lag p50 s",
+                "lag p99 s",
+                "hist p99 s",
+                "overdue at end",
+                "claim limit min-max",
+                "RSS MB",
+            ],
+            [
+                [
+                    r["backend"],
+                    r["jobs"],
+                    r["variant"],
+                    r["demand_per_s"],
+                    r["polls_per_s"],
+                    f"{100 * r['held_fraction']:.0f}%",
+                    r["lag_exact_s"]["p50"],
+                    r["lag_exact_s"]["p99"],
+                    r["lag_histogram_p99_s"],
+                    r["overdue_jobs_at_end"],
+                    _limits(r),
+                    r["peak_rss_mb"],
+                ]
+                for r in rows
+            ],
         ),
         "",
-        ("Capacity and cost per poll (bare = the bare loop right after, same jobs, same transport, 32 in flight; "
-         "capacity = polls/s when demand exceeds it; CPU ms = process CPU time per poll)"),
+        (
+            "Capacity and cost per poll (bare = the bare loop right after, same jobs, same transport, 32 in flight; "
+            "capacity = polls/s when demand exceeds it; CPU ms = process CPU time per poll)"
+        ),
         common.table(
-            ["db", "jobs", "variant", "capacity/s", "bare/s", "sup/bare", "daemon CPU ms/poll",
-             "bare CPU ms/poll", "sup/bare by CPU", "1-core capacity/s", "daemon cores", "machine busy cores"],
-            [[r["backend"], r["jobs"], r["variant"], r["capacity_per_s"], r["bare"]["per_s"],
-              r["supervisor_over_bare"], r["cpu_ms_per_poll_used"], r["bare"]["cpu_ms_per_request"],
-              r["supervisor_over_bare_cpu"], r["cpu_bound_capacity_per_s"],
-              (r.get("saturated") or r)["daemon_cpu_cores"], r["machine_busy_cores"]] for r in rows],
+            [
+                "db",
+                "jobs",
+                "variant",
+                "capacity/s",
+                "bare/s",
+                "sup/bare",
+                "daemon CPU ms/poll",
+                "bare CPU ms/poll",
+                "sup/bare by CPU",
+                "1-core capacity/s",
+                "daemon cores",
+                "machine busy cores",
+            ],
+            [
+                [
+                    r["backend"],
+                    r["jobs"],
+                    r["variant"],
+                    r["capacity_per_s"],
+                    r["bare"]["per_s"],
+                    r["supervisor_over_bare"],
+                    r["cpu_ms_per_poll_used"],
+                    r["bare"]["cpu_ms_per_request"],
+                    r["supervisor_over_bare_cpu"],
+                    r["cpu_bound_capacity_per_s"],
+                    (r.get("saturated") or r)["daemon_cpu_cores"],
+                    r["machine_busy_cores"],
+                ]
+                for r in rows
+            ],
         ),
         "",
-        ("Ticks and SQL (cursor executions in the window: an executemany is one call; statements = what the database "
-         "runs, an executemany of N rows counts N; BEGIN/COMMIT not counted)"),
+        (
+            "Ticks and SQL (cursor executions in the window: an executemany is one call; "
+            "statements = what the database runs, an executemany of N rows counts N; BEGIN/COMMIT not counted)"
+        ),
         common.table(
-            ["db", "jobs", "variant", "tick ms", "tick p99 ms", "jobs/tick", "claim calls/tick", "write txns/tick",
-             "writes/txn", "SQL calls/tick", "SQL calls/poll", "statements/tick", "statements/poll"],
-            [[r["backend"], r["jobs"], r["variant"], r["tick_mean_ms"], r["tick_p99_ms"], r["jobs_claimed_per_tick"],
-              r["claim_calls_per_tick"], r["write_transactions"] / r["ticks"] if r["ticks"] else None,
-              r["writes_per_transaction"], r["sql_calls_per_tick"], r["sql_calls_per_poll"],
-              r["sql_statements_per_tick"], r["sql_statements_per_poll"]] for r in rows],
+            [
+                "db",
+                "jobs",
+                "variant",
+                "tick ms",
+                "tick p99 ms",
+                "jobs/tick",
+                "claim calls/tick",
+                "write txns/tick",
+                "writes/txn",
+                "SQL calls/tick",
+                "SQL calls/poll",
+                "statements/tick",
+                "statements/poll",
+            ],
+            [
+                [
+                    r["backend"],
+                    r["jobs"],
+                    r["variant"],
+                    r["tick_mean_ms"],
+                    r["tick_p99_ms"],
+                    r["jobs_claimed_per_tick"],
+                    r["claim_calls_per_tick"],
+                    r["write_transactions"] / r["ticks"] if r["ticks"] else None,
+                    r["writes_per_transaction"],
+                    r["sql_calls_per_tick"],
+                    r["sql_calls_per_poll"],
+                    r["sql_statements_per_tick"],
+                    r["sql_statements_per_poll"],
+                ]
+                for r in rows
+            ],
         ),
     ]
     saturated = [r for r in rows if r.get("saturated")]
@@ -642,15 +819,38 @@ def render(result: dict[str, Any]) -> str:
             "",
             "Rows that held, driven to saturation (SIGHUP to poll_interval 1 s)",
             common.table(
-                ["db", "jobs", "variant", "polls/s", "daemon CPU ms/poll", "daemon cores", "claim limit",
-                 "jobs/tick", "SQL calls/tick", "statements/poll", "writes/txn"],
-                [[r["backend"], r["jobs"], r["variant"], r["saturated"]["polls_per_s"],
-                  r["saturated"]["daemon_cpu_ms_per_poll"], r["saturated"]["daemon_cpu_cores"],
-                  r["saturated"]["claim_limit_at_end"], r["saturated"]["jobs_claimed_per_tick"],
-                  sum(v for k, v in r["saturated"]["sql_by_kind"]["calls"].items() if k != "txn_control")
-                  / r["saturated"]["ticks"] if r["saturated"]["ticks"] else None,
-                  r["saturated"]["sql_statements_per_poll"], r["saturated"]["writes_per_transaction"]]
-                 for r in saturated],
+                [
+                    "db",
+                    "jobs",
+                    "variant",
+                    "polls/s",
+                    "daemon CPU ms/poll",
+                    "daemon cores",
+                    "claim limit",
+                    "jobs/tick",
+                    "SQL calls/tick",
+                    "statements/poll",
+                    "writes/txn",
+                ],
+                [
+                    [
+                        r["backend"],
+                        r["jobs"],
+                        r["variant"],
+                        r["saturated"]["polls_per_s"],
+                        r["saturated"]["daemon_cpu_ms_per_poll"],
+                        r["saturated"]["daemon_cpu_cores"],
+                        r["saturated"]["claim_limit_at_end"],
+                        r["saturated"]["jobs_claimed_per_tick"],
+                        sum(v for k, v in r["saturated"]["sql_by_kind"]["calls"].items() if k != "txn_control")
+                        / r["saturated"]["ticks"]
+                        if r["saturated"]["ticks"]
+                        else None,
+                        r["saturated"]["sql_statements_per_poll"],
+                        r["saturated"]["writes_per_transaction"],
+                    ]
+                    for r in saturated
+                ],
             ),
         ]
     transport_rows = []
@@ -658,24 +858,32 @@ def render(result: dict[str, Any]) -> str:
         if isinstance(value, float) and "@" in key:
             name, inflight = key.split("@")
             cpu = [1000 * x["client_cpu_s"] / x["requests"] for x in trans["runs"][key] if x["requests"]]
-            transport_rows.append([f"bare loop, {name} transport, {inflight} in flight", value,
-                                   sum(cpu) / len(cpu) if cpu else None])
+            transport_rows.append(
+                [f"bare loop, {name} transport, {inflight} in flight", value, sum(cpu) / len(cpu) if cpu else None]
+            )
     lines += [
         "",
         "The simulator alone, and the bare loop by HTTP transport",
         common.table(
             ["measure", "req/s", "client CPU ms/req"],
-            [["simulator driven by 2 aiohttp loops x 64 in flight", alone["observed_per_s"], None],
-             ["simulator CPU per request, ms", alone["fake_cpu_ms_per_request"], None],
-             ["simulator capacity on one core (from its CPU)", alone["fake_capacity_one_core_per_s"], None]]
+            [
+                ["simulator driven by 2 aiohttp loops x 64 in flight", alone["observed_per_s"], None],
+                ["simulator CPU per request, ms", alone["fake_cpu_ms_per_request"], None],
+                ["simulator capacity on one core (from its CPU)", alone["fake_capacity_one_core_per_s"], None],
+            ]
             + transport_rows
-            + ([["aiohttp / httpx at 32 in flight (req/s)", trans["aiohttp_over_httpx_at_32"], None]]
-               if "aiohttp_over_httpx_at_32" in trans else []),
+            + (
+                [["aiohttp / httpx at 32 in flight (req/s)", trans["aiohttp_over_httpx_at_32"], None]]
+                if "aiohttp_over_httpx_at_32" in trans
+                else []
+            ),
         ),
         "",
         "Targets",
-        common.table(["row", "target", "value", "met"],
-                     [[t["row"], t["target"], t["value"], "yes" if t["met"] else "NO"] for t in result["targets"]]),
+        common.table(
+            ["row", "target", "value", "met"],
+            [[t["row"], t["target"], t["value"], "yes" if t["met"] else "NO"] for t in result["targets"]],
+        ),
     ]
     return "\n".join(lines)
 
@@ -691,14 +899,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
     width = 0.2
 
     ax = axes[0][0]
-    ax.bar([i - 1.5 * width for i in x], [r["demand_per_s"] for r in rows], width, label="demand (jobs / 15 s)",
-           color="#c7c7c7")
-    ax.bar([i - 0.5 * width for i in x], [r["polls_per_s"] for r in rows], width, label="supervisor: polls/s at 15 s",
-           color="#1f77b4")
-    ax.bar([i + 0.5 * width for i in x], [r["capacity_per_s"] or 0 for r in rows], width,
-           label="supervisor: capacity (demand above it)", color="#2ca02c")
-    ax.bar([i + 1.5 * width for i in x], [r["bare"]["per_s"] for r in rows], width,
-           label="bare loop, same transport", color="#ff7f0e")
+    ax.bar(
+        [i - 1.5 * width for i in x],
+        [r["demand_per_s"] for r in rows],
+        width,
+        label="demand (jobs / 15 s)",
+        color="#c7c7c7",
+    )
+    ax.bar(
+        [i - 0.5 * width for i in x],
+        [r["polls_per_s"] for r in rows],
+        width,
+        label="supervisor: polls/s at 15 s",
+        color="#1f77b4",
+    )
+    ax.bar(
+        [i + 0.5 * width for i in x],
+        [r["capacity_per_s"] or 0 for r in rows],
+        width,
+        label="supervisor: capacity (demand above it)",
+        color="#2ca02c",
+    )
+    ax.bar(
+        [i + 1.5 * width for i in x],
+        [r["bare"]["per_s"] for r in rows],
+        width,
+        label="bare loop, same transport",
+        color="#ff7f0e",
+    )
     ax.axhline(TARGET_POLLS_10K, color="red", ls="--", lw=1, label="target: 667/s (10,000 jobs / 15 s)")
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("status polls per second")
@@ -706,10 +934,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left")
 
     ax = axes[0][1]
-    ax.bar([i - 0.2 for i in x], [max(r["lag_exact_s"]["p50"], 1e-4) for r in rows], 0.4, label="p50",
-           color="#9ecae1")
-    ax.bar([i + 0.2 for i in x], [max(r["lag_exact_s"]["p99"], 1e-4) for r in rows], 0.4, label="p99",
-           color="#1f77b4")
+    ax.bar([i - 0.2 for i in x], [max(r["lag_exact_s"]["p50"], 1e-4) for r in rows], 0.4, label="p50", color="#9ecae1")
+    ax.bar([i + 0.2 for i in x], [max(r["lag_exact_s"]["p99"], 1e-4) for r in rows], 0.4, label="p99", color="#1f77b4")
     ax.axhline(2.0, color="red", ls="--", lw=1, label="target: p99 <= 2 s")
     ax.set_yscale("log")
     ax.set_xticks(x, labels, fontsize=8)
@@ -718,29 +944,46 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
 
     ax = axes[0][2]
-    ax.bar([i - 0.2 for i in x], [r["cpu_ms_per_poll_used"] for r in rows], 0.4, label="supervisor daemon",
-           color="#1f77b4")
-    ax.bar([i + 0.2 for i in x], [r["bare"]["cpu_ms_per_request"] for r in rows], 0.4,
-           label="bare loop, same transport", color="#ff7f0e")
+    ax.bar(
+        [i - 0.2 for i in x], [r["cpu_ms_per_poll_used"] for r in rows], 0.4, label="supervisor daemon", color="#1f77b4"
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        [r["bare"]["cpu_ms_per_request"] for r in rows],
+        0.4,
+        label="bare loop, same transport",
+        color="#ff7f0e",
+    )
     for i, r in enumerate(rows):
-        ax.annotate(f"{r['supervisor_over_bare_cpu']:.2f}", (i - 0.2, r["cpu_ms_per_poll_used"]),
-                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+        ax.annotate(
+            f"{r['supervisor_over_bare_cpu']:.2f}",
+            (i - 0.2, r["cpu_ms_per_poll_used"]),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=7,
+        )
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("process CPU ms per status poll")
     ax.set_title("CPU per poll (label: bare / supervisor; robust to load)")
     ax.legend(fontsize=8)
 
     ax = axes[1][0]
-    ax.bar([i - 0.2 for i in x], [r["sql_calls_per_tick"] for r in rows], 0.4, label="SQL calls per tick",
-           color="#d62728")
-    ax.bar([i + 0.2 for i in x], [r["jobs_claimed_per_tick"] for r in rows], 0.4, label="jobs claimed per tick",
-           color="#7f7f7f")
+    ax.bar(
+        [i - 0.2 for i in x], [r["sql_calls_per_tick"] for r in rows], 0.4, label="SQL calls per tick", color="#d62728"
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        [r["jobs_claimed_per_tick"] for r in rows],
+        0.4,
+        label="jobs claimed per tick",
+        color="#7f7f7f",
+    )
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("per 1 s tick")
     ax2 = ax.twinx()
     ax2.plot(x, [r["sql_calls_per_poll"] for r in rows], "o-", color="black", label="SQL calls per poll")
-    ax2.plot(x, [r["sql_statements_per_poll"] for r in rows], "s--", color="#9467bd",
-             label="statements run per poll")
+    ax2.plot(x, [r["sql_statements_per_poll"] for r in rows], "s--", color="#9467bd", label="statements run per poll")
     ax2.set_ylabel("per poll")
     ax2.set_ylim(bottom=0)
     h1, l1 = ax.get_legend_handles_labels()
@@ -766,8 +1009,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
 
     m = result["machine"]
-    fig.suptitle(f"clado-supervisor throughput, poll_interval 15 s, 32 in flight - {m['nproc']} cores "
-                 f"({m['cpu_model']}, shared), Python {m['python']}, {m['date']}", fontsize=10)
+    fig.suptitle(
+        f"clado-supervisor throughput, poll_interval 15 s, 32 in flight - {m['nproc']} cores "
+        f"({m['cpu_model']}, shared), Python {m['python']}, {m['date']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

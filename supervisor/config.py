@@ -73,9 +73,7 @@ def parse_duration(value: Any) -> timedelta:
     elif isinstance(value, str):
         raise ValueError(f"invalid duration {value!r} {_DURATION_HINT}")
     else:
-        raise ValueError(
-            f'expected a duration ("90s", "15m", "2h", "1d" or seconds), got {_toml_spelling(value)}'
-        )
+        raise ValueError(f'expected a duration ("90s", "15m", "2h", "1d" or seconds), got {_toml_spelling(value)}')
     if math.isnan(seconds):
         raise ValueError(f"invalid duration {_toml_spelling(value)} {_DURATION_HINT}")
     if seconds <= 0:
@@ -92,8 +90,11 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         if not LABEL_KEY.match(key):
             raise ValueError(f"invalid label key {key!r} (letters, digits, _ . - /; at most 64)")
-        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or any(
-            ord(ch) < 32 or 0xD800 <= ord(ch) <= 0xDFFF for ch in value  # controls, lone surrogates
+        # No control characters, no lone surrogates.
+        if (
+            not isinstance(value, str)
+            or len(value) > MAX_LABEL_VALUE
+            or any(ord(ch) < 32 or 0xD800 <= ord(ch) <= 0xDFFF for ch in value)
         ):
             raise ValueError(
                 f"invalid value for label {key!r} (a string of at most {MAX_LABEL_VALUE} "
@@ -143,14 +144,11 @@ class DatabaseConfig(_Section):
     @classmethod
     def _supported(cls, value: str) -> str:
         if "://" not in value:
-            raise ValueError(
-                f"{value!r} is not a URL (use sqlite:///supervisor.db or postgresql+psycopg://…)"
-            )
+            raise ValueError(f"{value!r} is not a URL (use sqlite:///supervisor.db or postgresql+psycopg://…)")
         scheme = value.split("://", 1)[0]
         if scheme not in {"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+psycopg"}:
             raise ValueError(
-                f"unsupported database URL scheme {scheme!r} "
-                "(use sqlite:///PATH or postgresql+psycopg://…)"
+                f"unsupported database URL scheme {scheme!r} (use sqlite:///PATH or postgresql+psycopg://…)"
             )
         return value
 
@@ -175,6 +173,7 @@ class SupervisorConfig(_Section):
         if value < timedelta(milliseconds=100):
             raise ValueError("tick_interval must be at least 100ms")
         return value
+
     # Several replicas on one PostgreSQL database: one of them is the leader and alone runs
     # the singleton chores (budget sweeps, the account floor, retention, the jobs-by-state
     # gauges). It renews its leader row every leader_ttl / 3; when it dies, another replica
@@ -288,7 +287,7 @@ class HttpConfig(_Section):
 
     enabled: bool = True
     listen: str = "127.0.0.1:8787"
-    token_env: str = "CLADO_SUPERVISOR_TOKEN"
+    token_env: str = "CLADO_SUPERVISOR_TOKEN"  # noqa: S105 - the name of the variable, not a token
     token_file: Annotated[Path, BeforeValidator(lambda v: _path(v))] | None = None
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
 
@@ -300,7 +299,7 @@ class HttpConfig(_Section):
 
 
 def split_address(value: str) -> tuple[str, int]:
-    """"127.0.0.1:8787" / "[::1]:8787" / "0.0.0.0:0" → (host, port)."""
+    """Split "127.0.0.1:8787" / "[::1]:8787" / "0.0.0.0:0" into (host, port)."""
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -341,9 +340,7 @@ class Config(_Section):
     def _policy_names(cls, policies: dict[str, PolicyConfig]) -> dict[str, PolicyConfig]:
         for name in policies:
             if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
-                raise ValueError(
-                    f"invalid policy name {name!r} (letters, digits, _ and -; at most 64)"
-                )
+                raise ValueError(f"invalid policy name {name!r} (letters, digits, _ and -; at most 64)")
         if "default" not in policies:
             raise ValueError("[policies.default] is required")
         if policies["default"].match is not None:
@@ -389,8 +386,10 @@ class Config(_Section):
                 raise ConfigError(f"unknown policy {explicit!r} (known: {known})")
             return explicit
         for name, policy in self.policies.items():
-            if name != "default" and policy.match and all(
-                labels.get(key) == value for key, value in policy.match.items()
+            if (
+                name != "default"
+                and policy.match
+                and all(labels.get(key) == value for key, value in policy.match.items())
             ):
                 return name
         return "default"
@@ -410,7 +409,8 @@ class Policy(BaseModel):
     action: Action = "cancel"
 
 
-DEFAULT_POLICY = PolicyConfig(
+# Annotated: Config.policies refers to it (lazily) before this line, and mypy needs the type there.
+DEFAULT_POLICY: PolicyConfig = PolicyConfig(
     max_runtime=timedelta(minutes=30),
     max_queued=timedelta(minutes=10),
     stall_timeout=timedelta(minutes=10),

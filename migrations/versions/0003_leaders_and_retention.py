@@ -17,19 +17,20 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('leaders',
-    sa.Column('name', sa.String(length=64), nullable=False),
-    sa.Column('owner', sa.String(length=128), nullable=False),
-    sa.Column('acquired_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('name', name=op.f('pk_leaders'))
+    op.create_table(
+        "leaders",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("owner", sa.String(length=128), nullable=False),
+        sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_leaders")),
     )
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.create_index('ix_jobs_state_updated_at', ['state', 'updated_at'], unique=False)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_jobs_state_updated_at", ["state", "updated_at"], unique=False)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_index('ix_jobs_state_updated_at')
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_state_updated_at")
 
-    op.drop_table('leaders')
+    op.drop_table("leaders")

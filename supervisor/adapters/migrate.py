@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from importlib import resources
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -14,13 +14,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import make_url
 
-from supervisor import migrations
 from supervisor.adapters.store import sync_url
 
 
 def _alembic_config(url: str) -> AlembicConfig:
     config = AlembicConfig()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # Found by name: the package is mapped from migrations/ at install time (pyproject.toml),
+    # a mapping that a type checker reading the source tree cannot follow.
+    config.set_main_option("script_location", str(resources.files("supervisor.migrations")))
     config.attributes["url"] = sync_url(url)
     return config
 
@@ -39,7 +40,7 @@ def _migration_lock(url: str) -> Iterator[None]:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if not database or database.startswith(":memory:") or database.startswith("file:"):
+        if not database or database.startswith((":memory:", "file:")):
             yield
             return
         # SQLite runs DDL outside transactions, so a lock file is the reliable mutex.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import structlog
 
-from supervisor.config import Config, ConfigError
 from supervisor.adapters.logs import register_secret
+from supervisor.config import Config, ConfigError
 
 log = structlog.get_logger("supervisor.credentials")
 
@@ -36,9 +36,9 @@ def read_secret(*, env_name: str | None, file: Path | None, key: str, source: st
             raise ConfigError(f"{source}: {key}: {str(path)!r} is empty")
         register_secret(value)
         return value
-    value = os.environ.get(env_name or "", "").strip() or None
-    register_secret(value)
-    return value
+    from_env = os.environ.get(env_name or "", "").strip() or None
+    register_secret(from_env)
+    return from_env
 
 
 def api_key(config: Config) -> str:
@@ -53,7 +53,6 @@ def api_key(config: Config) -> str:
         # A key pasted in place of the variable's name must not be echoed to the journal.
         shown = name if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", name) else "it names"
         raise ConfigError(
-            f"{config.source}: api.api_key_env: the environment variable {shown} is not set "
-            "(or set api.api_key_file)"
+            f"{config.source}: api.api_key_env: the environment variable {shown} is not set (or set api.api_key_file)"
         )
     return value

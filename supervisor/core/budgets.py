@@ -71,10 +71,7 @@ class BudgetStatus:
         return self.usage.committed >= self.credits
 
     def summary(self) -> str:
-        return (
-            f"spent {self.usage.spent} + reserved {self.usage.reserved} "
-            f"of {self.credits} credits ({self.period})"
-        )
+        return f"spent {self.usage.spent} + reserved {self.usage.reserved} of {self.credits} credits ({self.period})"
 
 
 def matches(budget: BudgetConfig, labels: Mapping[str, str]) -> bool:
@@ -132,9 +129,7 @@ def check_admission(
                 f"budget {status.name!r} is exhausted: {status.summary()}; new submissions are refused"
             )
         if budget.action == "block" and status.full:
-            raise AdmissionRefused(
-                f"budget {status.name!r} is full: {status.summary()}; new submissions are blocked"
-            )
+            raise AdmissionRefused(f"budget {status.name!r} is full: {status.summary()}; new submissions are blocked")
         if budget.reserve:
             if status.usage.committed + need > status.credits:
                 raise AdmissionRefused(

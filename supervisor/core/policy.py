@@ -110,8 +110,8 @@ def next_check_at(
     """
     candidates = [now + poll_interval]
     # Each limit is looked at when it is reached, and when each warning still to fire is.
-    fractions = {name: [1.0, *(f for f in policy.warn_at if f"{name}@{f:g}" not in obs.warned)]
-                 for name in (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS)}  # fmt: skip
+    limits = (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS)
+    fractions = {name: [1.0, *(f for f in policy.warn_at if f"{name}@{f:g}" not in obs.warned)] for name in limits}
     if policy.max_runtime is not None:
         candidates += [obs.started_at + policy.max_runtime * f for f in fractions[Reason.MAX_RUNTIME]]
     if policy.max_queued is not None and obs.remote_status == "pending":
