@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,11 +62,19 @@ def slack_text(event: dict[str, Any]) -> str:
 
 
 class Webhooks:
-    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        current_config: Callable[[], Config] | None = None,
+    ) -> None:
         self._hooks = [
             _Hook(hook, _secret(config, index, hook)) for index, hook in enumerate(config.notify.webhooks)
         ]
-        self._config_hash = config.config_hash
+        # An event carries the hash of the config in force when it happens (a reload changes
+        # it); the hooks and their secrets are the ones read here (a change needs a restart).
+        self._current_config = current_config or (lambda: config)
         self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -83,7 +92,7 @@ class Webhooks:
         payload = {
             "event": event,
             "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "config_hash": self._config_hash,
+            "config_hash": self._current_config().config_hash,
             **fields,
         }
         for hook in self._hooks:
