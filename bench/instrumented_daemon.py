@@ -85,11 +85,11 @@ def _count(conn, cursor, statement, parameters, context, executemany):  # type: 
 def use_aiohttp_transport() -> None:
     """BENCH_TRANSPORT=aiohttp: build the daemon's CladoClient on httpx-aiohttp's transport
     (the change this benchmark recommends), without editing the supervisor: the client is
-    made by `supervisor.app.operations.client_for`, which is replaced by the same call plus `transport=`."""
+    made by `supervisor.service.wiring.client_for`, which is replaced by the same call plus `transport=`."""
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
-    from supervisor.app import operations as app
+    from supervisor.service import wiring
     from supervisor.adapters.clado import CladoClient
     from supervisor.adapters.secrets import api_key
 
@@ -106,7 +106,7 @@ def use_aiohttp_transport() -> None:
             transport=AiohttpTransport(limits=limits),
         )
 
-    app.client_for = client_for
+    wiring.client_for = client_for
 
 
 def main() -> None:
