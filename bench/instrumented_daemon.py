@@ -26,16 +26,12 @@ from sqlalchemy.engine import Engine
 from supervisor.adapters import metrics
 
 CALLS = Counter(
-    metrics._P + "bench_sql_calls_total",
-    "SQL cursor executions (executemany = 1), by kind.",
-    ["kind"],
+    metrics._P + "bench_sql_calls_total", "SQL cursor executions (executemany = 1), by kind.", ["kind"],
     registry=metrics.REGISTRY,
 )
 ROWS = Counter(
-    metrics._P + "bench_sql_rows_total",
-    "SQL statements run (executemany of N parameter sets = N), by kind.",
-    ["kind"],
-    registry=metrics.REGISTRY,
+    metrics._P + "bench_sql_rows_total", "SQL statements run (executemany of N parameter sets = N), by kind.",
+    ["kind"], registry=metrics.REGISTRY,
 )
 
 _SPACE = re.compile(r"\s+")
@@ -89,13 +85,13 @@ def _count(conn, cursor, statement, parameters, context, executemany):  # type: 
 def use_aiohttp_transport() -> None:
     """BENCH_TRANSPORT=aiohttp: build the daemon's CladoClient on httpx-aiohttp's transport
     (the change this benchmark recommends), without editing the supervisor: the client is
-    made by `supervisor.app.operations.client_for`, which is replaced by the same call plus `transport=`."""
+    made by `supervisor.service.wiring.client_for`, which is replaced by the same call plus `transport=`."""
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
+    from supervisor.service import wiring
     from supervisor.adapters.clado import CladoClient
     from supervisor.adapters.secrets import api_key
-    from supervisor.app import operations as app
 
     def client_for(config):  # type: ignore[no-untyped-def]
         limits = httpx.Limits(
@@ -110,7 +106,7 @@ def use_aiohttp_transport() -> None:
             transport=AiohttpTransport(limits=limits),
         )
 
-    app.client_for = client_for
+    wiring.client_for = client_for
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,8 +29,8 @@ import httpx
 import structlog
 
 from supervisor.adapters import metrics
-from supervisor.adapters.secrets import read_secret
 from supervisor.config import Config, ConfigError, WebhookConfig
+from supervisor.adapters.secrets import read_secret
 
 log = structlog.get_logger("supervisor.notify")
 
@@ -61,9 +62,19 @@ def slack_text(event: dict[str, Any]) -> str:
 
 
 class Webhooks:
-    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._hooks = [_Hook(hook, _secret(config, index, hook)) for index, hook in enumerate(config.notify.webhooks)]
-        self._config_hash = config.config_hash
+    def __init__(
+        self,
+        config: Config,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        current_config: Callable[[], Config] | None = None,
+    ) -> None:
+        self._hooks = [
+            _Hook(hook, _secret(config, index, hook)) for index, hook in enumerate(config.notify.webhooks)
+        ]
+        # An event carries the hash of the config in force when it happens (a reload changes
+        # it); the hooks and their secrets are the ones read here (a change needs a restart).
+        self._current_config = current_config or (lambda: config)
         self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -81,7 +92,7 @@ class Webhooks:
         payload = {
             "event": event,
             "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "config_hash": self._config_hash,
+            "config_hash": self._current_config().config_hash,
             **fields,
         }
         for hook in self._hooks:
@@ -93,13 +104,11 @@ class Webhooks:
                 metrics.WEBHOOKS.labels("dropped").inc()
                 log.error("webhook queue full; event dropped", url=_redact_url(hook.config.url), webhook_event=event)
 
-    # The bound covers the draining only: cancelling the workers and closing the client must
-    # still happen after it, so it is a parameter here rather than a timeout around the call.
-    async def close(self, drain_timeout: float = 5.0) -> None:
-        """Deliver what is queued (for at most `drain_timeout` seconds), then stop."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (bounded by `timeout`), then stop."""
         if self._tasks:
             try:
-                await asyncio.wait_for(asyncio.gather(*(hook.queue.join() for hook in self._hooks)), drain_timeout)
+                await asyncio.wait_for(asyncio.gather(*(hook.queue.join() for hook in self._hooks)), timeout)
             except TimeoutError:
                 pending = sum(hook.queue.qsize() for hook in self._hooks)
                 log.warning("webhooks not delivered before shutdown", pending=pending)
@@ -141,17 +150,13 @@ class Webhooks:
             if attempt < _ATTEMPTS:
                 await asyncio.sleep(0.5 * 2 ** (attempt - 1))
         metrics.WEBHOOKS.labels("failed").inc()
-        log.warning(
-            "webhook delivery failed", url=_redact_url(hook.config.url), webhook_event=payload["event"], error=error
-        )
+        log.warning("webhook delivery failed", url=_redact_url(hook.config.url), webhook_event=payload["event"], error=error)
 
 
 def _secret(config: Config, index: int, hook: WebhookConfig) -> bytes | None:
     value = read_secret(
-        env_name=hook.secret_env,
-        file=hook.secret_file,
-        key=f"notify.webhooks[{index}].secret_file",
-        source=config.source,
+        env_name=hook.secret_env, file=hook.secret_file,
+        key=f"notify.webhooks[{index}].secret_file", source=config.source,
     )
     if value is None and (hook.secret_env or hook.secret_file):
         # Fail closed: a hook configured to be signed is never sent unsigned.

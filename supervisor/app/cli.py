@@ -41,10 +41,10 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning known failures into one line and an exit code."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from supervisor.core.budgets import AdmissionRefused
     from supervisor.adapters.clado import CladoError, InvalidJobId
+    from supervisor.core.budgets import AdmissionRefused
+    from supervisor.service.wiring import RuntimeFailure
 
-    app = _app()
     try:
         return asyncio.run(coro)
     except (ConfigError, InvalidJobId) as exc:
@@ -53,7 +53,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         _fail(f"submission refused: {exc}", 2)
     except ExitError as exc:
         _fail(str(exc), exc.code)
-    except app.RuntimeFailure as exc:
+    except RuntimeFailure as exc:
         _fail(str(exc), 1)
     except CladoError as exc:
         _fail(f"Clado API: {exc}", 1)

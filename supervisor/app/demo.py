@@ -30,9 +30,10 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from supervisor.app.operations import Operations, client_for, open_store
+from supervisor.app.operations import Operations
 from supervisor.config import Config, load_config
 from supervisor.service.runtime import Daemon
+from supervisor.service.wiring import client_for, open_store
 from supervisor.sim.server import FakeClado, ThreadedFakeApi
 from supervisor.service.executor import job_policy
 from supervisor.core.states import TERMINAL, Reason, State

@@ -2,111 +2,48 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from supervisor.adapters import migrate
-from supervisor.core.budgets import AdmissionRefused, check_admission, period_start, statuses
 from supervisor.adapters.clado import CladoClient, validate_job_id
-from supervisor.config import Config, ConfigError, load_config
-from supervisor.adapters.secrets import api_key, read_secret
-from supervisor.service.runtime import Daemon
-from supervisor.service.executor import JobHandler, job_policy
-from supervisor.core.states import TERMINAL, Reason, State
-from supervisor.adapters.logs import configure_logging
+from supervisor.adapters.secrets import read_secret
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.core.job import Job
-from supervisor.adapters.systemd import Notifier
-
+from supervisor.config import Config
+from supervisor.core.budgets import AdmissionRefused, check_admission, period_start, statuses
+from supervisor.core.states import TERMINAL, Reason, State
+from supervisor.service import wiring
+from supervisor.service.executor import JobHandler, job_policy
+from supervisor.service.runtime import Daemon, Service
+from supervisor.service.wiring import client_for, open_store
 
 # How long an admission's reservation counts if its submitter dies before recording the job.
 ADMISSION_TTL = timedelta(minutes=10)
 
 
-class RuntimeFailure(Exception):
-    """Something outside the user's input failed (database, API): exit 1."""
-
-
-def client_for(config: Config) -> CladoClient:
-    return CladoClient(
-        config.api.base_url,
-        api_key(config),
-        timeout=config.api.timeout.total_seconds(),
-        max_concurrency=config.api.max_concurrency,
-        max_retries=config.api.max_retries,
+def admin_api(config: Config) -> Callable[[Daemon], list[Service]]:
+    """The admin API beside the daemon, when [http] enables it. Its token is read now,
+    before the database is opened, so a missing secret fails before any migration."""
+    token = read_secret(
+        env_name=config.http.token_env, file=config.http.token_file, key="http.token_file", source=config.source
     )
 
+    def build(daemon: Daemon) -> list[Service]:
+        if not config.http.enabled:
+            return []
+        from supervisor.app.http import AdminApi, AdminServer
 
-async def open_store(config: Config) -> Store:
-    """A store on a database at the current schema (migrating it if auto_migrate is on)."""
-    url = config.database.url
-    try:
-        if config.database.auto_migrate:
-            await asyncio.to_thread(migrate.upgrade, url)
-        elif not await asyncio.to_thread(migrate.is_current, url):
-            raise ConfigError(
-                f"{config.source}: database.auto_migrate: the database schema is not current; "
-                "run `clado-supervisor migrate`"
-            )
-    except SQLAlchemyError as exc:
-        raise RuntimeFailure(f"cannot open the database: {_db_error(exc)}") from None
-    return Store(url)
+        return [AdminServer(AdminApi(daemon, token, config.http.max_body_bytes), config.http.listen)]
 
-
-def _db_error(exc: SQLAlchemyError) -> str:
-    return str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+    return build
 
 
 async def run_daemon(config_path: Path) -> None:
-    config = load_config(config_path)
-    configure_logging(config.logging.format, config.logging.level)
-    # SIGTERM/SIGINT during startup (migrations can take a while) mean "stop", exit 0, not
-    # death by the default handler; the daemon installs its own handlers once it runs.
-    started: list[Daemon] = []
-    stop_early = asyncio.Event()
-
-    def stop() -> None:
-        stop_early.set()
-        for daemon in started:
-            daemon.request_stop()
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop)
-    client = client_for(config)
-    try:
-        admin_token = read_secret(
-            env_name=config.http.token_env, file=config.http.token_file, key="http.token_file", source=config.source
-        )
-        store = await open_store(config)
-        try:
-            if stop_early.is_set():
-                return
-            daemon = Daemon(config, store, client, config_path=config_path, notifier=Notifier())
-            started.append(daemon)
-            services = []
-            if config.http.enabled:
-                from supervisor.app.http import AdminApi, AdminServer
-
-                api = AdminApi(daemon, admin_token, config.http.max_body_bytes)
-                services.append(AdminServer(api, config.http.listen))
-            if stop_early.is_set():
-                daemon.request_stop()
-            try:
-                await daemon.run_until_signalled(services)
-            except OSError as exc:  # the admin API could not bind its address
-                raise RuntimeFailure(str(exc)) from None
-        finally:
-            await store.close()
-    finally:
-        await client.aclose()
+    """`run`: the daemon, with the admin API beside it."""
+    await wiring.run_daemon(config_path, services=admin_api)
 
 
 def parse_ids(ids: Iterable[str]) -> list[str]:

@@ -326,7 +326,7 @@ async def test_the_leader_runs_retention_keeping_budget_periods_whole(
             async with asyncio.timeout(10):
                 while not daemon.is_leader:
                     await asyncio.sleep(0.05)
-            await daemon._retention()
+            await daemon.housekeeping.retention()
             assert {job.job_id for job in await daemon.store.list_jobs()} == expected, period
 
     # Without budgets, only retention counts.
@@ -335,7 +335,7 @@ async def test_the_leader_runs_retention_keeping_budget_periods_whole(
         async with asyncio.timeout(10):
             while not daemon.is_leader:
                 await asyncio.sleep(0.05)
-        await daemon._retention()
+        await daemon.housekeeping.retention()
         assert {job.job_id for job in await daemon.store.list_jobs()} == {"young"}
 
 
@@ -388,7 +388,7 @@ async def test_slow_api_calls_keep_their_lease_and_cancel_once(
                     await asyncio.sleep(0.1)
             states = {job.job_id: job.state for job in await daemon.store.list_jobs()}
             # Handling is slow against the lease: the claim limit came down to its floor.
-            assert daemon.claim_limit == load(path).api.max_concurrency
+            assert daemon.dispatcher.claim_limit == load(path).api.max_concurrency
     assert {states[j] for j in runaways} == {"cancelled"}
     assert {states[j] for j in good} == {"completed"}
     assert [fake.job_info(j)["cancel_calls"] for j in runaways] == [1, 1, 1]
@@ -471,13 +471,13 @@ async def test_the_claim_limit_grows_while_handling_is_fast(tmp_path: Path, fake
     path.write_text(config_text(fake_server.base_url, db_url, supervisor={"tick_interval": '"200ms"'}))
     config = load(path)
     async with running_daemon(config) as daemon:
-        start = daemon.claim_limit
+        start = daemon.dispatcher.claim_limit
         assert start == 4 * config.api.max_concurrency
         await daemon.store.add_jobs([NewJob(j, "default") for j in ids], utcnow())
         highest = start
         async with asyncio.timeout(30):
             while not all(job.state == "completed" for job in await daemon.store.list_jobs()):
-                highest = max(highest, daemon.claim_limit)
+                highest = max(highest, daemon.dispatcher.claim_limit)
                 await asyncio.sleep(0.05)
         # (It may come down again if this busy little machine slows the handling.)
         assert highest >= 4 * start

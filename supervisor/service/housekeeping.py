@@ -1,0 +1,151 @@
+"""The singleton chores, run by the leader only (elector.py): budget sweeps and the account
+floor (their rules are the Enforcer's, chores.py), retention, and the jobs-by-state gauges
+with the systemd status line. Each is bounded, catches its own errors and backs off."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+import structlog
+
+from supervisor.adapters import metrics
+from supervisor.adapters.store import Store
+from supervisor.adapters.systemd import Notifier
+from supervisor.config import Config
+from supervisor.core.budgets import period_start
+from supervisor.core.states import ACTIVE, State
+from supervisor.service.chores import Enforcer
+from supervisor.service.elector import Elector
+from supervisor.service.guards import Backoff, db_timeout
+
+log = structlog.get_logger("supervisor.daemon")
+
+# How often the leader prunes terminal jobs older than [supervisor] retention.
+RETENTION_EVERY = 300.0
+# How often, at most, the jobs-by-state gauges and the status line are refreshed (after a tick).
+SUMMARY_EVERY = 5.0
+# Cap of a chore's exponential backoff after consecutive database failures.
+CHORE_BACKOFF_CAP = 30.0
+
+Spawn = Callable[[Callable[[], Awaitable[None]], str], None]
+
+
+class Housekeeping:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        store: Store,
+        enforcer: Enforcer,
+        elector: Elector,
+        notifier: Notifier,
+        clock: Callable[[], datetime],
+        stopping: asyncio.Event,
+        *,
+        inflight: Callable[[], int],
+        spawn: Spawn,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._enforcer = enforcer
+        self._elector = elector
+        self.notifier = notifier
+        self._clock = clock
+        self._stopping = stopping
+        self._inflight = inflight
+        self._spawn = spawn  # the runtime's: shutdown waits for what is started this way
+        self._backoffs = {
+            name: Backoff(f"chore {name}", first=first, cap=CHORE_BACKOFF_CAP)
+            for name, first in (("sweep_budgets", 1.0), ("check_account", 1.0), ("retention", 1.0), ("summary", 5.0))
+        }
+        self._summary_due = 0.0
+        self._warned_total_budget = False
+
+    # -- the chores (scheduled by the runtime) --------------------------------------------
+
+    async def sweep_budgets(self) -> None:
+        """Budgets: every tick or second (usage moves with every poll)."""
+        await self._chore("sweep_budgets", lambda: self._enforcer.sweep_budgets(self._config()))
+
+    async def check_account(self) -> None:
+        """The account floor, every [account] check_interval."""
+        await self._chore("check_account", lambda: self._enforcer.check_account(self._config()))
+
+    async def retention(self) -> None:
+        """Delete terminal jobs (and their events) not updated for [supervisor] retention,
+        in bounded batches; a budget's current period is always kept whole."""
+        await self._chore("retention", self._prune)
+
+    def after_tick(self) -> None:
+        """Refresh the summary every few seconds, as long as the ticks run (while the claim
+        fails, the status line keeps saying why)."""
+        now = time.monotonic()
+        if now >= self._summary_due:
+            self._summary_due = now + SUMMARY_EVERY
+            self._spawn(self.refresh_summary, "summary")
+
+    def leadership_changed(self, leader: bool) -> None:
+        if leader:
+            # Catch up at once rather than at the chores' next interval.
+            self._spawn(self.refresh_summary, "summary")
+            if self._config().account is not None:
+                self._spawn(self.check_account, "account")
+        else:
+            # The totals gauges are the leader's: summed over replicas they stay right.
+            metrics.JOBS.clear()
+
+    async def refresh_summary(self) -> None:
+        """The jobs-by-state gauges (leader only: one query for the whole fleet) and the
+        systemd status line."""
+        if not self._elector.notice():
+            self.notifier.status(f"supervising; {self._inflight()} job(s) in flight (not the leader)")
+            return
+        backoff = self._backoffs["summary"]
+        if not backoff.ready():
+            return
+        try:
+            async with db_timeout(self._store, 10):
+                counts = await self._store.count_by_state()
+        except Exception as exc:
+            backoff.failed(exc)
+            return
+        backoff.succeeded()
+        for state in State:
+            metrics.JOBS.labels(state.value).set(counts.get(state.value, 0))
+        active = sum(counts.get(state.value, 0) for state in ACTIVE)
+        self.notifier.status(f"supervising {active} active job(s); {self._inflight()} in flight (leader)")
+
+    # -- internals ----------------------------------------------------------------------
+
+    async def _chore(self, name: str, body: Callable[[], Awaitable[object]]) -> None:
+        """Run `body` if this replica leads and the chore is not backing off."""
+        backoff = self._backoffs[name]
+        if self._stopping.is_set() or not self._elector.is_leader or not backoff.ready():
+            return
+        try:
+            # Never outlives the leadership it started under.
+            async with db_timeout(self._store, min(30.0, self._elector.seconds_left())):
+                await body()
+        except Exception as exc:
+            backoff.failed(exc)
+        else:
+            backoff.succeeded()
+
+    async def _prune(self) -> None:
+        config = self._config()
+        now = self._clock()
+        cutoff = now - config.supervisor.retention
+        for name, budget in config.budgets.items():
+            start = period_start(budget.period, budget.timezone, now)
+            if start is None:  # period = "total": every job ever counts against it
+                if not self._warned_total_budget:
+                    self._warned_total_budget = True
+                    log.warning("retention disabled: a budget counts every job ever", budget=name)
+                return
+            cutoff = min(cutoff, start)
+        deleted = await self._store.prune(cutoff)
+        admissions = await self._store.prune_admissions(now - timedelta(days=1))
+        if deleted or admissions:
+            log.info("retention: pruned", jobs=deleted, admissions=admissions, older_than=cutoff.isoformat())

@@ -1,0 +1,102 @@
+"""From a config to the resources a process runs on: the API client, the store (at the
+current schema), and `run_daemon`, the `run` command's process (startup signals, the
+daemon, the services beside it)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from supervisor.adapters import migrate
+from supervisor.adapters.clado import CladoClient
+from supervisor.adapters.logs import configure_logging
+from supervisor.adapters.secrets import api_key
+from supervisor.adapters.store import Store
+from supervisor.adapters.systemd import Notifier
+from supervisor.config import Config, ConfigError, load_config
+from supervisor.service.runtime import Daemon, Service
+
+# The services that run beside the daemon (the admin API), in two steps: prepared from the
+# config before the database is opened (so a missing secret fails fast), then built on the
+# daemon.
+ServicesFor = Callable[[Config], Callable[[Daemon], Sequence[Service]]]
+
+
+class RuntimeFailure(Exception):
+    """Something outside the user's input failed (database, API): exit 1."""
+
+
+def client_for(config: Config) -> CladoClient:
+    return CladoClient(
+        config.api.base_url,
+        api_key(config),
+        timeout=config.api.timeout.total_seconds(),
+        max_concurrency=config.api.max_concurrency,
+        max_retries=config.api.max_retries,
+    )
+
+
+async def open_store(config: Config) -> Store:
+    """A store on a database at the current schema (migrating it if auto_migrate is on)."""
+    url = config.database.url
+    try:
+        if config.database.auto_migrate:
+            await asyncio.to_thread(migrate.upgrade, url)
+        elif not await asyncio.to_thread(migrate.is_current, url):
+            raise ConfigError(
+                f"{config.source}: database.auto_migrate: the database schema is not current; "
+                "run `clado-supervisor migrate`"
+            )
+    except SQLAlchemyError as exc:
+        raise RuntimeFailure(f"cannot open the database: {_db_error(exc)}") from None
+    return Store(url)
+
+
+def _db_error(exc: SQLAlchemyError) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+
+
+def _no_services(config: Config) -> Callable[[Daemon], Sequence[Service]]:
+    return lambda daemon: ()
+
+
+async def run_daemon(config_path: Path, services: ServicesFor = _no_services) -> None:
+    config = load_config(config_path)
+    configure_logging(config.logging.format, config.logging.level)
+    # SIGTERM/SIGINT during startup (migrations can take a while) mean "stop", exit 0, not
+    # death by the default handler; the daemon installs its own handlers once it runs.
+    started: list[Daemon] = []
+    stop_early = asyncio.Event()
+
+    def stop() -> None:
+        stop_early.set()
+        for daemon in started:
+            daemon.request_stop()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    client = client_for(config)
+    try:
+        build_services = services(config)
+        store = await open_store(config)
+        try:
+            if stop_early.is_set():
+                return
+            daemon = Daemon(config, store, client, config_path=config_path, notifier=Notifier())
+            started.append(daemon)
+            beside = build_services(daemon)
+            if stop_early.is_set():
+                daemon.request_stop()
+            try:
+                await daemon.run_until_signalled(beside)
+            except OSError as exc:  # the admin API could not bind its address
+                raise RuntimeFailure(str(exc)) from None
+        finally:
+            await store.close()
+    finally:
+        await client.aclose()
