@@ -46,10 +46,11 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from supervisor.adapters.tables import admissions, budget_periods, job_events, jobs, leaders
 from supervisor.core.budgets import Usage
 from supervisor.core.job import Job
 from supervisor.core.states import ACTIVE, TERMINAL, State
-from supervisor.adapters.tables import admissions, budget_periods, job_events, jobs, leaders
+from supervisor.core.transitions import Change, Event
 
 log = structlog.get_logger("supervisor.store")
 
@@ -107,34 +108,22 @@ class NewJob:
     reserved_credits: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobWrite:
-    """One job's update and the events that explain it, applied only under its lease."""
+    """A Change to apply, and how it is fenced.
 
-    job_id: str
-    lease_token: str | None  # None: the writer holds no lease (CLI on an idle job)
-    values: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)
+    With a lease token (a claimer), the write applies only while the job still holds that
+    token. Without one (a person's cancel, a budget's decision: writers that hold no
+    lease), it applies only while the job is still in the state its writer read, and it
+    clears any lease, so a poll in flight for the job is dropped instead of undoing it."""
+
+    change: Change
+    lease_token: str | None
     release: bool = True  # give the lease up with this write
 
-
-def event_row(
-    kind: str,
-    at: datetime,
-    *,
-    from_state: str | None = None,
-    to_state: str | None = None,
-    reason: str | None = None,
-    detail: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "at": at,
-        "from_state": from_state,
-        "to_state": to_state,
-        "reason": reason,
-        "detail": detail,
-    }
+    @property
+    def job_id(self) -> str:
+        return self.change.job_id
 
 
 def default_owner() -> str:
@@ -256,10 +245,10 @@ class Store:
                 await conn.execute(
                     insert(job_events),
                     [
-                        {"job_id": job.job_id, **event_row(
-                            "tracked", now, to_state=State.WATCHING.value,
+                        {"job_id": job.job_id, **Event(
+                            "tracked", now, to_state=State.WATCHING,
                             detail={"source": job.source, "policy": job.policy, "labels": job.labels},
-                        )}
+                        ).row()}
                         for job in fresh
                     ],
                 )
@@ -318,46 +307,44 @@ class Store:
         return {write.job_id for write, ok in zip(writes, done, strict=True) if ok}
 
     async def apply_each(self, writes: Sequence[JobWrite]) -> list[bool]:
-        """Apply the writes whose lease still holds, in one transaction; for each write,
-        whether it was applied. A write whose job holds another token now (its lease
-        expired and another claimer took the job) is dropped and logged: fencing."""
+        """Apply, in one transaction, the writes whose fence still holds; for each write,
+        whether it was applied. A leased write whose job holds another token now (its lease
+        expired and another claimer took the job), or a lease-less write whose job has
+        moved on from the state its writer read, is dropped and logged: fencing."""
         if not writes:
             return []
         async with self.engine.begin() as conn:
-            current = await self._current_tokens(conn, writes)
+            current = await self._current(conn, writes)
             # Valid per write, not per job: a batch may hold a stale write (a handler that
             # outlived its lease) beside the new holder's write of the same job.
-            done = [not write.lease_token or current.get(write.job_id) == write.lease_token for write in writes]
+            done = [_fence_holds(write, current.get(write.job_id)) for write in writes]
             applied = [write for write, ok in zip(writes, done, strict=True) if ok]
             for write, ok in zip(writes, done, strict=True):
-                if not ok:
+                if not ok and write.lease_token:
                     log.warning("lease lost; write dropped", job_id=write.job_id, owner=self.owner)
             await self._update_many(conn, applied)
-            events = [
-                {"job_id": write.job_id, **row} for write in applied for row in write.events
-            ]
+            events = [{"job_id": write.job_id, **event.row()} for write in applied for event in write.change.events]
             if events:
                 await conn.execute(insert(job_events), events)
         return done
 
-    async def _current_tokens(self, conn: AsyncConnection, writes: Sequence[JobWrite]) -> dict[str, str | None]:
-        """The lease token each leased write's job holds now, its row locked until commit
-        (on PostgreSQL: a claimer skips it meanwhile, SKIP LOCKED)."""
-        leased = sorted({write.job_id for write in writes if write.lease_token})
-        current: dict[str, str | None] = {}
-        for chunk in _chunks(leased, 500):
-            query = select(jobs.c.job_id, jobs.c.lease_token).where(jobs.c.job_id.in_(chunk))
+    async def _current(self, conn: AsyncConnection, writes: Sequence[JobWrite]) -> dict[str, tuple[str | None, str]]:
+        """(lease token, state) of each written job now, its row locked until commit (on
+        PostgreSQL: a claimer skips it meanwhile, SKIP LOCKED)."""
+        current: dict[str, tuple[str | None, str]] = {}
+        for chunk in _chunks(sorted({write.job_id for write in writes}), 500):
+            query = select(jobs.c.job_id, jobs.c.lease_token, jobs.c.state).where(jobs.c.job_id.in_(chunk))
             if not self.is_sqlite:
                 query = query.with_for_update()
             for row in await conn.execute(query):
-                current[row.job_id] = row.lease_token
+                current[row.job_id] = (row.lease_token, row.state)
         return current
 
     async def _update_many(self, conn: AsyncConnection, writes: Iterable[JobWrite]) -> None:
         # executemany needs one parameter shape, so group the writes by the columns they set.
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
         for write in writes:
-            values = dict(write.values)
+            values = dict(write.change.values)
             if write.release:
                 values.update(lease_owner=None, lease_token=None, lease_expires_at=None)
             groups[tuple(sorted(values))].append({"b_job_id": write.job_id, **values})
@@ -495,44 +482,6 @@ class Store:
             result = await conn.execute(delete(admissions).where(admissions.c.expires_at < cutoff))
         return result.rowcount
 
-    # -- manual actions ------------------------------------------------------------------
-
-    async def request_cancel(self, job_id: str, reason: str, detail: dict[str, Any], now: datetime) -> Job | None:
-        """Commit a manual cancel decision for a watching job.
-
-        Clearing the lease fences off a poll the daemon may have in flight, so its stale
-        "still watching" write is dropped instead of undoing the decision.
-        Returns the job as it is after the attempt, or None if it is not tracked.
-        """
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(select(jobs).where(jobs.c.job_id == job_id))).first()
-            if row is None:
-                return None
-            job = Job.from_row(row._mapping)
-            if job.state is not State.WATCHING:
-                return job
-            values = {
-                "state": State.CANCELLING.value,
-                "cancel_reason": reason,
-                "cancel_detail": detail,
-                "cancel_requested_at": now,
-                "credits_at_decision": job.credits_used,
-                "next_check_at": now,
-                "lease_owner": None,
-                "lease_token": None,
-                "lease_expires_at": None,
-                "updated_at": now,
-            }
-            await conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(**values))
-            await conn.execute(
-                insert(job_events),
-                {"job_id": job_id, **event_row(
-                    "transition", now, from_state=State.WATCHING.value,
-                    to_state=State.CANCELLING.value, reason=reason, detail=detail,
-                )},
-            )
-            return job.with_values(values)
-
     # -- budgets and admission ------------------------------------------------------------
 
     async def usage(
@@ -601,79 +550,6 @@ class Store:
             query = query.where(jobs.c.submitted_at >= start)
         async with self.engine.connect() as conn:
             return [Job.from_row(row._mapping) for row in await conn.execute(query)]
-
-    async def decide_cancel(
-        self, job_ids: Sequence[str], reason: str, detail: dict[str, Any], now: datetime
-    ) -> list[str]:
-        """Commit cancel decisions for those of `job_ids` still watching; the tick sends
-        them. Clearing their leases fences off polls in flight. Returns the ids decided."""
-        decided: list[str] = []
-        async with self.engine.begin() as conn:
-            for chunk in _chunks(list(job_ids), 500):
-                rows = await conn.execute(
-                    select(jobs.c.job_id, jobs.c.credits_used)
-                    .where(jobs.c.job_id.in_(chunk))
-                    .where(jobs.c.state == State.WATCHING.value)
-                )
-                found = [(row.job_id, row.credits_used) for row in rows]
-                if not found:
-                    continue
-                await conn.execute(
-                    update(jobs)
-                    .where(jobs.c.job_id == bindparam("b_job_id"))
-                    .where(jobs.c.state == State.WATCHING.value)
-                    .values(
-                        state=State.CANCELLING.value, cancel_reason=reason, cancel_detail=detail,
-                        cancel_requested_at=now, credits_at_decision=bindparam("b_credits"),
-                        next_check_at=now, lease_owner=None, lease_token=None, lease_expires_at=None,
-                        updated_at=now,
-                    ),
-                    [{"b_job_id": job_id, "b_credits": credits} for job_id, credits in found],
-                )
-                await conn.execute(
-                    insert(job_events),
-                    [
-                        {"job_id": job_id, **event_row(
-                            "transition", now, from_state=State.WATCHING.value,
-                            to_state=State.CANCELLING.value, reason=reason, detail=detail,
-                        )}
-                        for job_id, _ in found
-                    ],
-                )
-                decided += [job_id for job_id, _ in found]
-        return decided
-
-    async def record_would_cancel(
-        self, job_ids: Sequence[str], reason: str, detail: dict[str, Any], now: datetime
-    ) -> list[str]:
-        """Observe mode for aggregate rules: note "would cancel" once per job."""
-        recorded: list[str] = []
-        async with self.engine.begin() as conn:
-            for chunk in _chunks(list(job_ids), 500):
-                rows = await conn.execute(
-                    select(jobs.c.job_id, jobs.c.credits_used)
-                    .where(jobs.c.job_id.in_(chunk))
-                    .where(jobs.c.would_cancel_reason.is_(None))
-                )
-                found = [(row.job_id, row.credits_used) for row in rows]
-                if not found:
-                    continue
-                await conn.execute(
-                    update(jobs)
-                    .where(jobs.c.job_id == bindparam("b_job_id"))
-                    .values(
-                        would_cancel_reason=reason, would_cancel_at=now,
-                        would_cancel_credits=bindparam("b_credits"), updated_at=now,
-                    ),
-                    [{"b_job_id": job_id, "b_credits": credits} for job_id, credits in found],
-                )
-                await conn.execute(
-                    insert(job_events),
-                    [{"job_id": job_id, **event_row("would_cancel", now, reason=reason, detail=detail)}
-                     for job_id, _ in found],
-                )
-                recorded += [job_id for job_id, _ in found]
-        return recorded
 
     async def budget_period(self, budget: str, period_key: str) -> dict[str, Any]:
         query = select(budget_periods).where(
@@ -746,6 +622,15 @@ class Store:
         if value is not None and value.tzinfo is None:  # aggregates bypass the column type
             value = value.replace(tzinfo=UTC)
         return value
+
+
+def _fence_holds(write: JobWrite, current: tuple[str | None, str] | None) -> bool:
+    if current is None:  # the job is gone (pruned)
+        return False
+    token, state = current
+    if write.lease_token:
+        return token == write.lease_token
+    return state == write.change.job.state
 
 
 def _labels(value: Any) -> dict[str, str]:

@@ -35,7 +35,7 @@ from supervisor.config import Config, load_config
 from supervisor.service.runtime import Daemon
 from supervisor.service.wiring import client_for, open_store
 from supervisor.sim.server import FakeClado, ThreadedFakeApi
-from supervisor.service.executor import job_policy
+from supervisor.core.policy import job_policy
 from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.adapters.logs import configure_logging
 from supervisor.adapters.store import Store, utcnow

@@ -151,7 +151,7 @@ class AdminApi:
     @property
     def ops(self) -> Operations:
         # The daemon's current config: a SIGHUP reload applies to the API at once.
-        return Operations(self.daemon.config, self.daemon.store, self.daemon.client)
+        return Operations(self.daemon.config, self.daemon.store, self.daemon.client, self.daemon.effects)
 
     # -- public endpoints -----------------------------------------------------------------
 

@@ -8,17 +8,26 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from supervisor.adapters.clado import CladoClient, validate_job_id
 from supervisor.adapters.secrets import read_secret
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
-from supervisor.core.job import Job
-from supervisor.config import Config
+from supervisor.adapters.webhooks import Webhooks
+from supervisor.config import Config, ConfigError
+from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, check_admission, period_start, statuses
+from supervisor.core.job import Job
+from supervisor.core.policy import job_policy
 from supervisor.core.states import TERMINAL, Reason, State
+from supervisor.core.transitions import Change
 from supervisor.service import wiring
-from supervisor.service.executor import JobHandler, job_policy
+from supervisor.service.effects import Effects
+from supervisor.service.executor import JobHandler
 from supervisor.service.runtime import Daemon, Service
 from supervisor.service.wiring import client_for, open_store
+
+log = structlog.get_logger("supervisor.app")
 
 # How long an admission's reservation counts if its submitter dies before recording the job.
 ADMISSION_TTL = timedelta(minutes=10)
@@ -56,11 +65,17 @@ class Operations:
 
     The API client is made on first use, so commands that only read need no API key."""
 
-    def __init__(self, config: Config, store: Store, client: CladoClient | None = None) -> None:
+    def __init__(
+        self, config: Config, store: Store, client: CladoClient | None = None, effects: Effects | None = None
+    ) -> None:
         self.config = config
         self.store = store
         self._client = client
         self._owns_client = client is None
+        # In the daemon (admin API) its own effects: its metrics and webhook queues. For a
+        # CLI command, webhooks of its own, made when a cancel needs them and drained on close.
+        self._effects = effects
+        self._webhooks: Webhooks | None = None
 
     @property
     def client(self) -> CladoClient:
@@ -68,7 +83,20 @@ class Operations:
             self._client = client_for(self.config)
         return self._client
 
+    @property
+    def effects(self) -> Effects:
+        if self._effects is None:
+            try:
+                self._webhooks = Webhooks(self.config)
+                self._webhooks.start()
+            except ConfigError as exc:  # a cancel must not wait on a webhook's secret
+                log.warning("webhooks disabled for this command", error=str(exc))
+            self._effects = Effects(lambda: self.config, self._webhooks)
+        return self._effects
+
     async def aclose(self) -> None:
+        if self._webhooks is not None:
+            await self._webhooks.close()
         if self._owns_client and self._client is not None:
             await self._client.aclose()
 
@@ -146,22 +174,30 @@ class Operations:
     async def cancel(self, job_id: str, note: str | None = None) -> Job | None:
         """Commit a manual cancel decision and, unless the daemon holds the job, send it now.
 
+        The decision is the same Change a policy or a budget makes (rule `manual`, the job's
+        credits, the config hash), written without a lease: fenced by the job still watching,
+        it clears the lease of a poll in flight so that poll's stale write is dropped.
         Returns the job afterwards, or None if it is not tracked."""
         validate_job_id(job_id)
-        now = utcnow()
-        job = await self.store.request_cancel(job_id, Reason.MANUAL, {"note": note} if note else {}, now)
-        if job is None or job.state != State.CANCELLING.value:
+        job = await self.store.get_job(job_id)
+        if job is None or job.state is not State.WATCHING:
             return job
-        claimed = await self.store.claim_due(
-            now, horizon=timedelta(0), limit=1, lease_ttl=self.config.supervisor.lease_ttl, job_id=job_id
-        )
-        if claimed:  # else the daemon claimed it first and sends the cancel itself
-            handler = JobHandler(self.config, self.client, self._write, utcnow)
-            await handler.handle(claimed[0])
+        now = utcnow()
+        facts = {"note": note} if note else {}
+        detail = transitions.decision_detail("manual", job.credits_used, self.config.config_hash, **facts)
+        change = transitions.decide_cancel(Change.of(job), Reason.MANUAL, detail, now)
+        if await self.store.apply_each([JobWrite(change, lease_token=None)]) == [True]:
+            self.effects.applied([change])
+            claimed = await self.store.claim_due(
+                now, horizon=timedelta(0), limit=1, lease_ttl=self.config.supervisor.lease_ttl, job_id=job_id
+            )
+            if claimed:  # else the daemon claimed it first and sends the cancel itself
+                handler = JobHandler(lambda: self.config, self.client, self._write, utcnow, self.effects)
+                await handler.handle(claimed[0])
         return await self.store.get_job(job_id)
 
     async def _write(self, job_write: JobWrite) -> bool:
-        return job_write.job_id in await self.store.apply([job_write])
+        return await self.store.apply_each([job_write]) == [True]
 
     async def jobs(self, state: str | None = None) -> list[Job]:
         return await self.store.list_jobs(state)

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from supervisor.config import Config
-from supervisor.service.executor import job_policy
+from supervisor.core.policy import job_policy
 from supervisor.core.states import ACTIVE, State
 from supervisor.adapters.store import Store, utcnow
 from supervisor.core.job import Job

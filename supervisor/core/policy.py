@@ -9,12 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from supervisor.config import Policy
+from supervisor.config import Config, Policy
+from supervisor.core.job import Job
 from supervisor.core.states import Reason
 
 # Never poll one job more often than this, however close it is to its credit limit.
 MIN_POLL_GAP = timedelta(milliseconds=50)
 PROBE_GAP = timedelta(seconds=1)
+
+
+def job_policy(config: Config, job: Job) -> Policy:
+    """The job's policy from the current config, with its per-job overrides."""
+    policy = config.resolve_policy(job.policy)
+    overrides: dict[str, object] = {}
+    if job.max_runtime_s is not None:
+        overrides["max_runtime"] = timedelta(seconds=job.max_runtime_s)
+    if job.max_credits is not None:
+        overrides["max_credits"] = job.max_credits
+    return policy.model_copy(update=overrides) if overrides else policy
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Aggregate rules the daemon checks on a schedule: team budgets and the account floor.
 
 Per-job limits are decided in the handler at each poll; these rules look across jobs.
-A cancel they decide is committed here (state `cancelling`, reason `budget:<name>` or
-`account_floor`) and sent by the regular tick, through the same state machine.
+A cancel they decide is a Change like any other (core.transitions.decide_cancel, reason
+`budget:<name>` or `account_floor`), committed here without a lease — fenced by the job
+still watching — and sent by the regular tick, through the same state machine; its
+effects (metrics, webhook, log line) are the ones a policy cancel has.
 """
 
 from __future__ import annotations
@@ -14,21 +16,28 @@ from typing import Any
 import structlog
 
 from supervisor.adapters import metrics
-from supervisor.core.budgets import BudgetStatus, matches, period_start, statuses, thresholds_crossed
 from supervisor.adapters.clado import CladoClient, CladoError
-from supervisor.config import Config
-from supervisor.core.states import Reason
+from supervisor.adapters.store import JobWrite, Store
 from supervisor.adapters.webhooks import Webhooks
-from supervisor.adapters.store import Store
+from supervisor.config import Config
+from supervisor.core import transitions
+from supervisor.core.budgets import BudgetStatus, matches, period_start, statuses, thresholds_crossed
+from supervisor.core.job import Job
+from supervisor.core.states import Reason
+from supervisor.core.transitions import Change
+from supervisor.service.effects import Effects
 
 log = structlog.get_logger("supervisor.enforcement")
 
 
 class Enforcer:
-    def __init__(self, store: Store, client: CladoClient, webhooks: Webhooks, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, store: Store, client: CladoClient, webhooks: Webhooks, effects: Effects, clock: Callable[[], datetime]
+    ) -> None:
         self.store = store
         self.client = client
         self.webhooks = webhooks
+        self.effects = effects
         self.clock = clock
         self._periods: dict[tuple[str, str], dict[str, Any]] = {}  # cache of budget_periods rows
         self.account_below_floor = False
@@ -82,13 +91,11 @@ class Enforcer:
         ]
         if not candidates:
             return
-        reason = f"budget:{status.name}"
-        detail = {
-            "rule": f"budgets.{status.name}", "spent": status.usage.spent, "credits": status.credits,
+        facts = {
+            "spent": status.usage.spent, "budget_credits": status.credits,
             "period_start": status.period_start.isoformat() if status.period_start else None,
-            "config_hash": config.config_hash,
-        }
-        await self._act(config, budget.action, [job.job_id for job in candidates], reason, detail, now)
+        }  # fmt: skip
+        await self._act(config, budget.action, candidates, f"budget:{status.name}", f"budgets.{status.name}", facts, now)
 
     # -- the account floor --------------------------------------------------------------------
 
@@ -112,24 +119,38 @@ class Enforcer:
         self.account_below_floor = below
         if below and account.action in ("cancel", "observe"):
             now = self.clock()
-            running = [job.job_id for job in await self.store.watching_since(None)]
-            detail = {"rule": "account.min_credits", "credits": credits, "min_credits": account.min_credits,
-                      "config_hash": config.config_hash}  # fmt: skip
-            await self._act(config, account.action, running, Reason.ACCOUNT_FLOOR, detail, now)
+            running = await self.store.watching_since(None)
+            facts = {"account_credits": credits, "min_credits": account.min_credits}
+            await self._act(config, account.action, running, Reason.ACCOUNT_FLOOR, "account.min_credits", facts, now)
 
     async def _act(
-        self, config: Config, action: str, job_ids: list[str], reason: str, detail: dict[str, Any], now: datetime
+        self,
+        config: Config,
+        action: str,
+        jobs: list[Job],
+        reason: str,
+        rule: str,
+        facts: dict[str, Any],
+        now: datetime,
     ) -> None:
+        """Decide (or, observing, record) a cancel for each job, fenced by its still watching."""
         if action == "cancel" and not config.supervisor.dry_run:
-            decided = await self.store.decide_cancel(job_ids, reason, detail, now)
-            for job_id in decided:
-                metrics.CANCELS.labels(reason).inc()
-                self.webhooks.emit("cancel_requested", job_id=job_id, reason=reason, state="cancelling", detail=detail)
-            if decided:
-                log.warning("cancelling jobs", reason=reason, count=len(decided))
+            writes = [
+                JobWrite(transitions.decide_cancel(Change.of(job), reason, self._detail(rule, job, config, facts), now),
+                         lease_token=None)
+                for job in jobs
+            ]  # fmt: skip
         else:
-            recorded = await self.store.record_would_cancel(job_ids, reason, detail, now)
-            for _ in recorded:
-                metrics.WOULD_CANCEL.labels(reason).inc()
-            if recorded:
-                log.warning("would cancel jobs (observe mode)", reason=reason, count=len(recorded))
+            # A record, not a decision: the lease of a poll in flight is left alone.
+            writes = [
+                JobWrite(transitions.would_cancel(Change.of(job), reason, self._detail(rule, job, config, facts), now),
+                         lease_token=None, release=False)
+                for job in jobs if job.would_cancel_reason is None
+            ]  # fmt: skip
+        writes = [write for write in writes if write.change.events]
+        done = await self.store.apply_each(writes)
+        self.effects.applied(write.change for write, ok in zip(writes, done, strict=True) if ok)
+
+    @staticmethod
+    def _detail(rule: str, job: Job, config: Config, facts: dict[str, Any]) -> dict[str, Any]:
+        return transitions.decision_detail(rule, job.credits_used, config.config_hash, **facts)

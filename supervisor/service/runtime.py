@@ -41,6 +41,7 @@ from supervisor.adapters.writer import BatchWriter
 from supervisor.config import Config, ConfigError, load_config
 from supervisor.service.chores import Enforcer
 from supervisor.service.dispatcher import Dispatcher
+from supervisor.service.effects import Effects
 from supervisor.service.elector import Elector
 from supervisor.service.executor import JobHandler
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
@@ -88,8 +89,9 @@ class Daemon:
             store, timeout=None if store.is_sqlite else max(5.0, config.supervisor.lease_ttl.total_seconds())
         )
         self.webhooks = Webhooks(config, current_config=current)
-        self.enforcer = Enforcer(store, client, self.webhooks, clock)
-        self.handler = JobHandler(config, client, self.writer.write, clock, self.webhooks)
+        self.effects = Effects(current, self.webhooks)
+        self.enforcer = Enforcer(store, client, self.webhooks, self.effects, clock)
+        self.handler = JobHandler(current, client, self.writer.write, clock, self.effects)
         self.elector = Elector(current, store, clock, self._stopping)
         self.housekeeping = Housekeeping(
             current, store, self.enforcer, self.elector, self._notifier, clock, self._stopping,
@@ -114,10 +116,8 @@ class Daemon:
         return self._config
 
     def _adopt(self, new: Config) -> None:
-        """The one place the current config changes. The JobHandler is given the new one
-        too: it keeps the Config it was made with rather than asking for the current one."""
+        """The one place the current config changes."""
         self._config = new
-        self.handler.config = new
 
     def reload(self) -> None:
         """SIGHUP: adopt a valid new config for every job's next evaluation and every

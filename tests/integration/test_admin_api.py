@@ -561,8 +561,12 @@ async def test_manual_cancel_goes_through_the_state_machine_once(config: Config,
             assert moves[-1][1] == "cancelled"
             decision = shown["events"][[e["to_state"] for e in shown["events"]].index("cancelling")]
             assert decision["reason"] == "manual"
+            # The same shape as a policy's or a budget's decision: rule, credits, config hash.
+            assert decision["detail"]["rule"] == "manual"
+            assert decision["detail"]["config_hash"] == admin.daemon.config.config_hash
+            assert isinstance(decision["detail"]["credits"], int)
             if job_id == noted:
-                assert decision["detail"] == {"note": "wrong query"}
+                assert decision["detail"]["note"] == "wrong query"
 
         # Cancelling again changes nothing and calls nothing.
         response = await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "again"})

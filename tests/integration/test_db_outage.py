@@ -27,6 +27,8 @@ from supervisor.adapters import migrate
 from supervisor.app.http import AdminApi
 from supervisor.core.states import TERMINAL
 from supervisor.adapters.store import JobWrite, NewJob, Store, database_unavailable, utcnow
+from supervisor.core import transitions
+from supervisor.core.transitions import Change
 from supervisor.adapters.writer import BatchWriter
 
 pytestmark = pytest.mark.timeout(120)
@@ -256,7 +258,8 @@ async def test_batch_writer_fails_its_waiters_while_the_database_is_away_then_re
         try:
             await store.add_jobs([NewJob("job-1", "default")], utcnow())
             [job] = await store.claim_due(utcnow(), horizon=timedelta(0), limit=1, lease_ttl=timedelta(seconds=30))
-            decision = JobWrite("job-1", job.lease_token, {"state": "cancelling", "updated_at": utcnow()}, release=False)
+            decided = transitions.decide_cancel(Change.of(job), "max_credits", {"rule": "test"}, utcnow())
+            decision = JobWrite(decided, job.lease_token, release=False)
             before = await observer.get_job("job-1")
 
             proxy.cut()

@@ -550,7 +550,8 @@ async def test_account_floor_cancels_running_jobs(tmp_path: Path, fake_server: F
         decision = next(e for e in events[job_id] if e["to_state"] == "cancelling")
         assert decision["detail"]["rule"] == "account.min_credits"
         assert decision["detail"]["min_credits"] == 80
-        assert decision["detail"]["credits"] < 80
+        assert decision["detail"]["account_credits"] < 80
+        assert decision["detail"]["credits"] == job.credits_at_decision  # the job's, as every decision records
 
 
 # -- webhooks -------------------------------------------------------------------------------------
@@ -652,3 +653,62 @@ async def test_a_failing_webhook_does_not_hold_up_the_other_hooks(
         await eventually(lambda: "cancelled" in receiver.events("/hook"), timeout=15, what="the healthy hook")
         # The healthy hook heard of the confirmed cancel while the other was still retrying.
         assert webhook_metric("failed") == failed_before
+
+
+# -- one path for every decision ---------------------------------------------------------------------
+
+
+def cancel_metric(name: str, labels: dict[str, str]) -> float:
+    return metrics.REGISTRY.get_sample_value(f"clado_supervisor_{name}", labels) or 0.0
+
+
+async def test_policy_budget_and_manual_cancels_are_recorded_counted_and_announced_alike(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str, receiver: HookReceiver
+) -> None:
+    fake = fake_server.fake
+    by_policy = fake.create_job(limit=200, rate=10)
+    by_budget = fake.create_job(limit=200, rate=10)
+    by_person = fake.create_job(limit=200, queue_for=60)
+    extra = DAILY_BUDGET + hooks_config(receiver, 'url = "{url}/hook"\nevents = ["cancel_requested"]')
+    config = make_config(
+        tmp_path, fake_server, sqlite_url, policies='[policies.default]\nmax_runtime = "30m"', extra=extra
+    )
+    reasons = {by_policy: "max_credits", by_budget: "budget:growth-daily", by_person: "manual"}
+    before = {reason: cancel_metric("cancels_total", {"reason": reason}) for reason in reasons.values()}
+    cancelling_before = cancel_metric("transitions_total", {"state": "cancelling"})
+    async with running_daemon(config) as daemon:
+        await daemon.store.add_jobs(
+            [
+                NewJob(by_policy, "default", {"team": "search"}, max_credits=20),
+                NewJob(by_budget, "default", {"team": "growth"}),
+                NewJob(by_person, "default", {"team": "search"}),
+            ],
+            utcnow(),
+        )
+        # What the admin API's POST /v1/jobs/{id}/cancel runs, with the daemon's own effects.
+        ops = Operations(daemon.config, daemon.store, daemon.client, daemon.effects)
+        await ops.cancel(by_person, note="wrong query")
+        jobs = await wait_terminal(daemon, *reasons, timeout=20)
+        events = {job_id: await daemon.store.events(job_id) for job_id in reasons}
+        await eventually(lambda: len(receiver.at("/hook")) >= 3, what="three cancel_requested webhooks")
+
+    for job_id, reason in reasons.items():
+        assert (jobs[job_id].state, jobs[job_id].cancel_reason) == ("cancelled", reason)
+        (decision,) = [e for e in events[job_id] if e["to_state"] == "cancelling"]
+        assert decision["reason"] == reason
+        assert decision["detail"]["config_hash"] == config.config_hash
+        assert decision["detail"]["credits"] == jobs[job_id].credits_at_decision
+        assert decision["detail"]["rule"] == {
+            "max_credits": "policies.default.max_credits", "budget:growth-daily": "budgets.growth-daily",
+            "manual": "manual",
+        }[reason]  # fmt: skip
+        assert cancel_metric("cancels_total", {"reason": reason}) == before[reason] + 1
+    assert cancel_metric("transitions_total", {"state": "cancelling"}) == cancelling_before + 3
+    hooks = {hook["json"]["job_id"]: hook["json"] for hook in receiver.at("/hook")}
+    assert set(hooks) == set(reasons)  # each decision announced once, whoever made it
+    for job_id, reason in reasons.items():
+        assert (hooks[job_id]["event"], hooks[job_id]["reason"], hooks[job_id]["state"]) == (
+            "cancel_requested", reason, "cancelling",
+        )  # fmt: skip
+        assert hooks[job_id]["policy"] == "default"
+        assert hooks[job_id]["detail"]["rule"] == events[job_id][1]["detail"]["rule"]

@@ -23,7 +23,9 @@ from structlog.testing import capture_logs
 from supervisor.adapters import migrate
 from supervisor.core.budgets import period_start
 from supervisor.adapters.tables import job_events, jobs, metadata
-from supervisor.adapters.store import JobWrite, NewJob, Store, event_row, sync_url, utcnow
+from supervisor.adapters.store import JobWrite, NewJob, Store, sync_url, utcnow
+from supervisor.core import transitions
+from supervisor.core.transitions import Change, Event
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -126,11 +128,10 @@ async def test_a_stale_replica_cannot_write_after_its_lease_was_taken(db_url: st
         before = await old.get_job("job-1")
         events_before = await old.events("job-1")
 
-        stale = JobWrite(
-            "job-1", mine.lease_token,
-            {"state": "cancelling", "cancel_reason": "max_credits", "credits_used": 999, "updated_at": utcnow()},
-            [event_row("transition", utcnow(), from_state="watching", to_state="cancelling", reason="max_credits")],
+        decided = transitions.decide_cancel(
+            Change.of(mine).set({"credits_used": 999}), "max_credits", {"rule": "policies.default.max_credits"}, utcnow()
         )
+        stale = JobWrite(decided, mine.lease_token)
         with capture_logs() as logs:
             applied = await old.apply([stale])
         assert applied == set()
@@ -141,8 +142,8 @@ async def test_a_stale_replica_cannot_write_after_its_lease_was_taken(db_url: st
         # The holder's write goes through, and a mixed batch applies only the valid part.
         await new.add_jobs([NewJob("job-2", "default")], now)
         [other] = await new.claim_due(utcnow(), horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30))
-        fresh = JobWrite("job-1", theirs.lease_token, {"credits_used": 5, "updated_at": utcnow()})
-        also = JobWrite("job-2", other.lease_token, {"credits_used": 7, "updated_at": utcnow()})
+        fresh = JobWrite(Change.of(theirs).set({"credits_used": 5, "updated_at": utcnow()}), theirs.lease_token)
+        also = JobWrite(Change.of(other).set({"credits_used": 7, "updated_at": utcnow()}), other.lease_token)
         assert await new.apply_each([stale, fresh, also]) == [False, True, True]
         after = await new.get_job("job-1")
         assert (after.state, after.credits_used, after.lease_token) == ("watching", 5, None)
@@ -268,7 +269,7 @@ async def test_retention_prunes_old_terminal_jobs_and_their_events_in_batches(db
         async with store.engine.begin() as conn:
             for job_id, state, updated in specs:
                 await conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(state=state, updated_at=updated))
-                await conn.execute(insert(job_events).values(job_id=job_id, **event_row("poll_error", updated)))
+                await conn.execute(insert(job_events).values(job_id=job_id, **Event("poll_error", updated).row()))
 
         cutoff = now - timedelta(days=30)
         # Bounded: 5 per batch, 2 batches per call → 10 now, the other 4 on the next call.
@@ -444,10 +445,21 @@ async def test_budget_and_admission_statements_on_both_backends(db_url: str) -> 
 
         watching = await store.watching_since(start)
         assert {job.job_id for job in watching} == {"g1", "g2", "g3", "a1"}
-        assert await store.record_would_cancel(["a1"], "budget:ads", {"spent": 7}, now) == ["a1"]
-        assert await store.record_would_cancel(["a1"], "budget:ads", {"spent": 7}, now) == []
-        assert sorted(await store.decide_cancel(["g1", "g2"], "budget:growth", {"spent": 40}, now)) == ["g1", "g2"]
-        assert await store.decide_cancel(["g1"], "budget:growth", {"spent": 40}, now) == []
+        by_id = {job.job_id: job for job in watching}
+
+        def would(job_id: str) -> JobWrite:
+            change = transitions.would_cancel(Change.of(by_id[job_id]), "budget:ads", {"spent": 7}, now)
+            return JobWrite(change, lease_token=None, release=False)
+
+        def decide(job_id: str) -> JobWrite:
+            change = transitions.decide_cancel(Change.of(by_id[job_id]), "budget:growth", {"spent": 40}, now)
+            return JobWrite(change, lease_token=None)
+
+        assert await store.apply_each([would("a1")]) == [True]
+        # Lease-less writes are fenced by the state their writer read: a decision made on a
+        # job that has moved on meanwhile is dropped, so a job is never decided twice.
+        assert await store.apply_each([decide("g1"), decide("g2")]) == [True, True]
+        assert await store.apply_each([decide("g1")]) == [False]
         assert (await store.count_by_state()) == {"cancelling": 2, "watching": 2}
         assert await store.event_counts("transition", start) == {"budget:growth": 2}
         assert (await store.next_due_at()) is not None

@@ -1,0 +1,76 @@
+"""What follows from an applied Change: its metrics, webhooks and decision log lines.
+
+One place for all of them, run only once the Change is committed (a dropped write, whose
+lease was lost, has no effects), so a cancel decided by a poll, a budget, the account
+floor or a person is logged, counted and announced the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+
+from supervisor.adapters import metrics
+from supervisor.adapters.webhooks import Webhooks
+from supervisor.config import Config
+from supervisor.core.policy import job_policy
+from supervisor.core.states import TERMINAL, Reason, State
+from supervisor.core.transitions import Change, Event
+
+log = structlog.get_logger("supervisor.handler")
+
+# Webhook events sent when a job reaches these states.
+_ANNOUNCED = {State.CANCELLED: "cancelled", State.UNCONFIRMED: "unconfirmed"}
+
+
+class Effects:
+    def __init__(self, config: Callable[[], Config], webhooks: Webhooks | None = None) -> None:
+        self._config = config
+        self._webhooks = webhooks
+
+    def applied(self, changes: Iterable[Change]) -> None:
+        for change in changes:
+            for event in change.events:
+                self._event(change, event)
+
+    def _event(self, change: Change, event: Event) -> None:
+        job = change.after
+        fields: dict[str, Any] = {"job_id": job.job_id, "policy": job.policy}
+        if event.kind == "warning":
+            detail = dict(event.detail or {})
+            log.warning("limit warning", **fields, **detail)
+            metrics.WARNINGS.labels(event.reason).inc()
+            self._emit("warning", **fields, reason=event.reason, credits=job.credits_used, detail=detail)
+        elif event.kind == "would_cancel":
+            log.warning("would cancel (observe mode)", **fields, state=job.state.value, reason=event.reason,
+                        **dict(event.detail or {}))
+            metrics.WOULD_CANCEL.labels(event.reason).inc()
+        elif event.kind == "transition" and event.to_state is not None:
+            self._transition(change, event, event.to_state, fields)
+
+    def _transition(self, change: Change, event: Event, target: State, fields: dict[str, Any]) -> None:
+        job = change.after
+        detail = dict(event.detail or {})
+        metrics.TRANSITIONS.labels(target.value).inc()
+        if target is State.CANCELLING:
+            log.warning("cancelling runaway job", **fields, state=target.value, reason=event.reason, **detail)
+            metrics.CANCELS.labels(event.reason).inc()
+            self._emit("cancel_requested", **fields, reason=event.reason, state=target.value,
+                       credits=job.credits_used, detail=detail)
+            return
+        level = "error" if target in (State.UNCONFIRMED, State.LOST) else "info"
+        getattr(log, level)("job " + target.value, **fields, state=target.value, reason=event.reason, **detail)
+        if target in _ANNOUNCED:
+            self._emit(_ANNOUNCED[target], **fields, reason=job.cancel_reason, state=target.value,
+                       credits=job.credits_used)
+        if target in TERMINAL and job.cancel_requested_at is not None:
+            metrics.CONFIRMATION.observe((event.at - job.cancel_requested_at).total_seconds())
+            limit = job_policy(self._config(), job).max_credits
+            if job.cancel_reason == Reason.MAX_CREDITS and limit is not None:
+                metrics.CREDIT_OVERSHOOT.observe(max(0, job.credits_used - limit))
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._webhooks is not None:
+            self._webhooks.emit(event, **fields)
