@@ -16,7 +16,7 @@ could start a second, billed job.
 Rate limits: a 429 (its `retry_after` in the body or a Retry-After header, whichever is
 larger) or a 503 with Retry-After holds off the whole client, not only the call that got it:
 every request waits until the hold-off ends, or fails fast with `RateLimited` when it would
-wait longer than the call may (`initiate_wait` for initiate, `_WAIT_MAX` for the others).
+wait longer than the call may (`initiate_wait` for initiate, two minutes for the others).
 A 429 to initiate is retried for as long as `initiate_wait` allows, not `max_retries` times.
 
 Every attempt has a deadline (`timeout`), on top of httpx's per-read timeouts, so a server
@@ -167,8 +167,7 @@ def validate_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         shown = job_id if isinstance(job_id, str) and len(job_id) <= 40 else f"{str(job_id)[:40]}…"
         raise InvalidJobId(
-            f"invalid job id {shown!r}: use 1-128 ASCII letters, digits, '-' or '_', "
-            "starting with a letter or digit"
+            f"invalid job id {shown!r}: use 1-128 ASCII letters, digits, '-' or '_', starting with a letter or digit"
         )
     return job_id
 
@@ -395,9 +394,7 @@ class CladoClient:
 
     # -- the four endpoints -------------------------------------------------------------
 
-    async def initiate(
-        self, query: str, limit: int = 30, hard_filter_company_urls: list[str] | None = None
-    ) -> str:
+    async def initiate(self, query: str, limit: int = 30, hard_filter_company_urls: list[str] | None = None) -> str:
         payload: dict[str, Any] = {"query": query, "limit": limit}
         if hard_filter_company_urls:
             payload["hard_filter_company_urls"] = hard_filter_company_urls
@@ -458,15 +455,13 @@ class CladoClient:
     async def account(self) -> Credits:
         async def call(wait: _Wait) -> Credits:
             _, body = await self._request(
-                "GET", "/api/credits", wait,
+                "GET",
+                "/api/credits",
+                wait,
                 not_found=(CreditsUnavailable, "unable to retrieve credit information (HTTP 404)"),
             )
             value = body.get("credits")
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not math.isfinite(value)
-            ):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise _unreadable("credits answer has no credits")
             return Credits(credits=int(value), last_topup_at=_instant(body.get("last_topup_at")))
 
@@ -563,9 +558,7 @@ class CladoClient:
 
     # -- retries and the hold-off -------------------------------------------------------
 
-    async def _retrying(
-        self, call: Callable[[_Wait], Awaitable[T]], *, endpoint: str, idempotent: bool = True
-    ) -> T:
+    async def _retrying(self, call: Callable[[_Wait], Awaitable[T]], *, endpoint: str, idempotent: bool = True) -> T:
         wait = _Wait(endpoint, _WAIT_MAX if idempotent else self._initiate_wait)
 
         def counted(retry_state: Any) -> None:
@@ -582,7 +575,8 @@ class CladoClient:
                 # A throttled initiate started nothing: it waits for as long as initiate_wait
                 # allows (the hold-off raises RateLimited once it cannot), not max_retries.
                 return False
-            return retry_state.attempt_number > self._max_retries
+            attempts: int = retry_state.attempt_number
+            return attempts > self._max_retries
 
         async def pause(delay: float) -> None:
             if delay > 0:  # a held-off retry already waits in _await_hold_off
@@ -611,7 +605,7 @@ class CladoClient:
         if isinstance(exc, _Transient) and exc.held:
             return 0.0  # the client-wide hold-off is the wait
         exponential = min(self._backoff_max, self._backoff_initial * 2 ** (retry_state.attempt_number - 1))
-        return random.uniform(exponential / 2, exponential)  # jitter
+        return random.uniform(exponential / 2, exponential)  # noqa: S311 - jitter, not a secret
 
     def _count_retry(self, retry_state: Any) -> None:
         self.retries += 1

@@ -30,7 +30,7 @@ API_LATENCY = Histogram(
     _P + "api_request_duration_seconds", "Clado API request latency.", ["endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY,
 )
-API_UNKNOWN_STATUS = Counter(_P + "api_unknown_status_total", "Status answers whose job status is not a documented one.", registry=REGISTRY)
+API_UNKNOWN_STATUS = Counter(_P + "api_unknown_status_total", "Undocumented job statuses seen.", registry=REGISTRY)
 API_RETRIES = Counter(_P + "api_retries_total", "Clado API calls retried, by endpoint.", ["endpoint"], registry=REGISTRY)
 TICK_DURATION = Histogram(
     _P + "tick_duration_seconds", "Time a scheduler tick takes to claim and dispatch due jobs.",
