@@ -403,7 +403,7 @@ class CladoClient:
             # Any 2xx means a job was started: never mistake a 201/202 for a rejection.
             _, body = await self._request("POST", "/api/search/deep_research", wait, json=payload, accept=_SUCCESS)
             job_id = body.get("job_id")
-            # The job may exist: this is an ApiUnavailable (not retried), not the caller's
+            # The job may exist: this is an UnreadableBody (not retried), not the caller's
             # invalid input.
             if not isinstance(job_id, str):
                 raise _unreadable("initiate answer has no job_id")
