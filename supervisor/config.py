@@ -127,6 +127,9 @@ class ApiConfig(_Section):
     # Attempts per call beyond the first, for timeouts, connection errors, 5xx, 429 and
     # garbage bodies. Backoff is exponential with jitter, honouring Retry-After.
     max_retries: int = Field(default=3, ge=0, le=10)
+    # How long a submission waits out the API's rate limit (429) before it gives up; a 429
+    # means the job was not started, so waiting is safe (unlike retrying other failures).
+    initiate_wait: Duration = timedelta(minutes=2)
 
     @field_validator("base_url")
     @classmethod

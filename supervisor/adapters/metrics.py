@@ -38,6 +38,7 @@ API_LATENCY = Histogram(
 API_RETRIES = Counter(
     _P + "api_retries_total", "Clado API calls retried, by endpoint.", ["endpoint"], registry=REGISTRY
 )
+API_UNKNOWN_STATUS = Counter(_P + "api_unknown_status_total", "Undocumented job statuses seen.", registry=REGISTRY)
 TICK_DURATION = Histogram(
     _P + "tick_duration_seconds",
     "Time a scheduler tick takes to claim and dispatch due jobs.",

@@ -55,6 +55,24 @@ class Reason:
 RUNNING_STATUSES = frozenset({"pending", "searching", "processing"})
 FINAL_STATUSES = frozenset({"completed", "error", "cancelled"})
 REMOTE_STATUSES = RUNNING_STATUSES | FINAL_STATUSES
+# Other spellings of the documented statuses, from an unofficial SDK: the one table of them.
+STATUS_ALIASES: dict[str, str] = {
+    "in_progress": "processing",
+    "running": "processing",
+    "queued": "pending",
+    "failed": "error",
+    "canceled": "cancelled",
+}
+
+
+def normalize_status(raw: str) -> str:
+    """The documented name of a remote status (trimmed, any case, aliases mapped).
+
+    A name outside the documented list comes back trimmed and lowercased, not refused:
+    the API may grow a status, and a job we cannot name is still a running job.
+    """
+    name = raw.strip().lower()
+    return STATUS_ALIASES.get(name, name)
 
 
 class IllegalTransition(RuntimeError):

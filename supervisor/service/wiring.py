@@ -37,6 +37,7 @@ def client_for(config: Config) -> CladoClient:
         timeout=config.api.timeout.total_seconds(),
         max_concurrency=config.api.max_concurrency,
         max_retries=config.api.max_retries,
+        initiate_wait=config.api.initiate_wait.total_seconds(),
     )
 
 

@@ -13,13 +13,16 @@ from fakeserver import FakeServer, ManualClock
 from structlog.testing import capture_logs
 
 from supervisor.adapters.clado import (
+    MAX_BODY,
     ApiKeyRejected,
     ApiUnavailable,
     CancelResult,
     CladoClient,
     JobNotFound,
     OutOfCredits,
+    RateLimited,
     RequestRejected,
+    UnreadableBody,
     validate_job_id,
 )
 from supervisor.sim.server import FakeClado
@@ -32,7 +35,7 @@ SSL_CONTEXT = ssl.create_default_context()
 
 
 class Clock:
-    """The client's clock for the 401 backoff."""
+    """The client's clock for the 401 backoff and the rate-limit hold-off."""
 
     def __init__(self) -> None:
         self.now = 100.0
@@ -82,11 +85,16 @@ async def client(server: FakeServer, fake: FakeClado) -> AsyncIterator[CladoClie
         yield api
 
 
-def sleep_that(action: Callable[[], None], delays: list[float]) -> Callable[[float], Awaitable[None]]:
-    """A retry wait that records its delay and changes the fake instead of sleeping."""
+def sleep_that(
+    action: Callable[[], None], delays: list[float], clock: Clock | None = None
+) -> Callable[[float], Awaitable[None]]:
+    """A retry wait that records its delay and changes the fake instead of sleeping (moving
+    the client's `clock` on by the delay, as a real sleep would)."""
 
     async def sleep(delay: float) -> None:
         delays.append(delay)
+        if clock is not None:
+            clock.now += delay
         action()
 
     return sleep
@@ -240,7 +248,9 @@ async def test_429_retry_after_is_honoured(server: FakeServer, fake: FakeClado) 
     job_id = fake.create_job()
     fake.set_faults(throttle_rate=1.0, retry_after=7, seed=2)
     delays: list[float] = []
-    async with make_client(server, sleep=sleep_that(lambda: fake.set_faults(throttle_rate=0), delays)) as client:
+    clock = Clock()
+    sleep = sleep_that(lambda: fake.set_faults(throttle_rate=0), delays, clock)
+    async with make_client(server, clock=clock, sleep=sleep) as client:
         assert (await client.status(job_id)).job_id == job_id
         assert client.retries == 1
     assert delays == [7.0]  # not the 0.001-0.01 s exponential backoff
@@ -250,11 +260,55 @@ async def test_429_retry_after_is_honoured(server: FakeServer, fake: FakeClado) 
 async def test_429_on_initiate_is_retried_after_retry_after(server: FakeServer, fake: FakeClado) -> None:
     fake.set_faults(throttle_rate=1.0, retry_after=3, seed=2)
     delays: list[float] = []
-    async with make_client(server, sleep=sleep_that(lambda: fake.set_faults(throttle_rate=0), delays)) as client:
-        await client.initiate("q")
+    clock = Clock()
+    sleep = sleep_that(lambda: fake.set_faults(throttle_rate=0), delays, clock)
+    async with make_client(server, clock=clock, sleep=sleep, max_retries=0) as client:
+        await client.initiate("q")  # max_retries does not bound waiting out a 429
     assert delays == [3.0]
     stats = fake.stats()
     assert (stats["initiate"], stats["jobs"]) == (2, 1)
+
+
+async def test_a_429_holds_off_every_request_of_the_client(server: FakeServer, fake: FakeClado) -> None:
+    job_ids = [fake.create_job() for _ in range(3)]
+    fake.set_faults(throttle_rate=1.0, retry_after=60, seed=2)
+    clock = Clock()
+    gate = asyncio.Event()
+    waiting: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        waiting.append(delay)
+        await gate.wait()
+
+    async with make_client(server, clock=clock, sleep=sleep) as client:
+        first = asyncio.create_task(client.status(job_ids[0]))
+        while not waiting:
+            assert not first.done()
+            await asyncio.sleep(0)
+        assert fake.stats()["status"] == 1
+        polls = [asyncio.create_task(client.status(job_ids[i % 3])) for i in range(20)]
+        while len(waiting) < 21:
+            assert not all(p.done() for p in polls)
+            await asyncio.sleep(0)
+        assert fake.stats()["status"] == 1  # twenty polls during the hold-off, no request
+        assert waiting == [60.0] * 21
+        fake.set_faults(throttle_rate=0)
+        clock.now += 60
+        gate.set()
+        results = await asyncio.gather(first, *polls)
+    assert [r.job_id for r in results] == [job_ids[0]] + [job_ids[i % 3] for i in range(20)]
+    assert fake.stats()["status"] == 22
+
+
+async def test_a_hold_off_too_long_for_a_poll_fails_fast(server: FakeServer, fake: FakeClado) -> None:
+    job_id = fake.create_job()
+    fake.set_faults(throttle_rate=1.0, retry_after=100_000, seed=2)
+    async with make_client(server, clock=Clock()) as client:
+        for _ in range(5):
+            with pytest.raises(RateLimited, match="held off"):
+                await client.status(job_id)
+    fake.set_faults(throttle_rate=0)
+    assert fake.stats()["status"] == 1
 
 
 async def test_timeouts_are_retried_for_status_but_not_for_initiate(server: FakeServer, fake: FakeClado) -> None:
@@ -422,3 +476,42 @@ async def test_concurrency_is_bounded_against_the_simulator(server: FakeServer, 
     assert len(results) == 24
     assert transport.peak == 4
     assert fake.stats()["status"] == 24
+
+
+# ---- bounded bodies over a real socket
+
+
+async def test_a_50_mb_answer_is_refused_after_reading_about_a_megabyte() -> None:
+    """A raw HTTP server that would stream 50 MB: the client stops at the bound and hangs up."""
+    written = 0
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        chunk = b" " * 65536
+        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        try:
+            while written < 50_000_000:
+                writer.write(frame)
+                await writer.drain()  # blocks once the client stops reading
+                written += len(chunk)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            done.set()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with CladoClient(f"http://127.0.0.1:{port}", KEY, timeout=5, max_retries=0) as client:
+            with pytest.raises(UnreadableBody, match="body over"):
+                await client.status("550e8400-e29b-41d4-a716-446655440000")
+        await done.wait()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    # What it read plus what the socket buffers took: nowhere near 50 MB.
+    assert MAX_BODY <= written < 50_000_000 // 2

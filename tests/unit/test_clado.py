@@ -1,11 +1,14 @@
-"""The Clado client over httpx.MockTransport: no network, no real sleeps worth mentioning."""
+"""The Clado client over httpx.MockTransport: no network, no real sleeps (an injected clock).
+
+The shapes of the API's answers (created_at, counts, statuses, 429 bodies, …) have their
+own tables in test_clado_shapes.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
@@ -23,8 +26,9 @@ from supervisor.adapters.clado import (
     JobNotFound,
     JobStatus,
     OutOfCredits,
+    RateLimited,
     RequestRejected,
-    result_count,
+    UnreadableBody,
     validate_job_id,
 )
 
@@ -35,6 +39,10 @@ STATUS_PATH = f"/api/search/deep_research/{JOB}"
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
+# The wall clock the client judges created_at by (2026-06-01T00:00:00Z).
+NOW = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
+
+
 class Clock:
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
@@ -43,20 +51,36 @@ class Clock:
         return self.now
 
 
+class FakeTime(Clock):
+    """The client's clock and sleep together: a sleep records its delay and moves the clock
+    to its end at once, as a timer would (concurrent sleepers do not add up)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        super().__init__(now)
+        self.sleeps: list[float] = []
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        end = self.now + delay
+        await asyncio.sleep(0)
+        self.now = max(self.now, end)
+
+
 class Recorder:
     """An async MockTransport handler: answers from `answers` in turn (the last one repeats).
 
     An answer is an httpx.Response, an exception to raise, or a callable(request) -> either.
     """
 
-    def __init__(self, *answers: Any) -> None:
+    def __init__(self, *answers: Any, clock: Callable[[], float] | None = None) -> None:
         self.answers = list(answers)
         self.requests: list[httpx.Request] = []
-        self.times: list[float] = []
+        self.times: list[float] = []  # when each request came, by `clock` (else the loop's)
+        self._clock = clock
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        self.times.append(asyncio.get_running_loop().time())
+        self.times.append(self._clock() if self._clock else asyncio.get_running_loop().time())
         answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
         if callable(answer) and not isinstance(answer, httpx.Response):
             answer = answer(request)
@@ -72,7 +96,12 @@ class Recorder:
 
 
 def client_for(handler: Any, **kwargs: Any) -> CladoClient:
-    options: dict[str, Any] = {"backoff_initial": 0.001, "backoff_max": 0.01, "max_retries": 3}
+    """A client on a MockTransport; its waits run on a FakeTime unless a test passes its own."""
+    time = FakeTime()
+    options: dict[str, Any] = {
+        "backoff_initial": 0.001, "backoff_max": 0.01, "max_retries": 3,
+        "clock": time, "sleep": time.sleep, "wall_clock": lambda: NOW,
+    }
     options.update(kwargs)
     return CladoClient(BASE, KEY, transport=httpx.MockTransport(handler), **options)
 
@@ -266,60 +295,48 @@ async def test_cancel_and_credits_hit_their_endpoints() -> None:
         ({"final_results_count": 7}, 7),
         ({"total_results": 5}, 5),
         ({"pagination": {"total_results": 9, "has_next": True}, "results": [{}]}, 9),
+        ({"total": 11}, 11),  # the older docs
         ({"results": [{}, {}, {}]}, 3),
         ({"results": []}, 0),
         ({"results": [{}], "pagination": {"page": 1, "page_size": 1, "has_next": False}}, 1),
         ({"results": [], "pagination": {"page": 1, "page_size": 1, "has_next": False}}, 0),
+        # Several fields: the largest, which is what is billed.
         ({"final_results_count": 7, "total_results": 5, "pagination": {"total_results": 4}}, 7),
         ({"total_results": 5, "pagination": {"total_results": 4}}, 5),
-        # Unusable values fall through to the next field.
+        ({"final_results_count": 5, "total": 8}, 8),
+        # Unusable values are passed over.
         ({"final_results_count": None, "total_results": 5}, 5),
         ({"final_results_count": True, "total_results": 5}, 5),
         ({"final_results_count": -1, "total_results": 5}, 5),
-        ({"final_results_count": "7", "total_results": 5}, 5),
+        ({"final_results_count": "7", "total_results": 5}, 7),
         ({"total_results": 2.5, "results": [{}]}, 1),
         ({"pagination": [1, 2], "results": [{}, {}]}, 2),
         ({"total_results": 0}, 0),
         ({"total_results": 10**12}, 10**12),
     ],
 )
-def test_result_count_reads_whichever_field_the_body_has(body: dict[str, Any], expected: int) -> None:
-    assert result_count(body) == expected
+async def test_status_reads_the_count_from_whichever_field_the_body_has(body: dict[str, Any], expected: int) -> None:
+    handler = Recorder(ok({"job_id": JOB, "status": "searching", **body}))
+    async with client_for(handler) as client:
+        assert (await client.status(JOB)).result_count == expected
 
 
 @pytest.mark.parametrize(
     "body",
     [
         {},
-        {"status": "searching"},
         {"results": "3"},
-        {"total_results": "3"},
+        {"total_results": "x"},
         {"pagination": {"page": 1}},
-        # One page of several: its length is not the count.
-        {"results": [{}], "pagination": {"page": 1, "page_size": 1, "has_next": True}},
+        {"total_results": -5, "final_results_count": True},
     ],
 )
-def test_result_count_without_a_count_is_an_error(body: dict[str, Any]) -> None:
-    with pytest.raises(Exception, match="result count"):
-        result_count(body)
-
-
-@pytest.mark.parametrize(
-    ("created_at", "expected"),
-    [
-        ("2026-01-02T03:04:05Z", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
-        ("2026-01-02T03:04:05", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
-        ("2026-01-02T05:04:05+02:00", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
-        ("yesterday", None),
-        (12345, None),
-        (None, None),
-        ("", None),
-    ],
-)
-async def test_created_at_is_parsed_or_left_out(created_at: Any, expected: datetime | None) -> None:
-    handler = Recorder(ok(status_body(created_at=created_at)))
-    async with client_for(handler) as client:
-        assert (await client.status(JOB)).created_at == expected
+async def test_a_status_without_a_readable_count_is_unreadable_never_zero(body: dict[str, Any]) -> None:
+    handler = Recorder(ok({"job_id": JOB, "status": "searching", **body}))
+    async with client_for(handler, max_retries=1) as client:
+        with pytest.raises(UnreadableBody, match="no readable result count"):
+            await client.status(JOB)
+    assert handler.calls == 2  # retried once, like any garbage
 
 
 @pytest.mark.parametrize(
@@ -406,13 +423,12 @@ MALFORMED_STATUS = {
     "json number": raw(b"3"),
     "deeply nested": raw(nested(100_000)),
     "status missing": ok({"job_id": JOB, "total_results": 3}),
-    "status unknown": ok(status_body("finished")),
-    "status wrong case": ok(status_body("Completed")),
+    "status empty": ok(status_body("  ")),
     "status null": ok(status_body(None)),
     "status list": ok(status_body(["completed"])),
     "status object": ok(status_body({"state": "completed"})),
     "count missing": ok({"job_id": JOB, "status": "searching"}),
-    "count not a number": ok({"job_id": JOB, "status": "searching", "total_results": "3"}),
+    "count not a number": ok({"job_id": JOB, "status": "searching", "total_results": "x"}),
     "count negative": ok({"job_id": JOB, "status": "searching", "total_results": -3}),
     "count bool": ok({"job_id": JOB, "status": "searching", "final_results_count": True}),
     "results not a list": ok({"job_id": JOB, "status": "searching", "results": {"a": 1}}),
@@ -424,7 +440,7 @@ MALFORMED_STATUS = {
 async def test_malformed_status_bodies_are_retried_then_api_unavailable(answer: Any) -> None:
     handler = Recorder(answer)
     async with client_for(handler, max_retries=2) as client:
-        with pytest.raises(ApiUnavailable):
+        with pytest.raises(UnreadableBody if answer is not bad_encoding else ApiUnavailable):
             await client.status(JOB)
         assert handler.calls == 3
         assert client.retries == 2
@@ -598,12 +614,16 @@ async def test_initiate_is_not_retried_when_the_request_may_have_arrived(answer:
     assert handler.calls == 1
 
 
-async def test_initiate_retries_stop_at_max_retries() -> None:
-    handler = Recorder(ok({}, 429, headers={"Retry-After": "0"}))
-    async with client_for(handler, max_retries=2) as client:
-        with pytest.raises(ApiUnavailable, match="429"):
+async def test_initiate_waits_out_429s_for_initiate_wait_not_max_retries() -> None:
+    # 429 at 0 s, 60 s and 120 s: a third 60 s wait would go past the 120 s initiate_wait.
+    time = FakeTime()
+    handler = Recorder(ok({"error": "Rate limit exceeded", "retry_after": 60}, 429), clock=time)
+    async with client_for(handler, max_retries=0, initiate_wait=120, clock=time, sleep=time.sleep) as client:
+        with pytest.raises(RateLimited, match="held off for another 60s") as caught:
             await client.initiate("q")
-    assert handler.calls == 3
+    assert handler.times == [1000.0, 1060.0, 1120.0]
+    assert caught.value.retry_in == 60
+    assert isinstance(caught.value, ApiUnavailable)  # callers that handle "API down" handle this
 
 
 async def test_initiate_after_a_retried_503_does_not_retry_a_following_500() -> None:
@@ -708,61 +728,64 @@ async def test_backoff_has_jitter() -> None:
 
 
 @pytest.mark.parametrize(
-    ("retry_after", "least", "most"),
+    ("retry_after", "held"),
     [
-        ("30", 30, 30),
-        ("2.5", 2.5, 2.5),
-        ("0", 0, 0.01),  # falls back to the (tiny) exponential backoff
-        ("99999", 120, 120),  # capped: a broken header must not park a call for a day
-        ("soon", 0, 0.01),  # unparseable: plain backoff
-        ("-5", 0, 0.01),
-        ("nan", 0, 0.01),
-        ("inf", 120, 120),
+        ("30", 30),
+        ("2.5", 2.5),
+        ("0", 1),  # a 429 holds off at least a second, whatever it says
+        ("soon", 1),  # unparseable: the same
+        ("-5", 1),
+        ("nan", 1),
+        ("100", 100),
     ],
 )
-async def test_retry_after_is_honoured(retry_after: str, least: float, most: float) -> None:
-    sleeps = Sleeps()
-    handler = Recorder(ok({}, 429, headers={"Retry-After": retry_after}), ok(status_body()))
-    async with client_for(handler, sleep=sleeps) as client:
+async def test_retry_after_is_honoured(retry_after: str, held: float) -> None:
+    time = FakeTime()
+    handler = Recorder(ok({}, 429, headers={"Retry-After": retry_after}), ok(status_body()), clock=time)
+    async with client_for(handler, clock=time, sleep=time.sleep) as client:
         await client.status(JOB)
-    (delay,) = sleeps.delays
-    assert least <= delay <= most
+    assert time.sleeps == [held]
+    assert handler.times == [1000.0, 1000.0 + held]  # not a moment sooner
+
+
+@pytest.mark.parametrize("retry_after", ["99999", "inf", "300"])
+async def test_a_hold_off_longer_than_a_call_may_wait_fails_fast(retry_after: str) -> None:
+    # Capped at 5 minutes (a broken header must not park the client for a day), which is
+    # still longer than a status poll waits: it fails at once instead of sleeping.
+    handler = Recorder(ok({}, 429, headers={"Retry-After": retry_after}), ok(status_body()))
+    async with client_for(handler) as client:
+        with pytest.raises(RateLimited, match="held off for another 300s") as caught:
+            await client.status(JOB)
+        assert client.held_off_for == 300
+    assert caught.value.retry_in == 300
+    assert handler.calls == 1
 
 
 async def test_retry_after_as_an_http_date() -> None:
-    sleeps = Sleeps()
-    when = format_datetime(datetime.now(UTC) + timedelta(seconds=40), usegmt=True)
+    when = format_datetime(datetime.fromtimestamp(NOW + 40, UTC), usegmt=True)
+    time = FakeTime()
     handler = Recorder(ok({}, 429, headers={"Retry-After": when}), ok(status_body()))
-    async with client_for(handler, sleep=sleeps) as client:
+    async with client_for(handler, clock=time, sleep=time.sleep) as client:
         await client.status(JOB)
-    (delay,) = sleeps.delays
-    assert 35 <= delay <= 41
+    assert time.sleeps == [40.0]
 
 
 async def test_retry_after_on_a_503_is_honoured_too() -> None:
-    sleeps = Sleeps()
+    time = FakeTime()
     busy = httpx.Response(503, content=b"busy", headers={"Retry-After": "7"})
     handler = Recorder(busy, ok(status_body()))
-    async with client_for(handler, sleep=sleeps) as client:
+    async with client_for(handler, clock=time, sleep=time.sleep) as client:
         await client.status(JOB)
-    assert sleeps.delays == [7.0]
+    assert time.sleeps == [7.0]
 
 
-async def test_retry_after_is_really_waited_for() -> None:
-    """With the real sleep: the second attempt comes at least Retry-After later."""
-    handler = Recorder(ok({}, 429, headers={"Retry-After": "0.05"}), ok(status_body()))
-    async with client_for(handler) as client:
-        await client.status(JOB)
-    first, second = handler.times
-    assert second - first >= 0.05
-
-
-async def test_retry_after_is_really_waited_for_on_initiate() -> None:
-    handler = Recorder(ok({}, 429, headers={"Retry-After": "0.05"}), initiated())
-    async with client_for(handler) as client:
+async def test_retry_after_is_really_waited_for_with_the_default_sleep() -> None:
+    """The real clock and asyncio.sleep: the second attempt comes a hold-off (1 s) later."""
+    handler = Recorder(ok({}, 429, headers={"Retry-After": "0"}), initiated())
+    async with CladoClient(BASE, KEY, transport=httpx.MockTransport(handler)) as client:
         assert await client.initiate("q") == JOB
     first, second = handler.times
-    assert second - first >= 0.05
+    assert second - first >= 1.0
 
 
 # ---- cancel
@@ -774,11 +797,17 @@ async def test_retry_after_is_really_waited_for_on_initiate() -> None:
         (ok({"success": True, "message": "Deep research job cancelled successfully"}),
          CancelResult(True, "Deep research job cancelled successfully")),
         (ok({}), CancelResult(True, "")),
+        (ok({}, 202), CancelResult(True, "")),
+        (ok({"success": True, "message": "accepted"}, 202), CancelResult(True, "accepted")),
+        (httpx.Response(204), CancelResult(True, "")),
+        (raw(b"", 200), CancelResult(True, "")),
         (ok({"success": False, "message": "Cannot cancel job: already completed"}),
          CancelResult(False, "Cannot cancel job: already completed")),
         (ok({"success": False, "message": "Cannot cancel job: already completed"}, 409),
          CancelResult(False, "Cannot cancel job: already completed")),
         (ok({"detail": "Conflict"}, 409), CancelResult(False, "")),
+        (ok({"success": False, "message": "Only pending jobs can be cancelled"}, 202),
+         CancelResult(False, "Only pending jobs can be cancelled")),
     ],
 )  # fmt: skip
 async def test_cancel_answers(answer: httpx.Response, expected: CancelResult) -> None:
@@ -1076,7 +1105,7 @@ async def test_never_more_than_max_concurrency_requests_in_flight(limit: int) ->
         peak = max(peak, in_flight)
         try:
             await asyncio.sleep(0.002)
-            if request.url.params.get("page") and seen % 4 == 0:
+            if request.url.params.get("page") and seen <= 10:
                 return ok({}, 503)  # retries must respect the bound too
             return ok(status_body(credits=5))
         finally:
