@@ -184,8 +184,7 @@ def test_status_goes_pending_searching_processing_completed(
         clock.advance(step)
         body = poll(client, job_id)
         assert (body["status"], body["total_results"]) == (expected_status, expected_results)
-        assert ("final_results_count" in body) == (expected_status == "completed")
-    assert body["final_results_count"] == 10
+        assert body["final_results_count"] == expected_results  # on every body, as the docs show it
 
 
 def test_status_body_shape(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
@@ -193,10 +192,10 @@ def test_status_body_shape(client: httpx.Client, fake: FakeClado, clock: ManualC
     clock.advance(4)
     body = poll(client, job_id)
     assert set(body) == {
-        "job_id", "status", "message", "total_results", "results", "pagination", "created_at"
+        "job_id", "status", "message", "total_results", "final_results_count", "results", "pagination", "created_at"
     }  # fmt: skip
     assert body["job_id"] == job_id
-    assert body["created_at"] == "2023-11-14T22:13:20.000Z"
+    assert body["created_at"] == 1_700_000_000  # integer epoch seconds, the docs' 1678886400 form
     assert set(body["results"][0]) == {"name", "title", "company", "linkedin_url"}
     assert body["pagination"] == {
         "page": 1, "page_size": 1, "total_results": 4, "total_pages": 4,
@@ -270,10 +269,9 @@ def test_fail_after_freezes_results_in_error(
     clock.advance(100)
     body = poll(client, job_id)
     assert (body["status"], body["total_results"], body["final_results_count"]) == ("error", 6, 6)
-    assert cancel(client, job_id).json() == {
-        "success": False,
-        "message": "Cannot cancel job: already failed",
-    }
+    refused = cancel(client, job_id)
+    assert refused.status_code == 200
+    assert refused.json() == {"success": False, "message": "Cannot cancel job: already failed"}
 
 
 def test_external_cancel(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
@@ -309,7 +307,7 @@ def test_vanished_jobs_are_404_everywhere(
 @pytest.mark.parametrize(
     ("count_field", "top_level", "in_pagination"),
     [
-        ("total_results", {"total_results"}, True),
+        ("total_results", {"total_results", "final_results_count"}, True),
         ("final_results_count_only", {"final_results_count"}, False),
         ("pagination_only", set(), True),
         ("results_only", set(), False),
@@ -342,7 +340,7 @@ def test_created_at_can_be_hidden(client: httpx.Client, fake: FakeClado) -> None
 # ---- cancel
 
 
-def test_cancel_stops_the_job_and_a_second_cancel_is_409(
+def test_cancel_stops_the_job_and_a_second_cancel_is_refused(
     client: httpx.Client, fake: FakeClado, clock: ManualClock
 ) -> None:
     job_id = fake.create_job(limit=30, rate=1)
@@ -356,7 +354,7 @@ def test_cancel_stops_the_job_and_a_second_cancel_is_409(
         "cancelled", 5, 5
     )  # fmt: skip
     again = cancel(client, job_id)
-    assert again.status_code == 409
+    assert again.status_code == 200
     assert again.json() == {"success": False, "message": "Cannot cancel job: already cancelled"}
     info = fake.job_info(job_id)
     assert info["cancel_calls"] == 2
@@ -372,13 +370,16 @@ def test_cancelling_a_pending_job(
     assert poll(client, job_id)["status"] == "cancelled"
 
 
-def test_cancelling_a_completed_job_is_409(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
+@pytest.mark.parametrize("refuse_status", [200, 409])
+def test_cancelling_a_completed_job_is_refused(
+    client: httpx.Client, fake: FakeClado, clock: ManualClock, refuse_status: int
 ) -> None:
-    job_id = fake.create_job(limit=3, rate=1)
+    """The docs show both: a 200 {success: false} body (the default) and a 409 (a knob)."""
+    knobs = {} if refuse_status == 200 else {"refuse_status": refuse_status}
+    job_id = fake.create_job(limit=3, rate=1, **knobs)
     clock.advance(3)
     response = cancel(client, job_id)
-    assert response.status_code == 409
+    assert response.status_code == refuse_status
     assert response.json() == {"success": False, "message": "Cannot cancel job: already completed"}
 
 
@@ -388,8 +389,8 @@ def test_a_cancel_that_loses_the_race(
     job_id = fake.create_job(limit=30, rate=1, race=True)
     clock.advance(8)
     response = cancel(client, job_id)
-    assert response.status_code == 409
-    assert response.json()["message"] == "Cannot cancel job: already completed"
+    assert response.status_code == 200
+    assert response.json() == {"success": False, "message": "Cannot cancel job: already completed"}
     clock.advance(100)
     body = poll(client, job_id)
     assert (body["status"], body["total_results"], body["final_results_count"]) == (
@@ -412,7 +413,7 @@ def test_cancel_delay_keeps_charging_until_it_lands(
     assert (body["status"], body["total_results"]) == ("cancelled", 16)
     clock.advance(100)
     assert poll(client, job_id)["total_results"] == 16
-    assert cancel(client, job_id).status_code == 409
+    assert cancel(client, job_id).json()["success"] is False
     info = fake.job_info(job_id)
     assert info["cancel_calls"] == 3
     assert info["cancel_requested_at"] == info["created_at_ts"] + 5
@@ -434,16 +435,16 @@ def test_a_job_that_completes_while_its_cancel_propagates_ends_completed(
 def test_credits_follow_results_and_stop_after_cancel(
     client: httpx.Client, fake: FakeClado, clock: ManualClock
 ) -> None:
-    assert client.get("/api/credits").json() == {"credits": 10_000}
+    assert client.get("/api/credits").json() == {"credits": 10_000, "last_topup_at": None}
     first = fake.create_job(limit=100, rate=1)
     second = fake.create_job(limit=100, rate=2)
     clock.advance(10)
-    assert client.get("/api/credits").json() == {"credits": 10_000 - 10 - 20}
+    assert client.get("/api/credits").json()["credits"] == 10_000 - 10 - 20
     assert cancel(client, first).status_code == 200
     clock.advance(10)
-    assert client.get("/api/credits").json() == {"credits": 10_000 - 10 - 40}
+    assert client.get("/api/credits").json()["credits"] == 10_000 - 10 - 40
     clock.advance(1000)  # the second job completes at its limit
-    assert client.get("/api/credits").json() == {"credits": 10_000 - 10 - 100}
+    assert client.get("/api/credits").json()["credits"] == 10_000 - 10 - 100
     assert poll(client, second)["status"] == "completed"
     assert fake.stats()["credits_charged"] == 110
 
@@ -454,9 +455,9 @@ def test_set_account_credits_sets_the_balance_now(
     fake.create_job(limit=100, rate=1)
     clock.advance(10)
     fake.set_account_credits(500)
-    assert client.get("/api/credits").json() == {"credits": 500}
+    assert client.get("/api/credits").json()["credits"] == 500
     clock.advance(5)
-    assert client.get("/api/credits").json() == {"credits": 495}
+    assert client.get("/api/credits").json()["credits"] == 495
 
 
 # ---- faults
@@ -484,12 +485,21 @@ def test_error_rate(client: httpx.Client, fake: FakeClado) -> None:
     assert codes <= {500, 502, 503} and len(codes) > 1
 
 
-def test_throttle_sends_retry_after(client: httpx.Client, fake: FakeClado) -> None:
-    fake.set_faults(throttle_rate=1, retry_after=7)
+def test_throttle_answers_the_documented_429(client: httpx.Client, fake: FakeClado) -> None:
+    fake.set_faults(throttle_rate=1)
     response = client.post(INITIATE, json={"query": "q"})
     assert response.status_code == 429
-    assert response.headers["Retry-After"] == "7"
+    assert response.json() == {"error": "Rate limit exceeded", "retry_after": 60}
+    assert "Retry-After" not in response.headers  # none documented
     assert fake.stats()["jobs"] == 0
+
+
+def test_throttle_retry_after_and_its_optional_header(client: httpx.Client, fake: FakeClado) -> None:
+    fake.set_faults(throttle_rate=1, retry_after=7)
+    fake.set_limits(retry_after_header=True)
+    response = client.get("/api/credits")
+    assert (response.status_code, response.json()["retry_after"]) == (429, 7)
+    assert response.headers["Retry-After"] == "7"
 
 
 def test_garbage_is_a_200_that_does_not_parse(client: httpx.Client, fake: FakeClado) -> None:
@@ -570,8 +580,8 @@ def test_control_endpoints(control: httpx.Client, client: httpx.Client, clock: M
     assert client.get("/api/credits").status_code == 401
     assert control.post("/_fake/keys", json={"keys": None}).status_code == 200
 
-    assert control.post("/_fake/account", json={"credits": 42}).json() == {"credits": 42}
-    assert client.get("/api/credits").json() == {"credits": 42}
+    assert control.post("/_fake/account", json={"credits": 42}).json() == {"credits": 42, "last_topup_at": None}
+    assert client.get("/api/credits").json() == {"credits": 42, "last_topup_at": None}
 
     stats = control.get("/_fake/stats").json()
     assert (stats["status"], stats["credits"], stats["jobs"]) == (1, 3, 6)
@@ -581,7 +591,7 @@ def test_control_endpoints(control: httpx.Client, client: httpx.Client, clock: M
     stats = control.get("/_fake/stats").json()
     assert (stats["status"], stats["faults_injected"], stats["jobs"]) == (0, 0, 0)
     assert status(client, job_id).status_code == 404
-    assert client.get("/api/credits").json() == {"credits": 10_000}
+    assert client.get("/api/credits").json() == {"credits": 10_000, "last_topup_at": None}
 
 
 def test_scenario_from_query_token_and_kwargs(fake: FakeClado, clock: ManualClock) -> None:
@@ -592,7 +602,7 @@ def test_scenario_from_query_token_and_kwargs(fake: FakeClado, clock: ManualCloc
     with pytest.raises(ValueError, match="unknown scenario knob"):
         fake.create_job(bogus=1)
     with pytest.raises(ValueError, match="count_field"):
-        fake.create_job(count_field="total")
+        fake.create_job(count_field="totals")
 
 
 def test_a_seed_makes_job_ids_reproducible() -> None:
