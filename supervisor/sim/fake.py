@@ -15,7 +15,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from supervisor.sim.faults import FaultPlan, Faults
@@ -27,6 +26,7 @@ from supervisor.sim.model import (
     PENDING,
     Job,
     Scenario,
+    iso_utc,
     job_request,
     knobs_from_query,
     status_body,
@@ -403,5 +403,4 @@ class FakeClado:
         with self._lock:
             remaining = self._account_credits - self._charged(self._clock())
             topup = self._last_topup
-        last = None if topup is None else datetime.fromtimestamp(topup, tz=UTC).isoformat().replace("+00:00", "Z")
-        return {"credits": remaining, "last_topup_at": last}
+        return {"credits": remaining, "last_topup_at": None if topup is None else iso_utc(topup)}

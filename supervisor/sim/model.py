@@ -222,6 +222,11 @@ def job_request(query: object, limit: object, company_urls: object) -> tuple[str
     return query, limit, company_urls
 
 
+def iso_utc(timestamp: float) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, e.g. 2023-11-14T22:13:20.750Z."""
+    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 # --------------------------------------------------------------------------------------------
 # Jobs
 
@@ -254,8 +259,7 @@ class Job:
 
     @property
     def created_at_iso(self) -> str:
-        created = datetime.fromtimestamp(self.created_at, tz=UTC).isoformat(timespec="milliseconds")
-        return created.replace("+00:00", "Z")
+        return iso_utc(self.created_at)
 
     def _schedule(self) -> None:
         s = self.scenario
