@@ -31,7 +31,7 @@ async def json_object(request: Request, *, empty_ok: bool) -> dict[str, Any]:
     except ValueError:
         raise ValueError("request body must be valid JSON") from None
     if not isinstance(body, dict):
-        raise ValueError("request body must be a JSON object")  # noqa: TRY004  # a 400, like bad JSON
+        raise ValueError("request body must be a JSON object")
     return body
 
 

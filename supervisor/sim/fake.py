@@ -106,9 +106,9 @@ class FakeClado:
         self._limiter = RateLimiter()
         self._defaults = dict(self._initial_defaults)
         self._faults = Faults()
-        self._fault_rng = random.Random(self._seed)
+        self._fault_rng = random.Random(self._seed)  # noqa: S311  # simulated faults, not secrets
         # A separate stream so that injected faults do not change the ids a seed produces.
-        self._id_rng = None if self._seed is None else random.Random(self._seed)
+        self._id_rng = None if self._seed is None else random.Random(self._seed)  # noqa: S311  # reproducible ids
         self._log: deque[Call] = deque(maxlen=self._log_size)
         self._stats = dict.fromkeys(
             ("initiate", "status", "cancel", "continue", "more", "credits", "faults_injected", "rate_limited",
@@ -192,7 +192,7 @@ class FakeClado:
         with self._lock:
             self._faults = self._faults.updated(knobs)
             if reseed:
-                self._fault_rng = random.Random(seed)
+                self._fault_rng = random.Random(seed)  # noqa: S311
             return dataclasses.asdict(self._faults)
 
     def set_limits(self, **knobs: object) -> dict[str, Any]:

@@ -64,7 +64,7 @@ _EPSILON = 1e-6
 
 def number(name: str, value: object) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004  # every bad knob is a ValueError
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         result = float(value)  # type: ignore[arg-type]  # str from a query token, or a number
     except (TypeError, ValueError):
@@ -122,7 +122,7 @@ def _literal(name: str, value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name} must be JSON-serializable, got {value!r}")
     if not isinstance(value, str | int | float | bool):
-        raise ValueError(f"{name} must be a string, a number or a boolean, got {value!r}")  # noqa: TRY004
+        raise ValueError(f"{name} must be a string, a number or a boolean, got {value!r}")
     return value
 
 

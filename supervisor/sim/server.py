@@ -187,7 +187,8 @@ async def _credits(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     # FastAPI-style JSON bodies for unknown routes and methods, like the real service.
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):
+        raise exc
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
 
@@ -216,7 +217,8 @@ def create_app(fake: FakeClado | None = None) -> Starlette:
 
 def serve(host: str = "127.0.0.1", port: int = 8900, *, log_level: str = "warning") -> None:
     """Run the simulator in the foreground until interrupted."""
-    print(f"fake Clado API listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"fake Clado API listening on http://{host}:{port}\n")
+    sys.stderr.flush()
     uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
 
 

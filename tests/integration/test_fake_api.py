@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fakeserver import FakeServer, ManualClock, free_port
 
+from fakeserver import FakeServer, ManualClock, free_port
 from supervisor.sim.server import FakeClado
 
 KEY = "lk_test"
@@ -82,9 +82,7 @@ def test_requests_without_a_valid_key_get_401(server: FakeServer, fake: FakeClad
     assert fake.job_info(job_id)["cancel_calls"] == 0
 
 
-def test_an_explicit_key_set_replaces_the_lk_prefix_rule(
-    client: httpx.Client, fake: FakeClado
-) -> None:
+def test_an_explicit_key_set_replaces_the_lk_prefix_rule(client: httpx.Client, fake: FakeClado) -> None:
     fake.set_valid_keys({"lk_other"})
     assert client.get("/api/credits").status_code == 401
     other = {"Authorization": "Bearer lk_other"}
@@ -119,9 +117,7 @@ def test_initiate_answers_pending_with_a_uuid(client: httpx.Client, fake: FakeCl
         ({"query": "q fake:rate=fast"}, "rate"),
     ],
 )
-def test_initiate_rejects_bad_input(
-    client: httpx.Client, payload: dict[str, Any], fragment: str
-) -> None:
+def test_initiate_rejects_bad_input(client: httpx.Client, payload: dict[str, Any], fragment: str) -> None:
     response = client.post(INITIATE, json=payload)
     assert response.status_code == 400
     assert fragment in response.json()["detail"]
@@ -151,9 +147,7 @@ def test_the_credit_check_counts_what_running_jobs_already_charged(
     assert client.post(INITIATE, json={"query": "q"}).status_code == 402
 
 
-def test_the_credit_check_is_exact_at_the_edge(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_the_credit_check_is_exact_at_the_edge(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     fake.set_account_credits(100)
     fake.create_job(limit=1000, rate=10)
     clock.advance(9.95)  # 99 charged
@@ -165,9 +159,7 @@ def test_the_credit_check_is_exact_at_the_edge(
 # ---- progress
 
 
-def test_status_goes_pending_searching_processing_completed(
-    client: httpx.Client, clock: ManualClock
-) -> None:
+def test_status_goes_pending_searching_processing_completed(client: httpx.Client, clock: ManualClock) -> None:
     query = "engineers fake:queue_for=5,rate=2,process_for=3"
     job_id = client.post(INITIATE, json={"query": query, "limit": 10}).json()["job_id"]
     expected = [
@@ -237,9 +229,7 @@ def test_pages_slice_the_results(client: httpx.Client, fake: FakeClado, clock: M
     "params",
     [{"page": 0}, {"page": "x"}, {"page": 1, "page_size": 0}, {"page": 1, "page_size": 101}],
 )
-def test_bad_page_parameters_get_400(
-    client: httpx.Client, fake: FakeClado, params: dict[str, Any]
-) -> None:
+def test_bad_page_parameters_get_400(client: httpx.Client, fake: FakeClado, params: dict[str, Any]) -> None:
     response = status(client, fake.create_job(), **params)
     assert response.status_code == 400
     assert response.json()["detail"]
@@ -251,18 +241,14 @@ def test_unknown_jobs_get_404(client: httpx.Client) -> None:
     assert cancel(client, "no-such-job").status_code == 404
 
 
-def test_stall_keeps_searching_forever(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_stall_keeps_searching_forever(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=2, stall_after=4)
     clock.advance(10_000)
     body = poll(client, job_id)
     assert (body["status"], body["total_results"]) == ("searching", 4)
 
 
-def test_fail_after_freezes_results_in_error(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_fail_after_freezes_results_in_error(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=2, fail_after=3)
     clock.advance(2.9)
     assert poll(client, job_id)["status"] == "searching"
@@ -290,9 +276,7 @@ def test_interruptions_after_completion_change_nothing(
     assert (body["status"], body["total_results"]) == ("completed", 5)
 
 
-def test_vanished_jobs_are_404_everywhere(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_vanished_jobs_are_404_everywhere(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=1, vanish_after=5)
     clock.advance(4)
     assert poll(client, job_id)["total_results"] == 4
@@ -361,9 +345,7 @@ def test_cancel_stops_the_job_and_a_second_cancel_is_refused(
     assert info["cancel_call_times"] == [clock.now - 60, clock.now]
 
 
-def test_cancelling_a_pending_job(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_cancelling_a_pending_job(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(queue_for=30)
     clock.advance(1)
     assert cancel(client, job_id).status_code == 200
@@ -383,9 +365,7 @@ def test_cancelling_a_completed_job_is_refused(
     assert response.json() == {"success": False, "message": "Cannot cancel job: already completed"}
 
 
-def test_a_cancel_that_loses_the_race(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_a_cancel_that_loses_the_race(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=1, race=True)
     clock.advance(8)
     response = cancel(client, job_id)
@@ -398,9 +378,7 @@ def test_a_cancel_that_loses_the_race(
     )  # fmt: skip
 
 
-def test_cancel_delay_keeps_charging_until_it_lands(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_cancel_delay_keeps_charging_until_it_lands(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=100, rate=2, cancel_delay=3)
     clock.advance(5)
     assert cancel(client, job_id).status_code == 200
@@ -449,9 +427,7 @@ def test_credits_follow_results_and_stop_after_cancel(
     assert fake.stats()["credits_charged"] == 110
 
 
-def test_set_account_credits_sets_the_balance_now(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_set_account_credits_sets_the_balance_now(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     fake.create_job(limit=100, rate=1)
     clock.advance(10)
     fake.set_account_credits(500)
@@ -482,7 +458,8 @@ def test_a_faulted_request_is_not_handled(client: httpx.Client, fake: FakeClado)
 def test_error_rate(client: httpx.Client, fake: FakeClado) -> None:
     fake.set_faults(error_rate=1)
     codes = {client.get("/api/credits").status_code for _ in range(30)}
-    assert codes <= {500, 502, 503} and len(codes) > 1
+    assert codes <= {500, 502, 503}
+    assert len(codes) > 1
 
 
 def test_throttle_answers_the_documented_429(client: httpx.Client, fake: FakeClado) -> None:
@@ -543,11 +520,17 @@ def test_faults_never_touch_control_endpoints(control: httpx.Client, fake: FakeC
 
 
 @pytest.mark.parametrize(
-    "knobs",
-    [{"error_rate": 2}, {"error_rate": 0.6, "drop_rate": 0.6}, {"nope": 1}, {"fail_next": -1}],
+    ("knobs", "fragment"),
+    [
+        ({"error_rate": 2}, "error_rate"),
+        ({"error_rate": 0.6, "drop_rate": 0.6}, "must be <= 1"),
+        ({"nope": 1}, "nope"),
+        ({"fail_next": -1}, "fail_next"),
+        ({"not_found": "maybe"}, "not_found"),
+    ],
 )
-def test_bad_fault_knobs_are_rejected(fake: FakeClado, knobs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+def test_bad_fault_knobs_are_rejected(fake: FakeClado, knobs: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
         fake.set_faults(**knobs)
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fakeserver import FakeServer, ManualClock
 
+from fakeserver import FakeServer, ManualClock
 from supervisor.sim.server import FakeClado
 
 KEY = "lk_test"

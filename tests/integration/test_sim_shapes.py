@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fakeserver import FakeServer, ManualClock
 
+from fakeserver import FakeServer, ManualClock
 from supervisor.sim.server import FakeClado
 
 KEY = "lk_test"
@@ -99,7 +99,8 @@ def test_knobs_ride_in_the_query_of_a_real_initiate(client: httpx.Client) -> Non
     job_id = client.post(JOBS, json={"query": query}).json()["job_id"]
     body = poll(client, job_id)
     assert body["created_at"] == "2023-11-14T22:13:20.750Z"
-    assert "total" in body and "total_results" not in body
+    assert "total" in body
+    assert "total_results" not in body
 
 
 def test_count_as_total_only(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
