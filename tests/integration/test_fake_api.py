@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fakeserver import FakeServer, ManualClock, free_port
 
+from fakeserver import FakeServer, ManualClock, free_port
 from supervisor.sim.server import FakeClado
 
 KEY = "lk_test"
@@ -82,9 +82,7 @@ def test_requests_without_a_valid_key_get_401(server: FakeServer, fake: FakeClad
     assert fake.job_info(job_id)["cancel_calls"] == 0
 
 
-def test_an_explicit_key_set_replaces_the_lk_prefix_rule(
-    client: httpx.Client, fake: FakeClado
-) -> None:
+def test_an_explicit_key_set_replaces_the_lk_prefix_rule(client: httpx.Client, fake: FakeClado) -> None:
     fake.set_valid_keys({"lk_other"})
     assert client.get("/api/credits").status_code == 401
     other = {"Authorization": "Bearer lk_other"}
@@ -119,9 +117,7 @@ def test_initiate_answers_pending_with_a_uuid(client: httpx.Client, fake: FakeCl
         ({"query": "q fake:rate=fast"}, "rate"),
     ],
 )
-def test_initiate_rejects_bad_input(
-    client: httpx.Client, payload: dict[str, Any], fragment: str
-) -> None:
+def test_initiate_rejects_bad_input(client: httpx.Client, payload: dict[str, Any], fragment: str) -> None:
     response = client.post(INITIATE, json=payload)
     assert response.status_code == 400
     assert fragment in response.json()["detail"]
@@ -151,9 +147,7 @@ def test_the_credit_check_counts_what_running_jobs_already_charged(
     assert client.post(INITIATE, json={"query": "q"}).status_code == 402
 
 
-def test_the_credit_check_is_exact_at_the_edge(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_the_credit_check_is_exact_at_the_edge(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     fake.set_account_credits(100)
     fake.create_job(limit=1000, rate=10)
     clock.advance(9.95)  # 99 charged
@@ -165,9 +159,7 @@ def test_the_credit_check_is_exact_at_the_edge(
 # ---- progress
 
 
-def test_status_goes_pending_searching_processing_completed(
-    client: httpx.Client, clock: ManualClock
-) -> None:
+def test_status_goes_pending_searching_processing_completed(client: httpx.Client, clock: ManualClock) -> None:
     query = "engineers fake:queue_for=5,rate=2,process_for=3"
     job_id = client.post(INITIATE, json={"query": query, "limit": 10}).json()["job_id"]
     expected = [
@@ -184,8 +176,7 @@ def test_status_goes_pending_searching_processing_completed(
         clock.advance(step)
         body = poll(client, job_id)
         assert (body["status"], body["total_results"]) == (expected_status, expected_results)
-        assert ("final_results_count" in body) == (expected_status == "completed")
-    assert body["final_results_count"] == 10
+        assert body["final_results_count"] == expected_results  # on every body, as the docs show it
 
 
 def test_status_body_shape(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
@@ -193,10 +184,10 @@ def test_status_body_shape(client: httpx.Client, fake: FakeClado, clock: ManualC
     clock.advance(4)
     body = poll(client, job_id)
     assert set(body) == {
-        "job_id", "status", "message", "total_results", "results", "pagination", "created_at"
+        "job_id", "status", "message", "total_results", "final_results_count", "results", "pagination", "created_at"
     }  # fmt: skip
     assert body["job_id"] == job_id
-    assert body["created_at"] == "2023-11-14T22:13:20.000Z"
+    assert body["created_at"] == 1_700_000_000  # integer epoch seconds, the docs' 1678886400 form
     assert set(body["results"][0]) == {"name", "title", "company", "linkedin_url"}
     assert body["pagination"] == {
         "page": 1, "page_size": 1, "total_results": 4, "total_pages": 4,
@@ -238,9 +229,7 @@ def test_pages_slice_the_results(client: httpx.Client, fake: FakeClado, clock: M
     "params",
     [{"page": 0}, {"page": "x"}, {"page": 1, "page_size": 0}, {"page": 1, "page_size": 101}],
 )
-def test_bad_page_parameters_get_400(
-    client: httpx.Client, fake: FakeClado, params: dict[str, Any]
-) -> None:
+def test_bad_page_parameters_get_400(client: httpx.Client, fake: FakeClado, params: dict[str, Any]) -> None:
     response = status(client, fake.create_job(), **params)
     assert response.status_code == 400
     assert response.json()["detail"]
@@ -252,28 +241,23 @@ def test_unknown_jobs_get_404(client: httpx.Client) -> None:
     assert cancel(client, "no-such-job").status_code == 404
 
 
-def test_stall_keeps_searching_forever(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_stall_keeps_searching_forever(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=2, stall_after=4)
     clock.advance(10_000)
     body = poll(client, job_id)
     assert (body["status"], body["total_results"]) == ("searching", 4)
 
 
-def test_fail_after_freezes_results_in_error(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_fail_after_freezes_results_in_error(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=2, fail_after=3)
     clock.advance(2.9)
     assert poll(client, job_id)["status"] == "searching"
     clock.advance(100)
     body = poll(client, job_id)
     assert (body["status"], body["total_results"], body["final_results_count"]) == ("error", 6, 6)
-    assert cancel(client, job_id).json() == {
-        "success": False,
-        "message": "Cannot cancel job: already failed",
-    }
+    refused = cancel(client, job_id)
+    assert refused.status_code == 200
+    assert refused.json() == {"success": False, "message": "Cannot cancel job: already failed"}
 
 
 def test_external_cancel(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
@@ -292,9 +276,7 @@ def test_interruptions_after_completion_change_nothing(
     assert (body["status"], body["total_results"]) == ("completed", 5)
 
 
-def test_vanished_jobs_are_404_everywhere(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_vanished_jobs_are_404_everywhere(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=1, vanish_after=5)
     clock.advance(4)
     assert poll(client, job_id)["total_results"] == 4
@@ -309,7 +291,7 @@ def test_vanished_jobs_are_404_everywhere(
 @pytest.mark.parametrize(
     ("count_field", "top_level", "in_pagination"),
     [
-        ("total_results", {"total_results"}, True),
+        ("total_results", {"total_results", "final_results_count"}, True),
         ("final_results_count_only", {"final_results_count"}, False),
         ("pagination_only", set(), True),
         ("results_only", set(), False),
@@ -342,7 +324,7 @@ def test_created_at_can_be_hidden(client: httpx.Client, fake: FakeClado) -> None
 # ---- cancel
 
 
-def test_cancel_stops_the_job_and_a_second_cancel_is_409(
+def test_cancel_stops_the_job_and_a_second_cancel_is_refused(
     client: httpx.Client, fake: FakeClado, clock: ManualClock
 ) -> None:
     job_id = fake.create_job(limit=30, rate=1)
@@ -356,40 +338,39 @@ def test_cancel_stops_the_job_and_a_second_cancel_is_409(
         "cancelled", 5, 5
     )  # fmt: skip
     again = cancel(client, job_id)
-    assert again.status_code == 409
+    assert again.status_code == 200
     assert again.json() == {"success": False, "message": "Cannot cancel job: already cancelled"}
     info = fake.job_info(job_id)
     assert info["cancel_calls"] == 2
     assert info["cancel_call_times"] == [clock.now - 60, clock.now]
 
 
-def test_cancelling_a_pending_job(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_cancelling_a_pending_job(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(queue_for=30)
     clock.advance(1)
     assert cancel(client, job_id).status_code == 200
     assert poll(client, job_id)["status"] == "cancelled"
 
 
-def test_cancelling_a_completed_job_is_409(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
+@pytest.mark.parametrize("refuse_status", [200, 409])
+def test_cancelling_a_completed_job_is_refused(
+    client: httpx.Client, fake: FakeClado, clock: ManualClock, refuse_status: int
 ) -> None:
-    job_id = fake.create_job(limit=3, rate=1)
+    """The docs show both: a 200 {success: false} body (the default) and a 409 (a knob)."""
+    knobs = {} if refuse_status == 200 else {"refuse_status": refuse_status}
+    job_id = fake.create_job(limit=3, rate=1, **knobs)
     clock.advance(3)
     response = cancel(client, job_id)
-    assert response.status_code == 409
+    assert response.status_code == refuse_status
     assert response.json() == {"success": False, "message": "Cannot cancel job: already completed"}
 
 
-def test_a_cancel_that_loses_the_race(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_a_cancel_that_loses_the_race(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=30, rate=1, race=True)
     clock.advance(8)
     response = cancel(client, job_id)
-    assert response.status_code == 409
-    assert response.json()["message"] == "Cannot cancel job: already completed"
+    assert response.status_code == 200
+    assert response.json() == {"success": False, "message": "Cannot cancel job: already completed"}
     clock.advance(100)
     body = poll(client, job_id)
     assert (body["status"], body["total_results"], body["final_results_count"]) == (
@@ -397,9 +378,7 @@ def test_a_cancel_that_loses_the_race(
     )  # fmt: skip
 
 
-def test_cancel_delay_keeps_charging_until_it_lands(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_cancel_delay_keeps_charging_until_it_lands(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     job_id = fake.create_job(limit=100, rate=2, cancel_delay=3)
     clock.advance(5)
     assert cancel(client, job_id).status_code == 200
@@ -412,7 +391,7 @@ def test_cancel_delay_keeps_charging_until_it_lands(
     assert (body["status"], body["total_results"]) == ("cancelled", 16)
     clock.advance(100)
     assert poll(client, job_id)["total_results"] == 16
-    assert cancel(client, job_id).status_code == 409
+    assert cancel(client, job_id).json()["success"] is False
     info = fake.job_info(job_id)
     assert info["cancel_calls"] == 3
     assert info["cancel_requested_at"] == info["created_at_ts"] + 5
@@ -434,29 +413,27 @@ def test_a_job_that_completes_while_its_cancel_propagates_ends_completed(
 def test_credits_follow_results_and_stop_after_cancel(
     client: httpx.Client, fake: FakeClado, clock: ManualClock
 ) -> None:
-    assert client.get("/api/credits").json() == {"credits": 10_000}
+    assert client.get("/api/credits").json() == {"credits": 10_000, "last_topup_at": None}
     first = fake.create_job(limit=100, rate=1)
     second = fake.create_job(limit=100, rate=2)
     clock.advance(10)
-    assert client.get("/api/credits").json() == {"credits": 10_000 - 10 - 20}
+    assert client.get("/api/credits").json()["credits"] == 10_000 - 10 - 20
     assert cancel(client, first).status_code == 200
     clock.advance(10)
-    assert client.get("/api/credits").json() == {"credits": 10_000 - 10 - 40}
+    assert client.get("/api/credits").json()["credits"] == 10_000 - 10 - 40
     clock.advance(1000)  # the second job completes at its limit
-    assert client.get("/api/credits").json() == {"credits": 10_000 - 10 - 100}
+    assert client.get("/api/credits").json()["credits"] == 10_000 - 10 - 100
     assert poll(client, second)["status"] == "completed"
     assert fake.stats()["credits_charged"] == 110
 
 
-def test_set_account_credits_sets_the_balance_now(
-    client: httpx.Client, fake: FakeClado, clock: ManualClock
-) -> None:
+def test_set_account_credits_sets_the_balance_now(client: httpx.Client, fake: FakeClado, clock: ManualClock) -> None:
     fake.create_job(limit=100, rate=1)
     clock.advance(10)
     fake.set_account_credits(500)
-    assert client.get("/api/credits").json() == {"credits": 500}
+    assert client.get("/api/credits").json()["credits"] == 500
     clock.advance(5)
-    assert client.get("/api/credits").json() == {"credits": 495}
+    assert client.get("/api/credits").json()["credits"] == 495
 
 
 # ---- faults
@@ -481,15 +458,25 @@ def test_a_faulted_request_is_not_handled(client: httpx.Client, fake: FakeClado)
 def test_error_rate(client: httpx.Client, fake: FakeClado) -> None:
     fake.set_faults(error_rate=1)
     codes = {client.get("/api/credits").status_code for _ in range(30)}
-    assert codes <= {500, 502, 503} and len(codes) > 1
+    assert codes <= {500, 502, 503}
+    assert len(codes) > 1
 
 
-def test_throttle_sends_retry_after(client: httpx.Client, fake: FakeClado) -> None:
-    fake.set_faults(throttle_rate=1, retry_after=7)
+def test_throttle_answers_the_documented_429(client: httpx.Client, fake: FakeClado) -> None:
+    fake.set_faults(throttle_rate=1)
     response = client.post(INITIATE, json={"query": "q"})
     assert response.status_code == 429
-    assert response.headers["Retry-After"] == "7"
+    assert response.json() == {"error": "Rate limit exceeded", "retry_after": 60}
+    assert "Retry-After" not in response.headers  # none documented
     assert fake.stats()["jobs"] == 0
+
+
+def test_throttle_retry_after_and_its_optional_header(client: httpx.Client, fake: FakeClado) -> None:
+    fake.set_faults(throttle_rate=1, retry_after=7)
+    fake.set_limits(retry_after_header=True)
+    response = client.get("/api/credits")
+    assert (response.status_code, response.json()["retry_after"]) == (429, 7)
+    assert response.headers["Retry-After"] == "7"
 
 
 def test_garbage_is_a_200_that_does_not_parse(client: httpx.Client, fake: FakeClado) -> None:
@@ -533,11 +520,17 @@ def test_faults_never_touch_control_endpoints(control: httpx.Client, fake: FakeC
 
 
 @pytest.mark.parametrize(
-    "knobs",
-    [{"error_rate": 2}, {"error_rate": 0.6, "drop_rate": 0.6}, {"nope": 1}, {"fail_next": -1}],
+    ("knobs", "fragment"),
+    [
+        ({"error_rate": 2}, "error_rate"),
+        ({"error_rate": 0.6, "drop_rate": 0.6}, "must be <= 1"),
+        ({"nope": 1}, "nope"),
+        ({"fail_next": -1}, "fail_next"),
+        ({"not_found": "maybe"}, "not_found"),
+    ],
 )
-def test_bad_fault_knobs_are_rejected(fake: FakeClado, knobs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+def test_bad_fault_knobs_are_rejected(fake: FakeClado, knobs: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
         fake.set_faults(**knobs)
 
 
@@ -570,8 +563,8 @@ def test_control_endpoints(control: httpx.Client, client: httpx.Client, clock: M
     assert client.get("/api/credits").status_code == 401
     assert control.post("/_fake/keys", json={"keys": None}).status_code == 200
 
-    assert control.post("/_fake/account", json={"credits": 42}).json() == {"credits": 42}
-    assert client.get("/api/credits").json() == {"credits": 42}
+    assert control.post("/_fake/account", json={"credits": 42}).json() == {"credits": 42, "last_topup_at": None}
+    assert client.get("/api/credits").json() == {"credits": 42, "last_topup_at": None}
 
     stats = control.get("/_fake/stats").json()
     assert (stats["status"], stats["credits"], stats["jobs"]) == (1, 3, 6)
@@ -581,7 +574,7 @@ def test_control_endpoints(control: httpx.Client, client: httpx.Client, clock: M
     stats = control.get("/_fake/stats").json()
     assert (stats["status"], stats["faults_injected"], stats["jobs"]) == (0, 0, 0)
     assert status(client, job_id).status_code == 404
-    assert client.get("/api/credits").json() == {"credits": 10_000}
+    assert client.get("/api/credits").json() == {"credits": 10_000, "last_topup_at": None}
 
 
 def test_scenario_from_query_token_and_kwargs(fake: FakeClado, clock: ManualClock) -> None:
@@ -592,7 +585,7 @@ def test_scenario_from_query_token_and_kwargs(fake: FakeClado, clock: ManualCloc
     with pytest.raises(ValueError, match="unknown scenario knob"):
         fake.create_job(bogus=1)
     with pytest.raises(ValueError, match="count_field"):
-        fake.create_job(count_field="total")
+        fake.create_job(count_field="totals")
 
 
 def test_a_seed_makes_job_ids_reproducible() -> None:
