@@ -270,15 +270,10 @@ class AdminApi:
         body = await self._body(request, CancelRequest, empty_ok=True)
         if body.reason is not None:
             _check_text(body.reason, "reason")
-        started = utcnow()
+        # Counted, logged and announced by the daemon's effects, like any other decision.
         job = await self.ops.cancel(request.path_params["job_id"], body.reason)
         if job is None:
             raise ApiError(404, "job_not_found", "this job is not tracked")
-        # A manual decision is committed by the store, not by the daemon's handler, so it is
-        # counted here: once, when this request made it (a repeated cancel changes nothing).
-        requested_at = job.cancel_requested_at
-        if job.cancel_reason == Reason.MANUAL and requested_at is not None and requested_at >= started:
-            metrics.CANCELS.labels(Reason.MANUAL).inc()
         return JSONResponse(job_json(self.daemon.config, job))
 
     async def _body(self, request: Request, model: type[_Body], empty_ok: bool = False) -> Any:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from supervisor.core.states import State
+
+
+_WHOLE_SECOND = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +71,18 @@ class Job:
 
     @property
     def started_at(self) -> datetime:
-        """When the job started: the API's created_at, else when the supervisor learned of it."""
-        return self.remote_created_at or self.submitted_at
+        """When the job started, for its time limits: the API's created_at, else when the
+        supervisor learned of it.
+
+        The docs show created_at in whole epoch seconds: such a value can be up to a second
+        before the true start, so the latest start it allows is taken (never later than when
+        the supervisor learned of the job), and a time limit is never enforced early."""
+        created = self.remote_created_at
+        if created is None:
+            return self.submitted_at
+        if created.microsecond == 0:
+            return min(created + _WHOLE_SECOND, max(created, self.submitted_at))
+        return created
 
 
 def _typed(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from supervisor.adapters.tables import jobs
 from supervisor.core.job import FIELDS, Job
@@ -38,6 +38,16 @@ def test_with_values_gives_a_new_job_and_leaves_the_old_one() -> None:
 
 def test_started_at_is_the_api_s_created_at_when_known() -> None:
     learned = datetime(2026, 1, 1, 12, tzinfo=UTC)
-    created = datetime(2026, 1, 1, 10, tzinfo=UTC)
+    created = datetime(2026, 1, 1, 10, 0, 0, 250_000, tzinfo=UTC)
     assert Job.from_row(row(submitted_at=learned)).started_at == learned
     assert Job.from_row(row(submitted_at=learned, remote_created_at=created)).started_at == created
+
+
+def test_a_whole_second_created_at_is_read_as_the_latest_start_it_allows() -> None:
+    # The docs' created_at is epoch seconds: the job started somewhere in that second.
+    second = datetime(2026, 1, 1, 10, tzinfo=UTC)
+    tracked_later = Job.from_row(row(submitted_at=second + timedelta(hours=2), remote_created_at=second))
+    assert tracked_later.started_at == second + timedelta(seconds=1)
+    # Learned of within that same second (submit): no later than that.
+    submitted = Job.from_row(row(submitted_at=second + timedelta(milliseconds=300), remote_created_at=second))
+    assert submitted.started_at == second + timedelta(milliseconds=300)
