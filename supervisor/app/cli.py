@@ -93,8 +93,9 @@ def with_config(func: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def _checked(hint: str, rule: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """An input rule of app/inputs.py, its complaint shown as a usage error of option `hint`."""
+def _checked(hint: str | None, rule: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """An input rule of app/inputs.py, its complaint shown as a usage error of `hint` (in an
+    option's callback None: click names the option itself)."""
     try:
         return rule(*args, **kwargs)
     except errors.BadInput as exc:
@@ -102,7 +103,7 @@ def _checked(hint: str, rule: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def _duration(_ctx: Any, _param: Any, value: str | None) -> timedelta | None:
-    return _checked("--max-runtime", inputs.duration, "max_runtime", value)
+    return _checked(None, inputs.duration, "max_runtime", value)
 
 
 class _OneLineErrors(click.Group):
