@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import socket
@@ -83,12 +84,13 @@ class Endpoint:
     method: str
     path: str
     handler: str  # the AdminApi method
-    answers: Mapping[int, type[View]]  # status → body (JobView on GET /v1/jobs: a list of them)
-    errors: tuple[int, ...] = ()  # statuses answered with an ErrorView
+    answers: Mapping[int, type[View]]  # status → the body's view
+    error_statuses: tuple[int, ...] = ()  # statuses answered with an ErrorView
     body: type[Body] | None = None
     body_required: bool = True
     parameters: tuple[dict[str, Any], ...] = field(default=())
     authenticated: bool = True
+    many: bool = False  # the answers are lists of their view
 
 
 _JOB_ID_PARAMETER = {
@@ -113,7 +115,9 @@ BODY_ERRORS = (400, 401, 403, 413, 422)
 ENDPOINTS = (
     Endpoint("GET", "/healthz", "healthz", {200: HealthView}, (503,), authenticated=False),
     Endpoint("GET", "/readyz", "readyz", {200: ReadinessView, 503: ReadinessView}, authenticated=False),
-    Endpoint("GET", "/v1/jobs", "list_jobs", {200: JobView}, (401, 403, 422, 503), parameters=_LIST_PARAMETERS),
+    Endpoint(
+        "GET", "/v1/jobs", "list_jobs", {200: JobView}, (401, 403, 422, 503), parameters=_LIST_PARAMETERS, many=True
+    ),
     Endpoint("POST", "/v1/jobs", "track", {201: TrackResult, 200: TrackResult}, (*BODY_ERRORS, 503), TrackRequest),
     Endpoint("GET", "/v1/jobs/{job_id}", "show_job", {200: JobDetailView}, (401, 403, 404, 422, 503)),
     Endpoint(
@@ -122,11 +126,13 @@ ENDPOINTS = (
         "cancel",
         {200: JobView},
         (*BODY_ERRORS, 404, 502, 503),
-        CancelRequest,
-        False,
+        body=CancelRequest,
+        body_required=False,  # an empty body is a cancel without a reason
     ),
     Endpoint("POST", "/v1/submit", "submit", {201: SubmitResult}, (*BODY_ERRORS, 402, 409, 502, 503), SubmitRequest),
 )
+
+
 # -- the app ----------------------------------------------------------------------------------
 
 
@@ -144,14 +150,7 @@ class AdminApi:
         routes = [
             Route("/metrics", self.metrics_page),
             Route("/openapi.json", self.openapi),
-            *(
-                Route(
-                    e.path,
-                    self._v1(getattr(self, e.handler)) if e.authenticated else self._guarded(getattr(self, e.handler)),
-                    methods=[e.method],
-                )
-                for e in ENDPOINTS
-            ),
+            *(Route(e.path, self._guarded(self._handler(e)), methods=[e.method]) for e in ENDPOINTS),
         ]
         app = Starlette(
             routes=routes,
@@ -200,20 +199,21 @@ class AdminApi:
 
     # -- /v1 -----------------------------------------------------------------------------
 
-    def _v1(self, handler: Handler) -> Handler:
-        """The bearer token first, then the handler."""
+    def _handler(self, endpoint: Endpoint) -> Handler:
+        """The endpoint's method, behind the bearer token if it is a /v1 one."""
+        handler: Handler = getattr(self, endpoint.handler)
+        if not endpoint.authenticated:
+            return handler
 
         async def authenticated(request: Request) -> Response:
             if self._token is None:
-                return error_response(
-                    errors.AdminApiDisabled("no admin token is configured (http.token_env / http.token_file)")
-                )
+                raise errors.AdminApiDisabled("no admin token is configured (http.token_env / http.token_file)")
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
-                return error_response(errors.Unauthorized("a valid bearer token is required"))
+                raise errors.Unauthorized("a valid bearer token is required")
             return await handler(request)
 
-        return self._guarded(authenticated)
+        return authenticated
 
     def _guarded(self, handler: Handler) -> Handler:
         """Known failures as their JSON error (app/errors.py); anything else is a 500."""
@@ -353,6 +353,7 @@ class AdminServer:
 # -- OpenAPI, generated from the route table and the models ---------------------------------------
 
 
+@functools.cache  # the routes and models are fixed at import: build it once (callers only read it)
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document: request bodies as validated, answers as serialized, every
     model once under components/schemas (3.1 schemas are JSON Schema 2020-12, as pydantic's)."""
@@ -370,17 +371,17 @@ def openapi_document() -> dict[str, Any]:
         operation: dict[str, Any] = {"operationId": e.handler, "responses": {}}
         if e.authenticated:
             operation["security"] = [{"bearer": []}]
-        parameters = [*(_JOB_ID_PARAMETER,)] if "{job_id}" in e.path else []
+        parameters = [_JOB_ID_PARAMETER] if "{job_id}" in e.path else []
         if parameters or e.parameters:
             operation["parameters"] = [*parameters, *e.parameters]
         if e.body is not None:
             operation["requestBody"] = {"required": e.body_required, **_json(refs[(e.body, "validation")])}
         for status, model in e.answers.items():
             schema = refs[(model, "serialization")]
-            if e.handler == "list_jobs":
+            if e.many:
                 schema = {"type": "array", "items": schema}
             operation["responses"][str(status)] = {"description": model.__doc__ or model.__name__, **_json(schema)}
-        for status in e.errors:
+        for status in e.error_statuses:
             operation["responses"][str(status)] = {"description": "error", **_json(refs[(ErrorView, "serialization")])}
         paths.setdefault(e.path, {})[e.method.lower()] = operation
     return {
