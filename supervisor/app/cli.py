@@ -4,19 +4,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from supervisor.config import Config, ConfigError, config_path, load_config, parse_duration, parse_label
+
+from supervisor.app import errors, inputs
+from supervisor.config import Config, config_path, load_config
 from supervisor.core.states import State
 
 if TYPE_CHECKING:
+    from supervisor.app.operations import Operations
+    from supervisor.app.views import JobDetailView, ReportView, TrackResult
     from supervisor.core.job import Job
 
 # Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
@@ -26,46 +32,46 @@ T = TypeVar("T")
 PROG = "clado-supervisor"
 
 
-class ExitError(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"{PROG}: error: {message}", err=True)
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    """Known failures (app/errors.py) as one line on stderr and their exit code; a bug propagates."""
+    try:
+        yield
+    except Exception as exc:
+        error = errors.translate(exc)
+        if error is None:
+            raise
+        _fail(str(error), error.exit_code)
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning known failures into one line and an exit code."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from supervisor.adapters.clado import CladoError, InvalidJobId
-    from supervisor.core.budgets import AdmissionRefused
-    from supervisor.service.wiring import RuntimeFailure
-
-    try:
+    with _reported():
         return asyncio.run(coro)
-    except (ConfigError, InvalidJobId) as exc:
-        _fail(str(exc), 2)
-    except AdmissionRefused as exc:
-        _fail(f"submission refused: {exc}", 2)
-    except ExitError as exc:
-        _fail(str(exc), exc.code)
-    except RuntimeFailure as exc:
-        _fail(str(exc), 1)
-    except CladoError as exc:
-        _fail(f"Clado API: {exc}", 1)
-    except SQLAlchemyError as exc:
-        _fail(f"database: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}", 1)
-    raise AssertionError("unreachable")  # pragma: no cover
+    raise AssertionError("unreachable")  # pragma: no cover - _reported exits on what it catches
 
 
 def _app() -> Any:
     from supervisor.app import operations as app
 
     return app
+
+
+def _operations(config: Config) -> AbstractAsyncContextManager[Operations]:
+    from supervisor.app.operations import operations
+
+    return operations(config)
+
+
+def _parse_ids(ids: list[str]) -> list[str]:
+    from supervisor.app.operations import parse_ids
+
+    return parse_ids(ids)
 
 
 def _console() -> Any:
@@ -80,33 +86,24 @@ def with_config(func: Callable[..., T]) -> Callable[..., T]:
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> T:
-        try:
+        with _reported():
             config = load_config(ctx.obj["config_path"])
-        except ConfigError as exc:
-            _fail(str(exc), 2)
         return func(config, *args, **kwargs)
 
     return wrapper
 
 
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for value in values:
-        try:
-            key, item = parse_label(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--label") from None
-        labels[key] = item
-    return labels
+def _checked(hint: str | None, rule: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """An input rule of app/inputs.py, its complaint shown as a usage error of `hint` (in an
+    option's callback None: click names the option itself)."""
+    try:
+        return rule(*args, **kwargs)
+    except errors.BadInput as exc:
+        raise click.BadParameter(exc.problem, param_hint=hint) from None
 
 
 def _duration(_ctx: Any, _param: Any, value: str | None) -> timedelta | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(int(value) if value.isdigit() else value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    return _checked(None, inputs.duration, "max_runtime", value)
 
 
 class _OneLineErrors(click.Group):
@@ -122,7 +119,8 @@ class _OneLineErrors(click.Group):
             click.echo(f"{PROG}: aborted", err=True)
             sys.exit(1)
         except click.ClickException as exc:
-            hint = f" (see {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) else ""
+            ctx = getattr(exc, "ctx", None)  # usage errors have one, others do not
+            hint = f" (see {ctx.command_path} --help)" if ctx else ""
             _fail(exc.format_message().replace("\n", " ") + hint, exc.exit_code)
 
 
@@ -154,10 +152,8 @@ def migrate_command(config: Config) -> None:
     """Upgrade the database schema to the newest version."""
     from supervisor.adapters import migrate
 
-    try:
+    with _reported():
         migrate.upgrade(config.database.url)
-    except Exception as exc:  # SQLAlchemy's errors: the database is unreachable or refused
-        _fail(f"database: {str(getattr(exc, 'orig', None) or exc).splitlines()[0][:300]}", 1)
     click.echo("database schema is up to date")
 
 
@@ -174,7 +170,7 @@ def check_config(config: Config) -> None:
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label the jobs (repeatable).")
 @click.option("--policy", help="Use this policy instead of matching labels.")
 @click.option("--max-runtime", callback=_duration, metavar="DUR", help="Override the policy's max_runtime.")
-@click.option("--max-credits", type=click.IntRange(1, 1_000_000_000), help="Override the policy's max_credits.")
+@click.option("--max-credits", type=click.IntRange(1, inputs.MAX_DB_INT), help="Override the policy's max_credits.")
 @with_config
 def track(
     config: Config,
@@ -193,33 +189,38 @@ def track(
     if not ids:
         raise click.UsageError("give at least one JOB_ID (or --from-file)")
 
-    parsed_labels = _labels(labels)
+    parsed_labels = _checked("--label", inputs.label_args, labels)
 
-    async def go() -> tuple[list[str], list[str]]:
-        _app().parse_ids(ids)  # all ids valid before the database is even opened
-        async with _app().operations(config) as ops:
+    async def go() -> TrackResult:
+        _parse_ids(ids)  # all ids valid before the database is even opened
+        async with _operations(config) as ops:
             return await ops.track(
                 ids, labels=parsed_labels, policy=policy, max_runtime=max_runtime, max_credits=max_credits
             )
 
-    added, existing = run_async(go())
-    click.echo(f"tracking {len(added)} new job(s); {len(existing)} already tracked")
+    result = run_async(go())
+    click.echo(f"tracking {len(result.added)} new job(s); {len(result.already_tracked)} already tracked")
 
 
 @main.command()
 @click.argument("query")
-@click.option("--limit", type=click.IntRange(1, 1000), default=30, show_default=True, help="Results to ask for.")
+@click.option(
+    "--limit",
+    type=click.IntRange(inputs.MIN_LIMIT, inputs.MAX_LIMIT),
+    default=30,
+    show_default=True,
+    help="Results to ask for.",
+)
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label the job (repeatable).")
 @click.option("--policy", help="Use this policy instead of matching labels.")
 @with_config
 def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], policy: str | None) -> None:
     """Start a deep research job and supervise it; prints its job id."""
-    if not query.strip():
-        raise click.BadParameter("the query is empty", param_hint="QUERY")
-    parsed = _labels(labels)
+    _checked("QUERY", inputs.text, "query", query, max_length=inputs.MAX_QUERY, required=True)
+    parsed = _checked("--label", inputs.label_args, labels)
 
     async def go() -> str:
-        async with _app().operations(config) as ops:
+        async with _operations(config) as ops:
             return await ops.submit(query, limit=limit, labels=parsed, policy=policy)
 
     click.echo(run_async(go()))
@@ -236,25 +237,33 @@ def jobs() -> None:
 @with_config
 def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
     """List jobs with their state, credits and cancel reason."""
+
     async def go() -> list[Job]:
-        async with _app().operations(config) as ops:
+        async with _operations(config) as ops:
             return await ops.jobs(state)
 
-    rows = [_app().job_json(config, job) for job in run_async(go())]
+    from supervisor.app.views import JobView
+
+    views = [JobView.of(config, job) for job in run_async(go())]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([view.to_json() for view in views], indent=2))
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} job(s)")
+    table = Table(title=f"{len(views)} job(s)")
     for column in ("job id", "state", "remote", "policy", "credits", "limit", "reason", "submitted"):
         table.add_column(column, justify="right" if column in ("credits", "limit") else "left")
-    for row in rows:
+    for view in views:
+        would = view.would_cancel_reason and f"(would) {view.would_cancel_reason}"
         table.add_row(
-            row["job_id"], row["state"], row["remote_status"] or "-", row["policy"],
-            str(row["credits_used"]), str(row["limits"]["max_credits"] or "-"),
-            row["cancel_reason"] or row["would_cancel_reason"] and f"(would) {row['would_cancel_reason']}" or "-",
-            (row["submitted_at"] or "")[:19].replace("T", " "),
+            view.job_id,
+            view.state,
+            view.remote_status or "-",
+            view.policy,
+            str(view.credits_used),
+            str(view.limits.max_credits or "-"),
+            view.cancel_reason or would or "-",
+            f"{view.submitted_at:%Y-%m-%d %H:%M:%S}",
         )
     _console().print(table)
 
@@ -265,15 +274,15 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
 @with_config
 def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
     """One job with its events."""
-    async def go() -> tuple[Job | None, list[dict[str, Any]]]:
-        _app().parse_ids([job_id])  # before the database is even opened
-        async with _app().operations(config) as ops:
-            return await ops.job(job_id)
 
-    job, events = run_async(go())
-    if job is None:
-        _fail(f"job {job_id} is not tracked", 2)
-    data = {**_app().job_json(config, job), "events": [_app().event_json(e) for e in events]}
+    async def go() -> JobDetailView:
+        from supervisor.app.views import JobDetailView
+
+        _parse_ids([job_id])  # before the database is even opened
+        async with _operations(config) as ops:
+            return JobDetailView.of(config, *await ops.job(job_id))
+
+    data = run_async(go()).to_json()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -288,8 +297,12 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
         table.add_column(column)
     for event in data["events"]:
         table.add_row(
-            event["at"][:23], event["kind"], event["from_state"] or "", event["to_state"] or "",
-            event["reason"] or "", json.dumps(event["detail"]) if event["detail"] else "",
+            event["at"][:23],
+            event["kind"],
+            event["from_state"] or "",
+            event["to_state"] or "",
+            event["reason"] or "",
+            json.dumps(event["detail"]) if event["detail"] else "",
         )
     console.print(table)
 
@@ -300,14 +313,14 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
 @with_config
 def cancel(config: Config, job_id: str, note: str | None) -> None:
     """Cancel a job now, through the same state machine as the daemon."""
-    async def go() -> Job | None:
-        _app().parse_ids([job_id])  # before the database is even opened
-        async with _app().operations(config) as ops:
-            return await ops.cancel(job_id, note)
+    _checked("--reason", inputs.text, "reason", note, max_length=inputs.MAX_REASON)
+
+    async def go() -> Job:
+        _parse_ids([job_id])  # before the database is even opened
+        async with _operations(config) as ops:
+            return await ops.manual_cancel(job_id, note)
 
     job = run_async(go())
-    if job is None:
-        _fail(f"job {job_id} is not tracked", 2)
     if job.cancel_reason == "manual" or job.state in ("cancelling", "confirming"):
         click.echo(f"{job_id}: {job.state} (reason {job.cancel_reason})")
     else:
@@ -315,54 +328,34 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
 
 
 @main.command()
-@click.option("--period", type=click.Choice(["day", "week", "month"]), default="day", show_default=True,
-              help="The calendar period (UTC) whose submitted jobs are reported.")
+@click.option(
+    "--period",
+    type=click.Choice(["day", "week", "month"]),
+    default="day",
+    show_default=True,
+    help="The calendar period (UTC) whose submitted jobs are reported.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
 @with_config
 def report(config: Config, period: str, as_json: bool) -> None:
     """Spend, budgets, cancels, warnings and credits saved, for a period."""
-    from supervisor.app.report import build_report
+    from supervisor.app.report import render, report_view
 
-    async def go() -> dict[str, Any]:
-        async with _app().operations(config) as ops:
-            return await build_report(ops.store, config, period, datetime.now(UTC))
+    async def go() -> ReportView:
+        async with _operations(config) as ops:
+            return await report_view(ops.store, config, period, datetime.now(UTC))
 
     data = run_async(go())
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(data.to_json(), indent=2))
         return
-    from rich.table import Table
-
-    console = _console()
-    console.print(f"[bold]Report for this {period}[/bold] (jobs submitted since {data['period_start']})")
-    console.print(
-        f"jobs {data['jobs']}, spend {data['spend']} credits; saved by cancels {data['saved_by_cancels']}; "
-        f"observe rules would have saved {data['observe_would_have_saved']}; "
-        f"leaked after kill decisions {data['leaked_after_decision']}"
-    )
-    if data["budgets"]:
-        table = Table(title="budgets")
-        for column in ("budget", "period", "credits", "spent", "reserved", "remaining", "action", "state"):
-            table.add_column(column)
-        for b in data["budgets"]:
-            state = "exhausted" if b["exhausted"] else ("warned " + ",".join(b["warnings_fired"]) if b["warnings_fired"] else "ok")
-            table.add_row(b["name"], b["period"], str(b["credits"]), str(b["spent"]), str(b["reserved"]),
-                          str(b["remaining"]), b["action"], state)
-        console.print(table)
-    for title, key in (("cancels by reason", "cancels_by_reason"), ("would cancel (observe)", "would_cancel_by_reason"),
-                       ("warnings by limit", "warnings_by_limit"), ("spend by label", "spend_by_label"),
-                       ("spend by policy", "spend_by_policy")):
-        if data[key]:
-            table = Table(title=title)
-            table.add_column("key")
-            table.add_column("value", justify="right")
-            for key_, value in data[key].items():
-                table.add_row(key_, str(value))
-            console.print(table)
+    render(_console(), data)
 
 
 @main.command()
-@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True, help="Seconds between refreshes."
+)
 @click.option("--limit", type=click.IntRange(1, 1000), default=40, show_default=True, help="Active jobs to show.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit (also when stdout is not a terminal).")
 @with_config
@@ -371,13 +364,11 @@ def top(config: Config, interval: float, limit: int, once: bool) -> None:
     from supervisor.app.top import run_top
 
     async def go() -> None:
-        async with _app().operations(config) as ops:
+        async with _operations(config) as ops:
             await run_top(config, ops.store, interval=interval, limit=limit, once=once)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run_async(go())
-    except KeyboardInterrupt:
-        pass
 
 
 @main.command()
@@ -391,7 +382,7 @@ def healthcheck(config: Config, timeout: float) -> None:
     from supervisor.config import split_address
 
     host, port = split_address(config.http.listen)
-    if host in ("0.0.0.0", "::", ""):
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a comparison: a daemon on every interface answers on loopback
         host = "127.0.0.1"
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/healthz"
     try:

@@ -30,17 +30,17 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from supervisor.adapters.logs import configure_logging
+from supervisor.adapters.store import Store, utcnow
 from supervisor.app.operations import Operations
+from supervisor.app.top import STATE_STYLE
 from supervisor.config import Config, load_config
+from supervisor.core.job import Job
+from supervisor.core.policy import job_policy
+from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.service.runtime import Daemon
 from supervisor.service.wiring import client_for, open_store
 from supervisor.sim.server import FakeClado, ThreadedFakeApi
-from supervisor.core.policy import job_policy
-from supervisor.core.states import TERMINAL, Reason, State
-from supervisor.adapters.logs import configure_logging
-from supervisor.adapters.store import Store, utcnow
-from supervisor.core.job import Job
-from supervisor.app.top import STATE_STYLE
 
 log = structlog.get_logger("supervisor.demo")
 USD_PER_CREDIT = 0.01  # the public price: 1 credit per result, $0.01 a credit

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import socket
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse as _StarletteJSONResponse
@@ -29,12 +30,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from supervisor.adapters import metrics
-from supervisor.app.operations import Operations, event_json, job_json
-from supervisor.core.budgets import AdmissionRefused
-from supervisor.adapters.clado import ApiKeyRejected, ApiUnavailable, CladoError, InvalidJobId, OutOfCredits, RequestRejected
-from supervisor.config import ConfigError, check_labels, parse_duration, split_address
-from supervisor.core.states import Reason, State
-from supervisor.adapters.store import utcnow
+from supervisor.app import errors, inputs
+from supervisor.app.inputs import Body, CancelRequest, SubmitRequest, TrackRequest
+from supervisor.app.operations import Operations
+from supervisor.app.views import (
+    ErrorView,
+    HealthView,
+    JobDetailView,
+    JobView,
+    ReadinessView,
+    SubmitResult,
+    TrackResult,
+    View,
+)
+from supervisor.config import split_address
+from supervisor.core.states import State
 
 if TYPE_CHECKING:
     from supervisor.service.runtime import Daemon
@@ -42,12 +52,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("supervisor.http")
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+B = TypeVar("B", bound=Body)
 
 
 class JSONResponse(_StarletteJSONResponse):
@@ -61,54 +66,70 @@ class JSONResponse(_StarletteJSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status)
+def answer(view: View | list[JobView], status: int = 200) -> JSONResponse:
+    content = [item.to_json() for item in view] if isinstance(view, list) else view.to_json()
+    return JSONResponse(content, status_code=status)
 
 
-# -- request bodies (unknown fields are rejected) ------------------------------------------
-
-Labels = Annotated[dict[str, str], Field(default_factory=dict)]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+def error_response(error: errors.SupervisorError) -> JSONResponse:
+    return answer(ErrorView(error=error.code, message=error.public), error.status)
 
 
-# The largest value an INTEGER column holds on every supported database (PostgreSQL int4).
-MAX_DB_INT = 2**31 - 1
-
-# What `clado.validate_job_id` accepts. The API checks ids with it (for its clearer message);
-# the pattern is published in the OpenAPI document.
-JOB_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"  # as clado.validate_job_id
+# -- the routes, one table for the app and its OpenAPI document ---------------------------------
 
 
-class TrackRequest(_Body):
-    job_ids: list[str] = Field(
-        min_length=1, max_length=10_000,
-        json_schema_extra={"items": {"type": "string", "pattern": JOB_ID_PATTERN}},
-    )
-    labels: Labels
-    policy: str | None = None
-    max_runtime: str | int | None = Field(default=None, description='A duration: "90s", "15m", "2h" or seconds.')
-    max_credits: int | None = Field(default=None, gt=0, le=MAX_DB_INT)
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: str  # the AdminApi method
+    answers: Mapping[int, type[View]]  # status → the body's view
+    error_statuses: tuple[int, ...] = ()  # statuses answered with an ErrorView
+    body: type[Body] | None = None
+    body_required: bool = True
+    parameters: tuple[dict[str, Any], ...] = field(default=())
+    authenticated: bool = True
+    many: bool = False  # the answers are lists of their view
 
 
-class SubmitRequest(_Body):
-    query: str = Field(min_length=1, max_length=10_000, description="Not blank; no control characters.")
-    limit: int = Field(default=30, ge=1, le=1000)
-    labels: Labels
-    policy: str | None = None
+_JOB_ID_PARAMETER = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": inputs.JOB_ID_PATTERN},
+}
+_LIST_PARAMETERS = (
+    {"name": "state", "in": "query", "schema": {"type": "string", "enum": [s.value for s in State]}},
+    {
+        "name": "label",
+        "in": "query",
+        "style": "form",
+        "explode": True,
+        "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
+        "description": "KEY=VALUE; repeat it to require several labels",
+    },
+)
+BODY_ERRORS = (400, 401, 403, 413, 422)
 
-
-class CancelRequest(_Body):
-    reason: str | None = Field(default=None, max_length=500, description="No control characters.")
-
-
-def _check_text(value: str, name: str) -> None:
-    """Free text that goes to the database and the API: no control characters (PostgreSQL
-    refuses NUL in text, and a query is sent upstream before it is stored)."""
-    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value):
-        raise ApiError(422, "invalid_request", f"{name}: control characters are not allowed")
+ENDPOINTS = (
+    Endpoint("GET", "/healthz", "healthz", {200: HealthView}, (503,), authenticated=False),
+    Endpoint("GET", "/readyz", "readyz", {200: ReadinessView, 503: ReadinessView}, authenticated=False),
+    Endpoint(
+        "GET", "/v1/jobs", "list_jobs", {200: JobView}, (401, 403, 422, 503), parameters=_LIST_PARAMETERS, many=True
+    ),
+    Endpoint("POST", "/v1/jobs", "track", {201: TrackResult, 200: TrackResult}, (*BODY_ERRORS, 503), TrackRequest),
+    Endpoint("GET", "/v1/jobs/{job_id}", "show_job", {200: JobDetailView}, (401, 403, 404, 422, 503)),
+    Endpoint(
+        "POST",
+        "/v1/jobs/{job_id}/cancel",
+        "cancel",
+        {200: JobView},
+        (*BODY_ERRORS, 404, 502, 503),
+        body=CancelRequest,
+        body_required=False,  # an empty body is a cancel without a reason
+    ),
+    Endpoint("POST", "/v1/submit", "submit", {201: SubmitResult}, (*BODY_ERRORS, 402, 409, 502, 503), SubmitRequest),
+)
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -126,21 +147,15 @@ class AdminApi:
 
     def app(self) -> Starlette:
         routes = [
-            Route("/healthz", self.healthz),
-            Route("/readyz", self.readyz),
             Route("/metrics", self.metrics_page),
             Route("/openapi.json", self.openapi),
-            Route("/v1/jobs", self._v1(self.list_jobs), methods=["GET"]),
-            Route("/v1/jobs", self._v1(self.track), methods=["POST"]),
-            Route("/v1/jobs/{job_id}", self._v1(self.show_job), methods=["GET"]),
-            Route("/v1/jobs/{job_id}/cancel", self._v1(self.cancel), methods=["POST"]),
-            Route("/v1/submit", self._v1(self.submit), methods=["POST"]),
+            *(Route(e.path, self._guarded(self._handler(e)), methods=[e.method]) for e in ENDPOINTS),
         ]
         app = Starlette(
             routes=routes,
             exception_handlers={
-                404: lambda request, exc: _error(404, "not_found", "no such route"),
-                405: lambda request, exc: _error(405, "method_not_allowed", "method not allowed"),
+                404: lambda request, exc: error_response(errors.NotFound("no such route")),
+                405: lambda request, exc: error_response(errors.MethodNotAllowed("method not allowed")),
                 Exception: self._internal_error,
             },
         )
@@ -157,23 +172,23 @@ class AdminApi:
 
     async def healthz(self, request: Request) -> Response:
         if not self.daemon.scheduler_running:
-            return _error(503, "scheduler_stopped", "the scheduler is not running")
-        return JSONResponse({"status": "ok"})
+            raise errors.SchedulerStopped("the scheduler is not running")
+        return answer(HealthView(status="ok"))
 
     async def readyz(self, request: Request) -> Response:
         problems = []
         try:
             async with asyncio.timeout(2):
                 await self.daemon.store.ping()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the database does, the answer is "unready"
             problems.append(f"database: {type(exc).__name__}")
         last_tick = self.daemon.last_tick_at
         window = self.daemon.config.supervisor.poll_interval * 3
         if last_tick is None or self.daemon.clock() - last_tick > window:
             problems.append(f"no tick completed in the last {window.total_seconds():g} s")
         if problems:
-            return JSONResponse({"status": "unready", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
+            return answer(ReadinessView(status="unready", problems=problems), 503)
+        return answer(ReadinessView(status="ready"))
 
     async def metrics_page(self, request: Request) -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
@@ -183,130 +198,92 @@ class AdminApi:
 
     # -- /v1 -----------------------------------------------------------------------------
 
-    def _v1(self, handler: Handler) -> Handler:
-        async def guarded(request: Request) -> Response:
+    def _handler(self, endpoint: Endpoint) -> Handler:
+        """The endpoint's method, behind the bearer token if it is a /v1 one."""
+        handler: Handler = getattr(self, endpoint.handler)
+        if not endpoint.authenticated:
+            return handler
+
+        async def authenticated(request: Request) -> Response:
             if self._token is None:
-                return _error(403, "admin_api_disabled", "no admin token is configured (http.token_env / http.token_file)")
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
+                raise errors.AdminApiDisabled("no admin token is configured (http.token_env / http.token_file)")
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
-                return _error(401, "unauthorized", "a valid bearer token is required")
+                raise errors.Unauthorized("a valid bearer token is required")
+            return await handler(request)
+
+        return authenticated
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """Known failures as their JSON error (app/errors.py); anything else is a 500."""
+
+        async def guarded(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ApiError as exc:
-                return _error(exc.status, exc.code, exc.message)
-            except (ConfigError, InvalidJobId) as exc:
-                return _error(422, "invalid_request", str(exc))
-            except AdmissionRefused as exc:
-                return _error(409, "admission_refused", str(exc))
-            except ApiKeyRejected:
-                return _error(502, "api_key_rejected", "the Clado API rejected the API key")
-            except OutOfCredits as exc:
-                return _error(402, "out_of_credits", str(exc))
-            except RequestRejected as exc:  # the API refused this request (4xx): not a gateway fault
-                return _error(422, "request_rejected", f"the Clado API rejected the request: {exc}")
-            except (ApiUnavailable, CladoError) as exc:
-                return _error(502, "api_unavailable", str(exc))
-            except (OperationalError, InterfaceError, PoolTimeout) as exc:
-                log.warning("admin API request failed: database unavailable", path=request.url.path,
-                            error=type(exc).__name__)
-                return _error(503, "database_unavailable", "the database is not reachable; try again later")
+            except Exception as exc:
+                error = errors.translate(exc)
+                if error is None:
+                    raise
+                if isinstance(error, errors.DatabaseUnavailable):
+                    log.warning(
+                        "admin API request failed: database unavailable",
+                        path=request.url.path,
+                        error=type(exc).__name__,
+                    )
+                elif isinstance(error, errors.Internal):
+                    log.error("admin API request failed", path=request.url.path, exc_info=exc)
+                return error_response(error)
 
         return guarded
 
     async def list_jobs(self, request: Request) -> Response:
-        state = request.query_params.get("state")
-        if state is not None and state not in {s.value for s in State}:
-            raise ApiError(422, "invalid_request", f"unknown state {state!r}")
-        wanted = {}
-        for label in request.query_params.getlist("label"):
-            key, sep, value = label.partition("=")
-            if not sep:
-                raise ApiError(422, "invalid_request", "label filters look like label=KEY=VALUE")
-            wanted[key] = value
-        jobs = await self.ops.jobs(state)
-        rows = [
-            job_json(self.daemon.config, job)
-            for job in jobs
-            if all((job.labels or {}).get(k) == v for k, v in wanted.items())
-        ]
-        return JSONResponse(rows)
+        wanted = inputs.label_filter(request.query_params.getlist("label"))
+        jobs = await self.ops.jobs(request.query_params.get("state"), labels=wanted)
+        return answer([JobView.of(self.daemon.config, job) for job in jobs])
 
     async def show_job(self, request: Request) -> Response:
         job, events = await self.ops.job(request.path_params["job_id"])
-        if job is None:
-            raise ApiError(404, "job_not_found", "this job is not tracked")
-        return JSONResponse({**job_json(self.daemon.config, job), "events": [event_json(e) for e in events]})
+        return answer(JobDetailView.of(self.daemon.config, job, events))
 
     async def track(self, request: Request) -> Response:
         body = await self._body(request, TrackRequest)
-        try:
-            check_labels(body.labels)
-        except ValueError as exc:
-            raise ApiError(422, "invalid_request", f"labels: {exc}") from None
-        try:
-            max_runtime = parse_duration(body.max_runtime) if body.max_runtime is not None else None
-        except ValueError as exc:
-            raise ApiError(422, "invalid_request", f"max_runtime: {exc}") from None
-        added, existing = await self.ops.track(
-            body.job_ids, labels=body.labels, policy=body.policy,
-            max_runtime=max_runtime, max_credits=body.max_credits,
+        result = await self.ops.track(
+            body.job_ids,
+            labels=body.labels,
+            policy=body.policy,
+            max_runtime=body.max_runtime,
+            max_credits=body.max_credits,
         )
-        return JSONResponse({"added": added, "already_tracked": existing}, status_code=201 if added else 200)
+        return answer(result, 201 if result.added else 200)
 
     async def submit(self, request: Request) -> Response:
         body = await self._body(request, SubmitRequest)
-        try:
-            check_labels(body.labels)
-        except ValueError as exc:
-            raise ApiError(422, "invalid_request", f"labels: {exc}") from None
-        if not body.query.strip():
-            raise ApiError(422, "invalid_request", "query: must not be blank")
-        _check_text(body.query, "query")
         job_id = await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy)
-        return JSONResponse({"job_id": job_id}, status_code=201)
+        return answer(SubmitResult(job_id=job_id), 201)
 
     async def cancel(self, request: Request) -> Response:
         body = await self._body(request, CancelRequest, empty_ok=True)
-        if body.reason is not None:
-            _check_text(body.reason, "reason")
         # Counted, logged and announced by the daemon's effects, like any other decision.
-        job = await self.ops.cancel(request.path_params["job_id"], body.reason)
-        if job is None:
-            raise ApiError(404, "job_not_found", "this job is not tracked")
-        return JSONResponse(job_json(self.daemon.config, job))
+        job = await self.ops.manual_cancel(request.path_params["job_id"], body.reason)
+        return answer(JobView.of(self.daemon.config, job))
 
-    async def _body(self, request: Request, model: type[_Body], empty_ok: bool = False) -> Any:
+    async def _body(self, request: Request, model: type[B], empty_ok: bool = False) -> B:
+        too_large = errors.PayloadTooLarge(f"request bodies are limited to {self._max_body} bytes")
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self._max_body):
-            raise ApiError(413, "payload_too_large", f"request bodies are limited to {self._max_body} bytes")
+            raise too_large
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > self._max_body:
-                raise ApiError(413, "payload_too_large", f"request bodies are limited to {self._max_body} bytes")
+                raise too_large
         if not raw.strip() and empty_ok:
             return model()
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-        try:
-            # A lone surrogate ("\ud800") parses, but no database or JSON answer can hold it.
-            json.dumps(data, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise ApiError(400, "invalid_json", "the body holds text that is not valid Unicode") from None
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ApiError(422, "invalid_request", f"{where}: {message}") from None
+        return inputs.body(model, inputs.json_body(bytes(raw)))
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
-        log.exception("admin API request failed", path=request.url.path)
-        return _error(500, "internal_error", "the request failed; see the supervisor's log")
+        log.error("admin API request failed", path=request.url.path, exc_info=exc)
+        return error_response(errors.Internal(type(exc).__name__))
 
 
 # -- serving it -------------------------------------------------------------------------------
@@ -343,7 +320,10 @@ class AdminServer:
             raise OSError(f"admin API cannot listen on {self._listen}: {exc.strerror}") from None
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self._api.app(), log_config=None, access_log=False, lifespan="off",
+            self._api.app(),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
             timeout_graceful_shutdown=5,
         )
         self._server = _QuietServer(config)
@@ -364,104 +344,50 @@ class AdminServer:
         self._server = self._task = None
 
 
-# -- OpenAPI --------------------------------------------------------------------------------
-
-_JOB = {
-    "type": "object",
-    "required": [
-        "job_id", "state", "remote_status", "labels", "policy", "credits_used", "cancel_reason",
-        "final_status", "submitted_at", "cancel_requested_at", "confirmed_at",
-    ],
-    "properties": {
-        "job_id": {"type": "string"},
-        "state": {"type": "string", "enum": [s.value for s in State]},
-        "remote_status": {"type": ["string", "null"]},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "policy": {"type": "string"},
-        "credits_used": {"type": "integer"},
-        "cancel_reason": {"type": ["string", "null"]},
-        "final_status": {"type": ["string", "null"]},
-        "submitted_at": {"type": "string", "format": "date-time"},
-        "cancel_requested_at": {"type": ["string", "null"], "format": "date-time"},
-        "confirmed_at": {"type": ["string", "null"], "format": "date-time"},
-    },
-}  # fmt: skip
-_ERROR = {
-    "type": "object",
-    "required": ["error", "message"],
-    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-}
+# -- OpenAPI, generated from the route table and the models ---------------------------------------
 
 
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": schema}}}
-
-
-def _responses(ok: dict[str, Any], *codes: int, ok_code: str = "200") -> dict[str, Any]:
-    described = {ok_code: {"description": "OK", **_json(ok)}}
-    for code in codes:
-        described[str(code)] = {"description": "error", **_json({"$ref": "#/components/schemas/Error"})}
-    return described
-
-
+@functools.cache  # the routes and models are fixed at import: build it once (callers only read it)
 def openapi_document() -> dict[str, Any]:
-    job_ref = {"$ref": "#/components/schemas/Job"}
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
-    auth = [{"bearer": []}]
-
-    def body(model: type[BaseModel]) -> dict[str, Any]:
-        return {"required": True, **_json(model.model_json_schema())}
-
+    """The OpenAPI 3.1 document: request bodies as validated, answers as serialized, every
+    model once under components/schemas (3.1 schemas are JSON Schema 2020-12, as pydantic's)."""
+    requests = {e.body for e in ENDPOINTS if e.body is not None}
+    answers = {model for e in ENDPOINTS for model in e.answers.values()} | {ErrorView}
+    wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        *((model, "validation") for model in sorted(requests, key=lambda m: m.__name__)),
+        *((model, "serialization") for model in sorted(answers, key=lambda m: m.__name__)),
+    ]
+    refs, top = models_json_schema(wanted, ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict[str, Any]] = {
+        "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format"}}}},
+    }
+    for e in ENDPOINTS:
+        operation: dict[str, Any] = {"operationId": e.handler, "responses": {}}
+        if e.authenticated:
+            operation["security"] = [{"bearer": []}]
+        parameters = [_JOB_ID_PARAMETER] if "{job_id}" in e.path else []
+        if parameters or e.parameters:
+            operation["parameters"] = [*parameters, *e.parameters]
+        if e.body is not None:
+            operation["requestBody"] = {"required": e.body_required, **_json(refs[(e.body, "validation")])}
+        for status, model in e.answers.items():
+            schema = refs[(model, "serialization")]
+            if e.many:
+                schema = {"type": "array", "items": schema}
+            operation["responses"][str(status)] = {"description": model.__doc__ or model.__name__, **_json(schema)}
+        for status in e.error_statuses:
+            operation["responses"][str(status)] = {"description": "error", **_json(refs[(ErrorView, "serialization")])}
+        paths.setdefault(e.path, {})[e.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "clado-supervisor admin API", "version": "1"},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Job": _JOB, "Error": _ERROR},
+            "schemas": top["$defs"],
         },
-        "paths": {
-            "/healthz": {"get": {"responses": _responses({"type": "object"}, 503)}},
-            "/readyz": {"get": {"responses": _responses({"type": "object"}, 503)}},
-            "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format"}}}},
-            "/v1/jobs": {
-                "get": {
-                    "security": auth,
-                    "parameters": [
-                        {"name": "state", "in": "query", "schema": {"type": "string", "enum": [s.value for s in State]}},
-                        {
-                            "name": "label", "in": "query", "style": "form", "explode": True,
-                            "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
-                            "description": "KEY=VALUE; repeat it to require several labels",
-                        },
-                    ],
-                    "responses": _responses({"type": "array", "items": job_ref}, 401, 403, 422, 503),
-                },
-                "post": {
-                    "security": auth,
-                    "requestBody": body(TrackRequest),
-                    "responses": {
-                        **_responses({"type": "object"}, 400, 401, 403, 413, 422, 503, ok_code="201"),
-                        "200": {"description": "all already tracked", **_json({"type": "object"})},
-                    },
-                },
-            },
-            "/v1/jobs/{job_id}": {
-                "get": {"security": auth, "parameters": [job_id], "responses": _responses(job_ref, 401, 403, 404, 422, 503)},
-            },
-            "/v1/jobs/{job_id}/cancel": {
-                "post": {
-                    "security": auth,
-                    "parameters": [job_id],
-                    "requestBody": {**body(CancelRequest), "required": False},
-                    "responses": _responses(job_ref, 400, 401, 403, 404, 413, 422, 502, 503),
-                },
-            },
-            "/v1/submit": {
-                "post": {
-                    "security": auth,
-                    "requestBody": body(SubmitRequest),
-                    "responses": _responses({"type": "object"}, 400, 401, 402, 403, 409, 413, 422, 502, 503, ok_code="201"),
-                },
-            },
-        },
+        "paths": paths,
     }
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}

@@ -1,10 +1,12 @@
-"""What the commands do, without the parsing and printing (that is cli.py)."""
+"""What a user can ask of the supervisor, for the CLI and the admin API alike: every use
+case with its input rules (app/inputs.py), without the parsing and printing (cli.py, http.py).
+Failures are SupervisorErrors or the lower layers' own, which app/errors.py translates."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,14 @@ from supervisor.adapters.clado import CladoClient, validate_job_id
 from supervisor.adapters.secrets import read_secret
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
+from supervisor.app import inputs
+from supervisor.app.errors import JobNotTracked
+from supervisor.app.views import TrackResult
 from supervisor.config import Config, ConfigError
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, check_admission, period_start, statuses
 from supervisor.core.job import Job
-from supervisor.core.policy import job_policy
-from supervisor.core.states import TERMINAL, Reason, State
+from supervisor.core.states import Reason, State
 from supervisor.core.transitions import Change
 from supervisor.service import wiring
 from supervisor.service.effects import Effects
@@ -104,38 +108,44 @@ class Operations:
         self,
         ids: list[str],
         *,
-        labels: dict[str, str],
+        labels: Mapping[str, str],
         policy: str | None = None,
-        max_runtime: timedelta | None = None,
+        max_runtime: timedelta | str | int | None = None,
         max_credits: int | None = None,
-    ) -> tuple[list[str], list[str]]:
-        """Track jobs started elsewhere. Returns (added, already tracked)."""
-        name = self.config.choose_policy(labels, policy)
+    ) -> TrackResult:
+        """Track jobs started elsewhere (idempotent): every input is checked before any is written."""
+        checked = inputs.labels(labels)
+        runtime = inputs.duration("max_runtime", max_runtime)
+        inputs.count("max_credits", max_credits, 1, inputs.MAX_DB_INT)
+        job_ids = parse_ids(ids)
+        name = self.config.choose_policy(checked, policy)
         new_jobs = [
             NewJob(
                 job_id=job_id,
                 policy=name,
-                labels=labels,
-                max_runtime_s=max_runtime.total_seconds() if max_runtime else None,
+                labels=checked,
+                max_runtime_s=runtime.total_seconds() if runtime else None,
                 max_credits=max_credits,
             )
-            for job_id in parse_ids(ids)
+            for job_id in job_ids
         ]
-        return await self.store.add_jobs(new_jobs, utcnow())
+        added, existing = await self.store.add_jobs(new_jobs, utcnow())
+        return TrackResult(added=added, already_tracked=existing)
 
-    async def submit(
-        self, query: str, *, limit: int, labels: dict[str, str], policy: str | None = None
-    ) -> str:
+    async def submit(self, query: str, *, limit: int, labels: Mapping[str, str], policy: str | None = None) -> str:
         """Admit, start the job through the API and track it; returns its id.
 
         Admission refuses (AdmissionRefused, with the numbers) when a matching budget is
         blocked, when a reserving budget cannot hold the job's worst case (limit ×
         credits_per_result), or when the account would drop below its floor. The
         reservation is recorded before the API call and handed to the job after it."""
-        name = self.config.choose_policy(labels, policy)
+        inputs.text("query", query, max_length=inputs.MAX_QUERY, required=True)
+        inputs.count("limit", limit, inputs.MIN_LIMIT, inputs.MAX_LIMIT)
+        checked = inputs.labels(labels)
+        name = self.config.choose_policy(checked, policy)
         need = limit * self.config.api.credits_per_result
         await self._check_account_floor(need)
-        admission_id = await self._admit(labels, need)
+        admission_id = await self._admit(checked, need)
         try:
             job_id = await self.client.initiate(query, limit)
         except BaseException:
@@ -143,7 +153,12 @@ class Operations:
                 await self.store.drop_admission(admission_id)
             raise
         new_job = NewJob(
-            job_id, name, labels, source="submit", query=query, result_limit=limit,
+            job_id,
+            name,
+            checked,
+            source="submit",
+            query=query,
+            result_limit=limit,
             reserved_credits=need if admission_id is not None else None,
         )
         await self.store.add_jobs([new_job], utcnow(), admission_id=admission_id)
@@ -199,13 +214,28 @@ class Operations:
     async def _write(self, job_write: JobWrite) -> bool:
         return await self.store.apply_each([job_write]) == [True]
 
-    async def jobs(self, state: str | None = None) -> list[Job]:
-        return await self.store.list_jobs(state)
+    async def manual_cancel(self, job_id: str, note: str | None = None) -> Job:
+        """The manual cancel use case: its inputs checked, then `cancel`; JobNotTracked if unknown."""
+        validate_job_id(job_id)
+        inputs.text("reason", note, max_length=inputs.MAX_REASON)
+        job = await self.cancel(job_id, note)
+        if job is None:
+            raise JobNotTracked(job_id)
+        return job
 
-    async def job(self, job_id: str) -> tuple[Job | None, list[dict[str, Any]]]:
+    async def jobs(self, state: str | None = None, labels: Mapping[str, str] | None = None) -> list[Job]:
+        """The jobs in `state` (all if None) that carry every one of `labels`."""
+        found = await self.store.list_jobs(inputs.state(state))
+        wanted = (labels or {}).items()
+        return [job for job in found if all(job.labels.get(key) == value for key, value in wanted)]
+
+    async def job(self, job_id: str) -> tuple[Job, list[dict[str, Any]]]:
+        """A job and its events; JobNotTracked if unknown."""
         validate_job_id(job_id)
         job = await self.store.get_job(job_id)
-        return job, (await self.store.events(job_id) if job else [])
+        if job is None:
+            raise JobNotTracked(job_id)
+        return job, await self.store.events(job_id)
 
 
 @asynccontextmanager
@@ -218,53 +248,3 @@ async def operations(config: Config) -> AsyncIterator[Operations]:
     finally:
         await ops.aclose()
         await store.close()
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def job_json(config: Config, job: Job) -> dict[str, Any]:
-    """The public JSON shape of a job (`jobs list --json`, `jobs show --json`)."""
-    policy = job_policy(config, job)
-    return {
-        "job_id": job.job_id,
-        "state": job.state,
-        "remote_status": job.remote_status,
-        "labels": job.labels or {},
-        "policy": job.policy,
-        "credits_used": job.credits_used,
-        "cancel_reason": job.cancel_reason,
-        "final_status": job.final_status,
-        "submitted_at": _iso(job.submitted_at),
-        "cancel_requested_at": _iso(job.cancel_requested_at),
-        "confirmed_at": _iso(job.confirmed_at),
-        "source": job.source,
-        "query": job.query,
-        "limits": {
-            "max_runtime_s": policy.max_runtime.total_seconds() if policy.max_runtime else None,
-            "max_queued_s": policy.max_queued.total_seconds() if policy.max_queued else None,
-            "stall_timeout_s": policy.stall_timeout.total_seconds() if policy.stall_timeout else None,
-            "max_credits": policy.max_credits,
-            "action": policy.action,
-        },
-        "remote_created_at": _iso(job.remote_created_at),
-        "last_polled_at": _iso(job.last_polled_at),
-        "next_check_at": _iso(job.next_check_at) if job.state not in TERMINAL else None,
-        "cancel_detail": job.cancel_detail,
-        "would_cancel_reason": job.would_cancel_reason,
-        "would_cancel_at": _iso(job.would_cancel_at),
-        "last_error": job.last_error,
-    }
-
-
-def event_json(event: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "at": _iso(event["at"]),
-        "kind": event["kind"],
-        "from_state": event["from_state"],
-        "to_state": event["to_state"],
-        "reason": event["reason"],
-        "detail": event["detail"],
-    }
-

@@ -18,17 +18,21 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
-from supervisor.core.budgets import period_start, statuses
-from supervisor.config import Config
-from supervisor.core.states import TERMINAL, Reason
+from rich.console import Console
+from rich.table import Table
+
 from supervisor.adapters.store import Store
+from supervisor.app.views import BudgetView, ReportView, iso
+from supervisor.config import Config
+from supervisor.core.budgets import period_start, statuses
 from supervisor.core.job import Job
+from supervisor.core.states import TERMINAL, Reason
 
 PERIODS = ("day", "week", "month")
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
+    return iso(value) if value else None
 
 
 def summarize(config: Config, jobs: list[Job]) -> dict[str, Any]:
@@ -60,9 +64,9 @@ def summarize(config: Config, jobs: list[Job]) -> dict[str, Any]:
         "spend_by_policy": dict(sorted(_by(jobs, "policy").items())),
         "spend_by_label": dict(sorted(spend_by_label.items())),
         "cancels_by_reason": dict(sorted(cancels.items())),
-        "would_cancel_by_reason": dict(sorted(Counter(
-            job.would_cancel_reason for job in jobs if job.would_cancel_reason
-        ).items())),
+        "would_cancel_by_reason": dict(
+            sorted(Counter(job.would_cancel_reason for job in jobs if job.would_cancel_reason).items())
+        ),
         "saved_by_cancels": saved,
         "cancelled_without_known_limit": unknown_limit,
         "observe_would_have_saved": would_save,
@@ -77,31 +81,73 @@ def _by(jobs: list[Job], key: str) -> Counter[str]:
     return totals
 
 
-async def build_report(store: Store, config: Config, period: str, now: datetime) -> dict[str, Any]:
+async def report_view(store: Store, config: Config, period: str, now: datetime) -> ReportView:
     start = period_start(period, "UTC", now)
     jobs = await store.jobs_submitted_since(start)
     budget_starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
-    budget_rows = []
+    budgets = []
     for status in statuses(config, now, await store.usage(budget_starts, now)):
         key = status.period_start.isoformat() if status.period_start else "total"
         record = await store.budget_period(status.name, key)
-        budget_rows.append({
-            "name": status.name,
-            "period": status.period,
-            "period_start": _iso(status.period_start),
-            "credits": status.credits,
-            "spent": status.usage.spent,
-            "reserved": status.usage.reserved,
-            "remaining": status.remaining,
-            "action": status.action,
-            "exhausted": status.exhausted,
-            "warnings_fired": record["warned"],
-        })
-    return {
-        "period": period,
-        "period_start": _iso(start),
-        "generated_at": _iso(now),
-        "budgets": budget_rows,
+        budgets.append(
+            BudgetView(
+                name=status.name,
+                period=status.period,
+                period_start=status.period_start,
+                credits=status.credits,
+                spent=status.usage.spent,
+                reserved=status.usage.reserved,
+                remaining=status.remaining,
+                action=status.action,
+                exhausted=status.exhausted,
+                warnings_fired=record["warned"],
+            )
+        )
+    return ReportView(
+        period=period,
+        period_start=start,
+        generated_at=now,
+        budgets=budgets,
         **summarize(config, jobs),
-        "warnings_by_limit": await store.event_counts("warning", start),
-    }
+        warnings_by_limit=await store.event_counts("warning", start),
+    )
+
+
+async def build_report(store: Store, config: Config, period: str, now: datetime) -> dict[str, Any]:
+    """The report as `report --json` prints it."""
+    return (await report_view(store, config, period, now)).to_json()
+
+
+def render(console: Console, report: ReportView) -> None:
+    """The report for a person: the headline figures, then one table per breakdown."""
+    console.print(f"[bold]Report for this {report.period}[/bold] (jobs submitted since {_iso(report.period_start)})")
+    console.print(
+        f"jobs {report.jobs}, spend {report.spend} credits; saved by cancels {report.saved_by_cancels}; "
+        f"observe rules would have saved {report.observe_would_have_saved}; "
+        f"leaked after kill decisions {report.leaked_after_decision}"
+    )
+    if report.budgets:
+        table = Table(title="budgets")
+        for column in ("budget", "period", "credits", "spent", "reserved", "remaining", "action", "state"):
+            table.add_column(column)
+        for b in report.budgets:
+            fired = "warned " + ",".join(b.warnings_fired) if b.warnings_fired else "ok"
+            state = "exhausted" if b.exhausted else fired
+            numbers = (b.credits, b.spent, b.reserved, b.remaining)
+            table.add_row(b.name, b.period, *(str(n) for n in numbers), b.action, state)
+        console.print(table)
+    breakdowns = (
+        ("cancels by reason", report.cancels_by_reason),
+        ("would cancel (observe)", report.would_cancel_by_reason),
+        ("warnings by limit", report.warnings_by_limit),
+        ("spend by label", report.spend_by_label),
+        ("spend by policy", report.spend_by_policy),
+    )
+    for title, figures in breakdowns:
+        if figures:
+            table = Table(title=title)
+            table.add_column("key")
+            table.add_column("value", justify="right")
+            for key, value in figures.items():
+                table.add_row(key, str(value))
+            console.print(table)

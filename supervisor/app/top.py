@@ -14,11 +14,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from supervisor.adapters.store import Store, utcnow
 from supervisor.config import Config
+from supervisor.core.job import Job
 from supervisor.core.policy import job_policy
 from supervisor.core.states import ACTIVE, State
-from supervisor.adapters.store import Store, utcnow
-from supervisor.core.job import Job
 
 STATE_STYLE = {
     State.WATCHING: "cyan",
@@ -51,10 +51,16 @@ def render(config: Config, counts: dict[str, int], jobs: list[Job], now: datetim
         if limit_credits is not None and job.credits_used >= limit_credits:
             credits.stylize("bold red")
         table.add_row(
-            job.job_id, Text(state.value, style=STATE_STYLE[state]), job.remote_status or "-",
-            job.policy, credits, _age(job.submitted_at, now),
-            job.cancel_reason or job.would_cancel_reason and f"(would) {job.would_cancel_reason}"
-            or job.last_error or "",
+            job.job_id,
+            Text(state.value, style=STATE_STYLE[state]),
+            job.remote_status or "-",
+            job.policy,
+            credits,
+            _age(job.submitted_at, now),
+            job.cancel_reason
+            or (job.would_cancel_reason and f"(would) {job.would_cancel_reason}")
+            or job.last_error
+            or "",
         )
     active = sum(counts.get(state.value, 0) for state in ACTIVE)
     footer = Text(

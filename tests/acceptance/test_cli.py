@@ -124,7 +124,9 @@ def test_manual_cancel_without_a_daemon_sends_it_then_the_daemon_confirms(
     shown = json.loads(cli("jobs", "show", job_id, "--json", cwd=workdir).stdout)
     assert shown["cancel_reason"] == "manual"
     decision = next(e for e in shown["events"] if e["to_state"] == "cancelling")
-    assert decision["detail"] == {"note": "wrong query"}
+    # The shape every decision records (rule, credits, config hash), and the person's note.
+    assert (decision["detail"]["note"], decision["detail"]["rule"]) == ("wrong query", "manual")
+    assert {"credits", "config_hash"} <= set(decision["detail"])
     assert cli("cancel", "never-tracked", cwd=workdir).returncode == 2
 
 

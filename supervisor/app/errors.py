@@ -1,0 +1,171 @@
+"""Every failure a user can see, and its one mapping to exit codes and HTTP answers.
+
+A failure ends as a SupervisorError: its class gives the CLI's exit code (1 runtime failure,
+2 bad usage, config or input), the admin API's status and its stable `error` code; `str()` is
+the CLI's one line and `public` the admin API's message (which names no database detail).
+The failures of the layers below (config, job ids, admission, the Clado API, the database)
+are translated by the one table, RULES; the CLI and the admin API both call `translate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class SupervisorError(Exception):
+    exit_code: ClassVar[int] = 1
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = message if public is None else public
+
+
+class BadInput(SupervisorError):
+    """The request or the command line is wrong; `field` names what, `problem` says why."""
+
+    exit_code, status, code = 2, 422, "invalid_request"
+
+    def __init__(self, problem: str, *, field: str | None = None, public: str | None = None) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem, public=public)
+        self.field, self.problem = field, problem
+
+
+class InvalidJson(BadInput):
+    status, code = 400, "invalid_json"
+
+
+class PayloadTooLarge(BadInput):
+    status, code = 413, "payload_too_large"
+
+
+class MethodNotAllowed(BadInput):
+    status, code = 405, "method_not_allowed"
+
+
+class Unauthorized(SupervisorError):
+    exit_code, status, code = 2, 401, "unauthorized"
+
+
+class AdminApiDisabled(SupervisorError):
+    exit_code, status, code = 2, 403, "admin_api_disabled"
+
+
+class NotFound(SupervisorError):
+    exit_code, status, code = 2, 404, "not_found"
+
+
+class JobNotTracked(NotFound):
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} is not tracked")
+
+
+class Refused(SupervisorError):
+    """Admission said no (a budget or the account floor); the message has the numbers."""
+
+    exit_code, status, code = 2, 409, "admission_refused"
+
+
+class Unavailable(SupervisorError):
+    """Something this process depends on is down; trying again later may work."""
+
+    exit_code, status, code = 1, 503, "unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    code = "database_unavailable"
+
+
+class SchedulerStopped(Unavailable):
+    code = "scheduler_stopped"
+
+
+class UpstreamFailed(SupervisorError):
+    """The Clado API could not do what was asked (a gateway failure for the admin API)."""
+
+    exit_code, status, code = 1, 502, "api_unavailable"
+
+
+class UpstreamKeyRejected(UpstreamFailed):
+    code = "api_key_rejected"
+
+
+class UpstreamOutOfCredits(UpstreamFailed):
+    status, code = 402, "out_of_credits"
+
+
+class UpstreamRejected(UpstreamFailed):
+    """The API refused this request (a 4xx): the caller's problem, not a gateway fault."""
+
+    status, code = 422, "request_rejected"
+
+
+class Internal(SupervisorError):
+    """A bug or an unexpected failure: the admin API says only where to look."""
+
+    exit_code, status, code = 1, 500, "internal_error"
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message, public=public or "the request failed; see the supervisor's log")
+
+
+@dataclass(frozen=True)
+class Rule:
+    error: type[SupervisorError]
+    cli: str = "{}"  # the CLI's line, around the original message
+    public: str | None = None  # the admin API's message, if not the CLI's
+
+
+_DB_DOWN = "the database is not reachable; try again later"
+
+# The failures of the layers below, by the dotted name of their class. The most specific
+# class of a failure's MRO that is listed wins. By name, so that translating imports nothing
+# (`check-config` loads no database driver; the modules that raise these need not be loaded);
+# tests/unit/test_app_errors.py resolves every name, so a moved class fails a test.
+RULES: Mapping[str, Rule] = {
+    "supervisor.config.ConfigError": Rule(BadInput),
+    "supervisor.adapters.clado.InvalidJobId": Rule(BadInput),
+    "supervisor.core.budgets.AdmissionRefused": Rule(Refused, "submission refused: {}", "{}"),
+    "supervisor.adapters.clado.ApiKeyRejected": Rule(
+        UpstreamKeyRejected, "Clado API: {}", "the Clado API rejected the API key"
+    ),
+    "supervisor.adapters.clado.OutOfCredits": Rule(UpstreamOutOfCredits, "Clado API: {}", "{}"),
+    "supervisor.adapters.clado.RequestRejected": Rule(
+        UpstreamRejected, "Clado API: {}", "the Clado API rejected the request: {}"
+    ),
+    "supervisor.adapters.clado.CladoError": Rule(UpstreamFailed, "Clado API: {}", "{}"),
+    "supervisor.service.wiring.RuntimeFailure": Rule(Unavailable),
+    "sqlalchemy.exc.OperationalError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),
+    "sqlalchemy.exc.InterfaceError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),
+    "sqlalchemy.exc.TimeoutError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),  # the pool's
+    "sqlalchemy.exc.SQLAlchemyError": Rule(Internal, "database: {}"),
+}
+
+
+def translate(exc: BaseException) -> SupervisorError | None:
+    """The SupervisorError a failure shows as, or None for one no rule knows (a bug)."""
+    if isinstance(exc, SupervisorError):
+        return exc
+    for cls in type(exc).__mro__:
+        rule = RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            detail = _detail(exc)
+            public = None if rule.public is None else rule.public.format(detail)
+            error = rule.error(rule.cli.format(detail), public=public)
+            error.__cause__ = exc
+            return error
+    return None
+
+
+def _detail(exc: BaseException) -> str:
+    """The original message; for a database error the driver's first line (SQLAlchemy adds
+    the statement and a link, which say nothing to the user)."""
+    if type(exc).__module__.startswith("sqlalchemy"):
+        text = str(getattr(exc, "orig", None) or exc)
+        return text.splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return str(exc)

@@ -1,0 +1,205 @@
+"""The public JSON shapes, one pydantic model each: what `--json` prints, what the admin API
+answers and what its OpenAPI document says (generated from these models, so it cannot drift).
+
+Field names and forms are the contract (DESIGN.md): timestamps are ISO 8601 UTC with a `Z`,
+absent values are null, every field is always present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer, WithJsonSchema
+
+from supervisor.config import Config, Policy
+from supervisor.core.job import Job
+from supervisor.core.policy import job_policy
+from supervisor.core.states import TERMINAL, State
+
+
+def iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(iso, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+class View(BaseModel):
+    # Serialized, a field with a default is still always present: the schema says required.
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class LimitsView(View):
+    """The limits in force for a job: its policy with its per-job overrides."""
+
+    max_runtime_s: float | None
+    max_queued_s: float | None
+    stall_timeout_s: float | None
+    max_credits: int | None
+    action: str
+
+    @classmethod
+    def of(cls, policy: Policy) -> LimitsView:
+        return cls(
+            max_runtime_s=policy.max_runtime.total_seconds() if policy.max_runtime else None,
+            max_queued_s=policy.max_queued.total_seconds() if policy.max_queued else None,
+            stall_timeout_s=policy.stall_timeout.total_seconds() if policy.stall_timeout else None,
+            max_credits=policy.max_credits,
+            action=policy.action,
+        )
+
+
+class _JobFields(View):
+    job_id: str
+    state: State
+    remote_status: str | None
+    labels: dict[str, str]
+    policy: str
+    credits_used: int
+    cancel_reason: str | None
+    final_status: str | None  # the remote status confirmed final
+    submitted_at: Timestamp
+    cancel_requested_at: Timestamp | None
+    confirmed_at: Timestamp | None
+    source: str  # "track" | "submit"
+    query: str | None
+    limits: LimitsView
+    remote_created_at: Timestamp | None
+    last_polled_at: Timestamp | None
+    next_check_at: Timestamp | None  # null once the job is terminal
+    cancel_detail: dict[str, Any] | None
+    would_cancel_reason: str | None
+    would_cancel_at: Timestamp | None
+    last_error: str | None
+
+
+class JobView(_JobFields):
+    """A job (`jobs list --json`, `GET /v1/jobs`)."""
+
+    @classmethod
+    def of(cls, config: Config, job: Job) -> JobView:
+        return cls(**_job_fields(config, job))
+
+
+def _job_fields(config: Config, job: Job) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "state": job.state,
+        "remote_status": job.remote_status,
+        "labels": dict(job.labels or {}),
+        "policy": job.policy,
+        "credits_used": job.credits_used,
+        "cancel_reason": job.cancel_reason,
+        "final_status": job.final_status,
+        "submitted_at": job.submitted_at,
+        "cancel_requested_at": job.cancel_requested_at,
+        "confirmed_at": job.confirmed_at,
+        "source": job.source,
+        "query": job.query,
+        "limits": LimitsView.of(job_policy(config, job)),
+        "remote_created_at": job.remote_created_at,
+        "last_polled_at": job.last_polled_at,
+        "next_check_at": job.next_check_at if job.state not in TERMINAL else None,
+        "cancel_detail": dict(job.cancel_detail) if job.cancel_detail is not None else None,
+        "would_cancel_reason": job.would_cancel_reason,
+        "would_cancel_at": job.would_cancel_at,
+        "last_error": job.last_error,
+    }
+
+
+class EventView(View):
+    """One thing that happened to a job (a transition, a warning, a poll error…)."""
+
+    at: Timestamp
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    reason: str | None
+    detail: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, event: Mapping[str, Any]) -> EventView:
+        return cls(**{name: event[name] for name in cls.model_fields})
+
+
+class JobDetailView(_JobFields):
+    """A job with its events (`jobs show --json`, `GET /v1/jobs/{job_id}`)."""
+
+    events: list[EventView]
+
+    @classmethod
+    def of(cls, config: Config, job: Job, events: Sequence[Mapping[str, Any]]) -> JobDetailView:
+        return cls(**_job_fields(config, job), events=[EventView.of(event) for event in events])
+
+
+class TrackResult(View):
+    added: list[str]
+    already_tracked: list[str]
+
+
+class SubmitResult(View):
+    job_id: str
+
+
+class ErrorView(View):
+    """The admin API's error body: a stable code and a message, never a stack trace."""
+
+    error: str
+    message: str
+
+
+class HealthView(View):
+    status: str
+
+
+class ReadinessView(View):
+    # Not required: `problems` is there only when the daemon is unready.
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=False)
+
+    status: str  # "ready" | "unready"
+    problems: list[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class BudgetView(View):
+    name: str
+    period: str
+    period_start: Timestamp | None  # null for a "total" budget
+    credits: int
+    spent: int
+    reserved: int
+    remaining: int
+    action: str
+    exhausted: bool
+    warnings_fired: list[str]
+
+
+class ReportView(View):
+    """`report --json`; the figures are defined in app/report.py and the README."""
+
+    period: str
+    period_start: Timestamp | None
+    generated_at: Timestamp
+    budgets: list[BudgetView]
+    jobs: int
+    spend: int
+    spend_by_policy: dict[str, int]
+    spend_by_label: dict[str, int]
+    cancels_by_reason: dict[str, int]
+    would_cancel_by_reason: dict[str, int]
+    saved_by_cancels: int
+    cancelled_without_known_limit: int
+    observe_would_have_saved: int
+    leaked_after_decision: int
+    warnings_by_limit: dict[str, int]
