@@ -442,7 +442,7 @@ def describe_event(event: Mapping[str, Any]) -> str:
 
 def _measure(detail: Mapping[str, Any]) -> str:
     if "spent" in detail:  # a budget's decision
-        return f"the team has spent {detail['spent']} of {detail['credits']} credits today"
+        return f"the team has spent {detail['spent']} of {detail['budget_credits']} credits today"
     value, threshold = detail["value"], detail["threshold"]
     if detail["limit"] == Reason.MAX_CREDITS:
         return f"{value:g} credits, limit {threshold:g}"
