@@ -19,7 +19,7 @@ import os
 import socket
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -104,7 +104,8 @@ class NewJob:
     max_runtime_s: float | None = None
     max_credits: int | None = None
     query: str | None = None
-    result_limit: int | None = None
+    result_limit: int | None = None  # what the API was asked for
+    requested_limit: int | None = None  # what the submitter asked for, when it was clamped lower
     reserved_credits: int | None = None
 
 
@@ -247,7 +248,7 @@ class Store:
                     [
                         {"job_id": job.job_id, **Event(
                             "tracked", now, to_state=State.WATCHING,
-                            detail={"source": job.source, "policy": job.policy, "labels": job.labels},
+                            detail=_tracked_detail(job),
                         ).row()}
                         for job in fresh
                     ],
@@ -516,20 +517,19 @@ class Store:
     async def admit(
         self,
         labels: dict[str, str],
-        credits: int,
         now: datetime,
-        check: Any,
+        decide: Callable[[dict[datetime | None, list[tuple[dict[str, str], Usage]]]], int | None],
         starts: Iterable[datetime | None],
         ttl: timedelta,
     ) -> str | None:
-        """Serialized admission: compute usage, run `check(usage)` (which raises to refuse
-        and returns whether to reserve), and record the admission — all in one transaction,
-        so two submitters cannot both take the last of a budget."""
+        """Serialized admission: compute usage, run `decide(usage)` (which raises to refuse
+        and returns the credits to reserve, or None), and record the admission — all in one
+        transaction, so two submitters cannot both take the last of a budget."""
         async with self.engine.begin() as conn:
             if not self.is_sqlite:  # SQLite's BEGIN IMMEDIATE already serializes writers
                 await conn.execute(text("SELECT pg_advisory_xact_lock(7346001)"))
-            reserve = check(await self.usage(starts, now, conn))
-            if not reserve:
+            credits = decide(await self.usage(starts, now, conn))
+            if credits is None:
                 return None
             admission_id = str(uuid.uuid4())
             await conn.execute(
@@ -622,6 +622,15 @@ class Store:
         if value is not None and value.tzinfo is None:  # aggregates bypass the column type
             value = value.replace(tzinfo=UTC)
         return value
+
+
+def _tracked_detail(job: NewJob) -> dict[str, Any]:
+    detail: dict[str, Any] = {"source": job.source, "policy": job.policy, "labels": job.labels}
+    if job.result_limit is not None:
+        detail["limit"] = job.result_limit
+    if job.requested_limit is not None and job.requested_limit != job.result_limit:
+        detail["requested_limit"] = job.requested_limit  # the submission was clamped
+    return detail
 
 
 def _fence_holds(write: JobWrite, current: tuple[str | None, str] | None) -> bool:

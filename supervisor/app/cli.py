@@ -22,7 +22,7 @@ from supervisor.core.states import State
 
 if TYPE_CHECKING:
     from supervisor.app.operations import Operations
-    from supervisor.app.views import JobDetailView, ReportView, TrackResult
+    from supervisor.app.views import JobDetailView, ReportView, SubmitResult, TrackResult
     from supervisor.core.job import Job
 
 # Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
@@ -219,11 +219,15 @@ def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], poli
     _checked("QUERY", inputs.text, "query", query, max_length=inputs.MAX_QUERY, required=True)
     parsed = _checked("--label", inputs.label_args, labels)
 
-    async def go() -> str:
+    async def go() -> SubmitResult:
         async with _operations(config) as ops:
             return await ops.submit(query, limit=limit, labels=parsed, policy=policy)
 
-    click.echo(run_async(go()))
+    result = run_async(go())
+    if result.clamped_by:
+        click.echo(f"asked the API for {result.limit} results, not {result.requested_limit}: that is what "
+                   f"{' and '.join(result.clamped_by)} allow(s)", err=True)  # fmt: skip
+    click.echo(result.job_id)
 
 
 @main.group()

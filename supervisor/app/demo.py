@@ -71,6 +71,8 @@ class DemoJob:
     expect_state: State
     expect_reason: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Started by someone else's script and only tracked: nothing capped it at submit time.
+    started_elsewhere: bool = False
 
     def scaled_query(self, speed: float) -> str:
         knobs = []
@@ -93,14 +95,18 @@ JOBS: tuple[DemoJob, ...] = (
             {"rate": 2.5, "process_for": 2}, State.COMPLETED),
     DemoJob("bulk export", "account executives in fintech", 120,
             {"rate": 10}, State.COMPLETED, labels=GROWTH),
+    # Submitted through the supervisor with limit 500 under max_credits 60: the API is asked
+    # for 60, so the job is capped at the source and needs no cancel.
+    DemoJob("clamped submit", "every recruiter in Europe", 500,
+            {"rate": 8}, State.COMPLETED),
     DemoJob("credit runaway", "every engineer in California", 500,
-            {"rate": 8}, State.CANCELLED, Reason.MAX_CREDITS),
+            {"rate": 8}, State.CANCELLED, Reason.MAX_CREDITS, started_elsewhere=True),
     DemoJob("runtime runaway", "rare COBOL experts", 300,
             {"rate": 1}, State.CANCELLED, Reason.MAX_RUNTIME),
     DemoJob("stalled", "quantum sommeliers", 40,
             {"rate": 2, "stall_after": 8}, State.CANCELLED, Reason.STALL_TIMEOUT),
     DemoJob("slow to cancel", "sales leads in retail", 600,
-            {"rate": 10, "cancel_delay": 3}, State.CANCELLED, Reason.MAX_CREDITS, GROWTH),
+            {"rate": 10, "cancel_delay": 3}, State.CANCELLED, Reason.MAX_CREDITS, GROWTH, started_elsewhere=True),
     DemoJob("fails", "designers who code", 30,
             {"rate": 1, "fail_after": 6}, State.FAILED),
     DemoJob("external cancel", "nurses in Ohio", 50,
@@ -108,7 +114,7 @@ JOBS: tuple[DemoJob, ...] = (
     # It reaches the credit limit moments before finishing on its own: the cancel arrives too
     # late (409, "already completed"), which the supervisor must record as completed.
     DemoJob("finishes first", "data engineers in Austin", 80,
-            {"rate": 6, "race": True}, State.COMPLETED, Reason.MAX_CREDITS),
+            {"rate": 6, "race": True}, State.COMPLETED, Reason.MAX_CREDITS, started_elsewhere=True),
     # Each is within its own limits; together they exhaust the team's daily budget.
     DemoJob("team budget", "ML researchers in Zurich", 300,
             {"rate": 4}, State.CANCELLED, f"budget:{RESEARCH_BUDGET['name']}", RESEARCH),
@@ -253,8 +259,10 @@ def _print_header(console: Console, config: Config, speed: float) -> None:
         console.print(f"Speed x{speed:g}: every time, rate and limit duration is scaled.")
     console.print(f"  simulator  {config.api.base_url}")
     console.print(f"  database   {config.database.url} (temporary)")
-    console.print(f"  jobs       {len(JOBS)}, via POST /api/search/deep_research; a fake: token in")
-    console.print("             each query tells the simulator how that job behaves")
+    elsewhere = sum(job.started_elsewhere for job in JOBS)
+    console.print(f"  jobs       {len(JOBS) - elsewhere} submitted via POST /api/search/deep_research, {elsewhere} "
+                  "started elsewhere and tracked;")  # fmt: skip
+    console.print("             a fake: token in each query tells the simulator how that job behaves")
     for name in config.policies:
         policy = config.resolve_policy(name)
         match = config.policies[name].match
@@ -308,10 +316,15 @@ class Tour:
         self.sim = {job_id: self.fake.job_info(job_id) for job_id in self.kinds}
 
     async def _submit(self, ops: Operations) -> None:
-        """Through the same call as `clado-supervisor submit`: the API, then the jobs table."""
+        """Through the same calls as `clado-supervisor submit` (admission, the API, then the
+        jobs table) and, for jobs started elsewhere, `clado-supervisor track`."""
         for job in JOBS:
             labels = {"scenario": job.kind.replace(" ", "-"), **job.labels}
-            job_id = await ops.submit(job.scaled_query(self.speed), limit=job.limit, labels=labels)
+            if job.started_elsewhere:
+                job_id = self.fake.create_job(job.scaled_query(self.speed), job.limit)
+                await ops.track([job_id], labels=labels)
+            else:
+                job_id = (await ops.submit(job.scaled_query(self.speed), limit=job.limit, labels=labels)).job_id
             self.kinds[job_id] = job
 
     async def _watch(self, store: Store) -> None:
@@ -418,6 +431,11 @@ def describe_event(event: Mapping[str, Any]) -> str:
     """One event row in words, for the progress lines."""
     kind, detail = event["kind"], event["detail"] or {}
     if kind == "tracked":
+        if detail.get("source") == "track":
+            return f"tracked (started elsewhere), policy {detail.get('policy')}"
+        if "requested_limit" in detail:
+            return (f"submitted, policy {detail.get('policy')}: asked the API for {detail['limit']} of "
+                    f"{detail['requested_limit']} results, all its max_credits allows")  # fmt: skip
         return f"submitted, policy {detail.get('policy')}"
     if kind == "warning":
         return f"warning: {detail['fraction']:.0%} of {event['reason']} ({_measure(detail)})"
@@ -507,6 +525,7 @@ def outcome_lines(tour: Tour) -> list[str]:
     by_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
     by_calls = "one cancel call each" if set(calls) == {1} else f"cancel calls per job: {dict(calls)}"
     every = "Every final state" if confirmed == len(tour.kinds) else "Final states"
+    capped = [row for row in rows if row.result_limit is not None and row.result_limit < tour.kinds[row.job_id].limit]
     return [
         f"{len(runaways)} runaways cancelled ({by_reason}), {by_calls}.",
         f"The others: {', '.join(f'{n} {what}' for what, n in others.items())}.",
@@ -514,6 +533,12 @@ def outcome_lines(tour: Tour) -> list[str]:
         f"credit count matches the simulator's bill for {matching} of {len(tour.kinds)}.",
         f"The runaways spent {spent:,} credits; left alone they would have billed {alone:,}: "
         f"saved {saved:,} credits (${saved * USD_PER_CREDIT:,.2f} at ${USD_PER_CREDIT}/credit).",
+        *(
+            [f"{len(capped)} submission(s) capped at the source: the API was asked for "
+             f"{sum(row.result_limit or 0 for row in capped):,} of the {sum(tour.kinds[row.job_id].limit for row in capped):,} "
+             "results requested (what max_credits allows), so no cancel was needed."]
+            if capped else []
+        ),  # fmt: skip
         *_observe_lines(rows),
     ]
 

@@ -258,8 +258,7 @@ class AdminApi:
 
     async def submit(self, request: Request) -> Response:
         body = await self._body(request, SubmitRequest)
-        job_id = await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy)
-        return answer(SubmitResult(job_id=job_id), 201)
+        return answer(await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy), 201)
 
     async def cancel(self, request: Request) -> Response:
         body = await self._body(request, CancelRequest, empty_ok=True)

@@ -18,10 +18,10 @@ from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
 from supervisor.app.errors import JobNotTracked
-from supervisor.app.views import TrackResult
+from supervisor.app.views import SubmitResult, TrackResult
 from supervisor.config import Config, ConfigError
 from supervisor.core import transitions
-from supervisor.core.budgets import AdmissionRefused, check_admission, period_start, statuses
+from supervisor.core.budgets import AdmissionRefused, Grant, grant, period_start, statuses
 from supervisor.core.job import Job
 from supervisor.core.states import Reason, State
 from supervisor.core.transitions import Change
@@ -132,22 +132,30 @@ class Operations:
         added, existing = await self.store.add_jobs(new_jobs, utcnow())
         return TrackResult(added=added, already_tracked=existing)
 
-    async def submit(self, query: str, *, limit: int, labels: Mapping[str, str], policy: str | None = None) -> str:
-        """Admit, start the job through the API and track it; returns its id.
+    async def submit(
+        self, query: str, *, limit: int, labels: Mapping[str, str], policy: str | None = None
+    ) -> SubmitResult:
+        """Admit, start the job through the API and track it.
 
-        Admission refuses (AdmissionRefused, with the numbers) when a matching budget is
-        blocked, when a reserving budget cannot hold the job's worst case (limit ×
-        credits_per_result), or when the account would drop below its floor. The
-        reservation is recorded before the API call and handed to the job after it."""
+        Prevention first: the API is asked for at most what the job may spend — the smaller
+        of `limit`, what the policy's max_credits allows and what each reserving budget it
+        matches has left (core.budgets.grant) — so the API itself caps the job and no cancel
+        is needed. Admission refuses (AdmissionRefused, with the numbers) when a matching
+        budget is exhausted or blocked, when nothing is left, or when the account would drop
+        below its floor. The reservation is recorded before the API call and handed to the
+        job after it."""
         inputs.text("query", query, max_length=inputs.MAX_QUERY, required=True)
         inputs.count("limit", limit, inputs.MIN_LIMIT, inputs.MAX_LIMIT)
         checked = inputs.labels(labels)
         name = self.config.choose_policy(checked, policy)
-        need = limit * self.config.api.credits_per_result
-        await self._check_account_floor(need)
-        admission_id = await self._admit(checked, need)
+        chosen = self.config.resolve_policy(name)
+        # An observe-mode policy or a dry run only records what it would do: no clamp either.
+        enforced = chosen.action == "cancel" and not self.config.supervisor.dry_run
+        max_credits = chosen.max_credits if enforced else None
+        granted, admission_id = await self._admit(checked, limit, max_credits)
+        await self._check_account_floor(granted.credits)
         try:
-            job_id = await self.client.initiate(query, limit)
+            job_id = await self.client.initiate(query, granted.results)
         except BaseException:
             if admission_id is not None:
                 await self.store.drop_admission(admission_id)
@@ -158,22 +166,30 @@ class Operations:
             checked,
             source="submit",
             query=query,
-            result_limit=limit,
-            reserved_credits=need if admission_id is not None else None,
+            result_limit=granted.results,
+            requested_limit=limit,
+            reserved_credits=granted.credits if admission_id is not None else None,
         )
         await self.store.add_jobs([new_job], utcnow(), admission_id=admission_id)
-        return job_id
+        return SubmitResult(job_id=job_id, requested_limit=limit, limit=granted.results,
+                            clamped_by=list(granted.clamped_by))  # fmt: skip
 
-    async def _admit(self, labels: dict[str, str], need: int) -> str | None:
+    async def _admit(self, labels: dict[str, str], requested: int, max_credits: int | None) -> tuple[Grant, str | None]:
+        """The grant, and the id of the admission holding its reservation (None if no
+        reserving budget matches). Serialized in the store, so two submitters cannot both
+        take the last of a budget."""
         if not self.config.budgets:
-            return None
+            return grant(self.config, labels, requested, (), max_credits=max_credits), None
         now = utcnow()
         starts = {period_start(b.period, b.timezone, now) for b in self.config.budgets.values()}
+        decided: list[Grant] = []
 
-        def check(usage: Any) -> bool:
-            return bool(check_admission(self.config, labels, need, statuses(self.config, now, usage)))
+        def decide(usage: Any) -> int | None:
+            decided.append(grant(self.config, labels, requested, statuses(self.config, now, usage), max_credits=max_credits))
+            return decided[-1].credits if decided[-1].reserving else None
 
-        return await self.store.admit(labels, need, now, check, starts, ADMISSION_TTL)
+        admission_id = await self.store.admit(labels, now, decide, starts, ADMISSION_TTL)
+        return decided[-1], admission_id
 
     async def _check_account_floor(self, need: int) -> None:
         account = self.config.account

@@ -147,7 +147,13 @@ class TrackResult(View):
 
 
 class SubmitResult(View):
+    """A started job. `limit` is what the API was asked for: lower than `requested_limit`
+    when the job's max_credits or a reserving budget left less (`clamped_by` names them)."""
+
     job_id: str
+    requested_limit: int
+    limit: int
+    clamped_by: list[str]
 
 
 class ErrorView(View):

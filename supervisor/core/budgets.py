@@ -113,12 +113,40 @@ class AdmissionRefused(Exception):
     """A submission would break a budget or the account floor. The message has the numbers."""
 
 
-def check_admission(
-    config: Config, labels: Mapping[str, str], need: int, budget_statuses: Iterable[BudgetStatus]
-) -> list[str]:
-    """Raise AdmissionRefused if a job needing `need` credits may not start; return the
-    names of the budgets that hold a reservation for it."""
-    reserving = []
+@dataclass(frozen=True)
+class Grant:
+    """What a submission may ask the API for: `results` (≤ what was requested), why fewer
+    (`clamped_by`: the rules that lowered it, e.g. "policies.default.max_credits" or
+    "budgets.pool"), and the budgets that hold its reservation."""
+
+    requested: int
+    results: int
+    credits: int  # results × credits_per_result: the worst case reserved
+    clamped_by: tuple[str, ...]
+    reserving: tuple[str, ...]
+
+    @property
+    def clamped(self) -> bool:
+        return self.results < self.requested
+
+
+def grant(
+    config: Config,
+    labels: Mapping[str, str],
+    requested: int,
+    budget_statuses: Iterable[BudgetStatus],
+    *,
+    max_credits: int | None,
+) -> Grant:
+    """How many results a submission may ask for: at most `requested`, what the job's
+    `max_credits` allows, and what each reserving budget it matches has left — so a job the
+    API itself caps never needs a cancel. Raise AdmissionRefused (with the numbers) when a
+    matching budget is exhausted or blocked, or when nothing at all is left."""
+    per_result = config.api.credits_per_result
+    results, clamped_by, reserving = requested, [], []
+    if max_credits is not None and max_credits // per_result < results:
+        results = max_credits // per_result
+        clamped_by.append("max_credits")
     for status in budget_statuses:
         budget = config.budgets[status.name]
         if not matches(budget, labels) or budget.action == "observe":
@@ -131,10 +159,16 @@ def check_admission(
         if budget.action == "block" and status.full:
             raise AdmissionRefused(f"budget {status.name!r} is full: {status.summary()}; new submissions are blocked")
         if budget.reserve:
-            if status.usage.committed + need > status.credits:
-                raise AdmissionRefused(
-                    f"budget {status.name!r} cannot hold this job: {status.summary()}, "
-                    f"and this job may use {need} more (limit × credits_per_result)"
-                )
             reserving.append(status.name)
-    return reserving
+            room = status.remaining // per_result
+            if room < results:
+                results = room
+                clamped_by.append(f"budgets.{status.name}")
+                if room < 1:
+                    raise AdmissionRefused(
+                        f"budget {status.name!r} cannot hold this job: {status.summary()}; "
+                        f"one result costs {per_result}"
+                    )
+    if results < 1:
+        raise AdmissionRefused(f"the job's max_credits ({max_credits}) allows no result at {per_result} credits each")
+    return Grant(requested, results, results * per_result, tuple(clamped_by), tuple(reserving))

@@ -461,7 +461,7 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
         )
         assert response.status_code == 201, response.text
         job_id = response.json()["job_id"]
-        assert set(response.json()) == {"job_id"}
+        assert response.json() == {"job_id": job_id, "requested_limit": 40, "limit": 40, "clamped_by": []}
 
         info = fake.job_info(job_id)  # KeyError if the fake never saw it
         assert (info["query"], info["limit"]) == ("staff engineers in Berlin", 40)

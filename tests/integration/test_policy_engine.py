@@ -25,6 +25,7 @@ from fakeserver import FakeServer
 
 from supervisor.adapters import metrics, migrate
 from supervisor.app.operations import Operations
+from supervisor.app.views import SubmitResult
 from supervisor.core.budgets import AdmissionRefused, period_start
 from supervisor.adapters.clado import CladoClient
 from supervisor.config import Config
@@ -420,32 +421,38 @@ async def test_reservations_hold_the_worst_case_until_the_job_ends(
     # Each job fails after 1 s with 10 results: far less than its limit of 40.
     query = "engineers fake:rate=10,fail_after=1"
     async with operations_on(config) as ops:
-        first = await ops.submit(query, limit=40, labels={})
-        second = await ops.submit(query, limit=40, labels={})
+        first = (await ops.submit(query, limit=40, labels={})).job_id
+        second = (await ops.submit(query, limit=40, labels={})).job_id
         usage = (await ops.store.usage([None], utcnow()))[None]
         assert sum(u.spent for _, u in usage) == 0
         assert sum(u.reserved for _, u in usage) == 80
+        # A third asks for 40 with 20 left: the API is asked for 20 (prevention first).
+        clamped = await ops.submit(query, limit=40, labels={})
+        assert (clamped.requested_limit, clamped.limit, clamped.clamped_by) == (40, 20, ["budgets.pool"])
+        assert fake.job_info(clamped.job_id)["limit"] == 20
+        assert (await ops.store.get_job(clamped.job_id)).reserved_credits == 20
         with pytest.raises(AdmissionRefused) as refused:
             await ops.submit(query, limit=40, labels={})
         message = str(refused.value)
-        for number in ("'pool'", "spent 0", "reserved 80", "of 100", "40"):
+        for number in ("'pool'", "spent 0", "reserved 100", "of 100"):
             assert number in message, message
-        assert fake.stats()["initiate"] == 2  # the refused job was never started
-        assert len(await ops.store.list_jobs()) == 2
+        assert fake.stats()["initiate"] == 3  # the refused job was never started
+        assert len(await ops.store.list_jobs()) == 3
 
     async with running_daemon(config) as daemon:
-        jobs = await wait_terminal(daemon, first, second, timeout=15)
+        jobs = await wait_terminal(daemon, first, second, clamped.job_id, timeout=15)
         usage = (await daemon.store.usage([None], utcnow()))[None]
 
-    assert [jobs[j].state for j in (first, second)] == ["failed", "failed"]
-    actual = sum(fake.job_info(j)["results"] for j in (first, second))
-    assert actual == 20
+    assert [jobs[j].state for j in (first, second, clamped.job_id)] == ["failed", "failed", "failed"]
+    actual = sum(fake.job_info(j)["results"] for j in (first, second, clamped.job_id))
+    assert actual == 30
     assert sum(u.reserved for _, u in usage) == 0  # released when the jobs ended
     assert sum(u.spent for _, u in usage) == actual
 
     async with operations_on(config) as ops:
-        third = await ops.submit(query, limit=40, labels={})  # 20 spent + 40 fits in 100
-        assert (await ops.store.get_job(third)).reserved_credits == 40
+        fourth = await ops.submit(query, limit=40, labels={})  # 30 spent + 40 fits in 100
+        assert (await ops.store.get_job(fourth.job_id)).reserved_credits == 40
+        assert fourth.clamped_by == []
 
 
 async def test_spend_through_the_supervisor_never_exceeds_a_reserving_budget(
@@ -463,20 +470,16 @@ async def test_spend_through_the_supervisor_never_exceeds_a_reserving_budget(
             await wait_terminal(daemon, *submitted, timeout=15)
 
     async with operations_on(config) as ops:
-        # Five concurrent submissions of 30 against 100: exactly three fit.
+        # Five concurrent submissions of 30 against 100: three fit whole, the fourth is
+        # asked of the API for the 10 left, the fifth is refused.
         results = await asyncio.gather(
             *(ops.submit(query, limit=30, labels={}) for _ in range(5)), return_exceptions=True
         )
-        admitted = [r for r in results if isinstance(r, str)]
+        admitted = [r for r in results if isinstance(r, SubmitResult)]
         refused = [r for r in results if isinstance(r, AdmissionRefused)]
-        assert (len(admitted), len(refused)) == (3, 2), results
-        submitted += admitted
-    await run_all()
-
-    async with operations_on(config) as ops:
-        with pytest.raises(AdmissionRefused, match="cannot hold"):
-            await ops.submit(query, limit=30, labels={})  # 90 spent + 30 > 100
-        submitted.append(await ops.submit(query, limit=10, labels={}))  # exactly fills it
+        assert sorted(r.limit for r in admitted) == [10, 30, 30, 30], results
+        assert len(refused) == 1, results
+        submitted += [r.job_id for r in admitted]
     await run_all()
 
     async with operations_on(config) as ops:
@@ -495,12 +498,12 @@ async def test_an_unconfirmed_job_keeps_its_reservation(
 ) -> None:
     fake = fake_server.fake
     config = make_config(
-        tmp_path, fake_server, sqlite_url, policies="[policies.default]\nmax_credits = 5",
+        tmp_path, fake_server, sqlite_url, policies='[policies.default]\nmax_runtime = "1s"',
         supervisor={"confirm_timeout": '"1s"'}, extra=RESERVE_BUDGET,
     )  # fmt: skip
     async with operations_on(config) as ops:
         # The cancel is accepted but never takes effect within the confirm timeout.
-        job_id = await ops.submit("engineers fake:rate=10,cancel_delay=60", limit=60, labels={})
+        job_id = (await ops.submit("engineers fake:rate=10,cancel_delay=60", limit=60, labels={})).job_id
     async with running_daemon(config) as daemon:
         job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
         usage = (await daemon.store.usage([None], utcnow()))[None]
@@ -527,7 +530,7 @@ async def test_account_floor_blocks_a_submission_that_would_cross_it(
         assert fake.stats()["initiate"] == 0
         assert await ops.store.list_jobs() == []
         # 100 − 20 = 80: exactly at the floor is allowed
-        job_id = await ops.submit("engineers fake:rate=1", limit=20, labels={})
+        job_id = (await ops.submit("engineers fake:rate=1", limit=20, labels={})).job_id
         assert (await ops.store.get_job(job_id)) is not None
 
 
