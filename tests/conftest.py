@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -152,18 +153,40 @@ async def wait_until(
     timeout: float = 30.0,
     what: str = "condition",
 ) -> Any:
-    """Re-check `predicate` after each batch the daemon writes, until it holds (bounded)."""
+    """Re-check `predicate` after each batch the daemon writes, until it holds (bounded).
+
+    The waiter for the next flush is in place before the predicate runs, so a flush that
+    lands while the predicate awaits its reads still wakes us (were it the daemon's last
+    write, every job terminal, the wait would otherwise time out)."""
     try:
         async with asyncio.timeout(timeout):
             while True:
-                # Subscribe to the next flush before checking, so a flush that lands while
-                # the predicate runs still wakes us.
                 flushed = asyncio.ensure_future(daemon.writer.next_flush())
-                await asyncio.sleep(0)
-                result = await predicate()
-                if result:
+                await asyncio.sleep(0)  # the waiter takes hold of the current flush event
+                try:
+                    result = await predicate()
+                    if result:
+                        return result
+                    await flushed
+                finally:
                     flushed.cancel()
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def eventually(
+    check: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition", every: float = 0.02
+) -> Any:
+    """Re-ask a condition that no daemon write signals (webhook deliveries, metrics,
+    readiness), sync or async, until it holds (bounded)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
                     return result
-                await flushed
+                await asyncio.sleep(every)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None

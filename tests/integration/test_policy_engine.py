@@ -12,7 +12,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import structlog.testing
-from conftest import API_KEY, config_text, load, running_daemon, wait_until
+from conftest import API_KEY, config_text, eventually, load, running_daemon, wait_until
 from fakeserver import FakeServer
 
 from supervisor.adapters import metrics, migrate
@@ -63,21 +63,6 @@ async def wait_terminal(daemon: Daemon, *job_ids: str, timeout: float = 20) -> d
         return None
 
     return await wait_until(daemon, done, timeout=timeout, what=f"{len(job_ids)} job(s) terminal")
-
-
-async def eventually(predicate: Callable[[], Any], *, timeout: float = 10, what: str = "condition") -> Any:
-    """Re-check a condition that does not show in the daemon's writes (webhook deliveries,
-    metrics), every 20 ms, until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def wait_for_results(server: FakeServer, job_id: str, at_least: int, timeout: float = 10) -> None:
