@@ -125,6 +125,12 @@ class Dispatcher:
         self._ticked()
         return len(jobs)
 
+    @property
+    def api_misconfigured(self) -> bool:
+        """Every request answers 404, the credits endpoint too (a wrong `api.base_url` path):
+        no job is marked lost meanwhile; /readyz reports not ready."""
+        return self._handler.api_misconfigured
+
     def set_phase(self, job_id: str, phase: str) -> None:
         """The handler's report of where a job's handling is (a started cancel is let
         finish on shutdown)."""
