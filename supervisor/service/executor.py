@@ -225,10 +225,13 @@ class JobHandler:
         now = self._clock()
         settings = self.config.supervisor
         bound.info("cancel sent", answer="accepted" if result.accepted else "refused")
-        # A refused cancel is sent again at growing gaps while the job runs; a taken one
-        # once the job had a poll interval to stop, if it is still running and spending.
-        first = settings.poll_interval if result.accepted else settings.confirm_interval
-        cap = settings.poll_interval * _RESEND_CAP_POLLS
+        # A refused cancel is sent again at growing gaps while the job runs; a taken one once
+        # the job had half its confirm_timeout to stop (a cancel may take a while to land),
+        # if it is still running and spending.
+        first = (
+            max(settings.poll_interval, settings.confirm_timeout / 2) if result.accepted else settings.confirm_interval
+        )
+        cap = max(first, settings.poll_interval * _RESEND_CAP_POLLS)
         gap = timedelta(seconds=delay(change.after.cancel_attempts, first.total_seconds(), cap.total_seconds()))
         next_check = now + settings.confirm_interval
         await self._write(transitions.cancel_sent(change, result.accepted, result.message, now, next_check, now + gap))
