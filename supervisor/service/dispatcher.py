@@ -20,10 +20,10 @@ import structlog
 from supervisor.adapters import metrics
 from supervisor.adapters.clado import CladoClient
 from supervisor.adapters.store import Store, database_unavailable, db_error_text
-from supervisor.core.job import Job
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
+from supervisor.core.job import Job
 from supervisor.service.executor import JobHandler
 from supervisor.service.guards import Backoff, db_timeout
 from supervisor.service.leases import LEASE_USE, InFlight

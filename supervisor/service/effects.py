@@ -70,7 +70,7 @@ class Effects:
             metrics.WOULD_CANCEL.labels(event.reason).inc()
         elif event.kind in _ALERTS:
             detail = dict(event.detail or {})
-            log.warning(_ALERT_LINES[event.kind], **fields, alert=event.kind, credits=job.credits_used, **detail)
+            log.warning(_ALERT_LINES[event.kind], **fields, alert=event.kind, **{"credits": job.credits_used, **detail})
             metrics.JOB_ALERTS.labels(event.kind).inc()
             webhook = _ALERTS[event.kind]
             if webhook is not None:
