@@ -631,7 +631,7 @@ class Store:
     async def count_by_state(self) -> dict[str, int]:
         query = select(jobs.c.state, func.count()).group_by(jobs.c.state)
         async with self.engine.connect() as conn:
-            return dict(await conn.execute(query))
+            return dict((await conn.execute(query)).tuples().all())
 
     async def next_due_at(self) -> datetime | None:
         query = select(func.min(jobs.c.next_check_at)).where(jobs.c.state.in_([s.value for s in ACTIVE]))
