@@ -86,6 +86,20 @@ def parse_duration(value: Any) -> timedelta:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
+def parse_duration_or_off(value: Any) -> timedelta:
+    """A duration, or 0 (`0`, `"0"`, `"0s"` …) for "off"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return timedelta(0)
+    if isinstance(value, str) and (match := _DURATION.match(value)) and float(match.group(1)) == 0:
+        return timedelta(0)
+    if isinstance(value, str) and value.strip() == "0":
+        return timedelta(0)
+    return parse_duration(value)
+
+
+DurationOrOff = Annotated[timedelta, BeforeValidator(parse_duration_or_off)]
+
+
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         if not LABEL_KEY.match(key):
@@ -184,6 +198,9 @@ class SupervisorConfig(_Section):
     leader_ttl: Duration = timedelta(seconds=15)
     # Terminal jobs (and their events) not updated for this long are deleted by the leader.
     retention: Duration = timedelta(days=30)
+    # A completed job may be continued by anyone holding the key (same id, billed again), and
+    # a lost one may come back: both are re-checked, read-only, for this long; "0" turns it off.
+    reopen_window: DurationOrOff = timedelta(hours=1)
 
 
 Action = Literal["cancel", "observe"]
@@ -262,6 +279,7 @@ class AccountConfig(_Section):
 WEBHOOK_EVENTS = (
     "warning", "cancel_requested", "cancelled", "unconfirmed", "budget_warning",
     "budget_exhausted", "account_floor", "api_key_rejected",
+    "lost", "reopened", "cancel_refused", "cancel_ignored", "api_misconfigured",
 )  # fmt: skip
 
 

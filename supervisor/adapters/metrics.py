@@ -39,6 +39,17 @@ API_RETRIES = Counter(
     _P + "api_retries_total", "Clado API calls retried, by endpoint.", ["endpoint"], registry=REGISTRY
 )
 API_UNKNOWN_STATUS = Counter(_P + "api_unknown_status_total", "Undocumented job statuses seen.", registry=REGISTRY)
+JOB_ALERTS = Counter(
+    _P + "job_alerts_total",
+    "Once-per-job alerts (unknown_status, unreadable_body, cancel_refused, cancel_ignored, reopened), by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+API_MISCONFIGURED = Gauge(
+    _P + "api_misconfigured",
+    "1 while every job's status answers 404 and the credits endpoint too (a wrong base_url path).",
+    registry=REGISTRY,
+)
 TICK_DURATION = Histogram(
     _P + "tick_duration_seconds",
     "Time a scheduler tick takes to claim and dispatch due jobs.",

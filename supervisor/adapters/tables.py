@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -97,7 +98,24 @@ jobs = Table(
     Column("lease_token", String(36)),
     Column("lease_expires_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
+    # A terminal job still looked at (read-only) until then: a completed job may be continued
+    # by anyone holding the key, a lost one may come back, an unconfirmed one may still spend.
+    Column("recheck_until", UTCDateTime),
+    Column("reopened_at", UTCDateTime),  # seen running again after completed/lost: limits count from here
+    # Consecutive status answers saying the job is not there (404) or not ours (403).
+    Column("miss_kind", String(16)),  # "not_found" | "forbidden"
+    Column("miss_count", Integer, nullable=False, default=0),
+    Column("miss_since", UTCDateTime),
+    Column("cancel_answer", String(16)),  # the last cancel call's answer: "accepted" | "refused"
+    Column("cancel_resend_at", UTCDateTime),  # when a cancel the job ignores is sent again
     Index("ix_jobs_state_next_check_at", "state", "next_check_at"),
+    # Claims of re-checked jobs scan only them (see migration 0004).
+    Index(
+        "ix_jobs_recheck_next_check_at",
+        "next_check_at",
+        sqlite_where=text("recheck_until IS NOT NULL"),
+        postgresql_where=text("recheck_until IS NOT NULL"),
+    ),
     Index("ix_jobs_submitted_at", "submitted_at"),
     # Retention prunes terminal jobs by age.
     Index("ix_jobs_state_updated_at", "state", "updated_at"),

@@ -16,7 +16,6 @@ from typing import Any
 
 from supervisor.core.states import State
 
-
 _WHOLE_SECOND = timedelta(seconds=1)
 
 
@@ -59,6 +58,13 @@ class Job:
     lease_token: str | None
     lease_expires_at: datetime | None
     updated_at: datetime
+    recheck_until: datetime | None  # a terminal job still looked at (read-only) until then
+    reopened_at: datetime | None  # seen running again after completed/lost
+    miss_kind: str | None  # "not_found" (404) | "forbidden" (403), answered miss_count polls in a row
+    miss_count: int
+    miss_since: datetime | None
+    cancel_answer: str | None  # the last cancel call's answer: "accepted" | "refused"
+    cancel_resend_at: datetime | None  # when a cancel the job does not heed is sent again
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -71,12 +77,15 @@ class Job:
 
     @property
     def started_at(self) -> datetime:
-        """When the job started, for its time limits: the API's created_at, else when the
+        """When the job started, for its time limits: when it was reopened (continued by
+        someone: a new run, its own max_runtime), else the API's created_at, else when the
         supervisor learned of it.
 
         The docs show created_at in whole epoch seconds: such a value can be up to a second
         before the true start, so the latest start it allows is taken (never later than when
         the supervisor learned of the job), and a time limit is never enforced early."""
+        if self.reopened_at is not None:
+            return self.reopened_at
         created = self.remote_created_at
         if created is None:
             return self.submitted_at
@@ -94,6 +103,8 @@ def _typed(values: Mapping[str, Any]) -> dict[str, Any]:
         typed["labels"] = dict(typed["labels"] or {})
     if "warned" in typed:
         typed["warned"] = tuple(typed["warned"] or ())
+    if "miss_count" in typed:
+        typed["miss_count"] = typed["miss_count"] or 0
     return typed
 
 

@@ -33,10 +33,12 @@ def job_policy(config: Config, job: Job) -> Policy:
 class Observation:
     """A running job as the last status poll showed it."""
 
-    remote_status: str  # pending | searching | processing
+    # pending | searching | processing, or a status outside the documented list: a running
+    # job all the same (only `pending` is queued; every other running status can stall)
+    remote_status: str
     credits: int
     started_at: datetime  # the API's created_at, else when the supervisor learned of the job
-    last_progress_at: datetime  # last time credits grew (or the job started running)
+    last_progress_at: datetime  # last time the highest count seen grew (or the job started running)
     credits_per_s: float | None  # observed rate; None until two polls saw it
     warned: frozenset[str] = frozenset()
 
@@ -78,7 +80,7 @@ def _measures(obs: Observation, policy: Policy, now: datetime) -> list[tuple[str
         measures.append((Reason.MAX_RUNTIME, elapsed, policy.max_runtime.total_seconds()))
     if policy.max_queued is not None and obs.remote_status == "pending":
         measures.append((Reason.MAX_QUEUED, elapsed, policy.max_queued.total_seconds()))
-    if policy.stall_timeout is not None and obs.remote_status in ("searching", "processing"):
+    if policy.stall_timeout is not None and obs.remote_status != "pending":
         idle = (now - obs.last_progress_at).total_seconds()
         measures.append((Reason.STALL_TIMEOUT, idle, policy.stall_timeout.total_seconds()))
     return measures
@@ -128,7 +130,7 @@ def next_check_at(
         candidates += [obs.started_at + policy.max_runtime * f for f in fractions[Reason.MAX_RUNTIME]]
     if policy.max_queued is not None and obs.remote_status == "pending":
         candidates += [obs.started_at + policy.max_queued * f for f in fractions[Reason.MAX_QUEUED]]
-    if policy.stall_timeout is not None and obs.remote_status in ("searching", "processing"):
+    if policy.stall_timeout is not None and obs.remote_status != "pending":
         candidates += [obs.last_progress_at + policy.stall_timeout * f for f in fractions[Reason.STALL_TIMEOUT]]
     if policy.max_credits is not None and obs.remote_status != "pending":
         if obs.credits_per_s:

@@ -4,6 +4,13 @@
        │                    └─ 404 ▶ lost                        └─ confirm_timeout ▶ unconfirmed
        └──remote final on its own──▶ completed | failed | cancelled ("external") | lost (404)
 
+From the real API (DESIGN.md, "Additions"): `completed` is final for the state machine but
+not for spending, so some terminal jobs are still looked at (RECHECKED, read-only):
+    completed ──seen running again (continued)──▶ watching ("reopened")
+    lost ──found again──▶ watching ("reopened") | its final state
+    unconfirmed ──the API says final──▶ cancelled | completed | failed
+and a cancel the API refuses while the job runs is sent again: confirming ──▶ cancelling.
+
 Pure: no I/O and no clock. The daemon asks `check_transition` before every write so an
 impossible move is a bug caught at once, not a corrupt row.
 """
@@ -26,16 +33,20 @@ class State(StrEnum):
 
 TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.LOST, State.UNCONFIRMED})
 ACTIVE = frozenset(State) - TERMINAL
+# Terminal states a job may still leave, so the daemon keeps looking at it (read-only) for a
+# while: `recheck_until` on its row says how long.
+RECHECKED = frozenset({State.COMPLETED, State.LOST, State.UNCONFIRMED})
+_FINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
 
 _ALLOWED: dict[State, frozenset[State]] = {
-    State.WATCHING: frozenset(
-        {State.CANCELLING, State.COMPLETED, State.FAILED, State.CANCELLED, State.LOST}
-    ),
+    State.WATCHING: frozenset({State.CANCELLING, State.COMPLETED, State.FAILED, State.CANCELLED, State.LOST}),
     # A permanent refusal of the cancel call (400/403) cannot be confirmed either way.
     State.CANCELLING: frozenset({State.CONFIRMING, State.LOST, State.UNCONFIRMED}),
-    State.CONFIRMING: frozenset(
-        {State.CANCELLED, State.COMPLETED, State.FAILED, State.LOST, State.UNCONFIRMED}
-    ),
+    # Back to cancelling: the cancel was refused, or taken and not heeded, so it is sent again.
+    State.CONFIRMING: _FINAL | {State.CANCELLING, State.LOST, State.UNCONFIRMED},
+    State.COMPLETED: frozenset({State.WATCHING}),  # continued by someone: reopened
+    State.LOST: _FINAL | {State.WATCHING},  # found again
+    State.UNCONFIRMED: _FINAL | {State.LOST},  # the API finally says
 }
 
 

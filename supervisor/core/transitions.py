@@ -16,18 +16,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from supervisor.core.job import Job
 from supervisor.core.states import TERMINAL, IllegalTransition, Reason, State, check_transition, final_state
+
+# Why a status poll found no job: the detail of a `lost` job, and `Job.miss_kind`.
+NOT_FOUND = "not_found"  # 404: the API no longer knows the job
+FORBIDDEN = "forbidden"  # 403: "not authorized to access this job" (not this key's job)
+
+# Alerts about a job that fire once per job (remembered in `Job.warned`, beside the limits'
+# warning keys): each is an event of that kind, a warning log line, a metric and, for some,
+# a webhook (service.effects).
+UNKNOWN_STATUS = "unknown_status"  # a status outside the documented list: treated as running
+UNREADABLE_BODY = "unreadable_body"  # an answer with no readable count: the job keeps its credits
+CANCEL_REFUSED = "cancel_refused"  # 409 / success:false while the status still says running
+CANCEL_IGNORED = "cancel_ignored"  # the cancel was taken, and the job runs and spends on
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     """One row of a job's history (job_events)."""
 
-    kind: str  # tracked | transition | warning | would_cancel | cancel_error | poll_error
+    # tracked | transition | warning | would_cancel | cancel_error | poll_error | reopened,
+    # and the once-per-job alerts above
+    kind: str
     at: datetime
     from_state: State | None = None
     to_state: State | None = None
@@ -87,6 +101,7 @@ def decision_detail(rule: str, credits: int, config_hash: str, **facts: Any) -> 
 
 def decide_cancel(change: Change, reason: str, detail: Mapping[str, Any], now: datetime) -> Change:
     """watching → cancelling: the decision, committed before the cancel call is sent."""
+    _only_from(change, State.WATCHING, "a cancel decision")
     credits = change.after.credits_used
     return _move(
         change, State.CANCELLING, now, reason=reason, detail=detail,
@@ -117,22 +132,52 @@ def warn(change: Change, key: str, limit: str, detail: Mapping[str, Any], now: d
     return change.set({"warned": [*job.warned, key]}, Event("warning", now, reason=limit, detail=detail))
 
 
+def alert_once(change: Change, kind: str, detail: Mapping[str, Any], now: datetime) -> Change:
+    """One of the once-per-job alerts (UNKNOWN_STATUS, UNREADABLE_BODY, CANCEL_REFUSED,
+    CANCEL_IGNORED): an event of that kind the first time, nothing after."""
+    job = change.after
+    if kind in job.warned:
+        return change
+    return change.set({"warned": [*job.warned, kind]}, Event(kind, now, detail=detail))
+
+
 # -- the cancel call and its confirmation -------------------------------------------------
 
 
-def cancel_sent(change: Change, answer: str, message: str, now: datetime, next_check_at: datetime) -> Change:
-    """cancelling → confirming: the API took the cancel (or said the job was already final)."""
+def cancel_sent(
+    change: Change, accepted: bool, message: str, now: datetime, next_check_at: datetime, resend_at: datetime
+) -> Change:
+    """cancelling → confirming: the API took the cancel, or refused it (the job already final,
+    or "only pending jobs can be cancelled"). Confirming polls tell which; a job still running
+    at `resend_at` is sent the cancel again. confirm_timeout counts from the first answer."""
+    job = change.after
+    answer = "accepted" if accepted else "refused"
     return _move(
         change, State.CONFIRMING, now, detail={"cancel": answer, "message": message},
-        values={"cancel_acked_at": now, "next_check_at": next_check_at},
+        values={
+            "cancel_acked_at": job.cancel_acked_at or now,
+            "cancel_answer": answer,
+            "cancel_resend_at": resend_at,
+            "next_check_at": next_check_at,
+        },
+    )  # fmt: skip
+
+
+def resend_cancel(change: Change, why: str, now: datetime) -> Change:
+    """confirming → cancelling: the job still runs after its cancel was refused (`why` is
+    CANCEL_REFUSED) or taken and not heeded (CANCEL_IGNORED); the decision stands, so the
+    cancel is sent again at once."""
+    _only_from(change, State.CONFIRMING, "a cancel re-sent")
+    return _move(
+        change, State.CANCELLING, now, detail={"resend": why, "remote_status": change.after.remote_status},
+        values={"cancel_resend_at": None, "next_check_at": now},
     )  # fmt: skip
 
 
 def cancel_not_sent(change: Change, error: str, now: datetime, retry_at: datetime) -> Change:
     """The cancel call failed (API down, throttled, key rejected): the decision stands, retried."""
     job = change.after
-    if job.state is not State.CANCELLING:
-        raise IllegalTransition(f"a cancel call for a job in {job.state}")
+    _only_from(change, State.CANCELLING, "a cancel call")
     return change.set(
         {"last_error": error, "next_check_at": retry_at, "updated_at": now},
         Event("cancel_error", now, reason=job.cancel_reason, detail={"error": error}),
@@ -148,9 +193,17 @@ def cancel_attempted(change: Change, now: datetime) -> Change:
 # -- endings ------------------------------------------------------------------------------
 
 
-def finish(change: Change, remote_status: str, now: datetime) -> Change:
+def finish(
+    change: Change,
+    remote_status: str,
+    now: datetime,
+    *,
+    recheck_until: datetime | None = None,
+    next_check_at: datetime | None = None,
+) -> Change:
     """The API says the job is final: completed | failed | cancelled ("external" when the
-    supervisor did not ask for it)."""
+    supervisor did not ask for it). Only a completed job can be continued, so only it keeps
+    being looked at (`recheck_until`, next at `next_check_at`)."""
     job = change.after
     reason = job.cancel_reason
     if reason is None and remote_status == "cancelled":
@@ -160,20 +213,84 @@ def finish(change: Change, remote_status: str, now: datetime) -> Change:
         detail["would_have_saved"] = max(0, job.credits_used - job.would_cancel_credits)
     if job.credits_at_decision is not None:
         detail["credits_after_decision"] = max(0, job.credits_used - job.credits_at_decision)
-    return _move(
-        change, final_state(remote_status), now, reason=reason, detail=detail,
-        values={"final_status": remote_status, "confirmed_at": now},
-    )  # fmt: skip
+    target = final_state(remote_status)
+    values: dict[str, Any] = {"final_status": remote_status, "confirmed_at": now}
+    if target is State.COMPLETED and recheck_until is not None:
+        values.update(recheck_until=recheck_until, next_check_at=next_check_at or now)
+    return _move(change, target, now, reason=reason, detail=detail, values=values)
 
 
-def lose(change: Change, detail: Mapping[str, Any], now: datetime) -> Change:
-    """The API no longer knows the job (404)."""
-    return _move(change, State.LOST, now, detail=detail)
+def missed(change: Change, kind: str, error: str, now: datetime, retry_at: datetime) -> Change:
+    """A status poll answered that the job is not there (NOT_FOUND) or not ours (FORBIDDEN):
+    counted, with when the run of such answers began, so that a loss is earned (`loss_earned`)."""
+    job = change.after
+    again = job.miss_kind == kind and job.miss_since is not None
+    count = job.miss_count + 1 if again else 1
+    values = {
+        "miss_kind": kind,
+        "miss_count": count,
+        "miss_since": job.miss_since if again else now,
+        "last_error": error,
+        "next_check_at": retry_at,
+        "updated_at": now,
+    }
+    events = () if again else (Event("poll_error", now, detail={"error": error, "miss": kind}),)
+    return change.set(values, *events)
 
 
-def give_up(change: Change, detail: Mapping[str, Any], now: datetime) -> Change:
-    """The cancel could not be confirmed (timeout, or refused for good): the job may still spend."""
-    return _move(change, State.UNCONFIRMED, now, detail=detail)
+def loss_earned(job: Job, now: datetime, *, polls: int, grace: timedelta) -> bool:
+    """Whether a run of misses makes the job lost: `polls` answers in a row, over `grace`."""
+    if job.miss_kind is None or job.miss_since is None:
+        return False
+    return job.miss_count >= polls and now - job.miss_since >= grace
+
+
+def lose(
+    change: Change,
+    detail: Mapping[str, Any],
+    now: datetime,
+    *,
+    recheck_until: datetime | None = None,
+    next_check_at: datetime | None = None,
+) -> Change:
+    """The API no longer shows the job (404, or 403 for this key). It may come back (a 404
+    from a flaky proxy, a key put right): looked at again until `recheck_until`."""
+    values: dict[str, Any] = {}
+    if recheck_until is not None:
+        values.update(recheck_until=recheck_until, next_check_at=next_check_at or now)
+    return _move(change, State.LOST, now, detail=detail, values=values)
+
+
+def give_up(
+    change: Change, detail: Mapping[str, Any], now: datetime, *, recheck_until: datetime, next_check_at: datetime
+) -> Change:
+    """The cancel could not be confirmed (timeout, or refused for good): the job may still
+    spend, so it is still polled, read-only, until the API says final (or `recheck_until`)."""
+    values = {"recheck_until": recheck_until, "next_check_at": next_check_at}
+    return _move(change, State.UNCONFIRMED, now, detail=detail, values=values)
+
+
+def reopen(change: Change, now: datetime) -> Change:
+    """completed | lost → watching: the job runs again (continued by someone, or found again).
+    It is a new run under the same id: its limits apply to its whole credit total, its time
+    limits count from now (`Job.started_at`), and a new cancel may be decided."""
+    job = change.after
+    detail = {"was": job.state.value, "remote_status": job.remote_status, "credits": job.credits_used}
+    fresh = {
+        "reopened_at": now, "last_progress_at": now, "recheck_until": None,
+        "final_status": None, "confirmed_at": None,
+        "cancel_reason": None, "cancel_detail": None, "cancel_requested_at": None, "credits_at_decision": None,
+        "cancel_attempts": 0, "cancel_sent_at": None, "cancel_acked_at": None, "cancel_answer": None,
+        "cancel_resend_at": None,
+        "would_cancel_reason": None, "would_cancel_at": None, "would_cancel_credits": None,
+    }  # fmt: skip
+    moved = _move(change, State.WATCHING, now, reason="reopened", detail=detail, values=fresh)
+    return moved.set({}, Event("reopened", now, from_state=job.state, to_state=State.WATCHING, detail=detail))
+
+
+def _only_from(change: Change, state: State, what: str) -> None:
+    if change.after.state is not state:
+        raise IllegalTransition(f"{what} for a job in {change.after.state}")
 
 
 def _move(
@@ -188,7 +305,8 @@ def _move(
     job = change.after
     check_transition(job.state, target)
     reason = reason if reason is not None else job.cancel_reason
-    moved: dict[str, Any] = {**(values or {}), "state": target.value, "updated_at": now}
+    # A move ends any re-checking, unless it starts one (a RECHECKED state's move).
+    moved: dict[str, Any] = {"recheck_until": None, **(values or {}), "state": target.value, "updated_at": now}
     if target in TERMINAL and target is not State.UNCONFIRMED:
         # The unused part of a reservation is released, except when the cancel was never
         # confirmed: that job may still be spending.

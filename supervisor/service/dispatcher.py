@@ -20,10 +20,10 @@ import structlog
 from supervisor.adapters import metrics
 from supervisor.adapters.clado import CladoClient
 from supervisor.adapters.store import Store, database_unavailable, db_error_text
-from supervisor.core.job import Job
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
+from supervisor.core.job import Job
 from supervisor.service.executor import JobHandler
 from supervisor.service.guards import Backoff, db_timeout
 from supervisor.service.leases import LEASE_USE, InFlight
@@ -124,6 +124,12 @@ class Dispatcher:
         metrics.LAST_TICK.set(self.last_tick_at.timestamp())
         self._ticked()
         return len(jobs)
+
+    @property
+    def api_misconfigured(self) -> bool:
+        """Every request answers 404, the credits endpoint too (a wrong `api.base_url` path):
+        no job is marked lost meanwhile; /readyz reports not ready."""
+        return self._handler.api_misconfigured
 
     def set_phase(self, job_id: str, phase: str) -> None:
         """The handler's report of where a job's handling is (a started cancel is let

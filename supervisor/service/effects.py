@@ -15,6 +15,7 @@ import structlog
 from supervisor.adapters import metrics
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
+from supervisor.core import transitions
 from supervisor.core.policy import job_policy
 from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.core.transitions import Change, Event
@@ -22,7 +23,22 @@ from supervisor.core.transitions import Change, Event
 log = structlog.get_logger("supervisor.handler")
 
 # Webhook events sent when a job reaches these states.
-_ANNOUNCED = {State.CANCELLED: "cancelled", State.UNCONFIRMED: "unconfirmed"}
+_ANNOUNCED = {State.CANCELLED: "cancelled", State.UNCONFIRMED: "unconfirmed", State.LOST: "lost"}
+# Once-per-job alerts (core.transitions) and the webhook event each sends, if any.
+_ALERTS: dict[str, str | None] = {
+    transitions.UNKNOWN_STATUS: None,
+    transitions.UNREADABLE_BODY: None,
+    transitions.CANCEL_REFUSED: "cancel_refused",
+    transitions.CANCEL_IGNORED: "cancel_ignored",
+    "reopened": "reopened",
+}
+_ALERT_LINES = {
+    transitions.UNKNOWN_STATUS: "job status outside the documented list; treated as running",
+    transitions.UNREADABLE_BODY: "job status answer has no readable count; the job keeps its last credits",
+    transitions.CANCEL_REFUSED: "cancel refused while the job still runs; it is sent again and its spend observed",
+    transitions.CANCEL_IGNORED: "cancel taken but the job keeps running and spending; it is sent again",
+    "reopened": "job running again after it ended (continued or found again); its limits apply anew",
+}
 
 
 class Effects:
@@ -44,28 +60,68 @@ class Effects:
             metrics.WARNINGS.labels(event.reason).inc()
             self._emit("warning", **fields, reason=event.reason, credits=job.credits_used, detail=detail)
         elif event.kind == "would_cancel":
-            log.warning("would cancel (observe mode)", **fields, state=job.state.value, reason=event.reason,
-                        **dict(event.detail or {}))
+            log.warning(
+                "would cancel (observe mode)",
+                **fields,
+                state=job.state.value,
+                reason=event.reason,
+                **dict(event.detail or {}),
+            )
             metrics.WOULD_CANCEL.labels(event.reason).inc()
+        elif event.kind in _ALERTS:
+            detail = dict(event.detail or {})
+            log.warning(_ALERT_LINES[event.kind], **fields, alert=event.kind, **{"credits": job.credits_used, **detail})
+            metrics.JOB_ALERTS.labels(event.kind).inc()
+            webhook = _ALERTS[event.kind]
+            if webhook is not None:
+                self._emit(webhook, **fields, state=job.state.value, credits=job.credits_used, detail=detail)
         elif event.kind == "transition" and event.to_state is not None:
             self._transition(change, event, event.to_state, fields)
+
+    def api_misconfigured(self, misconfigured: bool, **facts: Any) -> None:
+        """Every status poll answers 404, and the credits endpoint too: the base_url is wrong,
+        so no job is marked lost; said once when it starts and once when it ends."""
+        metrics.API_MISCONFIGURED.set(1 if misconfigured else 0)
+        if misconfigured:
+            log.error("every API request answers 404: check api.base_url; no job is marked lost meanwhile", **facts)
+            self._emit("api_misconfigured", **facts)
+        else:
+            log.info("the API answers again; 404s count towards lost jobs again", **facts)
 
     def _transition(self, change: Change, event: Event, target: State, fields: dict[str, Any]) -> None:
         job = change.after
         detail = dict(event.detail or {})
         metrics.TRANSITIONS.labels(target.value).inc()
+        if target is State.CANCELLING and event.from_state is State.CONFIRMING:
+            # The same decision, its cancel sent again: counted and announced once, when decided.
+            log.warning("re-sending cancel", **fields, state=target.value, reason=event.reason, **detail)
+            return
         if target is State.CANCELLING:
             log.warning("cancelling runaway job", **fields, state=target.value, reason=event.reason, **detail)
             metrics.CANCELS.labels(event.reason).inc()
-            self._emit("cancel_requested", **fields, reason=event.reason, state=target.value,
-                       credits=job.credits_used, detail=detail)
+            self._emit(
+                "cancel_requested",
+                **fields,
+                reason=event.reason,
+                state=target.value,
+                credits=job.credits_used,
+                detail=detail,
+            )
             return
         level = "error" if target in (State.UNCONFIRMED, State.LOST) else "info"
         getattr(log, level)("job " + target.value, **fields, state=target.value, reason=event.reason, **detail)
         if target in _ANNOUNCED:
-            self._emit(_ANNOUNCED[target], **fields, reason=job.cancel_reason, state=target.value,
-                       credits=job.credits_used)
-        if target in TERMINAL and job.cancel_requested_at is not None:
+            self._emit(
+                _ANNOUNCED[target],
+                **fields,
+                reason=job.cancel_reason,
+                state=target.value,
+                credits=job.credits_used,
+                detail=detail,
+            )
+        # Measured once per decision: when it first ended (an unconfirmed job that ends later
+        # moves out of a terminal state).
+        if target in TERMINAL and event.from_state not in TERMINAL and job.cancel_requested_at is not None:
             metrics.CONFIRMATION.observe((event.at - job.cancel_requested_at).total_seconds())
             limit = job_policy(self._config(), job).max_credits
             if job.cancel_reason == Reason.MAX_CREDITS and limit is not None:

@@ -5,6 +5,10 @@ that the batch writer applies under that lease; once applied, the effects step l
 counts and announces it. The decision to cancel is written and committed *before* the
 cancel call, so a crash in between leaves a job in `cancelling` that the next claimer
 sends again (the API answers 409 if it had landed).
+
+Some terminal jobs are still looked at, read-only (states.RECHECKED, until the row's
+`recheck_until`): a completed job anyone may continue, a lost one that may come back, an
+unconfirmed one that may still spend. A look that finds one running again reopens it.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from supervisor.adapters.clado import (
     ApiKeyRejected,
     CladoClient,
     CladoError,
+    CreditsUnavailable,
     JobNotFound,
     JobStatus,
     RequestRejected,
+    UnreadableBody,
 )
 from supervisor.adapters.store import JobWrite
 from supervisor.config import Config
@@ -30,7 +36,7 @@ from supervisor.core import transitions
 from supervisor.core.backoff import delay
 from supervisor.core.job import Job
 from supervisor.core.policy import Evaluation, Observation, evaluate, job_policy, observed_rate
-from supervisor.core.states import State
+from supervisor.core.states import RECHECKED, State
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
 
@@ -43,6 +49,20 @@ _ERROR_BACKOFF_FIRST = 1.0
 _ERROR_BACKOFF_CAP = 60.0
 # While the API key is rejected nobody polls; jobs are looked at again after this.
 _AUTH_RETRY = timedelta(seconds=30)
+# `lost` is earned: this many 404s (or 403s) in a row, the 404s spread over at least this
+# many poll intervals (30 s at the default 15 s), so a blip of a proxy loses no job.
+_MISS_POLLS = 3
+_NOT_FOUND_GRACE_POLLS = 2
+# A completed or lost job is looked at this often (in poll intervals) within the reopen window.
+_RECHECK_POLLS = 4
+# An unconfirmed job is polled until the API says final; one that stops answering is given
+# up after this long without a running status.
+_UNCONFIRMED_WATCH = timedelta(days=1)
+# A cancel the job does not heed is sent again at growing gaps, up to this many poll intervals.
+_RESEND_CAP_POLLS = 4
+# Distinct jobs whose status answered 404 with no status answered in between: enough to ask
+# whether every request 404s (a wrong base_url path) before anything is marked lost.
+_ALL_NOT_FOUND_JOBS = 3
 
 
 class JobHandler:
@@ -60,6 +80,11 @@ class JobHandler:
         self._clock = clock
         self._effects = effects
         self._on_phase: Callable[[str, str], None] = lambda job_id, phase: None
+        # Jobs whose status answered 404 since the last status that answered at all.
+        self._not_found_streak: set[str] = set()
+        # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
+        # lost for it. /readyz reads this (through the dispatcher).
+        self.api_misconfigured = False
 
     @property
     def config(self) -> Config:
@@ -76,6 +101,8 @@ class JobHandler:
             await self._send_cancel(job)
         elif job.state is State.CONFIRMING:
             await self._confirm(job)
+        elif job.state in RECHECKED and job.recheck_until is not None:
+            await self._recheck(job)
 
     # -- watching -----------------------------------------------------------------------
 
@@ -84,11 +111,16 @@ class JobHandler:
         if status is None:
             return
         now = self._clock()
-        config = self.config
-        change = Change.of(job).set(self._progress(job, status, now))
+        change = self._observed(Change.of(job), status, now)
         if status.is_final:
-            await self._write(transitions.finish(change, status.status, now))
+            await self._write(self._finish(change, status.status, now))
             return
+        await self._enforce(change, status, now)
+
+    async def _enforce(self, change: Change, status: JobStatus, now: datetime) -> None:
+        """A watching job seen running: its limits evaluated, a breach decided and sent."""
+        config = self.config
+        job = change.job
         policy = job_policy(config, job)
         seen = change.after
         observation = Observation(
@@ -117,8 +149,18 @@ class JobHandler:
             change = transitions.would_cancel(change, verdict.breach.reason, detail, now)
         await self._write(change.set({"next_check_at": verdict.next_check_at}))
 
+    def _observed(self, change: Change, status: JobStatus, now: datetime) -> Change:
+        """What a status answer tells of the job: its progress, and an alert the first time
+        its status is outside the documented list."""
+        change = change.set(self._progress(change.after, status, now))
+        if not status.recognized:
+            change = transitions.alert_once(change, transitions.UNKNOWN_STATUS, {"status": status.status}, now)
+        return change
+
     def _progress(self, job: Job, status: JobStatus, now: datetime) -> dict[str, Any]:
-        credits = status.result_count * self.config.api.credits_per_result
+        # Billing never refunds: the record keeps the highest count seen, and only a count
+        # above it is progress (a count flickering 50/49/50 is a stall, not progress).
+        credits = max(job.credits_used, status.result_count * self.config.api.credits_per_result)
         started_running = job.remote_status in (None, "pending") and status.status != "pending"
         progressed = credits > job.credits_used or started_running
         return {
@@ -130,6 +172,9 @@ class JobHandler:
             "last_polled_at": now,
             "poll_errors": 0,
             "last_error": None,
+            "miss_kind": None,
+            "miss_count": 0,
+            "miss_since": None,
             "updated_at": now,
         }
 
@@ -155,13 +200,21 @@ class JobHandler:
         bound = log.bind(job_id=job.job_id, state=job.state.value, policy=job.policy, reason=job.cancel_reason)
         try:
             result = await self.client.cancel(job.job_id)
-        except JobNotFound:
-            await self._write(transitions.lose(change, {"cancel": "HTTP 404"}, self._clock()))
+        except JobNotFound as exc:
+            if self.api_misconfigured or await self._check_api_path(job):
+                # Every request 404s: the job is not lost, the URL is wrong; the decision stands.
+                now = self._clock()
+                retry = self.config.supervisor.poll_interval
+                await self._write(transitions.cancel_not_sent(change, f"HTTP 404: {exc}", now, now + retry))
+                return
+            now = self._clock()
+            await self._write(transitions.lose(change, {"cancel": "HTTP 404"}, now, **self._recheck_window(now)))
             return
         except RequestRejected as exc:
             # 400/403: the API will not take this cancel, however often it is sent.
             bound.error("cancel refused by the API", error=str(exc))
-            await self._write(transitions.give_up(change, {"cancel": str(exc)}, self._clock()))
+            now = self._clock()
+            await self._write(transitions.give_up(change, {"cancel": str(exc)}, now, **self._unconfirmed_watch(now)))
             return
         except CladoError as exc:  # API down, throttled, key rejected: the decision stands, retry
             now = self._clock()
@@ -170,10 +223,18 @@ class JobHandler:
             await self._write(transitions.cancel_not_sent(change, str(exc), now, now + retry))
             return
         now = self._clock()
-        answer = "accepted" if result.accepted else "already final (409)"
-        bound.info("cancel sent", answer=answer)
-        next_check = now + self.config.supervisor.confirm_interval
-        await self._write(transitions.cancel_sent(change, answer, result.message, now, next_check))
+        settings = self.config.supervisor
+        bound.info("cancel sent", answer="accepted" if result.accepted else "refused")
+        # A refused cancel is sent again at growing gaps while the job runs; a taken one once
+        # the job had half its confirm_timeout to stop (a cancel may take a while to land),
+        # if it is still running and spending.
+        first = (
+            max(settings.poll_interval, settings.confirm_timeout / 2) if result.accepted else settings.confirm_interval
+        )
+        cap = max(first, settings.poll_interval * _RESEND_CAP_POLLS)
+        gap = timedelta(seconds=delay(change.after.cancel_attempts, first.total_seconds(), cap.total_seconds()))
+        next_check = now + settings.confirm_interval
+        await self._write(transitions.cancel_sent(change, result.accepted, result.message, now, next_check, now + gap))
 
     # -- confirming ---------------------------------------------------------------------
 
@@ -183,49 +244,181 @@ class JobHandler:
             return
         now = self._clock()
         settings = self.config.supervisor
-        change = Change.of(job).set(self._progress(job, status, now))
+        change = self._observed(Change.of(job), status, now)
         if status.is_final:
-            await self._write(transitions.finish(change, status.status, now))
+            await self._write(self._finish(change, status.status, now))
             return
+        seen = change.after
         deadline = (job.cancel_acked_at or now) + settings.confirm_timeout
         if now >= deadline:
             log.error(
-                "cancel not confirmed in time: the job still runs and may keep spending",
+                "cancel not confirmed in time: the job still runs and may keep spending; polled until final",
                 job_id=job.job_id, policy=job.policy, reason=job.cancel_reason,
-                remote_status=status.status, credits=change.after.credits_used,
+                remote_status=status.status, credits=seen.credits_used,
             )  # fmt: skip
-            await self._write(transitions.give_up(change, {"remote_status": status.status}, now))
+            detail = {"remote_status": status.status, "cancel": job.cancel_answer}
+            await self._write(transitions.give_up(change, detail, now, **self._unconfirmed_watch(now)))
+            return
+        # Still running after its cancel was answered: refused ("only pending jobs can be
+        # cancelled"), or taken and not heeded while the count still grows.
+        refused = job.cancel_answer == "refused"
+        ignored = not refused and seen.credits_used > job.credits_used
+        if refused:
+            change = transitions.alert_once(change, transitions.CANCEL_REFUSED, {"remote_status": status.status}, now)
+        due = job.cancel_resend_at is not None and now >= job.cancel_resend_at
+        if due and (refused or ignored):
+            why = transitions.CANCEL_REFUSED if refused else transitions.CANCEL_IGNORED
+            if ignored:
+                facts = {"remote_status": status.status, "credits_since_cancel": seen.credits_used}
+                change = transitions.alert_once(change, transitions.CANCEL_IGNORED, facts, now)
+            resend = transitions.resend_cancel(change, why, now)
+            if await self._write(resend, release=False):
+                await self._send_cancel(resend.after)
             return
         await self._write(change.set({"next_check_at": min(now + settings.confirm_interval, deadline)}))
+
+    # -- terminal jobs still looked at ----------------------------------------------------
+
+    async def _recheck(self, job: Job) -> None:
+        """A read-only look at a completed, lost or unconfirmed job: its spend is recorded,
+        a job running again is reopened (completed, lost) and watched, a final status ends
+        an unconfirmed or lost job."""
+        status = await self._poll(job)
+        if status is None:
+            return
+        now = self._clock()
+        change = self._observed(Change.of(job), status, now)
+        if job.state is State.UNCONFIRMED:
+            if status.is_final:
+                await self._write(self._finish(change, status.status, now))
+            else:
+                await self._write(change.set(self._unconfirmed_watch(now)))
+            return
+        if not status.is_final:
+            await self._enforce(transitions.reopen(change, now), status, now)
+            return
+        if job.state is State.LOST:
+            await self._write(self._finish(change, status.status, now))
+            return
+        await self._write(change.set(self._next_recheck(job, now)))
+
+    def _next_recheck(self, job: Job, now: datetime) -> dict[str, Any]:
+        """The next look at a completed or lost job, or none once its window is over."""
+        until = job.recheck_until
+        if until is None or now >= until:
+            return {"recheck_until": None}
+        return {"next_check_at": min(now + self.config.supervisor.poll_interval * _RECHECK_POLLS, until)}
+
+    def _recheck_window(self, now: datetime) -> dict[str, Any]:
+        """How a job that completed or was lost now is looked at again: for the reopen window."""
+        window = self.config.supervisor.reopen_window
+        if not window:
+            return {}
+        return {"recheck_until": now + window, "next_check_at": now + self.config.supervisor.poll_interval}
+
+    def _unconfirmed_watch(self, now: datetime) -> dict[str, Any]:
+        return {"recheck_until": now + _UNCONFIRMED_WATCH, "next_check_at": now + self.config.supervisor.poll_interval}
+
+    def _finish(self, change: Change, remote_status: str, now: datetime) -> Change:
+        return transitions.finish(change, remote_status, now, **self._recheck_window(now))
 
     # -- shared -------------------------------------------------------------------------
 
     async def _poll(self, job: Job) -> JobStatus | None:
         """The job's status, or None after recording why it could not be had."""
         try:
-            return await self.client.status(job.job_id)
-        except JobNotFound:
-            await self._write(transitions.lose(Change.of(job), {"status": "HTTP 404"}, self._clock()))
+            status = await self.client.status(job.job_id)
+        except JobNotFound as exc:
+            await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
+        except RequestRejected as exc:
+            if exc.status_code == 403:
+                await self._missed(job, transitions.FORBIDDEN, str(exc))
+            else:
+                await self._poll_failed(job, exc)
         except ApiKeyRejected as exc:
             now = self._clock()
             await self._write(
                 Change.of(job).set({"last_error": str(exc), "next_check_at": now + _AUTH_RETRY, "updated_at": now})
             )
         except CladoError as exc:
-            now = self._clock()
-            settings = self.config.supervisor
-            errors = job.poll_errors + 1
-            retry = min(self._backoff(errors), settings.poll_interval)
-            if job.state is State.CONFIRMING:
-                retry = min(retry, settings.confirm_interval)
-            log.warning(
-                "status poll failed", job_id=job.job_id, state=job.state.value,
-                error=str(exc), errors=errors, retry_in=retry.total_seconds(),
-            )  # fmt: skip
-            values = {"poll_errors": errors, "last_error": str(exc), "next_check_at": now + retry, "updated_at": now}
-            events = [transitions.Event("poll_error", now, detail={"error": str(exc)})] if errors == 1 else []
-            await self._write(Change.of(job).set(values, *events))
+            await self._poll_failed(job, exc)
+        else:
+            self._not_found_streak.clear()
+            if self.api_misconfigured:
+                self.api_misconfigured = False
+                self._effects.api_misconfigured(False, job_id=job.job_id)
+            return status
         return None
+
+    async def _poll_failed(self, job: Job, exc: CladoError) -> None:
+        now = self._clock()
+        settings = self.config.supervisor
+        errors = job.poll_errors + 1
+        retry = min(self._backoff(errors), settings.poll_interval)
+        if job.state is State.CONFIRMING:
+            retry = min(retry, settings.confirm_interval)
+        log.warning(
+            "status poll failed", job_id=job.job_id, state=job.state.value,
+            error=str(exc), errors=errors, retry_in=retry.total_seconds(),
+        )  # fmt: skip
+        values = {"poll_errors": errors, "last_error": str(exc), "next_check_at": now + retry, "updated_at": now}
+        events = [transitions.Event("poll_error", now, detail={"error": str(exc)})] if errors == 1 else []
+        change = Change.of(job).set(values, *events)
+        if isinstance(exc, UnreadableBody):
+            # Not a zero: the job keeps its last credits, and someone is told the API changed.
+            change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
+        await self._write(change)
+
+    async def _missed(self, job: Job, kind: str, error: str) -> None:
+        """A 404 or 403 on status: counted; the job is lost once that is earned, never while
+        every request 404s (a wrong base_url)."""
+        settings = self.config.supervisor
+        if kind == transitions.NOT_FOUND:
+            self._not_found_streak.add(job.job_id)
+            if len(self._not_found_streak) >= _ALL_NOT_FOUND_JOBS and not self.api_misconfigured:
+                await self._check_api_path(job)
+        now = self._clock()
+        if kind == transitions.NOT_FOUND and self.api_misconfigured:
+            # Not the job's fault: nothing counts towards its loss while the API path is wrong.
+            await self._write(
+                Change.of(job).set(
+                    {"last_error": error, "next_check_at": now + settings.poll_interval, "updated_at": now}
+                )
+            )
+            return
+        change = transitions.missed(Change.of(job), kind, error, now, now + settings.poll_interval)
+        if job.state in (State.COMPLETED, State.LOST):
+            # Already over: looked at again within its window, in case it comes back.
+            await self._write(change.set(self._next_recheck(job, now)))
+            return
+        grace = settings.poll_interval * _NOT_FOUND_GRACE_POLLS if kind == transitions.NOT_FOUND else timedelta(0)
+        if not transitions.loss_earned(change.after, now, polls=_MISS_POLLS, grace=grace):
+            await self._write(change)
+            return
+        if kind == transitions.NOT_FOUND and await self._check_api_path(job):
+            await self._write(change.set({"next_check_at": now + settings.poll_interval}))
+            return
+        facts = change.after
+        since = facts.miss_since.isoformat() if facts.miss_since else None
+        detail = {"lost": kind, "status": error, "polls": facts.miss_count, "since": since}
+        await self._write(transitions.lose(change, detail, now, **self._recheck_window(now)))
+
+    async def _check_api_path(self, job: Job) -> bool:
+        """Whether every request answers 404 (the credits endpoint too): a wrong base_url path,
+        not lost jobs. Said once when it begins; any status answered ends it (`_poll`)."""
+        try:
+            await self.client.account()
+        except CreditsUnavailable:
+            misconfigured = True
+        except CladoError:
+            return self.api_misconfigured  # cannot tell now: keep what was known
+        else:
+            misconfigured = False
+            self._not_found_streak.clear()
+        if misconfigured and not self.api_misconfigured:
+            self._effects.api_misconfigured(True, job_id=job.job_id)
+        self.api_misconfigured = misconfigured
+        return misconfigured
 
     async def _write(self, change: Change, *, release: bool = True) -> bool:
         """Apply the change under this job's lease; its effects follow only if it was applied."""

@@ -338,6 +338,8 @@ class FakeClado:
             return NOT_FOUND
         if job.forbidden(job.elapsed(now)):
             return FORBIDDEN
+        if job.scenario.flicker and results and job.status_calls % 2 == 0:
+            results -= 1  # what is shown, not what is billed
         # Built outside the lock: an unpaged body of a large job is the one expensive thing here.
         body = status_body(job, status, results, page, page_size)
         with self._lock:

@@ -148,6 +148,7 @@ _KNOB_PARSERS: dict[str, Callable[[str, object], object]] = {
     "count_field": _one_of(COUNT_FIELDS),
     "running_status": _status_name,
     "bloat_mb": number,
+    "flicker": flag,
 }
 KNOBS = frozenset(_KNOB_PARSERS)
 
@@ -181,6 +182,7 @@ class Scenario:
     count_field: str = "total_results"  # COUNT_FIELDS
     running_status: str | None = None  # e.g. "in_progress": said instead of searching/processing
     bloat_mb: float = 0.0  # pads every status body to about this many MiB
+    flicker: bool = False  # every other status answer shows one result fewer (a count that goes down)
 
     @classmethod
     def from_knobs(cls, knobs: Mapping[str, object]) -> Scenario:

@@ -12,7 +12,7 @@ from supervisor.core.budgets import (
     AdmissionRefused,
     BudgetStatus,
     Usage,
-    check_admission,
+    grant,
     matches,
     period_start,
     statuses,
@@ -277,10 +277,15 @@ def admission_config(**budgets: dict[str, Any]) -> Config:
     return config(**{name: {"match": GROWTH, **body} for name, body in budgets.items()})
 
 
+def reserving(cfg: Config, labels: dict[str, str], need: int, budget_statuses: list[BudgetStatus]) -> list[str]:
+    """Admit a job asking for `need` results (1 credit each); the budgets that reserve for it."""
+    return list(grant(cfg, labels, need, budget_statuses, max_credits=None).reserving)
+
+
 def test_block_budget_full_refuses_with_the_numbers() -> None:
     cfg = admission_config(cap={"credits": 100, "action": "block"})
     with pytest.raises(AdmissionRefused) as refused:
-        check_admission(cfg, GROWTH, 10, [status(90, 10, name="cap", action="block")])
+        reserving(cfg, GROWTH, 10, [status(90, 10, name="cap", action="block")])
     message = str(refused.value)
     assert "'cap'" in message
     for number in ("spent 90", "reserved 10", "of 100"):
@@ -290,24 +295,26 @@ def test_block_budget_full_refuses_with_the_numbers() -> None:
 def test_block_budget_with_room_admits_without_reserving() -> None:
     cfg = admission_config(cap={"credits": 100, "action": "block"})
     # Without reserve, block only refuses once the budget is full.
-    assert check_admission(cfg, GROWTH, 50, [status(90, 0, name="cap", action="block")]) == []
+    assert reserving(cfg, GROWTH, 50, [status(90, 0, name="cap", action="block")]) == []
 
 
 def test_reserve_budget_with_room_returns_its_name() -> None:
     cfg = admission_config(pool={"credits": 100, "action": "block", "reserve": True})
-    assert check_admission(cfg, GROWTH, 40, [status(20, 30, name="pool", action="block")]) == ["pool"]
+    assert reserving(cfg, GROWTH, 40, [status(20, 30, name="pool", action="block")]) == ["pool"]
     # exactly filling it is allowed
-    assert check_admission(cfg, GROWTH, 50, [status(20, 30, name="pool", action="block")]) == ["pool"]
+    assert reserving(cfg, GROWTH, 50, [status(20, 30, name="pool", action="block")]) == ["pool"]
 
 
 @pytest.mark.parametrize("action", ["block", "cancel"])
-def test_reserve_budget_without_room_refuses_with_the_numbers(action: str) -> None:
+def test_reserve_budget_grants_the_room_left_then_refuses_with_the_numbers(action: str) -> None:
     cfg = admission_config(pool={"credits": 100, "action": action, "reserve": True})
+    given = grant(cfg, GROWTH, 51, [status(20, 30, name="pool", action=action)], max_credits=None)
+    assert (given.results, given.clamped_by) == (50, ("budgets.pool",))
     with pytest.raises(AdmissionRefused) as refused:
-        check_admission(cfg, GROWTH, 51, [status(20, 30, name="pool", action=action)])
+        grant(cfg, GROWTH, 1, [status(20, 80, name="pool", action=action)], max_credits=None)
     message = str(refused.value)
     assert "'pool'" in message
-    for number in ("spent 20", "reserved 30", "of 100", "51"):
+    for number in ("spent 20", "reserved 80", "of 100"):
         assert number in message
 
 
@@ -317,21 +324,21 @@ def test_non_matching_budgets_are_ignored() -> None:
         pool={"credits": 100, "action": "block", "reserve": True},
     )
     full = [status(100, 0, name="cap", action="block"), status(100, 50, name="pool", action="block")]
-    assert check_admission(cfg, {"team": "search"}, 1000, full) == []
-    assert check_admission(cfg, {}, 1000, full) == []
+    assert reserving(cfg, {"team": "search"}, 1000, full) == []
+    assert reserving(cfg, {}, 1000, full) == []
 
 
 def test_observe_budgets_never_refuse() -> None:
     cfg = admission_config(b={"credits": 100, "action": "observe", "reserve": True})
     for spent, reserved, need in ((0, 0, 1000), (100, 0, 1), (250, 50, 500)):
-        assert check_admission(cfg, GROWTH, need, [status(spent, reserved, action="observe")]) == []
+        assert reserving(cfg, GROWTH, need, [status(spent, reserved, action="observe")]) == []
 
 
 def test_cancel_budgets_without_reserve_refuse_only_once_exhausted() -> None:
     cfg = admission_config(b={"credits": 100, "action": "cancel"})
-    assert check_admission(cfg, GROWTH, 1000, [status(99, 0, action="cancel")]) == []
+    assert reserving(cfg, GROWTH, 1000, [status(99, 0, action="cancel")]) == []
     with pytest.raises(AdmissionRefused, match="is exhausted: spent 100 \\+ reserved 0 of 100"):
-        check_admission(cfg, GROWTH, 1, [status(100, 0, action="cancel")])
+        reserving(cfg, GROWTH, 1, [status(100, 0, action="cancel")])
 
 
 def test_every_matching_budget_is_checked_and_every_reserving_one_returned() -> None:
@@ -345,8 +352,11 @@ def test_every_matching_budget_is_checked_and_every_reserving_one_returned() -> 
         status(0, 0, name="team"), status(0, 0, credits=1000, name="org"),
         status(10, 0, credits=10, name="other"), status(50, 0, credits=5, name="watch"),
     ]  # fmt: skip
-    assert check_admission(cfg, GROWTH, 60, roomy) == ["team", "org"]
-    # the second matching budget refuses even though the first had room
+    assert reserving(cfg, GROWTH, 60, roomy) == ["team", "org"]
+    # the second matching budget holds it to what it has left, though the first had room…
     tight = [status(0, 0, name="team"), status(980, 0, credits=1000, name="org")]
+    given = grant(cfg, GROWTH, 60, tight, max_credits=None)
+    assert (given.results, given.clamped_by) == (20, ("budgets.org",))
+    # …and refuses once it has nothing left
     with pytest.raises(AdmissionRefused, match="'org'"):
-        check_admission(cfg, GROWTH, 60, tight)
+        reserving(cfg, GROWTH, 60, [status(0, 0, name="team"), status(1000, 0, credits=1000, name="org")])

@@ -155,7 +155,42 @@ def test_next_check_is_never_closer_than_the_minimum_gap() -> None:
     ],
 )
 def test_observed_rate(
-    previous: int, previous_at: float | None, credits: int, at: float, previous_rate: float | None, expected: float | None
+    previous: int,
+    previous_at: float | None,
+    credits: int,
+    at: float,
+    previous_rate: float | None,
+    expected: float | None,
 ) -> None:
     when = None if previous_at is None else T0 + s(previous_at)
     assert observed_rate(previous, when, credits, T0 + s(at), previous_rate) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "at", "reason"),
+    [
+        # A status outside the documented list is a running job: stall and credits apply to it,
+        # max_queued (pending only) does not.
+        ("in_progress_v2", 301, "stall_timeout"),
+        ("in_progress_v2", 299, None),
+        ("pending", 601, "max_queued"),
+        ("pending", 350, None),  # a queued job does not stall
+        ("processing", 301, "stall_timeout"),
+    ],
+)
+def test_an_unknown_status_is_running_for_stall_and_not_queued(status: str, at: float, reason: str | None) -> None:
+    verdict = evaluate(obs(status=status, credits=10), FULL, T0 + s(at), poll_interval=POLL)
+    assert (verdict.breach.reason if verdict.breach else None) == reason
+
+
+def test_an_unknown_status_is_cancelled_at_max_credits() -> None:
+    verdict = evaluate(obs(status="thinking", credits=200), FULL, T0 + s(5), poll_interval=POLL)
+    assert verdict.breach is not None
+    assert verdict.breach.reason == "max_credits"
+
+
+def test_an_unknown_status_is_looked_at_when_it_would_stall() -> None:
+    at = next_check_at(obs(status="thinking", credits=10, rate=None), Policy(name="p", stall_timeout=s(20)), T0, POLL)
+    assert at == T0 + s(15)  # the regular poll
+    soon = next_check_at(obs(status="thinking", progress=-10), Policy(name="p", stall_timeout=s(20)), T0, POLL)
+    assert soon == T0 + s(10)  # its stall deadline, sooner than the poll
