@@ -186,6 +186,7 @@ class AdminApi:
         window = self.daemon.config.supervisor.poll_interval * 3
         if last_tick is None or self.daemon.clock() - last_tick > window:
             problems.append(f"no tick completed in the last {window.total_seconds():g} s")
+        problems += self.daemon.problems()
         if problems:
             return answer(ReadinessView(status="unready", problems=problems), 503)
         return answer(ReadinessView(status="ready"))

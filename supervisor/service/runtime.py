@@ -152,6 +152,14 @@ class Daemon:
     def is_leader(self) -> bool:
         return self.elector.is_leader
 
+    def problems(self) -> list[str]:
+        """Why the daemon should not be counted on now, beyond the database and the tick
+        (which /readyz checks itself): each a short line for an operator."""
+        found = []
+        if self.dispatcher.api_misconfigured:
+            found.append("api: every job answers 404 and so does /api/credits: check api.base_url")
+        return found
+
     @property
     def last_tick_at(self) -> datetime | None:
         return self.dispatcher.last_tick_at

@@ -166,6 +166,8 @@ async def test_an_api_that_answers_404_to_everything_loses_no_job(
 
         await wait_until(daemon, polled_past_the_grace, timeout=30, what="six polls of each job")
         assert daemon.dispatcher.api_misconfigured
+        # What /readyz reports beside its own checks: the operator is told where to look.
+        assert any("api.base_url" in problem for problem in daemon.problems())
         states = {job.job_id: job.state for job in await daemon.store.list_jobs()}
         assert set(states.values()) == {State.WATCHING}
 
@@ -177,6 +179,7 @@ async def test_an_api_that_answers_404_to_everything_loses_no_job(
 
         assert len(await wait_until(daemon, lambda: _all(polled_again, 3), what="jobs polled again")) == 3
         assert not daemon.dispatcher.api_misconfigured
+        assert daemon.problems() == []
 
 
 async def _all(found: Any, count: int) -> Any:
