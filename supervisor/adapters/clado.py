@@ -91,6 +91,10 @@ _WARN_ONCE_KEYS = 1024
 class CladoError(Exception):
     """Anything the API call could not do. Messages never contain the API key."""
 
+    # True when a call that is never repeated (initiate, continue) failed after it may have
+    # reached the API: whatever it started may be running and billing.
+    maybe_sent = False
+
 
 class InvalidJobId(CladoError, ValueError):
     pass
@@ -448,6 +452,25 @@ class CladoClient:
 
         return await self._retrying(call, endpoint="cancel")
 
+    async def continue_job(self, job_id: str, additional: int) -> None:
+        """Ask a completed job for `additional` more results (billed 1 credit each): the SAME
+        job id goes back to pending. The docs name it two ways: `POST …/continue
+        {additionalLimit}` and, newer, `POST …/more {additional_limit}`; a 404 from the first
+        (nothing was started) is asked of the second. Never retried once it may have been
+        received: a second continue would bill a second batch."""
+        base = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}"
+
+        async def call(path: str, body: dict[str, int]) -> None:
+            async def attempt(wait: _Wait) -> None:
+                await self._request("POST", path, wait, json=body, accept=_SUCCESS, empty_ok=True)
+
+            await self._retrying(attempt, endpoint="continue", idempotent=False)
+
+        try:
+            await call(f"{base}/continue", {"additionalLimit": additional})
+        except JobNotFound:
+            await call(f"{base}/more", {"additional_limit": additional})
+
     async def credits(self) -> int:
         """The account's remaining credits (see `account` for the last top-up too)."""
         return (await self.account()).credits
@@ -596,7 +619,9 @@ class CladoClient:
                     return await call(wait)
         except _Transient as exc:
             if not idempotent and exc.sent:
-                raise exc.error(f"{exc} (not retried: the request may have reached the API)") from None
+                error = exc.error(f"{exc} (not retried: the request may have reached the API)")
+                error.maybe_sent = True
+                raise error from None
             raise exc.error(str(exc)) from None
         raise AssertionError("unreachable")  # pragma: no cover
 

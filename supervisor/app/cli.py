@@ -22,7 +22,7 @@ from supervisor.core.states import State
 
 if TYPE_CHECKING:
     from supervisor.app.operations import Operations
-    from supervisor.app.views import JobDetailView, ReportView, SubmitResult, TrackResult
+    from supervisor.app.views import ContinueResult, JobDetailView, ReportView, SubmitResult, TrackResult
     from supervisor.core.job import Job
 
 # Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
@@ -329,6 +329,26 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
         click.echo(f"{job_id}: {job.state} (reason {job.cancel_reason})")
     else:
         click.echo(f"{job_id}: already {job.state}; nothing to cancel")
+
+
+@main.command("continue")
+@click.argument("job_id")
+@click.option("--additional", type=int, default=30, show_default=True,
+              help="More results to ask for; clamped to what max_credits and reserving budgets allow.")
+@with_config
+def continue_command(config: Config, job_id: str, additional: int) -> None:
+    """Ask a completed job for more results, through admission; the job is supervised again."""
+
+    async def go() -> ContinueResult:
+        _parse_ids([job_id])  # before the database is even opened
+        async with _operations(config) as ops:
+            return await ops.continue_job(job_id, additional)
+
+    result = run_async(go())
+    if result.clamped_by:
+        click.echo(f"asked the API for {result.additional} more results, not {result.requested}: that is what "
+                   f"{' and '.join(result.clamped_by)} allow(s)", err=True)  # fmt: skip
+    click.echo(f"{job_id}: {result.state} (asked for {result.additional} more results)")
 
 
 @main.command()

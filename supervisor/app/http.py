@@ -31,9 +31,10 @@ from starlette.routing import Route
 
 from supervisor.adapters import metrics
 from supervisor.app import errors, inputs
-from supervisor.app.inputs import Body, CancelRequest, SubmitRequest, TrackRequest
+from supervisor.app.inputs import Body, CancelRequest, ContinueRequest, SubmitRequest, TrackRequest
 from supervisor.app.operations import Operations
 from supervisor.app.views import (
+    ContinueResult,
     ErrorView,
     HealthView,
     JobDetailView,
@@ -127,6 +128,15 @@ ENDPOINTS = (
         (*BODY_ERRORS, 404, 502, 503),
         body=CancelRequest,
         body_required=False,  # an empty body is a cancel without a reason
+    ),
+    Endpoint(
+        "POST",
+        "/v1/jobs/{job_id}/continue",
+        "continue_job",
+        {200: ContinueResult},
+        (*BODY_ERRORS, 402, 404, 409, 502, 503),
+        body=ContinueRequest,
+        body_required=False,  # an empty body asks for the default 30 more
     ),
     Endpoint("POST", "/v1/submit", "submit", {201: SubmitResult}, (*BODY_ERRORS, 402, 409, 502, 503), SubmitRequest),
 )
@@ -266,6 +276,10 @@ class AdminApi:
         # Counted, logged and announced by the daemon's effects, like any other decision.
         job = await self.ops.manual_cancel(request.path_params["job_id"], body.reason)
         return answer(JobView.of(self.daemon.config, job))
+
+    async def continue_job(self, request: Request) -> Response:
+        body = await self._body(request, ContinueRequest, empty_ok=True)
+        return answer(await self.ops.continue_job(request.path_params["job_id"], body.additional))
 
     async def _body(self, request: Request, model: type[B], empty_ok: bool = False) -> B:
         too_large = errors.PayloadTooLarge(f"request bodies are limited to {self._max_body} bytes")

@@ -135,6 +135,10 @@ class CancelRequest(Body):
     reason: str | None = Field(default=None, max_length=MAX_REASON, description="No control characters.")
 
 
+class ContinueRequest(Body):
+    additional: int = Field(default=30, ge=MIN_LIMIT, le=MAX_LIMIT, description="More results to ask for.")
+
+
 B = TypeVar("B", bound=Body)
 
 

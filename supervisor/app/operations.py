@@ -12,17 +12,18 @@ from typing import Any
 
 import structlog
 
-from supervisor.adapters.clado import CladoClient, validate_job_id
+from supervisor.adapters.clado import CladoClient, CladoError, validate_job_id
 from supervisor.adapters.secrets import read_secret
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
-from supervisor.app.errors import JobNotTracked
-from supervisor.app.views import SubmitResult, TrackResult
+from supervisor.app.errors import JobNotTracked, Refused
+from supervisor.app.views import ContinueResult, SubmitResult, TrackResult
 from supervisor.config import Config, ConfigError
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, period_start, statuses
 from supervisor.core.job import Job
+from supervisor.core.policy import job_policy
 from supervisor.core.states import Reason, State
 from supervisor.core.transitions import Change
 from supervisor.service import wiring
@@ -173,6 +174,54 @@ class Operations:
         await self.store.add_jobs([new_job], utcnow(), admission_id=admission_id)
         return SubmitResult(job_id=job_id, requested_limit=limit, limit=granted.results,
                             clamped_by=list(granted.clamped_by))  # fmt: skip
+
+    async def continue_job(self, job_id: str, additional: int = 30) -> ContinueResult:
+        """Ask a completed job for more results, through admission like a submission.
+
+        The API bills each new result under the same job id, which goes back to pending; the
+        supervisor reopens the job at once (its limits apply to its whole credit total), so
+        the new spend is supervised from the first result. `additional` is clamped to what
+        the job's max_credits still allows and to what a reserving budget has left; nothing
+        left is refused with the numbers."""
+        validate_job_id(job_id)
+        inputs.count("additional", additional, inputs.MIN_LIMIT, inputs.MAX_LIMIT)
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise JobNotTracked(job_id)
+        if job.state is not State.COMPLETED:
+            raise Refused(f"job {job_id} is {job.state}: only a completed job can be continued")
+        policy = job_policy(self.config, job)
+        room = None if policy.max_credits is None else max(0, policy.max_credits - job.credits_used)
+        if room == 0:
+            raise Refused(
+                f"job {job_id} has used {job.credits_used} credits of its max_credits {policy.max_credits}: "
+                "nothing is left to continue for"
+            )
+        granted, admission_id = await self._admit(dict(job.labels), additional, room)
+        await self._check_account_floor(granted.credits)
+        try:
+            await self.client.continue_job(job_id, granted.results)
+        except CladoError as exc:
+            # Sent or not, a reservation that may cover a running batch is kept until it
+            # expires; one that surely started nothing is given back.
+            if admission_id is not None and not exc.maybe_sent:
+                await self.store.drop_admission(admission_id)
+            raise
+        now = utcnow()
+        values = {
+            "result_limit": (job.result_limit or job.credits_used) + granted.results,
+            "reserved_credits": granted.credits if admission_id is not None else None,
+        }
+        change = transitions.reopen(Change.of(job).set(values), now)
+        if await self.store.apply_each([JobWrite(change, lease_token=None)]) == [True]:
+            self.effects.applied([change])
+        if admission_id is not None:
+            await self.store.drop_admission(admission_id)  # the job holds its reservation now
+        reopened = await self.store.get_job(job_id)
+        return ContinueResult(
+            job_id=job_id, state=(reopened or job).state.value, requested=additional,
+            additional=granted.results, clamped_by=list(granted.clamped_by),
+        )  # fmt: skip
 
     async def _admit(self, labels: dict[str, str], requested: int, max_credits: int | None) -> tuple[Grant, str | None]:
         """The grant, and the id of the admission holding its reservation (None if no

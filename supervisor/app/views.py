@@ -156,6 +156,18 @@ class SubmitResult(View):
     clamped_by: list[str]
 
 
+class ContinueResult(View):
+    """A completed job asked for more: `additional` results were asked of the API (fewer than
+    `requested` when its max_credits or a reserving budget left less: `clamped_by`), and the
+    job is supervised again (`state`: watching)."""
+
+    job_id: str
+    state: str
+    requested: int
+    additional: int
+    clamped_by: list[str]
+
+
 class ErrorView(View):
     """The admin API's error body: a stable code and a message, never a stack trace."""
 
