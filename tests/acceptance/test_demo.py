@@ -38,9 +38,9 @@ def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: P
     assert "completed before the max_credits cancel landed (409" in out
     assert "Every final state confirmed by a status poll: 13 of 13 jobs" in out
     assert "matches the simulator's bill for 13 of 13" in out
-    # Prevention first: the submission over max_credits was capped at the source.
+    # Prevention first: the submissions over max_credits (500 and 300 asked, 60 each allowed).
     flowing = " ".join(out.split())  # the summary wraps at the terminal's width
-    assert "1 submission(s) capped at the source: the API was asked for 60 of the 500" in flowing
+    assert "2 submission(s) capped at the source: the API was asked for 120 of the 800" in flowing
     observe = re.search(r"The observe-mode rule \(policies.shadow, max_credits 20\) would have cancelled 1 job\(s\); "
                         r"it only recorded that, and switched on it would have saved ([\d,]+) more credits", out)
     assert observe is not None, out
