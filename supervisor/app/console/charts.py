@@ -107,7 +107,7 @@ def credits_chart(story: Story) -> Markup:
     if story.limit is not None:
         parts.append(
             f'<g class="limit"><line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y(story.limit):.1f}" '
-            f'y2="{y(story.limit):.1f}"/><text x="{LEFT + plot_w + 6}" y="{y(story.limit) + 4:.1f}">'
+            f'y2="{y(story.limit):.1f}"/><text x="{LEFT + 6}" y="{y(story.limit) - 6:.1f}">'
             f"limit {story.limit}</text></g>"
         )
     if story.cancel_call is not None:
@@ -122,11 +122,15 @@ def credits_chart(story: Story) -> Markup:
     ):
         if point is not None:
             px, py = x(point.at), y(point.credits)
-            text_x = LEFT + plot_w + 6 if name == "final" else px + 8
+            # The final count in the right margin; the decision below and left of its point,
+            # so the two never overlap when the cancel lands at once.
+            if name == "final":
+                where = f'x="{LEFT + plot_w + 6}" y="{py + 4:.1f}"'
+            else:
+                where = f'x="{px - 8:.1f}" y="{py + 18:.1f}" text-anchor="end"'
             parts.append(
                 f'<g class="{name}"><circle cx="{px:.1f}" cy="{py:.1f}" r="5"/>'
-                f'<text x="{text_x:.1f}" y="{py + (16 if name == "decision" else 4):.1f}">'
-                f"{escape(label)} {point.credits}</text></g>"
+                f"<text {where}>{escape(label)} {point.credits}</text></g>"
             )
     parts.append("</svg>")
     return Markup("".join(parts))  # noqa: S704 - built from numbers and escaped text only

@@ -216,14 +216,16 @@ class Console:
 
     # -- login -------------------------------------------------------------------------
 
-    async def login_form(self, request: Request, problem: str | None = None, status: int = 200) -> Response:
+    async def login_form(
+        self, request: Request, problem: str | None = None, status: int = 200, target: str | None = None
+    ) -> Response:
         nonce = self.signer.login_nonce()
         response = self._render(
             request,
             "login.html",
             status=status,
             csrf=self.signer.csrf(f"login-{nonce}"),
-            next=_safe_next(request.query_params.get("next")),
+            next=_safe_next(target or request.query_params.get("next")),
             problem=problem,
         )
         self._set_cookie(request, response, LOGIN_COOKIE, nonce, int(LOGIN_TTL.total_seconds()))
@@ -237,7 +239,7 @@ class Console:
             raise _CsrfRefused("this login form has expired or has no valid CSRF token; reload it")
         if not signer.token_matches(_field(form, "token")):
             log.warning("console login refused: wrong admin token")
-            return await self.login_form(request, "That is not the admin token.", 401)
+            return await self.login_form(request, "That is not the admin token.", 401, _field(form, "next"))
         _, cookie = signer.new_session(self._clock())
         response = RedirectResponse(_safe_next(_field(form, "next")), 303)
         self._set_cookie(request, response, SESSION_COOKIE, cookie, int(SESSION_TTL.total_seconds()))
