@@ -56,3 +56,9 @@ lint-report: $(LINT_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+
+# The web console's pictures in README (docs/console-*.png), taken by the browser tests in a
+# headless Chromium (Debian's chromium + chromium-driver) against the daemon and the simulator.
+.PHONY: screenshots
+screenshots: install
+	CLADO_CONSOLE_SCREENSHOTS=$(CURDIR)/docs $(BIN)/python -m pytest tests/browser -k screenshots -q -p no:cacheprovider

@@ -156,10 +156,13 @@ class AdminApi:
         return self._token is not None
 
     def app(self) -> Starlette:
+        from supervisor.app.console.routes import console_routes  # the web console, under /ui
+
         routes = [
             Route("/metrics", self.metrics_page),
             Route("/openapi.json", self.openapi),
             *(Route(e.path, self._guarded(self._handler(e)), methods=[e.method]) for e in ENDPOINTS),
+            *console_routes(self._token, lambda: self.ops, lambda: self.daemon.enforcer.account_credits),
         ]
         app = Starlette(
             routes=routes,

@@ -1,0 +1,153 @@
+"""The web console in a real headless Chromium, as the person who owns the budget uses it.
+
+Waits are WebDriverWait on what the page shows (bounded), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from supervisor.adapters.store import NewJob, utcnow
+from supervisor.core.states import State
+
+from .conftest import TOKEN, LiveConsole
+
+WAIT_S = 30
+
+
+def wait(browser: Any) -> WebDriverWait[Any]:
+    return WebDriverWait(browser, WAIT_S, poll_frequency=0.2)
+
+
+def log_in(browser: Any, live: LiveConsole, path: str = "/") -> None:
+    browser.get(live.url + path)
+    wait(browser).until(expected_conditions.presence_of_element_located((By.ID, "token")))
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "login").click()
+    wait(browser).until(lambda b: "/ui/login" not in b.current_url)
+
+
+def track(live: LiveConsole, job_id: str, **labels: str) -> None:
+    policy = "tight" if labels.get("team") == "tight" else "default"
+    live.call(live.daemon.store.add_jobs([NewJob(job_id, policy, labels)], utcnow()))
+
+
+def state_of(live: LiveConsole, job_id: str) -> State | None:
+    job = live.call(live.daemon.store.get_job(job_id))
+    return job.state if job else None
+
+
+def csp_violations(browser: Any) -> list[str]:
+    return [entry["message"] for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]]
+
+
+def text(browser: Any, element_id: str) -> str:
+    return str(browser.find_element(By.ID, element_id).text.strip())
+
+
+def test_without_a_session_the_console_asks_for_the_token(browser: Any, live: LiveConsole, fake_server: Any) -> None:
+    job_id = fake_server.fake.create_job(rate=0.1)
+    track(live, job_id)
+    browser.get(f"{live.url}/jobs/{job_id}")
+    assert "/ui/login" in browser.current_url
+    assert not browser.find_elements(By.ID, "job-state")  # nothing of the job is shown
+    browser.find_element(By.ID, "token").send_keys("not-the-token")
+    browser.find_element(By.ID, "login").click()
+    assert "That is not the admin token." in browser.page_source
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "login").click()
+    wait(browser).until(lambda b: b.current_url.endswith(f"/ui/jobs/{job_id}"))  # back where it was going
+    assert text(browser, "job-state") == "watching"
+    # The session cookie is out of the page's scripts' reach.
+    assert browser.execute_script("return document.cookie") == ""
+    assert browser.get_cookie("clado_console")["httpOnly"] is True
+    assert csp_violations(browser) == []
+
+
+def test_the_overview_updates_itself_as_a_job_is_cancelled(browser: Any, live: LiveConsole, fake_server: Any) -> None:
+    log_in(browser, live)
+    assert text(browser, "count-cancelled") == "0"
+    browser.execute_script("window.sameDocument = true")  # gone if the page were reloaded
+    job_id = fake_server.fake.create_job(rate=20)
+    track(live, job_id, team="tight")
+    wait(browser).until(lambda b: text(b, "count-cancelled") == "1")
+    wait(browser).until(lambda b: b.find_elements(By.ID, "cancels-max_credits"))
+    assert text(browser, "cancels-max_credits") == "1"
+    assert browser.execute_script("return window.sameDocument") is True  # swapped in place by console.js
+    assert state_of(live, job_id) is State.CANCELLED
+    assert csp_violations(browser) == []
+
+
+def test_a_job_cancelled_from_its_page(browser: Any, live: LiveConsole, fake_server: Any) -> None:
+    job_id = fake_server.fake.create_job(rate=0.5)
+    track(live, job_id, team="growth")
+    log_in(browser, live, f"/jobs/{job_id}")
+    assert text(browser, "job-state") == "watching"
+    assert browser.find_element(By.ID, "continue").get_attribute("disabled") is not None
+    browser.find_element(By.NAME, "reason").send_keys("not needed any more")
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser).until(expected_conditions.alert_is_present()).accept()  # "Cancel job … now?"
+
+    def cancelled(b: Any) -> bool:
+        if text(b, "job-state") != "cancelled":
+            b.refresh()
+            return False
+        return True
+
+    wait(browser).until(cancelled)
+    assert fake_server.fake.request_count("cancel", job_id) >= 1
+    assert text(browser, "reason") == "manual"
+    chart = browser.find_element(By.CSS_SELECTOR, "svg.chart")
+    for part in ("limit", "decision", "cancel-call", "final"):
+        assert chart.find_elements(By.CSS_SELECTOR, f"g.{part}"), f"the chart has no {part}"
+    assert "limit 200" in chart.text
+    assert "not needed any more" in browser.page_source
+    assert csp_violations(browser) == []
+
+
+def test_a_post_without_the_csrf_token_is_rejected(browser: Any, live: LiveConsole, fake_server: Any) -> None:
+    job_id = fake_server.fake.create_job(rate=0.1)
+    track(live, job_id)
+    log_in(browser, live, f"/jobs/{job_id}")
+    # What a forged form from another site looks like: the same fields, without the token.
+    browser.execute_script("document.querySelectorAll('input[name=csrf]').forEach(e => e.remove())")
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser).until(expected_conditions.alert_is_present()).accept()
+    wait(browser).until(lambda b: "csrf_refused" in b.page_source)
+    assert "403" in browser.title
+    assert state_of(live, job_id) is State.WATCHING
+    assert fake_server.fake.request_count("cancel", job_id) == 0
+
+
+def test_screenshots(browser: Any, live: LiveConsole, fake_server: Any, tmp_path: Path) -> None:
+    """The README's pictures (`make screenshots` writes them to docs/): a busy overview and
+    one job cancelled at its credit limit."""
+    out = Path(os.environ.get("CLADO_CONSOLE_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    fake = fake_server.fake
+    runaway = fake.create_job("senior Rust engineers in Berlin", limit=200, rate=4)
+    track(live, runaway, team="tight")
+    for query, rate, team in (
+        ("data engineers in Lisbon", 2, "growth"),
+        ("product designers in Austin", 1.5, "growth"),
+        ("ML researchers in Montreal", 3, "research"),
+        ("SRE leads in Dublin", 0.5, "research"),
+    ):
+        track(live, fake.create_job(query, rate=rate), team=team)
+    track(live, fake.create_job("quick check", rate=10, max_results=8), team="growth")
+    log_in(browser, live)
+    wait(browser).until(lambda b: text(b, "count-cancelled") == "1" and text(b, "count-completed") == "1")
+    wait(browser).until(lambda b: text(b, "account") not in ("", "— credits"))
+    browser.save_screenshot(str(out / "console-overview.png"))
+    browser.get(f"{live.url}/jobs/{runaway}")
+    wait(browser).until(lambda b: b.find_elements(By.CSS_SELECTOR, "svg.chart g.final"))
+    browser.save_screenshot(str(out / "console-job.png"))
+    for name in ("console-overview.png", "console-job.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    assert csp_violations(browser) == []
