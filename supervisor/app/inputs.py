@@ -78,6 +78,13 @@ def count(field: str, value: int | None, low: int, high: int) -> int | None:
     return value
 
 
+def count_arg(field: str, text: str) -> int:
+    """A whole number typed by a person (a form field), as `count` checks it later."""
+    if not text.strip().isdigit():
+        raise BadInput("must be a whole number", field=field)
+    return int(text)
+
+
 def text(field: str, value: str | None, *, max_length: int, required: bool = False) -> str | None:
     """Free text that goes to the database and the API: no control characters (PostgreSQL
     refuses NUL in text, and a query is sent upstream before it is stored)."""

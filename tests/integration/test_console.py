@@ -235,7 +235,8 @@ async def test_a_cancelled_jobs_page_tells_its_story(console: Console, fake_serv
     assert f"final {job.credits_used}" in svg
     assert 'id="cancel"' in page
     assert "disabled" in page[page.index('id="cancel"') :].split(">")[0]
-    assert 'id="continue" disabled' in page
+    # A cancelled job cannot be continued (only a completed one): the button says why.
+    assert "only a completed job can be continued" in page[page.index('id="continue"') :].split(">")[0]
     for kind in ("tracked", "transition"):
         assert f"kind-{kind}" in page
 

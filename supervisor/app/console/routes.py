@@ -132,6 +132,7 @@ class Console:
             ("/jobs/track", self.track, "POST"),
             ("/jobs/{job_id}", self.job, "GET"),
             ("/jobs/{job_id}/cancel", self.cancel, "POST"),
+            ("/jobs/{job_id}/continue", self.continue_job, "POST"),
             ("/report", self.report, "GET"),
             ("/report.csv", self.report_csv, "GET"),
             ("/logout", self.logout, "POST"),
@@ -317,6 +318,7 @@ class Console:
             chart=charts.credits_chart(story),
             story=story,
             cancellable=job.state is State.WATCHING,
+            continuable=job.state is State.COMPLETED,
             terminal=job.state in TERMINAL,
             page="jobs",
         )
@@ -333,6 +335,13 @@ class Console:
         job_id = request.path_params["job_id"]
         # Counted, logged and announced by the daemon's effects, as a cancel from the CLI or /v1.
         await self._ops().manual_cancel(job_id, visit.field("reason") or None)
+        return RedirectResponse(f"{PREFIX}/jobs/{quote(job_id)}", 303)
+
+    async def continue_job(self, request: Request, visit: Visit) -> Response:
+        job_id = request.path_params["job_id"]
+        additional = inputs.count_arg("additional", visit.field("additional") or "30")
+        # Through admission, as `clado-supervisor continue` and POST /v1/jobs/{id}/continue.
+        await self._ops().continue_job(job_id, additional)
         return RedirectResponse(f"{PREFIX}/jobs/{quote(job_id)}", 303)
 
     async def report(self, request: Request, visit: Visit) -> Response:
