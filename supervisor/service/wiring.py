@@ -47,11 +47,17 @@ async def open_store(config: Config) -> Store:
     try:
         if config.database.auto_migrate:
             await asyncio.to_thread(migrate.upgrade, url)
-        elif not await asyncio.to_thread(migrate.is_current, url):
-            raise ConfigError(
-                f"{config.source}: database.auto_migrate: the database schema is not current; "
-                "run `clado-supervisor migrate`"
-            )
+        else:
+            schema = await asyncio.to_thread(migrate.check_schema, url)
+            if not schema.known:
+                raise migrate.SchemaUnknown(schema.problem)
+            if not schema.current:
+                raise ConfigError(
+                    f"{config.source}: database.auto_migrate: the database schema is not current; "
+                    "run `clado-supervisor migrate`"
+                )
+    except migrate.SchemaUnknown as exc:  # a newer version's schema: what to do, in one line
+        raise RuntimeFailure(f"database: {exc}") from None
     except SQLAlchemyError as exc:
         raise RuntimeFailure(f"cannot open the database: {_db_error(exc)}") from None
     return Store(url)
