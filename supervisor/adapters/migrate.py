@@ -4,6 +4,7 @@ what a database's schema revision means for this version of the code."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -113,15 +114,22 @@ class Schema:
 def schema_of(url: str, *, read_only: bool = False) -> Schema:
     """The database's schema revisions. `read_only` (a running daemon's check) opens a SQLite
     file read-only, so a database file deleted meanwhile is not created again, empty."""
-    script = ScriptDirectory.from_config(_alembic_config(url))
-    ours = {revision.revision for revision in script.walk_revisions()}
+    ours, head = _our_revisions()
     engine = _engine(url, read_only)
     try:
         with engine.connect() as connection:
             revisions = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
     finally:
         engine.dispose()
-    return Schema(revisions, script.get_current_head() or "", all(rev in ours for rev in revisions))
+    return Schema(revisions, head, all(rev in ours for rev in revisions))
+
+
+@functools.cache
+def _our_revisions() -> tuple[frozenset[str], str]:
+    """The revisions the shipped scripts define, and their head (read once: a running
+    daemon checks its database's schema periodically)."""
+    script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
+    return frozenset(revision.revision for revision in script.walk_revisions()), script.get_current_head() or ""
 
 
 def _engine(url: str, read_only: bool) -> Engine:

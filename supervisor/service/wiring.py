@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from supervisor.adapters import migrate
 from supervisor.adapters.clado import CladoClient
+from supervisor.adapters.dbwatch import DatabaseFault
 from supervisor.adapters.logs import configure_logging
 from supervisor.adapters.secrets import api_key
 from supervisor.adapters.store import Store
@@ -103,6 +104,8 @@ async def run_daemon(config_path: Path, services: ServicesFor = _no_services) ->
                 await daemon.run_until_signalled(beside)
             except OSError as exc:  # the admin API could not bind its address
                 raise RuntimeFailure(str(exc)) from None
+            except DatabaseFault as exc:  # exit 1: systemd restarts it on the database as it is
+                raise RuntimeFailure(f"database: {exc}") from None
         finally:
             await store.close()
     finally:
