@@ -521,11 +521,10 @@ def test_admin_api_beyond_loopback(tmp_path: Path, listen: str, beyond: bool) ->
 
 
 def test_changed_keys_names_each_changed_added_and_removed_key(tmp_path: Path) -> None:
-    old = load(tmp_path, '[policies.default]\nmax_credits = 40\n[policies.bulk]\nmax_credits = 9\n')
+    old = load(tmp_path, "[policies.default]\nmax_credits = 40\n[policies.bulk]\nmax_credits = 9\n")
     new = load(
         tmp_path,
-        '[supervisor]\npoll_interval = "5s"\n[policies.default]\nmax_credits = 30\n'
-        '[budgets.team]\ncredits = 100\n',
+        '[supervisor]\npoll_interval = "5s"\n[policies.default]\nmax_credits = 30\n[budgets.team]\ncredits = 100\n',
     )
     changed = changed_keys(old, new)
     assert "supervisor.poll_interval" in changed
