@@ -180,7 +180,8 @@ class Daemon:
                 problem = str(exc)
             if problem is not None:
                 metrics.CONFIG_RELOADS.labels("failure").inc()
-                log.error("config reload refused; keeping the running config", problem=problem)
+                # The wording and the `error` key are what operators' alerts already match.
+                log.error("config reload failed; keeping the previous config", error=problem)
                 return False
             for section in RESTART_SECTIONS:
                 if getattr(new, section) != getattr(old, section):

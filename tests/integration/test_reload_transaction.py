@@ -31,7 +31,7 @@ max_credits = 30
 """
 DEFAULT_ONLY = '[policies.default]\nmax_runtime = "30m"\nmax_credits = 200'
 BUDGET = '\n[budgets.team-x]\nmatch = { team = "x" }\ncredits = 1000\nreserve = true\n'
-REFUSED = "config reload refused; keeping the running config"
+REFUSED = "config reload failed; keeping the previous config"
 EMPTY = "the file has no settings (empty); refusing to fall back to the built-in defaults"
 
 
@@ -68,7 +68,7 @@ async def test_a_reload_that_removes_a_policy_running_jobs_use_is_refused(
             assert await daemon.reload_config() is False
 
         # One error line naming the problem, a metric, and the old rules still in force.
-        assert [entry["problem"] for entry in errors(logs)] == [
+        assert [entry["error"] for entry in errors(logs)] == [
             (
                 f"{path}: policies.bulk: removed, but 1 running job(s) use it (set supervisor.allow_orphaning = true "
                 "to remove it anyway)"
@@ -115,7 +115,7 @@ async def test_a_reload_that_removes_a_budget_with_an_open_reservation_is_refuse
         put(path, config_text(base, sqlite_url))
         with capture_logs() as logs:
             assert await daemon.reload_config() is False
-        assert [entry["problem"] for entry in errors(logs)] == [
+        assert [entry["error"] for entry in errors(logs)] == [
             (
                 f"{path}: budgets.team-x: removed, but 0 running job(s) and 1 open reservation(s) count against it "
                 "(set supervisor.allow_orphaning = true to remove it anyway)"
@@ -145,7 +145,7 @@ async def test_an_empty_or_invalid_file_is_refused(
         put(path, body)
         with capture_logs() as logs:
             assert await daemon.reload_config() is False
-        assert [entry["problem"] for entry in errors(logs)] == [f"{path}: {problem}"]
+        assert [entry["error"] for entry in errors(logs)] == [f"{path}: {problem}"]
         assert daemon.config.config_hash == running_hash
 
 
@@ -159,7 +159,7 @@ async def test_a_fifo_in_place_of_the_config_is_refused_without_blocking(
         os.mkfifo(path)  # nobody ever writes to it
         with capture_logs() as logs:
             assert await daemon.reload_config() is False
-        assert [entry["problem"] for entry in errors(logs)] == [
+        assert [entry["error"] for entry in errors(logs)] == [
             f"{path}: not a regular file (it is a FIFO); the config must be a regular file"
         ]
         assert daemon.scheduler_running
