@@ -9,13 +9,16 @@ disable a limit.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -26,6 +29,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -36,6 +40,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 LABEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
 MAX_LABEL_VALUE = 256
+# A real config is a few KB: anything much larger is the wrong file (or /dev/zero).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -132,6 +138,9 @@ class _Section(BaseModel):
 
 
 class ApiConfig(_Section):
+    # Plain http:// sends the API key in clear text: allowed only to a loopback host or with
+    # this set. Declared before base_url, whose validator reads it.
+    allow_insecure_http: bool = False
     base_url: str = "https://search.clado.ai"
     api_key_env: str = "CLADO_API_KEY"
     api_key_file: Annotated[Path, BeforeValidator(lambda v: _path(v))] | None = None
@@ -147,10 +156,31 @@ class ApiConfig(_Section):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
         if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", value):
             raise ValueError(f"base_url must be an http(s) URL, got {value!r}")
+        _refuse_plain_http(value, info, "would send the API key unencrypted", "api.allow_insecure_http = true")
         return value.rstrip("/")
+
+
+def _refuse_plain_http(url: str, info: ValidationInfo, risk: str, escape: str) -> None:
+    """https, or plain http to this host only (loopback), or the operator's explicit yes."""
+    if url.startswith("https://") or info.data.get("allow_insecure_http") or is_loopback(urlsplit(url).hostname):
+        return
+    raise ValueError(f"plain http:// to a host beyond loopback {risk}; use https:// (or set {escape})")
+
+
+def is_loopback(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost; a name that needs resolving counts as beyond loopback."""
+    if not host:
+        return False
+    host = host.removeprefix("[").removesuffix("]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class DatabaseConfig(_Section):
@@ -182,6 +212,10 @@ class SupervisorConfig(_Section):
     batch_size: PositiveInt = Field(default=1000, le=10000)
     lease_ttl: Duration = timedelta(seconds=30)
     shutdown_timeout: Duration = timedelta(seconds=10)
+    # A reload that removes a policy or budget still used by running jobs (or by open
+    # reservations) is refused, because those jobs would silently fall back to other limits;
+    # true lets such a reload through (running jobs on a removed policy then get `default`).
+    allow_orphaning: bool = False
 
     @field_validator("tick_interval")
     @classmethod
@@ -284,6 +318,9 @@ WEBHOOK_EVENTS = (
 
 
 class WebhookConfig(_Section):
+    # As in [api]: plain http:// beyond loopback only when this says so. Before url, whose
+    # validator reads it.
+    allow_insecure_http: bool = False
     url: str
     events: list[Literal[WEBHOOK_EVENTS]] = Field(default_factory=lambda: list(WEBHOOK_EVENTS))  # type: ignore[valid-type]
     format: Literal["json", "slack"] = "json"
@@ -293,10 +330,18 @@ class WebhookConfig(_Section):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
         if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", value):
-            raise ValueError(f"webhook url must be an http(s) URL, got {value!r}")
+            raise ValueError(f"webhook url must be an http(s) URL, got {_without_userinfo(value)!r}")
+        _refuse_plain_http(
+            value, info, "would send its events (and their signature) unencrypted", "allow_insecure_http = true in it"
+        )
         return value
+
+
+def _without_userinfo(url: str) -> str:
+    """An error names the URL, never a password in it."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "…@", url, count=1)
 
 
 class NotifyConfig(_Section):
@@ -317,6 +362,13 @@ class HttpConfig(_Section):
     def _address(cls, value: str) -> str:
         split_address(value)
         return value
+
+    @property
+    def beyond_loopback(self) -> bool:
+        """Whether the admin API listens where other hosts can reach it (0.0.0.0, a LAN
+        address, a name): it then needs a token (secrets.admin_token) and warrants a warning
+        at start, since it serves plain HTTP."""
+        return self.enabled and not is_loopback(split_address(self.listen)[0])
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -451,20 +503,19 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path:
     return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, require_settings: bool = False) -> Config:
+    """The validated config in `path`. `require_settings` (a reload) refuses a file with no
+    settings at all: a truncated file must not quietly replace the limits with defaults."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    raw = _read_config(path)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    if require_settings and not data:
+        raise ConfigError(f"{path}: the file has no settings (empty); refusing to fall back to the built-in defaults")
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -473,6 +524,65 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     config._source = str(path)
     config._hash = hashlib.sha256(raw).hexdigest()[:12]
     return config
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _read_config(path: Path) -> bytes:
+    """The file's bytes: from a regular file only (a FIFO would block the reader for good,
+    /dev/zero never ends), and at most MAX_CONFIG_BYTES of them."""
+    raw = b""
+    try:
+        # stat before open: opening a device or a FIFO can itself block or have effects.
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            with open(fd, "rb") as file:
+                # Checked again on what was opened: the name may have been swapped meanwhile.
+                kind = _not_regular(os.fstat(file.fileno()).st_mode)
+                if kind is None:
+                    raw = file.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    if kind is not None:
+        raise ConfigError(f"{path}: not a regular file (it is {kind}); the config must be a regular file")
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is too large (over {MAX_CONFIG_BYTES // 1024 // 1024} MiB)")
+    return raw
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _FILE_KINDS if test(mode)), "an unknown kind of file")
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs (added and removed ones
+    too), for the log line of a reload: `policies.bulk.max_credits`, `budgets.team-x`."""
+    changed: list[str] = []
+
+    def walk(prefix: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in dict.fromkeys([*a, *b]):
+                walk(f"{prefix}.{key}" if prefix else str(key), a.get(key, _ABSENT), b.get(key, _ABSENT))
+        elif a != b:
+            changed.append(prefix)
+
+    walk("", old.model_dump(), new.model_dump())
+    return changed
+
+
+_ABSENT = object()
 
 
 def _first_error(exc: ValidationError) -> str:

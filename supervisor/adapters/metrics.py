@@ -123,3 +123,9 @@ TASK_FAILURES = Counter(
     ["operation"],
     registry=REGISTRY,
 )
+CONFIG_RELOADS = Counter(
+    _P + "config_reloads_total",
+    "Config reloads (SIGHUP) by outcome: success or failure.",
+    ["outcome"],
+    registry=REGISTRY,
+)

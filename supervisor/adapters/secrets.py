@@ -56,3 +56,18 @@ def api_key(config: Config) -> str:
             f"{config.source}: api.api_key_env: the environment variable {shown} is not set (or set api.api_key_file)"
         )
     return value
+
+
+def admin_token(config: Config) -> str | None:
+    """The admin API's token (None: its /v1 routes stay disabled). An admin API that listens
+    beyond loopback needs one: without it /metrics and the health routes would be open to
+    every host that can reach the port."""
+    token = read_secret(
+        env_name=config.http.token_env, file=config.http.token_file, key="http.token_file", source=config.source
+    )
+    if token is None and config.http.beyond_loopback:
+        raise ConfigError(
+            f"{config.source}: http.listen: the admin API would listen on {config.http.listen} (beyond loopback) "
+            "without a token; set http.token_env's variable or http.token_file, or listen on 127.0.0.1"
+        )
+    return token

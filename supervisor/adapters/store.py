@@ -75,6 +75,17 @@ def sync_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+def private_sqlite_file(url: str) -> None:
+    """Create a SQLite database file readable by its owner only (0600), before SQLite would
+    create it 0644: it holds job queries and labels. SQLite gives its -wal and -shm files
+    the database file's mode. An existing file is left as it is."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database.startswith((":memory:", "file:")):
+        return
+    os.close(os.open(database, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+
+
 def configure_sqlite(engine: Any) -> None:
     """WAL (readers never block the writer), a busy timeout for the CLI writing beside the
     daemon, and BEGIN IMMEDIATE so a write transaction takes the lock up front instead
@@ -172,6 +183,8 @@ class Store:
                     "application_name": f"clado-supervisor {self.owner}"[:63],
                 },
             }
+        if self.is_sqlite:
+            private_sqlite_file(url)
         self.engine: AsyncEngine = create_async_engine(async_url(url), **options)
         if self.is_sqlite:
             configure_sqlite(self.engine.sync_engine)

@@ -143,6 +143,9 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
 @click.pass_context
 def run(ctx: click.Context) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it, SIGHUP reloads the config)."""
+    from supervisor.service.held_signals import hold_reloads
+
+    hold_reloads()  # before the slow imports: a SIGHUP during start-up must not end the process
     run_async(_app().run_daemon(ctx.obj["config_path"]))
 
 

@@ -15,7 +15,15 @@ handler whose write fails has sent nothing, and its job is claimed again once it
 has expired.
 
 Every service reads the config through `current_config` when it uses it, so a reload
-reaches all of them at once; `_adopt` is the one place the current config changes.
+reaches all of them at once; `_adopt` is the one place the current config changes, and
+`reload_config` the one way a new file gets there: read bounded, validated whole, compared
+with the running config, and refused (the running config kept, one error line, a metric)
+rather than adopted when it would quietly weaken enforcement.
+
+The database is watched (adapters/dbwatch.py): a SQLite file deleted or replaced under the
+daemon, or a schema revision this version does not know, makes the daemon unready
+(`database_problem`), stops all claiming and chores at once, and ends the process with a
+failure after DATABASE_GRACE, so that systemd starts it again on the database as it is.
 """
 
 from __future__ import annotations
@@ -33,17 +41,21 @@ from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from supervisor.adapters import metrics
 from supervisor.adapters.clado import CladoClient
+from supervisor.adapters.dbwatch import DatabaseFault, DatabaseWatch
 from supervisor.adapters.store import Store, db_error_text, utcnow
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.adapters.writer import BatchWriter
-from supervisor.config import Config, ConfigError, load_config
+from supervisor.config import Config, ConfigError, changed_keys, load_config
+from supervisor.core.states import ACTIVE
 from supervisor.service.chores import Enforcer
 from supervisor.service.dispatcher import Dispatcher
 from supervisor.service.effects import Effects
 from supervisor.service.elector import Elector
 from supervisor.service.executor import JobHandler
+from supervisor.service.held_signals import take_held_reload
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
 from supervisor.service.leases import LeaseKeeper
 
@@ -53,6 +65,13 @@ log = structlog.get_logger("supervisor.daemon")
 # (the client, the store, the hooks, the admin API, the scheduler's intervals).
 RESTART_SECTIONS = ("database", "api", "notify", "http")
 RESTART_KEYS = ("tick_interval", "lease_ttl", "leader_ttl")
+# A reload reads a small local file: longer than this means a hung filesystem.
+RELOAD_READ_TIMEOUT = 5.0
+# How often the database is checked for a deleted/replaced file or an unknown schema, and how
+# long the daemon stays up (unready, enforcing nothing) once it found one: long enough for
+# /readyz and the log to say why, short enough that systemd restarts it soon.
+DATABASE_WATCH_EVERY = 5.0
+DATABASE_GRACE = 10.0
 
 
 class Service(Protocol):
@@ -104,6 +123,15 @@ class Daemon:
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
         self.elector.on_change(self.housekeeping.leadership_changed)
+        self._reload_lock = asyncio.Lock()
+        self._up = False  # started and serving: a SIGHUP before then is held
+        self._reload_held = False
+        self.database_watch = DatabaseWatch(store.url)
+        self.database_watch_every = DATABASE_WATCH_EVERY
+        self.database_grace = DATABASE_GRACE
+        # Why the database must not be used any more (for /readyz), once the watch found it.
+        self.database_problem: str | None = None
+        self.database_failed = asyncio.Event()
 
     # -- the one current config ---------------------------------------------------------
 
@@ -120,23 +148,87 @@ class Daemon:
         self._config = new
 
     def reload(self) -> None:
-        """SIGHUP: adopt a valid new config for every job's next evaluation and every
-        service's next run; keep the old one if the file is broken."""
+        """SIGHUP: start a reload (`reload_config`) beside the loop, which never waits on
+        the file. Reloads run one at a time, in the order asked."""
         if self.config_path is None:
             return
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("config reload failed; keeping the previous config", error=str(exc))
+
+        async def reload() -> None:
+            await self.reload_config()
+
+        self._spawn(reload, "config-reload")
+
+    async def reload_config(self) -> bool:
+        """Adopt the config file's new content for every job's next evaluation and every
+        service's next run, or refuse it and keep the running config. Returns whether the
+        new config is now in force. Refused: a file that cannot be read in time, is not a
+        regular file, is too large, invalid or empty, and one that removes a policy or
+        budget still used by running jobs or open reservations (unless it sets
+        `supervisor.allow_orphaning = true`)."""
+        if self.config_path is None:
+            return False
+        async with self._reload_lock:
+            old = self._config
+            problem: str | None = None
+            try:
+                async with asyncio.timeout(RELOAD_READ_TIMEOUT):
+                    new = await asyncio.to_thread(load_config, self.config_path, require_settings=True)
+                await self._refuse_orphaning(old, new)
+            except TimeoutError:
+                problem = f"{self.config_path}: not read within {RELOAD_READ_TIMEOUT:g} s"
+            except ConfigError as exc:
+                problem = str(exc)
+            if problem is not None:
+                metrics.CONFIG_RELOADS.labels("failure").inc()
+                # The wording and the `error` key are what operators' alerts already match.
+                log.error("config reload failed; keeping the previous config", error=problem)
+                return False
+            for section in RESTART_SECTIONS:
+                if getattr(new, section) != getattr(old, section):
+                    log.warning("config change needs a restart to take effect", section=section)
+            for key in RESTART_KEYS:
+                if getattr(new.supervisor, key) != getattr(old.supervisor, key):
+                    log.warning("config change needs a restart to take effect", key=f"supervisor.{key}")
+            self._adopt(new)
+            metrics.CONFIG_RELOADS.labels("success").inc()
+            log.info("config reloaded", changed=changed_keys(old, new), config_hash=new.config_hash)
+            return True
+
+    async def _refuse_orphaning(self, old: Config, new: Config) -> None:
+        """ConfigError when `new` removes a policy that running jobs are on, or a budget
+        that running jobs or open reservations count against: those jobs would silently
+        be judged by other limits (a removed policy falls back to `default`)."""
+        policies = [name for name in old.policies if name not in new.policies]
+        budgets = [name for name in old.budgets if name not in new.budgets]
+        if not (policies or budgets) or new.supervisor.allow_orphaning:
             return
-        for section in RESTART_SECTIONS:
-            if getattr(new, section) != getattr(self._config, section):
-                log.warning("config change needs a restart to take effect", section=section)
-        for key in RESTART_KEYS:
-            if getattr(new.supervisor, key) != getattr(self._config.supervisor, key):
-                log.warning("config change needs a restart to take effect", key=f"supervisor.{key}")
-        self._adopt(new)
-        log.info("config reloaded", config_hash=new.config_hash)
+        source = new.source
+        try:
+            running = [job for state in ACTIVE for job in await self.store.list_jobs(state.value)]
+            reserved = [
+                labels
+                for rows in (await self.store.usage([None], self.clock())).values()
+                for labels, usage in rows
+                if usage.reserved > 0
+            ] if budgets else []  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - whatever failed, unchecked means refused
+            raise ConfigError(
+                f"{source}: cannot check that no running job uses a removed policy or budget "
+                f"(database: {db_error_text(exc)})"
+            ) from None
+        escape = "set supervisor.allow_orphaning = true to remove it anyway"
+        for name in policies:
+            users = sum(job.policy == name for job in running)
+            if users:
+                raise ConfigError(f"{source}: policies.{name}: removed, but {users} running job(s) use it ({escape})")
+        for name in budgets:
+            users = sum(name in old.budgets_for(dict(job.labels)) for job in running)
+            holds = sum(name in old.budgets_for(labels) for labels in reserved)
+            if users or holds:
+                raise ConfigError(
+                    f"{source}: budgets.{name}: removed, but {users} running job(s) and {holds} open "
+                    f"reservation(s) count against it ({escape})"
+                )
 
     # -- what the admin API and the tests read ----------------------------------------------
 
@@ -202,6 +294,7 @@ class Daemon:
             every(self.housekeeping.check_account, config.account.check_interval.total_seconds(), "account",
                   next_run_time=now)
         every(self.housekeeping.retention, RETENTION_EVERY, "retention")
+        every(self._watch_database, self.database_watch_every, "database")
         scheduler.start()
         log.info(
             "supervisor started",
@@ -252,11 +345,12 @@ class Daemon:
 
     async def run_until_signalled(self, services: Sequence[Service] = ()) -> None:
         """Start, tell systemd we are ready, serve until SIGTERM/SIGINT, stop in order:
-        the services (the admin API stops accepting requests) first, then the daemon."""
+        the services (the admin API stops accepting requests) first, then the daemon.
+        Raises DatabaseFault when it stopped because the database must not be used."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         started: list[Service] = []
         try:
             self.start()
@@ -264,6 +358,12 @@ class Daemon:
                 await service.start()
                 started.append(service)
             self._notifier.ready("supervising")
+            self._up = True
+            # A reload asked for during start-up (here or before `run` could handle it) is
+            # done now, on the file as it is now.
+            if take_held_reload() or self._reload_held:
+                log.info("reloading the config: a reload was asked for during start-up")
+                self.reload()
             await self.wait_stopped()
         finally:
             # Signals stay handled until the end: a second SIGTERM during shutdown must not
@@ -275,6 +375,38 @@ class Daemon:
             await self.stop()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+        if self.database_problem is not None:
+            raise DatabaseFault(self.database_problem)
+
+    def _on_sighup(self) -> None:
+        if self._up:
+            self.reload()
+        else:
+            self._reload_held = True
+            log.info("config reload held until start-up completes")
+
+    # -- the database watch ---------------------------------------------------------------
+
+    async def _watch_database(self) -> None:
+        """A deleted or replaced SQLite file, or an unknown schema revision: stop using the
+        database at once (no claim, no chore, no write), say why, and exit after the grace."""
+        if self.database_problem is not None:
+            return
+        problem = await asyncio.to_thread(self.database_watch.check)
+        if problem is None or self._stopping.is_set():
+            return
+        self.database_problem = problem
+        log.error(
+            "database unusable: stopped claiming and enforcing; exiting for a restart",
+            problem=problem, exit_in_seconds=self.database_grace,
+        )  # fmt: skip
+        self._notifier.status(f"database unusable: {problem}")
+        if self._scheduler is not None:
+            for job in self._scheduler.get_jobs():
+                if job.id != "database":
+                    job.pause()
+        self.database_failed.set()
+        asyncio.get_running_loop().call_later(self.database_grace, self.request_stop)
 
     # -- running the services -------------------------------------------------------------
 

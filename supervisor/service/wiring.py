@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from supervisor.adapters import migrate
 from supervisor.adapters.clado import CladoClient
+from supervisor.adapters.dbwatch import DatabaseFault
 from supervisor.adapters.logs import configure_logging
 from supervisor.adapters.secrets import api_key
 from supervisor.adapters.store import Store
@@ -47,11 +48,17 @@ async def open_store(config: Config) -> Store:
     try:
         if config.database.auto_migrate:
             await asyncio.to_thread(migrate.upgrade, url)
-        elif not await asyncio.to_thread(migrate.is_current, url):
-            raise ConfigError(
-                f"{config.source}: database.auto_migrate: the database schema is not current; "
-                "run `clado-supervisor migrate`"
-            )
+        else:
+            schema = await asyncio.to_thread(migrate.check_schema, url)
+            if not schema.known:
+                raise migrate.SchemaUnknown(schema.problem)
+            if not schema.current:
+                raise ConfigError(
+                    f"{config.source}: database.auto_migrate: the database schema is not current; "
+                    "run `clado-supervisor migrate`"
+                )
+    except migrate.SchemaUnknown as exc:  # a newer version's schema: what to do, in one line
+        raise RuntimeFailure(f"database: {exc}") from None
     except SQLAlchemyError as exc:
         raise RuntimeFailure(f"cannot open the database: {_db_error(exc)}") from None
     return Store(url)
@@ -97,6 +104,8 @@ async def run_daemon(config_path: Path, services: ServicesFor = _no_services) ->
                 await daemon.run_until_signalled(beside)
             except OSError as exc:  # the admin API could not bind its address
                 raise RuntimeFailure(str(exc)) from None
+            except DatabaseFault as exc:  # exit 1: systemd restarts it on the database as it is
+                raise RuntimeFailure(f"database: {exc}") from None
         finally:
             await store.close()
     finally:

@@ -41,7 +41,8 @@ def check_config(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert result.stdout == ""
     assert result.stderr.endswith("\n")
@@ -58,7 +59,8 @@ def test_corpus_is_complete() -> None:
     assert tomls == expected
     for stem in expected:
         text = (CORPUS / f"{stem}.expected").read_text(encoding="utf-8")
-        assert text.count("\n") <= 1 and text.strip(), stem
+        assert text.count("\n") <= 1, stem
+        assert text.strip(), stem
         assert text.startswith(PREFIX + "{path}: "), stem
 
 
@@ -109,3 +111,39 @@ def test_empty_config_is_valid(tmp_path: Path) -> None:
     assert result.stderr == ""
     assert result.stdout.startswith(f"{empty}: OK (policies: default; hash ")
     assert [p.name for p in tmp_path.iterdir()] == ["empty.toml"]
+
+
+def _cli(config: Path, command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "--config", str(config), command],
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_fifo_as_config_is_refused_at_once(tmp_path: Path, command: str) -> None:
+    """Nobody writes to the FIFO: reading it would hang the command for good."""
+    fifo = tmp_path / "supervisor.toml"
+    os.mkfifo(fifo)
+    result = _cli(fifo, command, cwd=tmp_path)
+    assert_one_line_error(
+        result, f"{PREFIX}{fifo}: not a regular file (it is a FIFO); the config must be a regular file"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["supervisor.toml"]
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_dev_zero_as_config_is_refused_at_once(tmp_path: Path, command: str) -> None:
+    """It never ends: reading it whole would take all memory."""
+    result = _cli(Path("/dev/zero"), command, cwd=tmp_path)
+    assert_one_line_error(
+        result, f"{PREFIX}/dev/zero: not a regular file (it is a character device); the config must be a regular file"
+    )
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_an_oversized_config_is_refused(tmp_path: Path, command: str) -> None:
+    big = tmp_path / "supervisor.toml"
+    big.write_text("# filler\n" * (120 * 1024))  # valid TOML, 1.2 MB
+    result = _cli(big, command, cwd=tmp_path)
+    assert_one_line_error(result, f"{PREFIX}{big}: config file is too large (over 1 MiB)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import pytest
 
 from supervisor.config import (
     CONFIG_ENV,
+    MAX_CONFIG_BYTES,
     Config,
     ConfigError,
     Policy,
+    changed_keys,
     config_path,
     load_config,
     parse_duration,
@@ -407,3 +410,126 @@ def test_sqlite_memory_and_existing_directory_are_accepted(tmp_path: Path) -> No
 def test_base_url_trailing_slash_is_removed(tmp_path: Path) -> None:
     config = load(tmp_path, '[api]\nbase_url = "http://127.0.0.1:8080/"\n')
     assert config.api.base_url == "http://127.0.0.1:8080"
+
+
+# --- what load_config reads: a regular file, bounded -----------------------------------------
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """No writer ever opens it: reading it would block for good."""
+    fifo = tmp_path / "supervisor.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as info:
+        load_config(fifo)
+    assert str(info.value) == f"{fifo}: not a regular file (it is a FIFO); the config must be a regular file"
+
+
+@pytest.mark.parametrize(("path", "kind"), [("/dev/zero", "a character device"), ("/", "a directory")])
+def test_a_device_or_a_directory_is_refused(path: str, kind: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: not a regular file (it is {kind}); the config must be a regular file"
+
+
+def test_a_symlink_to_a_regular_file_is_read(tmp_path: Path) -> None:
+    link = tmp_path / "link.toml"
+    link.symlink_to(write(tmp_path, "[policies.default]\nmax_credits = 7\n"))
+    assert load_config(link).policies["default"].max_credits == 7
+
+
+def test_an_oversized_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: config file is too large (over 1 MiB)"
+    assert load_config(write(tmp_path, "# padding\n" * (MAX_CONFIG_BYTES // 10 - 1))).source
+
+
+@pytest.mark.parametrize("body", ["", "\n\n", "# only comments\n# here\n"])
+def test_a_reload_refuses_a_file_without_settings(tmp_path: Path, body: str) -> None:
+    """A file truncated to nothing would otherwise replace every limit with the defaults."""
+    path = write(tmp_path, body)
+    assert load_config(path).policies["default"].max_credits == 200  # check-config: valid
+    with pytest.raises(ConfigError) as info:
+        load_config(path, require_settings=True)
+    assert str(info.value) == (
+        f"{path}: the file has no settings (empty); refusing to fall back to the built-in defaults"
+    )
+
+
+# --- plain http ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://search.clado.ai", "http://127.0.0.1:8080", "http://127.1.2.3", "http://[::1]:80", "http://localhost:9"],
+)
+def test_base_url_https_or_loopback_is_accepted(tmp_path: Path, url: str) -> None:
+    assert load(tmp_path, f'[api]\nbase_url = "{url}"\n').api.base_url == url
+
+
+@pytest.mark.parametrize("url", ["http://search.clado.ai", "http://10.0.0.5:8080", "http://[::ffff:10.0.0.5]"])
+def test_plain_http_base_url_beyond_loopback_is_refused(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, f'[api]\nbase_url = "{url}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: api.base_url: plain http:// to a host beyond loopback would send the API key unencrypted; "
+        "use https:// (or set api.allow_insecure_http = true)"
+    )
+
+
+def test_allow_insecure_http_lets_plain_http_through(tmp_path: Path) -> None:
+    config = load(tmp_path, '[api]\nallow_insecure_http = true\nbase_url = "http://clado.internal"\n')
+    assert config.api.base_url == "http://clado.internal"
+    # Its place in the section does not matter.
+    config = load(tmp_path, '[api]\nbase_url = "http://clado.internal"\nallow_insecure_http = true\n')
+    assert config.api.base_url == "http://clado.internal"
+
+
+def test_plain_http_webhook_is_refused_by_its_index_and_its_password_is_not_echoed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[notify.webhooks]]\nurl = "https://hooks.example/a"\n'
+        '[[notify.webhooks]]\nurl = "http://bot:hunter2@hooks.example/b"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: notify.webhooks[1].url: plain http:// to a host beyond loopback would send its events "
+        "(and their signature) unencrypted; use https:// (or set allow_insecure_http = true in it)"
+    )
+    path = write(tmp_path, '[[notify.webhooks]]\nurl = "ftp://bot:hunter2@hooks.example/b"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "hunter2" not in str(info.value)
+    allowed = load(tmp_path, '[[notify.webhooks]]\nurl = "http://hooks.lan/b"\nallow_insecure_http = true\n')
+    assert allowed.notify.webhooks[0].url == "http://hooks.lan/b"
+
+
+@pytest.mark.parametrize(
+    ("listen", "beyond"),
+    [("127.0.0.1:8787", False), ("[::1]:8787", False), ("localhost:1", False),
+     ("0.0.0.0:8787", True), ("[::]:8787", True), ("10.1.2.3:80", True), ("admin.lan:80", True)],
+)  # fmt: skip
+def test_admin_api_beyond_loopback(tmp_path: Path, listen: str, beyond: bool) -> None:
+    assert load(tmp_path, f'[http]\nlisten = "{listen}"\n').http.beyond_loopback is beyond
+    assert load(tmp_path, f'[http]\nenabled = false\nlisten = "{listen}"\n').http.beyond_loopback is False
+
+
+# --- what a reload changes --------------------------------------------------------------------
+
+
+def test_changed_keys_names_each_changed_added_and_removed_key(tmp_path: Path) -> None:
+    old = load(tmp_path, "[policies.default]\nmax_credits = 40\n[policies.bulk]\nmax_credits = 9\n")
+    new = load(
+        tmp_path,
+        '[supervisor]\npoll_interval = "5s"\n[policies.default]\nmax_credits = 30\n[budgets.team]\ncredits = 100\n',
+    )
+    changed = changed_keys(old, new)
+    assert "supervisor.poll_interval" in changed
+    assert "policies.default.max_credits" in changed
+    assert "policies.bulk" in changed
+    assert "budgets.team" in changed
+    assert not any(key.startswith(("api", "database", "logging")) for key in changed)
+    assert changed_keys(old, old) == []
