@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from supervisor.adapters.clado import CladoClient, CladoError, validate_job_id
-from supervisor.adapters.secrets import read_secret
+from supervisor.adapters.secrets import admin_token
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
@@ -40,16 +40,20 @@ ADMISSION_TTL = timedelta(minutes=10)
 
 def admin_api(config: Config) -> Callable[[Daemon], list[Service]]:
     """The admin API beside the daemon, when [http] enables it. Its token is read now,
-    before the database is opened, so a missing secret fails before any migration."""
-    token = read_secret(
-        env_name=config.http.token_env, file=config.http.token_file, key="http.token_file", source=config.source
-    )
+    before the database is opened, so a missing secret fails before any migration; beyond
+    loopback it is required (secrets.admin_token) and its plain HTTP is warned about."""
+    token = admin_token(config)
 
     def build(daemon: Daemon) -> list[Service]:
         if not config.http.enabled:
             return []
         from supervisor.app.http import AdminApi, AdminServer
 
+        if config.http.beyond_loopback:
+            log.warning(
+                "the admin API listens beyond loopback over plain HTTP: put it behind TLS or a private network",
+                listen=config.http.listen,
+            )
         return [AdminServer(AdminApi(daemon, token, config.http.max_body_bytes), config.http.listen)]
 
     return build

@@ -248,6 +248,8 @@ class Daemon:
         """Why the daemon should not be counted on now, beyond the database and the tick
         (which /readyz checks itself): each a short line for an operator."""
         found = []
+        if self.database_problem is not None:
+            found.append(f"database: {self.database_problem}")
         if self.dispatcher.api_misconfigured:
             found.append("api: every job answers 404 and so does /api/credits: check api.base_url")
         return found

@@ -386,8 +386,10 @@ def test_compose_file_runs_the_image_as_documented() -> None:
     assert config and config[0][2:] == ["ro"], volumes
     assert (base / config[0][0]).resolve() == CONTAINER_CONFIG
 
-    assert service["secrets"] == ["clado_api_key"]
+    # The API key, and the admin token the daemon requires when it listens beyond loopback.
+    assert service["secrets"] == ["clado_api_key", "clado_admin_token"]
     assert compose["secrets"]["clado_api_key"] == {"file": "./secrets/clado_api_key"}
+    assert compose["secrets"]["clado_admin_token"] == {"file": "./secrets/clado_admin_token"}
     container = tomllib.loads(CONTAINER_CONFIG.read_text())
     assert container["api"]["api_key_file"] == SECRET_PATH  # where compose mounts the secret
 
