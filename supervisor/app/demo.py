@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +33,7 @@ from rich.text import Text
 
 from supervisor.adapters.logs import configure_logging
 from supervisor.adapters.store import Store, utcnow
+from supervisor.app.http import AdminApi, AdminServer
 from supervisor.app.operations import Operations
 from supervisor.app.top import STATE_STYLE
 from supervisor.config import Config, load_config
@@ -305,10 +307,16 @@ class Tour:
         client = client_for(self.config)
         daemon = Daemon(self.config, store, client)
         daemon.start()
+        # The web console beside it, on a free loopback port, with a token for this run only.
+        token = secrets.token_hex(16)  # hex: it can never look like an API key (lk_…)
+        console = AdminServer(AdminApi(daemon, token, self.config.http.max_body_bytes), "127.0.0.1:0")
+        await console.start()
+        self.console.print(f"  console    http://127.0.0.1:{console.port}/ui  (admin token {token}, this run only)")
         try:
-            await self._submit(Operations(self.config, store, client))
+            await self._submit(Operations(self.config, store, client, daemon.effects))
             await self._watch(store)
         finally:
+            await console.stop()
             await daemon.stop()
             await client.aclose()
             await store.close()

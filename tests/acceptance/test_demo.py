@@ -40,6 +40,7 @@ def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: P
     assert "matches the simulator's bill for 13 of 13" in out
     # Prevention first: the submissions over max_credits (500 and 300 asked, 60 each allowed).
     flowing = " ".join(out.split())  # the summary wraps at the terminal's width
+    assert re.search(r"console http://127\.0\.0\.1:\d+/ui \(admin token [0-9a-f]{32}, this run only\)", flowing)
     assert "2 submission(s) capped at the source: the API was asked for 120 of the 800" in flowing
     observe = re.search(r"The observe-mode rule \(policies.shadow, max_credits 20\) would have cancelled 1 job\(s\); "
                         r"it only recorded that, and switched on it would have saved ([\d,]+) more credits", out)
