@@ -70,7 +70,8 @@ def test_the_openapi_document_is_valid(daemon: RunningDaemon) -> None:
         operations.append(f"{operation.method.upper()} {operation.path}")
     assert sorted(operations) == sorted([
         "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/jobs", "POST /v1/jobs",
-        "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "POST /v1/submit",
+        "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "POST /v1/jobs/{job_id}/continue",
+        "POST /v1/submit",
     ])
     assert schema.iter_schema_warnings() == []
 
@@ -103,7 +104,8 @@ def test_schemathesis_finds_no_server_error(daemon: RunningDaemon, tmp_path: Pat
     statuses = _recorded_statuses(report)
     assert set(statuses) == {
         "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/jobs", "POST /v1/jobs",
-        "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "POST /v1/submit",
+        "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "POST /v1/jobs/{job_id}/continue",
+        "POST /v1/submit",
     }, output
     server_errors = {label: codes for label, codes in statuses.items() if any(code >= 500 for code in codes)}
     assert not server_errors, output

@@ -647,7 +647,11 @@ def test_secrets_never_appear_in_logs_outputs_answers_or_metrics(
     api = None
     try:
         api = Exchange(admin_port(daemon), SECRET_TOKEN)
-        runaway = run("submit", "runaway fake:rate=10", "--limit", "300", "--label", "team=growth").strip()
+        # A submit through the supervisor would be capped at max_credits: this runaway was
+        # started elsewhere, and is only tracked.
+        runaway = fake_api.create_job(query="runaway", rate=10, limit=300)
+        run("track", runaway, "--label", "team=growth")
+        run("submit", "a capped one", "--limit", "300", "--label", "team=growth")
         well_behaved = fake_api.create_job(rate=5, limit=10)
         sleeper = fake_api.create_job(rate=1, limit=1000)  # polled throughout, for the key rejection
         run("track", well_behaved, "--label", "team=search")
