@@ -181,10 +181,14 @@ class AdminApi:
         return self._token is not None
 
     def app(self) -> Starlette:
+        # One route per path with all its methods, so that a 405's Allow lists every one.
+        by_path: dict[str, dict[str, Handler]] = {}
+        for e in ENDPOINTS:
+            by_path.setdefault(e.path, {})[e.method] = self._guarded(self._handler(e))
         routes = [
             Route("/metrics", self.metrics_page),
             Route("/openapi.json", self.openapi),
-            *(Route(e.path, self._guarded(self._handler(e)), methods=[e.method]) for e in ENDPOINTS),
+            *(Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()),
         ]
         app = Starlette(
             routes=routes,
@@ -333,6 +337,14 @@ class AdminApi:
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         log.error("admin API request failed", path=request.url.path, exc_info=exc)
         return error_response(errors.Internal(type(exc).__name__))
+
+
+def _by_method(handlers: Mapping[str, Handler]) -> Handler:
+    async def dispatch(request: Request) -> Response:
+        # HEAD is answered as GET (Starlette adds it to a GET route and drops the body).
+        return await (handlers.get(request.method) or handlers["GET"])(request)
+
+    return dispatch
 
 
 # -- the jobs list's pages ----------------------------------------------------------------------

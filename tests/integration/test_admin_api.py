@@ -128,14 +128,35 @@ async def eventually(
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """An RFC 9457 problem details answer with this status and stable code."""
     assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
+    assert set(body) == {"type", "title", "status", "detail", "code", "error"}, body
+    assert (body["status"], body["code"], body["error"]) == (status, code, code), body
+    assert body["type"] == f"urn:clado-supervisor:problem:{code}", body
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
     assert "Traceback" not in response.text
     return dict(body)
+
+
+async def listed_jobs(admin: Admin, **params: Any) -> list[dict[str, Any]]:
+    """Every job `GET /v1/jobs` lists, following its cursor to the last page."""
+    jobs: list[dict[str, Any]] = []
+    query = dict(params)
+    while True:
+        response = await admin.v1("GET", "/v1/jobs", params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        jobs += page["jobs"]
+        if page["next_cursor"] is None:
+            return jobs
+        query["cursor"] = page["next_cursor"]
 
 
 def metric_samples(text: str) -> dict[str, list[Any]]:
@@ -222,6 +243,7 @@ async def test_a_missing_or_wrong_token_gets_401_and_the_right_one_works(
             for headers in wrong_headers:
                 response = await admin.http.request(method, path, json=body, headers=headers)
                 body_json = assert_error(response, 401, "unauthorized")
+                assert response.headers["www-authenticate"] == 'Bearer realm="clado-supervisor"'
                 assert TOKEN not in response.text, body_json
         # None of the refused requests did anything.
         assert await admin.daemon.store.list_jobs() == []
@@ -232,7 +254,7 @@ async def test_a_missing_or_wrong_token_gets_401_and_the_right_one_works(
         for scheme in ("Bearer", "bearer", "BEARER"):
             response = await admin.http.get("/v1/jobs", headers={"Authorization": f"{scheme} {TOKEN}"})
             assert response.status_code == 200, response.text
-            assert response.json() == []
+            assert response.json() == {"jobs": [], "next_cursor": None}
 
         # The token shows up nowhere: not in answers, not in metrics, not in the schema.
         responses = [
@@ -264,10 +286,13 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
         )
         assert response.status_code == 201, response.text
         assert response.json() == {"added": [first, second], "already_tracked": []}
+        assert response.headers["location"] == f"/v1/jobs/{first}"  # the first, for a batch
+        assert (await admin.v1("GET", response.headers["location"])).json()["job_id"] == first
 
         response = await admin.v1("POST", "/v1/jobs", json={"job_ids": [first]})
         assert response.status_code == 200, response.text
         assert response.json() == {"added": [], "already_tracked": [first]}
+        assert "location" not in response.headers  # nothing was created
 
         # A mix of new and known ids is a 201 naming both.
         third = fake.create_job(rate=1, limit=100)
@@ -319,7 +344,7 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
                 "POST", "/v1/jobs", content=json.dumps(body), headers={"Content-Type": "application/json"}
             )
             error = assert_error(response, 422, code)
-            assert words in error["message"], (body, error)
+            assert words in error["detail"], (body, error)
 
         for content in (
             b"", b"{", b"{'job_ids': []}", b"\xff\xfe", b"job_ids=a", b"[1,",
@@ -350,7 +375,7 @@ async def test_bodies_over_the_limit_get_413_however_they_are_sent(config: Confi
         # With a truthful Content-Length.
         response = await admin.v1("POST", "/v1/jobs", content=big, headers={"Content-Type": "application/json"})
         assert_error(response, 413, "payload_too_large")
-        assert "1024" in response.json()["message"]
+        assert "1024" in response.json()["detail"]
 
         # Streamed (chunked, no Content-Length): the limit is enforced while reading.
         request = admin.http.build_request(
@@ -374,6 +399,60 @@ async def test_bodies_over_the_limit_get_413_however_they_are_sent(config: Confi
         assert response.status_code == 201, response.text
 
 
+async def test_bodies_must_say_they_are_json(config: Config, fake_server: FakeServer) -> None:
+    async with admin_api(config, TOKEN) as admin:
+        body = json.dumps({"job_ids": ["typed-1"]}).encode()
+        for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+            for path in ("/v1/jobs", "/v1/submit", "/v1/jobs/typed-1/cancel"):
+                error = assert_error(await admin.v1("POST", path, content=body, headers=headers), 415,
+                                     "unsupported_media_type")
+                assert "application/json" in error["detail"]
+        assert await admin.daemon.store.list_jobs() == []  # nothing was read as JSON
+        assert fake_server.fake.stats()["initiate"] == 0
+        # A JSON type with parameters, or a +json type, is JSON.
+        for content_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
+            response = await admin.v1("POST", "/v1/jobs", content=body, headers={"Content-Type": content_type})
+            assert response.status_code in (200, 201), response.text
+        # A cancel without a body needs no type (its reason is optional).
+        response = await admin.v1("POST", "/v1/jobs/typed-1/cancel")
+        assert response.status_code == 200, response.text
+
+
+async def test_the_jobs_list_pages_by_cursor_without_skipping_or_repeating(config: Config) -> None:
+    async with admin_api(config, TOKEN) as admin:
+        first = [f"page-{n:02d}" for n in range(7)]
+        assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": first, "labels": {"team": "a"}})).status_code == 201
+        seen: list[str] = []
+        cursor = None
+        pages = 0
+        while True:
+            params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+            response = await admin.v1("GET", "/v1/jobs", params=params)
+            assert response.status_code == 200, response.text
+            page = response.json()
+            assert set(page) == {"jobs", "next_cursor"}
+            assert len(page["jobs"]) <= 3
+            seen += [job["job_id"] for job in page["jobs"]]
+            pages += 1
+            if pages == 1:
+                # Jobs tracked while a client pages through are on a later page, not lost.
+                assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": ["page-late"]})).status_code == 201
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [*first, "page-late"]  # oldest first, each once
+        assert pages == 3
+        # The default page holds them all; filters and the cursor combine.
+        assert (await admin.v1("GET", "/v1/jobs")).json()["next_cursor"] is None
+        by_label = await listed_jobs(admin, label="team=a", limit="2")
+        assert [job["job_id"] for job in by_label] == first
+
+        for params in ({"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"cursor": "not-a-cursor"},
+                       {"cursor": "W10"}):  # "W10" is base64 of [], a JSON array that is no key
+            error = assert_error(await admin.v1("GET", "/v1/jobs", params=params), 422, "invalid_request")
+            assert next(iter(params)) in error["detail"]
+
+
 async def test_list_filters_by_state_and_label_and_show_has_events(
     config: Config, fake_server: FakeServer
 ) -> None:
@@ -393,7 +472,7 @@ async def test_list_filters_by_state_and_label_and_show_has_events(
 
         await wait_until(daemon, done_completed, what="the short job completed")
 
-        listed = (await admin.v1("GET", "/v1/jobs")).json()
+        listed = await listed_jobs(admin)
         assert {job["job_id"] for job in listed} == {growth, other, done}
         for job in listed:
             for key in ("job_id", "state", "remote_status", "labels", "policy", "credits_used",
@@ -402,20 +481,20 @@ async def test_list_filters_by_state_and_label_and_show_has_events(
                 assert key in job
             assert job["source"] == "track"
 
-        by_growth = (await admin.v1("GET", "/v1/jobs", params={"label": "team=growth"})).json()
+        by_growth = await listed_jobs(admin, label="team=growth")
         assert [job["job_id"] for job in by_growth] == [growth]
         assert by_growth[0]["policy"] == "growth"  # chosen by the policy's match
         assert by_growth[0]["labels"] == {"team": "growth"}
         none = (await admin.v1("GET", "/v1/jobs", params=[("label", "team=growth"), ("label", "env=prod")])).json()
-        assert none == []
+        assert none == {"jobs": [], "next_cursor": None}
 
-        watching = (await admin.v1("GET", "/v1/jobs", params={"state": "watching"})).json()
+        watching = await listed_jobs(admin, state="watching")
         assert {job["job_id"] for job in watching} == {growth, other}
-        completed = (await admin.v1("GET", "/v1/jobs", params={"state": "completed"})).json()
+        completed = await listed_jobs(admin, state="completed")
         assert [job["job_id"] for job in completed] == [done]
         assert completed[0]["final_status"] == "completed"
         assert completed[0]["credits_used"] == 2
-        both = (await admin.v1("GET", "/v1/jobs", params={"state": "watching", "label": "team=search"})).json()
+        both = await listed_jobs(admin, state="watching", label="team=search")
         assert [job["job_id"] for job in both] == [other]
 
         assert_error(await admin.v1("GET", "/v1/jobs", params={"state": "running"}), 422, "invalid_request")
@@ -432,7 +511,9 @@ async def test_list_filters_by_state_and_label_and_show_has_events(
         assert_error(await admin.v1("GET", "/v1/jobs/never-tracked"), 404, "job_not_found")
         assert_error(await admin.v1("GET", "/v1/jobs/bad%20id"), 422, "invalid_request")
         assert_error(await admin.v1("GET", "/v1/nothing"), 404, "not_found")
-        assert_error(await admin.v1("DELETE", "/v1/jobs"), 405, "method_not_allowed")
+        not_allowed = await admin.v1("DELETE", "/v1/jobs")
+        assert_error(not_allowed, 405, "method_not_allowed")
+        assert {method.strip() for method in not_allowed.headers["allow"].split(",")} >= {"GET", "POST"}
         assert_error(await admin.v1("PUT", f"/v1/jobs/{done}"), 405, "method_not_allowed")
 
 
@@ -462,6 +543,7 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
         assert response.status_code == 201, response.text
         job_id = response.json()["job_id"]
         assert set(response.json()) == {"job_id"}
+        assert response.headers["location"] == f"/v1/jobs/{job_id}"
 
         info = fake.job_info(job_id)  # KeyError if the fake never saw it
         assert (info["query"], info["limit"]) == ("staff engineers in Berlin", 40)
@@ -472,7 +554,7 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
         assert shown["query"] == "staff engineers in Berlin"
         assert shown["labels"] == {"team": "growth"}
         assert shown["policy"] == "growth"
-        listed = (await admin.v1("GET", "/v1/jobs", params={"label": "team=growth"})).json()
+        listed = await listed_jobs(admin, label="team=growth")
         assert [job["job_id"] for job in listed] == [job_id]
 
         # The daemon picks it up like any other job.
@@ -495,15 +577,15 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
             ({"query": "a\x00b"}, "control characters"),  # PostgreSQL cannot store NUL
             ({"query": "tab\tand\x1c"}, "control characters"),
         ):
-            assert words in assert_error(await admin.v1("POST", "/v1/submit", json=body), 422, "invalid_request")["message"]
-        assert_error(await admin.v1("POST", "/v1/submit", content=b"nope"), 400, "invalid_json")
+            assert words in assert_error(await admin.v1("POST", "/v1/submit", json=body), 422, "invalid_request")["detail"]
+        assert_error(await admin.v1("POST", "/v1/submit", content=b"nope", headers=JSON), 400, "invalid_json")
         assert fake.stats()["initiate"] == 1  # nothing invalid was sent upstream
 
         # The API refuses a query it finds invalid (here a malformed simulator knob): that is
         # the caller's problem, a 422, not a gateway failure; nothing is tracked.
         error = assert_error(await admin.v1("POST", "/v1/submit", json={"query": "x fake:rate=abc"}),
                              422, "request_rejected")
-        assert "HTTP 400" in error["message"]
+        assert "HTTP 400" in error["detail"]
         assert len(await admin.daemon.store.list_jobs()) == 1
 
         # Upstream failures are reported, not crashed on.
@@ -582,7 +664,7 @@ async def test_manual_cancel_goes_through_the_state_machine_once(config: Config,
         )
         assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": 5}), 422, "invalid_request")
         assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "x" * 501}), 422, "invalid_request")
-        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", content=b"{"), 400, "invalid_json")
+        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", content=b"{", headers=JSON), 400, "invalid_json")
         assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "a\x00"}),
                      422, "invalid_request")
 
@@ -736,5 +818,5 @@ async def test_readyz_turns_unready_when_the_database_is_gone(
             await asyncio.to_thread(database_reachable, True)
 
         assert await eventually(lambda: readiness(200), what="/readyz ready again") == {"status": "ready"}
-        listed = (await admin.v1("GET", "/v1/jobs")).json()
+        listed = await listed_jobs(admin)
         assert [job["job_id"] for job in listed] == [job_id]  # nothing half-written during the outage
