@@ -542,7 +542,7 @@ def test_bad_job_ids_are_rejected_before_any_request(tmp_path: Path, fake_api: F
         status, body = api.json("GET", "/v1/jobs/" + "a" * 128)
         assert (status, body["error"]) == (404, "job_not_found"), body
         status, body = api.json("GET", "/v1/jobs")
-        assert (status, body) == (200, []), body
+        assert (status, body) == (200, {"jobs": [], "next_cursor": None}), body
     finally:
         assert daemon.stop(signal.SIGTERM) == 0
 
