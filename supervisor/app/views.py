@@ -234,3 +234,38 @@ class ReportView(View):
     observe_would_have_saved: int
     leaked_after_decision: int
     warnings_by_limit: dict[str, int]
+
+
+class ConfigCheckView(View):
+    """`check-config --json`: the file is valid (an invalid one is an error line, exit 2)."""
+
+    source: str
+    config_hash: str
+    policies: list[str]
+    budgets: list[str]
+
+    @classmethod
+    def of(cls, config: Config) -> ConfigCheckView:
+        return cls(
+            source=str(config.source),
+            config_hash=config.config_hash,
+            policies=list(config.policies),
+            budgets=list(config.budgets),
+        )
+
+
+class HealthcheckView(View):
+    """`healthcheck --json`: what the daemon's /healthz answered (status null: no answer)."""
+
+    healthy: bool
+    url: str
+    status: int | None
+    error: str | None
+
+
+class TopView(View):
+    """`top --once --json`: jobs by state (every state, 0 included) and the active jobs shown."""
+
+    generated_at: Timestamp
+    counts: dict[str, int]
+    active: list[JobView]
