@@ -148,8 +148,13 @@ def with_config(func: Callable[..., T]) -> Callable[..., T]:
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> T:
+        from supervisor.adapters.logs import configure_logging
+
         with _reported():
             config = load_config(ctx.obj["config_path"])
+        # What a command logs (a manual cancel's decision line) goes to stderr, never into
+        # the stdout a script parses.
+        configure_logging(config.logging.format, config.logging.level)
         return func(config, *args, **kwargs)
 
     return wrapper

@@ -172,6 +172,7 @@ def test_check_config_and_migrate(workdir: Path) -> None:
     help_text = cli("--help", cwd=workdir).stdout
     for command in ("run", "migrate", "check-config", "track", "submit", "jobs", "cancel", "fake-api", "demo"):
         assert command in help_text
+    assert cli(cwd=workdir).stdout == help_text  # bare: the same help, exit 0
 
 
 def test_top_once_and_healthcheck(workdir: Path) -> None:
@@ -180,7 +181,8 @@ def test_top_once_and_healthcheck(workdir: Path) -> None:
     cli("track", "job-top", "--label", "team=a", cwd=workdir)
     snapshot = cli("top", "--once", cwd=workdir)
     assert snapshot.returncode == 0, snapshot.stderr
-    assert "job-top" in snapshot.stdout and "watching 1" in snapshot.stdout
+    # Piped: the counts as state<TAB>count lines, then the active jobs (test_cli_scripting.py).
+    assert "job-top\twatching" in snapshot.stdout and "watching\t1" in snapshot.stdout.splitlines()
 
     config = workdir / "supervisor.toml"
     port = free_port()
