@@ -16,15 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import config_text, load, running_daemon
-from fakeserver import FakeServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.config import Config
-from supervisor.service.runtime import Daemon
-from supervisor.app.http import AdminApi, AdminServer
-from supervisor.core.states import State
+from conftest import config_text, load, running_daemon
+from fakeserver import FakeServer
 from supervisor.adapters.store import NewJob, utcnow
+from supervisor.app.http import AdminApi, AdminServer
+from supervisor.config import Config
+from supervisor.core.states import State
+from supervisor.service.runtime import Daemon
 
 TOKEN = "adm-7c1d9e0f4b2a8e6d5c3b"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -90,7 +90,11 @@ async def admin_api(config: Config, token: str | None) -> AsyncIterator[Admin]:
 
 
 async def wait_until(
-    daemon: Daemon, predicate: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, what: str = "condition"
+    daemon: Daemon,
+    predicate: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a test's bound, passed on to asyncio.timeout
+    what: str = "condition",
 ) -> Any:
     """Like conftest's `wait_until` (re-check after each batch the daemon writes), without its
     lost wakeup: there the flush to wait for is chosen only after the predicate has run, so a
@@ -113,7 +117,10 @@ async def wait_until(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout: float = 20.0, what: str = "condition"
+    check: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 20.0,  # noqa: ASYNC109 - a test's bound, passed on to asyncio.timeout
+    what: str = "condition",
 ) -> Any:
     """Re-ask an HTTP-observable condition until it holds (bounded); for things that no
     daemon write signals (readiness, metric refreshes)."""
@@ -139,8 +146,10 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert set(body) == {"type", "title", "status", "detail", "code", "error"}, body
     assert (body["status"], body["code"], body["error"]) == (status, code, code), body
     assert body["type"] == f"urn:clado-supervisor:problem:{code}", body
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
+    assert isinstance(body["title"], str)
+    assert body["title"]
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
     assert "Traceback" not in response.text
     return dict(body)
 
@@ -174,7 +183,8 @@ async def scrape(admin: Admin) -> tuple[str, dict[str, list[Any]]]:
 def total(families: dict[str, list[Any]], family: str, name: str, **labels: str) -> float:
     """The sum of a family's samples called `name` whose labels include `labels` (0 if none)."""
     return sum(
-        float(sample.value) for sample in families.get(family, [])
+        float(sample.value)
+        for sample in families.get(family, [])
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
 
@@ -208,9 +218,7 @@ async def test_without_a_token_v1_is_refused_and_the_public_pages_still_work(con
                 assert_error(response, 403, "admin_api_disabled")
         for path in ("/healthz", "/metrics", "/openapi.json"):
             assert (await admin.http.get(path)).status_code == 200, path
-        await eventually(
-            lambda: _status_is(admin, "/readyz", 200), what="/readyz ready after the first tick"
-        )
+        await eventually(lambda: _status_is(admin, "/readyz", 200), what="/readyz ready after the first tick")
         # Nothing reached the store.
         assert await admin.daemon.store.list_jobs() == []
 
@@ -297,8 +305,9 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
         # A mix of new and known ids is a 201 naming both.
         third = fake.create_job(rate=1, limit=100)
         response = await admin.v1(
-            "POST", "/v1/jobs", json={"job_ids": [second, third], "policy": "default", "max_runtime": "20m",
-                                      "max_credits": 150}
+            "POST",
+            "/v1/jobs",
+            json={"job_ids": [second, third], "policy": "default", "max_runtime": "20m", "max_credits": 150},
         )
         assert response.status_code == 201, response.text
         assert response.json() == {"added": [third], "already_tracked": [second]}
@@ -320,8 +329,11 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
             ({"job_ids": []}, "invalid_request", "job_ids"),
             ({}, "invalid_request", "job_ids"),
             ({"job_ids": ["fresh-ok-3"], "colour": "blue"}, "invalid_request", "colour: unknown field"),
-            ({"job_ids": ["fresh-ok-4"], "labels": {"team": "a"}, "lables": {}}, "invalid_request",
-             "lables: unknown field"),
+            (
+                {"job_ids": ["fresh-ok-4"], "labels": {"team": "a"}, "lables": {}},
+                "invalid_request",
+                "lables: unknown field",
+            ),
             ({"job_ids": "fresh-ok-5"}, "invalid_request", "job_ids"),
             ({"job_ids": [5]}, "invalid_request", "job_ids"),
             ({"job_ids": ["fresh-ok-6"], "max_credits": "10"}, "invalid_request", "max_credits"),
@@ -347,13 +359,16 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
             assert words in error["detail"], (body, error)
 
         for content in (
-            b"", b"{", b"{'job_ids': []}", b"\xff\xfe", b"job_ids=a", b"[1,",
+            b"",
+            b"{",
+            b"{'job_ids': []}",
+            b"\xff\xfe",
+            b"job_ids=a",
+            b"[1,",
             b"[" * 1000,  # nested deeper than the parser recurses (a RecursionError before)
             b'{"job_ids": ["fresh-ok-1"], "labels": {"k": "\\ud800"}}',  # a lone surrogate
         ):
-            response = await admin.v1(
-                "POST", "/v1/jobs", content=content, headers={"Content-Type": "application/json"}
-            )
+            response = await admin.v1("POST", "/v1/jobs", content=content, headers={"Content-Type": "application/json"})
             assert_error(response, 400, "invalid_json")
 
         after = {job.job_id for job in await admin.daemon.store.list_jobs()}
@@ -369,7 +384,7 @@ async def test_bodies_over_the_limit_get_413_however_they_are_sent(config: Confi
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(big), 256):
-            yield big[start:start + 256]
+            yield big[start : start + 256]
 
     async with admin_api(config, TOKEN) as admin:
         # With a truthful Content-Length.
@@ -404,8 +419,9 @@ async def test_bodies_must_say_they_are_json(config: Config, fake_server: FakeSe
         body = json.dumps({"job_ids": ["typed-1"]}).encode()
         for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
             for path in ("/v1/jobs", "/v1/submit", "/v1/jobs/typed-1/cancel"):
-                error = assert_error(await admin.v1("POST", path, content=body, headers=headers), 415,
-                                     "unsupported_media_type")
+                error = assert_error(
+                    await admin.v1("POST", path, content=body, headers=headers), 415, "unsupported_media_type"
+                )
                 assert "application/json" in error["detail"]
         assert await admin.daemon.store.list_jobs() == []  # nothing was read as JSON
         assert fake_server.fake.stats()["initiate"] == 0
@@ -447,23 +463,30 @@ async def test_the_jobs_list_pages_by_cursor_without_skipping_or_repeating(confi
         by_label = await listed_jobs(admin, label="team=a", limit="2")
         assert [job["job_id"] for job in by_label] == first
 
-        for params in ({"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"cursor": "not-a-cursor"},
-                       {"cursor": "W10"}):  # "W10" is base64 of [], a JSON array that is no key
+        for params in (
+            {"limit": "0"},
+            {"limit": "1001"},
+            {"limit": "x"},
+            {"cursor": "not-a-cursor"},
+            {"cursor": "W10"},
+        ):  # "W10" is base64 of [], a JSON array that is no key
             error = assert_error(await admin.v1("GET", "/v1/jobs", params=params), 422, "invalid_request")
             assert next(iter(params)) in error["detail"]
 
 
-async def test_list_filters_by_state_and_label_and_show_has_events(
-    config: Config, fake_server: FakeServer
-) -> None:
+async def test_list_filters_by_state_and_label_and_show_has_events(config: Config, fake_server: FakeServer) -> None:
     fake = fake_server.fake
     growth = fake.create_job(rate=1, limit=100)
     other = fake.create_job(rate=1, limit=100)
     done = fake.create_job(rate=50, limit=2)  # completes on its own within a poll or two
     async with admin_api(config, TOKEN) as admin:
         daemon = admin.daemon
-        assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [growth], "labels": {"team": "growth"}})).status_code == 201
-        assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [other], "labels": {"team": "search"}})).status_code == 201
+        assert (
+            await admin.v1("POST", "/v1/jobs", json={"job_ids": [growth], "labels": {"team": "growth"}})
+        ).status_code == 201
+        assert (
+            await admin.v1("POST", "/v1/jobs", json={"job_ids": [other], "labels": {"team": "search"}})
+        ).status_code == 201
         assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [done]})).status_code == 201
 
         async def done_completed() -> bool:
@@ -475,9 +498,19 @@ async def test_list_filters_by_state_and_label_and_show_has_events(
         listed = await listed_jobs(admin)
         assert {job["job_id"] for job in listed} == {growth, other, done}
         for job in listed:
-            for key in ("job_id", "state", "remote_status", "labels", "policy", "credits_used",
-                        "cancel_reason", "final_status", "submitted_at", "cancel_requested_at",
-                        "confirmed_at"):
+            for key in (
+                "job_id",
+                "state",
+                "remote_status",
+                "labels",
+                "policy",
+                "credits_used",
+                "cancel_reason",
+                "final_status",
+                "submitted_at",
+                "cancel_requested_at",
+                "confirmed_at",
+            ):
                 assert key in job
             assert job["source"] == "track"
 
@@ -537,7 +570,8 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
     fake = fake_server.fake
     async with admin_api(config, TOKEN) as admin:
         response = await admin.v1(
-            "POST", "/v1/submit",
+            "POST",
+            "/v1/submit",
             json={"query": "staff engineers in Berlin", "limit": 40, "labels": {"team": "growth"}},
         )
         assert response.status_code == 201, response.text
@@ -577,14 +611,17 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
             ({"query": "a\x00b"}, "control characters"),  # PostgreSQL cannot store NUL
             ({"query": "tab\tand\x1c"}, "control characters"),
         ):
-            assert words in assert_error(await admin.v1("POST", "/v1/submit", json=body), 422, "invalid_request")["detail"]
+            assert (
+                words in assert_error(await admin.v1("POST", "/v1/submit", json=body), 422, "invalid_request")["detail"]
+            )
         assert_error(await admin.v1("POST", "/v1/submit", content=b"nope", headers=JSON), 400, "invalid_json")
         assert fake.stats()["initiate"] == 1  # nothing invalid was sent upstream
 
         # The API refuses a query it finds invalid (here a malformed simulator knob): that is
         # the caller's problem, a 422, not a gateway failure; nothing is tracked.
-        error = assert_error(await admin.v1("POST", "/v1/submit", json={"query": "x fake:rate=abc"}),
-                             422, "request_rejected")
+        error = assert_error(
+            await admin.v1("POST", "/v1/submit", json={"query": "x fake:rate=abc"}), 422, "request_rejected"
+        )
         assert "HTTP 400" in error["detail"]
         assert len(await admin.daemon.store.list_jobs()) == 1
 
@@ -607,9 +644,10 @@ async def test_manual_cancel_goes_through_the_state_machine_once(config: Config,
 
         await wait_until(daemon, both_polled, what="both jobs polled once")
         _, samples = await scrape(admin)
-        manual_before = sample_value(
-            samples.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="manual"
-        ) or 0.0
+        manual_before = (
+            sample_value(samples.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="manual")
+            or 0.0
+        )
 
         # An empty body, and an explicit reason.
         response = await admin.http.post(f"/v1/jobs/{plain}/cancel", headers=AUTH)
@@ -660,13 +698,19 @@ async def test_manual_cancel_goes_through_the_state_machine_once(config: Config,
         assert_error(await admin.v1("POST", "/v1/jobs/bad%20id/cancel"), 422, "invalid_request")
         assert_error(
             await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "x", "force": True}),
-            422, "invalid_request",
+            422,
+            "invalid_request",
         )
         assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": 5}), 422, "invalid_request")
-        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "x" * 501}), 422, "invalid_request")
-        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", content=b"{", headers=JSON), 400, "invalid_json")
-        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "a\x00"}),
-                     422, "invalid_request")
+        assert_error(
+            await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "x" * 501}), 422, "invalid_request"
+        )
+        assert_error(
+            await admin.v1("POST", f"/v1/jobs/{plain}/cancel", content=b"{", headers=JSON), 400, "invalid_json"
+        )
+        assert_error(
+            await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "a\x00"}), 422, "invalid_request"
+        )
 
         _, samples = await scrape(admin)
         manual_after = sample_value(
@@ -685,9 +729,12 @@ async def test_metrics_parse_and_carry_the_daemon_s_numbers(config: Config, fake
     async with admin_api(config, TOKEN) as admin:
         daemon = admin.daemon
         _, before = await scrape(admin)
-        tight_before = sample_value(
-            before.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="max_credits"
-        ) or 0.0
+        tight_before = (
+            sample_value(
+                before.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="max_credits"
+            )
+            or 0.0
+        )
 
         assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": watched})).status_code == 201
         assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [runaway], "policy": "tight"})).status_code == 201
@@ -721,8 +768,10 @@ async def test_metrics_parse_and_carry_the_daemon_s_numbers(config: Config, fake
         tick = samples["clado_supervisor_tick_duration_seconds"]
         tick_count = sample_value(tick, "clado_supervisor_tick_duration_seconds_count")
         tick_sum = sample_value(tick, "clado_supervisor_tick_duration_seconds_sum")
-        assert tick_count is not None and tick_count >= 1
-        assert tick_sum is not None and 0 <= tick_sum < tick_count * 5
+        assert tick_count is not None
+        assert tick_count >= 1
+        assert tick_sum is not None
+        assert 0 <= tick_sum < tick_count * 5
         assert sample_value(tick, "clado_supervisor_tick_duration_seconds_bucket", le="+Inf") == tick_count
 
         # The registry is process-wide: what this test did is the difference with `before`.
@@ -737,8 +786,9 @@ async def test_metrics_parse_and_carry_the_daemon_s_numbers(config: Config, fake
         assert sample_value(cancels, "clado_supervisor_cancels_total", reason="max_credits") == tight_before + 1
         assert fake.job_info(runaway)["cancel_calls"] == 1
 
-        last_tick = sample_value(samples["clado_supervisor_last_tick_timestamp_seconds"],
-                                 "clado_supervisor_last_tick_timestamp_seconds")
+        last_tick = sample_value(
+            samples["clado_supervisor_last_tick_timestamp_seconds"], "clado_supervisor_last_tick_timestamp_seconds"
+        )
         assert last_tick is not None
         assert abs(last_tick - daemon.clock().timestamp()) < 60
 
@@ -763,6 +813,7 @@ async def test_healthz_is_ok_while_the_daemon_runs(config: Config) -> None:
 
 async def test_readyz_waits_for_a_tick_then_reports_ready(config: Config) -> None:
     async with admin_api(config, TOKEN) as admin:
+
         async def ready() -> dict[str, Any] | None:
             response = await admin.http.get("/readyz")
             return dict(response.json()) if response.status_code == 200 else None
@@ -789,7 +840,8 @@ async def test_readyz_turns_unready_when_the_database_is_gone(
             if not reachable:
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()", (name,),
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
                 )
 
     job_id = fake_server.fake.create_job(rate=1, limit=100)
@@ -812,8 +864,9 @@ async def test_readyz_turns_unready_when_the_database_is_gone(
             # The API's own reads fail cleanly too: a JSON 503, never a stack trace.
             assert_error(await admin.v1("GET", "/v1/jobs"), 503, "database_unavailable")
             assert_error(await admin.v1("GET", f"/v1/jobs/{job_id}"), 503, "database_unavailable")
-            assert_error(await admin.v1("POST", "/v1/jobs", json={"job_ids": ["during-outage"]}),
-                         503, "database_unavailable")
+            assert_error(
+                await admin.v1("POST", "/v1/jobs", json={"job_ids": ["during-outage"]}), 503, "database_unavailable"
+            )
         finally:
             await asyncio.to_thread(database_reachable, True)
 
