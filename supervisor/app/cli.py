@@ -100,7 +100,8 @@ def _print_json(data: View | list[Any] | Mapping[str, Any]) -> None:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    text = json.dumps(value, separators=(",", ":")) if isinstance(value, dict | list) else str(value)
+    # JSON's spelling for what is not plain text: true/false, objects, arrays.
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, bool | dict | list) else str(value)
     # One record a line, one field a tab: a tab or newline inside a value would split it.
     return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
 

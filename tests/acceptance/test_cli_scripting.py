@@ -187,6 +187,9 @@ def test_a_terminal_gets_tables_with_colour_unless_no_color(workdir: Path) -> No
     assert LONG_ID in plain
     assert "\x1b[36m" not in plain
     assert "\x1b[3" not in plain
+    report = on_a_terminal(["report"], workdir)
+    assert "Report for this day" in report
+    assert "\t" not in report
     table = on_a_terminal(["jobs", "list"], workdir, NO_COLOR="1")
     assert LONG_ID in table
     assert "\t" not in table
