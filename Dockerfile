@@ -13,7 +13,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest out of the context).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY supervisor ./supervisor
 COPY migrations ./migrations
 RUN pip wheel --no-cache-dir --no-deps -w /dist .
@@ -27,12 +27,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     CLADO_SUPERVISOR_CONFIG=/etc/clado-supervisor/supervisor.toml
 
-# The wheel is bind-mounted from stage 1 rather than copied, so it adds no layer.
+# The wheel is bind-mounted from stage 1 rather than copied, so it adds no layer; so are
+# the pinned versions of every dependency (requirements/constraints.txt, the pins `make
+# install` uses too), so the image resolves nothing at build time. [postgres] brings the
+# PostgreSQL driver, for the replicas' compose file.
 # A fixed uid/gid (10001, above any host account) so volume and secret ownership can be
 # set from the host; the state directory is created owned by it before VOLUME, and
 # Docker copies that ownership into a new named volume.
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
-    pip install --no-cache-dir /dist/*.whl \
+    --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
+    pip install --no-cache-dir --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[postgres]" \
     && groupadd --system --gid 10001 clado \
     && useradd --system --no-log-init --uid 10001 --gid 10001 \
         --home-dir /var/lib/clado-supervisor --no-create-home --shell /usr/sbin/nologin clado \

@@ -9,10 +9,14 @@ LINT_STAMP := $(VENV)/.lint-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The test extra (which brings [postgres]) at the versions of requirements/constraints.txt,
+# the same pins the Docker image installs.
+CONSTRAINTS := requirements/constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --constraint $(CONSTRAINTS) -e ".[test]"
 	touch $(STAMP)
 
 test: install

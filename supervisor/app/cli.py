@@ -1,5 +1,10 @@
 """`clado-supervisor`: parse, call the app, print. Exit codes: 0 ok, 1 runtime failure,
-2 bad usage, bad config or bad input — always one line on stderr, never a traceback."""
+2 bad usage, bad config or bad input — always one line on stderr, never a traceback.
+
+Output for scripts: every command that prints takes `--json` (the views of app/views.py, the
+admin API's shapes); tables are rich tables on a terminal and tab-separated lines with full
+values (header first) when stdout is not one. Colour follows rich, so NO_COLOR turns it off.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +27,7 @@ from supervisor.core.states import State
 
 if TYPE_CHECKING:
     from supervisor.app.operations import Operations
-    from supervisor.app.views import ContinueResult, JobDetailView, ReportView, SubmitResult, TrackResult
+    from supervisor.app.views import ContinueResult, JobDetailView, ReportView, SubmitResult, TopView, TrackResult, View
     from supervisor.core.job import Job
 
 # Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
@@ -80,14 +85,77 @@ def _console() -> Any:
     return Console()
 
 
+# -- output for people and for scripts -----------------------------------------------------------
+
+
+def _piped() -> bool:
+    """stdout is a file or a pipe: print tab-separated lines, never a table cut to 80 columns."""
+    return not sys.stdout.isatty()
+
+
+def _print_json(data: View | list[Any] | Mapping[str, Any]) -> None:
+    click.echo(json.dumps(data if isinstance(data, list | Mapping) else data.to_json(), indent=2))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    # JSON's spelling for what is not plain text: true/false, objects, arrays.
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, bool | dict | list) else str(value)
+    # One record a line, one field a tab: a tab or newline inside a value would split it.
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+def _print_tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    click.echo("\t".join(header))
+    for row in rows:
+        click.echo("\t".join(_cell(value) for value in row))
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Nested objects as dotted keys (`limits.max_credits`), for key<TAB>value lines."""
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# -- the config, before or after the subcommand ---------------------------------------------------
+
+_CONFIG_HELP = "Config file (default: $CLADO_SUPERVISOR_CONFIG, else ./supervisor.toml)."
+
+
+def _remember_config(ctx: click.Context, _param: Any, value: Path | None) -> None:
+    if value is not None:  # after the subcommand, it wins over one before it
+        ctx.ensure_object(dict)["config_path"] = config_path(value)
+
+
+def config_option(func: Callable[..., T]) -> Callable[..., T]:
+    """`--config PATH` on a subcommand too (`clado-supervisor run --config …`)."""
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_remember_config,
+        help=_CONFIG_HELP,
+    )(func)
+
+
 def with_config(func: Callable[..., T]) -> Callable[..., T]:
     """Load and validate the config before the command body (bad config: exit 2)."""
 
+    @config_option
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> T:
+        from supervisor.adapters.logs import configure_logging
+
         with _reported():
             config = load_config(ctx.obj["config_path"])
+        # What a command logs (a manual cancel's decision line) goes to stderr, never into
+        # the stdout a script parses.
+        configure_logging(config.logging.format, config.logging.level)
         return func(config, *args, **kwargs)
 
     return wrapper
@@ -107,7 +175,8 @@ def _duration(_ctx: Any, _param: Any, value: str | None) -> timedelta | None:
 
 
 class _OneLineErrors(click.Group):
-    """Usage errors as one line on stderr (exit 2), like every other error."""
+    """Usage errors as one line on stderr (exit 2), like every other error; a bare group
+    (`clado-supervisor`, `clado-supervisor jobs`) prints its help instead."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -115,6 +184,9 @@ class _OneLineErrors(click.Group):
             return super().main(*args, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
         except click.Abort:
             click.echo(f"{PROG}: aborted", err=True)
             sys.exit(1)
@@ -124,22 +196,24 @@ class _OneLineErrors(click.Group):
             _fail(exc.format_message().replace("\n", " ") + hint, exc.exit_code)
 
 
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Config file (default: $CLADO_SUPERVISOR_CONFIG, else ./supervisor.toml).",
-)
-@click.version_option(package_name="clado-supervisor")
+@click.group(cls=_OneLineErrors, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help=_CONFIG_HELP)
+@click.version_option(package_name="clado-supervisor", prog_name=PROG)
 @click.pass_context
 def main(ctx: click.Context, config_file: Path | None) -> None:
-    """Keeps Clado deep research jobs from burning money."""
+    """Keeps Clado deep research jobs from burning money.
+
+    Shell completion (bash, zsh, fish): eval "$(_CLADO_SUPERVISOR_COMPLETE=bash_source clado-supervisor)"
+    """
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path(config_file)
 
 
+_JSON_HELP = "JSON, for scripts."
+
+
 @main.command()
+@config_option
 @click.pass_context
 def run(ctx: click.Context) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it, SIGHUP reloads the config)."""
@@ -161,9 +235,15 @@ def migrate_command(config: Config) -> None:
 
 
 @main.command("check-config")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @with_config
-def check_config(config: Config) -> None:
+def check_config(config: Config, as_json: bool) -> None:
     """Validate the config file."""
+    if as_json:
+        from supervisor.app.views import ConfigCheckView
+
+        _print_json(ConfigCheckView.of(config))
+        return
     click.echo(f"{config.source}: OK (policies: {', '.join(config.policies)}; hash {config.config_hash})")
 
 
@@ -174,6 +254,7 @@ def check_config(config: Config) -> None:
 @click.option("--policy", help="Use this policy instead of matching labels.")
 @click.option("--max-runtime", callback=_duration, metavar="DUR", help="Override the policy's max_runtime.")
 @click.option("--max-credits", type=click.IntRange(1, inputs.MAX_DB_INT), help="Override the policy's max_credits.")
+@click.option("--json", "as_json", is_flag=True, help="JSON ({added, already_tracked}), for scripts.")
 @with_config
 def track(
     config: Config,
@@ -183,6 +264,7 @@ def track(
     policy: str | None,
     max_runtime: timedelta | None,
     max_credits: int | None,
+    as_json: bool,
 ) -> None:
     """Supervise jobs started elsewhere (idempotent)."""
     ids = list(job_ids)
@@ -202,6 +284,9 @@ def track(
             )
 
     result = run_async(go())
+    if as_json:
+        _print_json(result)
+        return
     click.echo(f"tracking {len(result.added)} new job(s); {len(result.already_tracked)} already tracked")
 
 
@@ -216,8 +301,9 @@ def track(
 )
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label the job (repeatable).")
 @click.option("--policy", help="Use this policy instead of matching labels.")
+@click.option("--json", "as_json", is_flag=True, help="JSON ({job_id, requested_limit, limit, clamped_by}), for scripts.")
 @with_config
-def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], policy: str | None) -> None:
+def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], policy: str | None, as_json: bool) -> None:
     """Start a deep research job and supervise it; prints its job id."""
     _checked("QUERY", inputs.text, "query", query, max_length=inputs.MAX_QUERY, required=True)
     parsed = _checked("--label", inputs.label_args, labels)
@@ -227,15 +313,45 @@ def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], poli
             return await ops.submit(query, limit=limit, labels=parsed, policy=policy)
 
     result = run_async(go())
+    if as_json:
+        _print_json(result)
+        return
     if result.clamped_by:
         click.echo(f"asked the API for {result.limit} results, not {result.requested_limit}: that is what "
                    f"{' and '.join(result.clamped_by)} allow(s)", err=True)  # fmt: skip
     click.echo(result.job_id)
 
 
-@main.group()
+@main.group(no_args_is_help=True)
 def jobs() -> None:
     """Inspect supervised jobs."""
+
+
+# The columns of `jobs list` and `top` (JSON field names when piped), and their values.
+_JOB_COLUMNS = (
+    ("job id", "job_id"),
+    ("state", "state"),
+    ("remote", "remote_status"),
+    ("policy", "policy"),
+    ("credits", "credits_used"),
+    ("limit", "max_credits"),
+    ("reason", "reason"),
+    ("submitted", "submitted_at"),
+)
+
+
+def _job_row(view: Any) -> list[Any]:
+    would = view.would_cancel_reason and f"(would) {view.would_cancel_reason}"
+    return [
+        view.job_id,
+        view.state.value,
+        view.remote_status,
+        view.policy,
+        view.credits_used,
+        view.limits.max_credits,
+        view.cancel_reason or would,
+        view.to_json()["submitted_at"],
+    ]
 
 
 @jobs.command("list")
@@ -243,7 +359,7 @@ def jobs() -> None:
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, for scripts.")
 @with_config
 def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
-    """List jobs with their state, credits and cancel reason."""
+    """List jobs with their state, credits and cancel reason (tab-separated when piped)."""
 
     async def go() -> list[Job]:
         async with _operations(config) as ops:
@@ -253,34 +369,29 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
 
     views = [JobView.of(config, job) for job in run_async(go())]
     if as_json:
-        click.echo(json.dumps([view.to_json() for view in views], indent=2))
+        _print_json([view.to_json() for view in views])
+        return
+    if _piped():
+        _print_tsv([name for _, name in _JOB_COLUMNS], (_job_row(view) for view in views))
         return
     from rich.table import Table
 
     table = Table(title=f"{len(views)} job(s)")
-    for column in ("job id", "state", "remote", "policy", "credits", "limit", "reason", "submitted"):
-        table.add_column(column, justify="right" if column in ("credits", "limit") else "left")
+    for column, _ in _JOB_COLUMNS:
+        table.add_column(column, justify="right" if column in ("credits", "limit") else "left", overflow="fold")
     for view in views:
-        would = view.would_cancel_reason and f"(would) {view.would_cancel_reason}"
-        table.add_row(
-            view.job_id,
-            view.state,
-            view.remote_status or "-",
-            view.policy,
-            str(view.credits_used),
-            str(view.limits.max_credits or "-"),
-            view.cancel_reason or would or "-",
-            f"{view.submitted_at:%Y-%m-%d %H:%M:%S}",
-        )
+        row = _job_row(view)
+        row[-1] = f"{view.submitted_at:%Y-%m-%d %H:%M:%S}"
+        table.add_row(*("-" if value is None else str(value) for value in row))
     _console().print(table)
 
 
 @jobs.command("show")
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @with_config
 def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
-    """One job with its events."""
+    """One job with its events (piped: key<TAB>value lines, a blank line, the events)."""
 
     async def go() -> JobDetailView:
         from supervisor.app.views import JobDetailView
@@ -291,7 +402,14 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
 
     data = run_async(go()).to_json()
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        _print_json(data)
+        return
+    event_columns = ("at", "kind", "from_state", "to_state", "reason", "detail")
+    if _piped():
+        for key, value in _flat({k: v for k, v in data.items() if k != "events"}):
+            click.echo(f"{key}\t{_cell(value)}")
+        click.echo()
+        _print_tsv(event_columns, ([event[name] for name in event_columns] for event in data["events"]))
         return
     from rich.table import Table
 
@@ -317,8 +435,9 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
 @main.command()
 @click.argument("job_id")
 @click.option("--reason", "note", help="Why (recorded with the manual cancel).")
+@click.option("--json", "as_json", is_flag=True, help="The job afterwards (the jobs list shape), for scripts.")
 @with_config
-def cancel(config: Config, job_id: str, note: str | None) -> None:
+def cancel(config: Config, job_id: str, note: str | None, as_json: bool) -> None:
     """Cancel a job now, through the same state machine as the daemon."""
     _checked("--reason", inputs.text, "reason", note, max_length=inputs.MAX_REASON)
 
@@ -328,6 +447,11 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
             return await ops.manual_cancel(job_id, note)
 
     job = run_async(go())
+    if as_json:
+        from supervisor.app.views import JobView
+
+        _print_json(JobView.of(config, job))
+        return
     if job.cancel_reason == "manual" or job.state in ("cancelling", "confirming"):
         click.echo(f"{job_id}: {job.state} (reason {job.cancel_reason})")
     else:
@@ -338,8 +462,9 @@ def cancel(config: Config, job_id: str, note: str | None) -> None:
 @click.argument("job_id")
 @click.option("--additional", type=int, default=30, show_default=True,
               help="More results to ask for; clamped to what max_credits and reserving budgets allow.")
+@click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
 @with_config
-def continue_command(config: Config, job_id: str, additional: int) -> None:
+def continue_command(config: Config, job_id: str, additional: int, as_json: bool) -> None:
     """Ask a completed job for more results, through admission; the job is supervised again."""
 
     async def go() -> ContinueResult:
@@ -348,6 +473,9 @@ def continue_command(config: Config, job_id: str, additional: int) -> None:
             return await ops.continue_job(job_id, additional)
 
     result = run_async(go())
+    if as_json:
+        _print_json(result)
+        return
     if result.clamped_by:
         click.echo(f"asked the API for {result.additional} more results, not {result.requested}: that is what "
                    f"{' and '.join(result.clamped_by)} allow(s)", err=True)  # fmt: skip
@@ -362,10 +490,10 @@ def continue_command(config: Config, job_id: str, additional: int) -> None:
     show_default=True,
     help="The calendar period (UTC) whose submitted jobs are reported.",
 )
-@click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @with_config
 def report(config: Config, period: str, as_json: bool) -> None:
-    """Spend, budgets, cancels, warnings and credits saved, for a period."""
+    """Spend, budgets, cancels, warnings and credits saved, for a period (piped: key<TAB>value)."""
     from supervisor.app.report import render, report_view
 
     async def go() -> ReportView:
@@ -374,7 +502,13 @@ def report(config: Config, period: str, as_json: bool) -> None:
 
     data = run_async(go())
     if as_json:
-        click.echo(json.dumps(data.to_json(), indent=2))
+        _print_json(data)
+        return
+    if _piped():
+        figures = data.to_json()
+        figures["budgets"] = {budget.pop("name"): budget for budget in figures["budgets"]}
+        for key, value in _flat(figures):
+            click.echo(f"{key}\t{_cell(value)}")
         return
     render(_console(), data)
 
@@ -385,10 +519,22 @@ def report(config: Config, period: str, as_json: bool) -> None:
 )
 @click.option("--limit", type=click.IntRange(1, 1000), default=40, show_default=True, help="Active jobs to show.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit (also when stdout is not a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="One snapshot as JSON, for scripts (implies --once).")
 @with_config
-def top(config: Config, interval: float, limit: int, once: bool) -> None:
+def top(config: Config, interval: float, limit: int, once: bool, as_json: bool) -> None:
     """Watch a running daemon: jobs by state and the active jobs, live, from the database."""
     from supervisor.app.top import run_top
+
+    if as_json or _piped():
+        snapshot = run_async(_top_snapshot(config, limit))
+        if as_json:
+            _print_json(snapshot)
+            return
+        for state, count in snapshot.counts.items():
+            click.echo(f"{state}\t{count}")
+        click.echo()
+        _print_tsv([name for _, name in _JOB_COLUMNS], (_job_row(view) for view in snapshot.active))
+        return
 
     async def go() -> None:
         async with _operations(config) as ops:
@@ -398,15 +544,36 @@ def top(config: Config, interval: float, limit: int, once: bool) -> None:
         run_async(go())
 
 
+async def _top_snapshot(config: Config, limit: int) -> TopView:
+    from supervisor.adapters.store import utcnow
+    from supervisor.app.top import snapshot
+    from supervisor.app.views import JobView, TopView
+
+    async with _operations(config) as ops:
+        counts, active = await snapshot(ops.store, limit)
+    return TopView(
+        generated_at=utcnow(),
+        counts={state.value: counts.get(state.value, 0) for state in State},
+        active=[JobView.of(config, job) for job in active],
+    )
+
+
 @main.command()
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The answer as JSON on stdout (the exit code is the same).")
 @with_config
-def healthcheck(config: Config, timeout: float) -> None:
+def healthcheck(config: Config, timeout: float, as_json: bool) -> None:
     """Exit 0 if the running daemon answers /healthz (for Docker HEALTHCHECK)."""
     import urllib.error
     import urllib.request
 
+    from supervisor.app.views import HealthcheckView
     from supervisor.config import split_address
+
+    def unhealthy(message: str, status: int | None) -> NoReturn:
+        if as_json:
+            _print_json(HealthcheckView(healthy=False, url=url, status=status, error=message))
+        _fail(f"unhealthy: {message}", 1)
 
     host, port = split_address(config.http.listen)
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a comparison: a daemon on every interface answers on loopback
@@ -414,11 +581,15 @@ def healthcheck(config: Config, timeout: float) -> None:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            click.echo(f"healthy ({response.status})")
+            status = int(response.status)
     except urllib.error.HTTPError as exc:
-        _fail(f"unhealthy: {url} answered {exc.code}", 1)
+        unhealthy(f"{url} answered {exc.code}", exc.code)
     except OSError as exc:
-        _fail(f"unhealthy: cannot reach {url}: {getattr(exc, 'reason', exc)}", 1)
+        unhealthy(f"cannot reach {url}: {getattr(exc, 'reason', exc)}", None)
+    if as_json:
+        _print_json(HealthcheckView(healthy=True, url=url, status=status, error=None))
+    else:
+        click.echo(f"healthy ({status})")
 
 
 @main.command("fake-api")

@@ -1,8 +1,9 @@
 """Every failure a user can see, and its one mapping to exit codes and HTTP answers.
 
 A failure ends as a SupervisorError: its class gives the CLI's exit code (1 runtime failure,
-2 bad usage, config or input), the admin API's status and its stable `error` code; `str()` is
-the CLI's one line and `public` the admin API's message (which names no database detail).
+2 bad usage, config or input), the admin API's status, its stable `code` and the `title` of
+its RFC 9457 problem type; `str()` is the CLI's one line and `public` the admin API's
+`detail` (which names no database detail).
 The failures of the layers below (config, job ids, admission, the Clado API, the database)
 are translated by the one table, RULES; the CLI and the admin API both call `translate`.
 """
@@ -18,6 +19,7 @@ class SupervisorError(Exception):
     exit_code: ClassVar[int] = 1
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"  # the same for every answer of this code
 
     def __init__(self, message: str, *, public: str | None = None) -> None:
         super().__init__(message)
@@ -27,7 +29,7 @@ class SupervisorError(Exception):
 class BadInput(SupervisorError):
     """The request or the command line is wrong; `field` names what, `problem` says why."""
 
-    exit_code, status, code = 2, 422, "invalid_request"
+    exit_code, status, code, title = 2, 422, "invalid_request", "Invalid request"
 
     def __init__(self, problem: str, *, field: str | None = None, public: str | None = None) -> None:
         super().__init__(f"{field}: {problem}" if field else problem, public=public)
@@ -35,31 +37,37 @@ class BadInput(SupervisorError):
 
 
 class InvalidJson(BadInput):
-    status, code = 400, "invalid_json"
+    status, code, title = 400, "invalid_json", "The body is not valid JSON"
 
 
 class PayloadTooLarge(BadInput):
-    status, code = 413, "payload_too_large"
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class UnsupportedMediaType(BadInput):
+    """A request body that does not say it is JSON (Content-Type)."""
+
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
 
 
 class MethodNotAllowed(BadInput):
-    status, code = 405, "method_not_allowed"
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
 
 
 class Unauthorized(SupervisorError):
-    exit_code, status, code = 2, 401, "unauthorized"
+    exit_code, status, code, title = 2, 401, "unauthorized", "Unauthorized"
 
 
 class AdminApiDisabled(SupervisorError):
-    exit_code, status, code = 2, 403, "admin_api_disabled"
+    exit_code, status, code, title = 2, 403, "admin_api_disabled", "The admin API has no token configured"
 
 
 class NotFound(SupervisorError):
-    exit_code, status, code = 2, 404, "not_found"
+    exit_code, status, code, title = 2, 404, "not_found", "Not found"
 
 
 class JobNotTracked(NotFound):
-    code = "job_not_found"
+    code, title = "job_not_found", "Job not tracked"
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id} is not tracked")
@@ -68,47 +76,47 @@ class JobNotTracked(NotFound):
 class Refused(SupervisorError):
     """Admission said no (a budget or the account floor); the message has the numbers."""
 
-    exit_code, status, code = 2, 409, "admission_refused"
+    exit_code, status, code, title = 2, 409, "admission_refused", "Admission refused"
 
 
 class Unavailable(SupervisorError):
     """Something this process depends on is down; trying again later may work."""
 
-    exit_code, status, code = 1, 503, "unavailable"
+    exit_code, status, code, title = 1, 503, "unavailable", "Service unavailable"
 
 
 class DatabaseUnavailable(Unavailable):
-    code = "database_unavailable"
+    code, title = "database_unavailable", "Database unavailable"
 
 
 class SchedulerStopped(Unavailable):
-    code = "scheduler_stopped"
+    code, title = "scheduler_stopped", "The scheduler is not running"
 
 
 class UpstreamFailed(SupervisorError):
     """The Clado API could not do what was asked (a gateway failure for the admin API)."""
 
-    exit_code, status, code = 1, 502, "api_unavailable"
+    exit_code, status, code, title = 1, 502, "api_unavailable", "The Clado API failed"
 
 
 class UpstreamKeyRejected(UpstreamFailed):
-    code = "api_key_rejected"
+    code, title = "api_key_rejected", "The Clado API rejected the API key"
 
 
 class UpstreamOutOfCredits(UpstreamFailed):
-    status, code = 402, "out_of_credits"
+    status, code, title = 402, "out_of_credits", "The Clado account is out of credits"
 
 
 class UpstreamRejected(UpstreamFailed):
     """The API refused this request (a 4xx): the caller's problem, not a gateway fault."""
 
-    status, code = 422, "request_rejected"
+    status, code, title = 422, "request_rejected", "The Clado API rejected the request"
 
 
 class Internal(SupervisorError):
     """A bug or an unexpected failure: the admin API says only where to look."""
 
-    exit_code, status, code = 1, 500, "internal_error"
+    exit_code, status, code, title = 1, 500, "internal_error", "Internal error"
 
     def __init__(self, message: str, *, public: str | None = None) -> None:
         super().__init__(message, public=public or "the request failed; see the supervisor's log")
@@ -147,10 +155,18 @@ RULES: Mapping[str, Rule] = {
 }
 
 
+# psycopg is the `[postgres]` extra: a PostgreSQL URL without it is an install to complete.
+_MISSING_DRIVER = "database.url: PostgreSQL needs its driver: pip install 'clado-supervisor[postgres]'"
+
+
 def translate(exc: BaseException) -> SupervisorError | None:
     """The SupervisorError a failure shows as, or None for one no rule knows (a bug)."""
     if isinstance(exc, SupervisorError):
         return exc
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] == "psycopg":
+        missing = BadInput(_MISSING_DRIVER)
+        missing.__cause__ = exc
+        return missing
     for cls in type(exc).__mro__:
         rule = RULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:

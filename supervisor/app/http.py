@@ -2,13 +2,20 @@
 
 /v1 routes need `Authorization: Bearer <token>` (compared in constant time); with no
 token configured they are refused, not open. Health, readiness, metrics and the OpenAPI
-document are public: they reveal no job data and no secret. Errors are JSON with a
-stable `error` code and a message, never a stack trace.
+document are public: they reveal no job data and no secret.
+
+The conventions an HTTP client expects: errors are RFC 9457 problem details
+(`application/problem+json`, with the stable `code`), never a stack trace; a 401 says
+`WWW-Authenticate: Bearer`, a 405 `Allow`, a 201 the `Location` of what it created; request
+bodies must say they are JSON (415 otherwise); `GET /v1/jobs` is paginated by an opaque
+cursor (`limit`, `cursor`; the answer's `next_cursor`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
 import hmac
@@ -17,6 +24,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import structlog
 import uvicorn
@@ -35,16 +43,18 @@ from supervisor.app.inputs import Body, CancelRequest, ContinueRequest, SubmitRe
 from supervisor.app.operations import Operations
 from supervisor.app.views import (
     ContinueResult,
-    ErrorView,
     HealthView,
     JobDetailView,
+    JobPage,
     JobView,
+    ProblemView,
     ReadinessView,
     SubmitResult,
     TrackResult,
     View,
 )
 from supervisor.config import split_address
+from supervisor.core.job import Job
 from supervisor.core.states import State
 
 if TYPE_CHECKING:
@@ -67,13 +77,28 @@ class JSONResponse(_StarletteJSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-def answer(view: View | list[JobView], status: int = 200) -> JSONResponse:
-    content = [item.to_json() for item in view] if isinstance(view, list) else view.to_json()
-    return JSONResponse(content, status_code=status)
+PROBLEM_JSON = "application/problem+json"
+# RFC 6750's challenge: the scheme a client must use, on every 401.
+BEARER_CHALLENGE = 'Bearer realm="clado-supervisor"'
 
 
-def error_response(error: errors.SupervisorError) -> JSONResponse:
-    return answer(ErrorView(error=error.code, message=error.public), error.status)
+def answer(view: View, status: int = 200, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(view.to_json(), status_code=status, headers=headers)
+
+
+def error_response(error: errors.SupervisorError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    extra = dict(headers or {})
+    if isinstance(error, errors.Unauthorized):
+        extra["WWW-Authenticate"] = BEARER_CHALLENGE
+    return JSONResponse(ProblemView.of(error).to_json(), error.status, headers=extra, media_type=PROBLEM_JSON)
+
+
+def _created(location: str) -> dict[str, str]:
+    return {"Location": location}
+
+
+def job_location(job_id: str) -> str:
+    return "/v1/jobs/" + quote(job_id, safe="")
 
 
 # -- the routes, one table for the app and its OpenAPI document ---------------------------------
@@ -85,12 +110,11 @@ class Endpoint:
     path: str
     handler: str  # the AdminApi method
     answers: Mapping[int, type[View]]  # status → the body's view
-    error_statuses: tuple[int, ...] = ()  # statuses answered with an ErrorView
+    error_statuses: tuple[int, ...] = ()  # statuses answered with problem details
     body: type[Body] | None = None
     body_required: bool = True
     parameters: tuple[dict[str, Any], ...] = field(default=())
     authenticated: bool = True
-    many: bool = False  # the answers are lists of their view
 
 
 _JOB_ID_PARAMETER = {
@@ -109,15 +133,26 @@ _LIST_PARAMETERS = (
         "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
         "description": "KEY=VALUE; repeat it to require several labels",
     },
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        "description": "jobs per page",
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": "the `next_cursor` of the previous page (with the same state and label filters)",
+    },
 )
-BODY_ERRORS = (400, 401, 403, 413, 422)
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+BODY_ERRORS = (400, 401, 403, 413, 415, 422)
 
 ENDPOINTS = (
     Endpoint("GET", "/healthz", "healthz", {200: HealthView}, (503,), authenticated=False),
     Endpoint("GET", "/readyz", "readyz", {200: ReadinessView, 503: ReadinessView}, authenticated=False),
-    Endpoint(
-        "GET", "/v1/jobs", "list_jobs", {200: JobView}, (401, 403, 422, 503), parameters=_LIST_PARAMETERS, many=True
-    ),
+    Endpoint("GET", "/v1/jobs", "list_jobs", {200: JobPage}, (401, 403, 422, 503), parameters=_LIST_PARAMETERS),
     Endpoint("POST", "/v1/jobs", "track", {201: TrackResult, 200: TrackResult}, (*BODY_ERRORS, 503), TrackRequest),
     Endpoint("GET", "/v1/jobs/{job_id}", "show_job", {200: JobDetailView}, (401, 403, 404, 422, 503)),
     Endpoint(
@@ -158,17 +193,21 @@ class AdminApi:
     def app(self) -> Starlette:
         from supervisor.app.console.routes import console_routes  # the web console, under /ui
 
+        # One route per path with all its methods, so that a 405's Allow lists every one.
+        by_path: dict[str, dict[str, Handler]] = {}
+        for e in ENDPOINTS:
+            by_path.setdefault(e.path, {})[e.method] = self._guarded(self._handler(e))
         routes = [
             Route("/metrics", self.metrics_page),
             Route("/openapi.json", self.openapi),
-            *(Route(e.path, self._guarded(self._handler(e)), methods=[e.method]) for e in ENDPOINTS),
+            *(Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()),
             *console_routes(self._token, lambda: self.ops, lambda: self.daemon.enforcer.account_credits),
         ]
         app = Starlette(
             routes=routes,
             exception_handlers={
                 404: lambda request, exc: error_response(errors.NotFound("no such route")),
-                405: lambda request, exc: error_response(errors.MethodNotAllowed("method not allowed")),
+                405: lambda request, exc: error_response(errors.MethodNotAllowed("method not allowed"), exc.headers),
                 Exception: self._internal_error,
             },
         )
@@ -251,9 +290,16 @@ class AdminApi:
         return guarded
 
     async def list_jobs(self, request: Request) -> Response:
-        wanted = inputs.label_filter(request.query_params.getlist("label"))
-        jobs = await self.ops.jobs(request.query_params.get("state"), labels=wanted)
-        return answer([JobView.of(self.daemon.config, job) for job in jobs])
+        query = request.query_params
+        wanted = inputs.label_filter(query.getlist("label"))
+        limit = _page_limit(query.get("limit"))
+        after = _cursor_key(query["cursor"]) if "cursor" in query else None
+        jobs = await self.ops.jobs(query.get("state"), labels=wanted)  # oldest first, ties by id
+        if after is not None:
+            jobs = [job for job in jobs if (job.submitted_at.isoformat(), job.job_id) > after]
+        page, more = jobs[:limit], len(jobs) > limit
+        views = [JobView.of(self.daemon.config, job) for job in page]
+        return answer(JobPage(jobs=views, next_cursor=_cursor(page[-1]) if more else None))
 
     async def show_job(self, request: Request) -> Response:
         job, events = await self.ops.job(request.path_params["job_id"])
@@ -268,11 +314,14 @@ class AdminApi:
             max_runtime=body.max_runtime,
             max_credits=body.max_credits,
         )
-        return answer(result, 201 if result.added else 200)
+        if not result.added:
+            return answer(result)
+        return answer(result, 201, _created(job_location(result.added[0])))  # the first, for a batch
 
     async def submit(self, request: Request) -> Response:
         body = await self._body(request, SubmitRequest)
-        return answer(await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy), 201)
+        result = await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy)
+        return answer(result, 201, _created(job_location(result.job_id)))
 
     async def cancel(self, request: Request) -> Response:
         body = await self._body(request, CancelRequest, empty_ok=True)
@@ -296,11 +345,53 @@ class AdminApi:
                 raise too_large
         if not raw.strip() and empty_ok:
             return model()
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise errors.UnsupportedMediaType(
+                f"send the body as JSON (Content-Type: application/json), not {media_type or 'without a type'}"
+            )
         return inputs.body(model, inputs.json_body(bytes(raw)))
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         log.error("admin API request failed", path=request.url.path, exc_info=exc)
         return error_response(errors.Internal(type(exc).__name__))
+
+
+def _by_method(handlers: Mapping[str, Handler]) -> Handler:
+    async def dispatch(request: Request) -> Response:
+        # HEAD is answered as GET (Starlette adds it to a GET route and drops the body).
+        return await (handlers.get(request.method) or handlers["GET"])(request)
+
+    return dispatch
+
+
+# -- the jobs list's pages ----------------------------------------------------------------------
+# A cursor is the sort key of the last job of a page (submitted_at, job_id): the next page is
+# what sorts after it, so jobs tracked meanwhile are neither skipped nor repeated. Opaque to
+# clients (base64url of JSON), so its form may change.
+
+
+def _cursor(job: Job) -> str:
+    key = json.dumps([job.submitted_at.isoformat(), job.job_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def _cursor_key(cursor: str) -> tuple[str, str]:
+    try:
+        at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(at, str) and isinstance(job_id, str):
+            return at, job_id
+    except (ValueError, TypeError, binascii.Error):
+        pass
+    raise errors.BadInput("is not a cursor this API gave (use the next_cursor of a page)", field="cursor")
+
+
+def _page_limit(value: str | None) -> int:
+    if value is None:
+        return PAGE_DEFAULT
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= PAGE_MAX):
+        raise errors.BadInput(f"must be a whole number from 1 to {PAGE_MAX}", field="limit")
+    return int(value)
 
 
 # -- serving it -------------------------------------------------------------------------------
@@ -369,7 +460,7 @@ def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document: request bodies as validated, answers as serialized, every
     model once under components/schemas (3.1 schemas are JSON Schema 2020-12, as pydantic's)."""
     requests = {e.body for e in ENDPOINTS if e.body is not None}
-    answers = {model for e in ENDPOINTS for model in e.answers.values()} | {ErrorView}
+    answers = {model for e in ENDPOINTS for model in e.answers.values()} | {ProblemView}
     wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         *((model, "validation") for model in sorted(requests, key=lambda m: m.__name__)),
         *((model, "serialization") for model in sorted(answers, key=lambda m: m.__name__)),
@@ -388,12 +479,16 @@ def openapi_document() -> dict[str, Any]:
         if e.body is not None:
             operation["requestBody"] = {"required": e.body_required, **_json(refs[(e.body, "validation")])}
         for status, model in e.answers.items():
-            schema = refs[(model, "serialization")]
-            if e.many:
-                schema = {"type": "array", "items": schema}
-            operation["responses"][str(status)] = {"description": model.__doc__ or model.__name__, **_json(schema)}
+            response = {"description": model.__doc__ or model.__name__, **_json(refs[(model, "serialization")])}
+            if status == 201:
+                response["headers"] = {"Location": _header("the created job: /v1/jobs/{job_id}")}
+            operation["responses"][str(status)] = response
+        problem = _json(refs[(ProblemView, "serialization")], PROBLEM_JSON)
         for status in e.error_statuses:
-            operation["responses"][str(status)] = {"description": "error", **_json(refs[(ErrorView, "serialization")])}
+            response = {"description": "problem details (RFC 9457)", **problem}
+            if status == 401:
+                response["headers"] = {"WWW-Authenticate": _header(BEARER_CHALLENGE)}
+            operation["responses"][str(status)] = response
         paths.setdefault(e.path, {})[e.method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -406,5 +501,9 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": schema}}}
+def _json(schema: dict[str, Any], media_type: str = "application/json") -> dict[str, Any]:
+    return {"content": {media_type: {"schema": schema}}}
+
+
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}

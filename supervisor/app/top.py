@@ -70,7 +70,8 @@ def render(config: Config, counts: dict[str, int], jobs: list[Job], now: datetim
     return Group(summary, table, footer)
 
 
-async def _snapshot(store: Store, limit: int) -> tuple[dict[str, int], list[Job]]:
+async def snapshot(store: Store, limit: int) -> tuple[dict[str, int], list[Job]]:
+    """Jobs by state, and up to `limit` active jobs, cancels in flight first."""
     counts = await store.count_by_state()
     jobs: list[Job] = []
     for state in _ORDER:
@@ -81,12 +82,12 @@ async def _snapshot(store: Store, limit: int) -> tuple[dict[str, int], list[Job]
 
 async def run_top(config: Config, store: Store, *, interval: float, limit: int, once: bool) -> None:
     console = Console()
-    counts, jobs = await _snapshot(store, limit)
+    counts, jobs = await snapshot(store, limit)
     if once or not console.is_terminal:
         console.print(render(config, counts, jobs, utcnow(), limit))
         return
     with Live(render(config, counts, jobs, utcnow(), limit), console=console, screen=False, auto_refresh=False) as live:
         while True:
             await asyncio.sleep(interval)
-            counts, jobs = await _snapshot(store, limit)
+            counts, jobs = await snapshot(store, limit)
             live.update(render(config, counts, jobs, utcnow(), limit), refresh=True)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer, WithJsonSchema
 
+from supervisor.app.errors import SupervisorError
 from supervisor.config import Config, Policy
 from supervisor.core.job import Job
 from supervisor.core.policy import job_policy
@@ -168,11 +169,41 @@ class ContinueResult(View):
     clamped_by: list[str]
 
 
-class ErrorView(View):
-    """The admin API's error body: a stable code and a message, never a stack trace."""
+class JobPage(View):
+    """A page of jobs (`GET /v1/jobs`), oldest first; `next_cursor` asks for the next page
+    (`?cursor=…`, with the same filters) and is null on the last one."""
 
+    jobs: list[JobView]
+    next_cursor: str | None
+
+
+# The problem types' URIs: absolute, stable and resolvable to nothing (RFC 9457 allows it; a
+# type is an identifier first). The README lists every code.
+PROBLEM_TYPE_PREFIX = "urn:clado-supervisor:problem:"
+
+
+class ProblemView(View):
+    """An admin API error as RFC 9457 problem details (`application/problem+json`), never a
+    stack trace. `code` is the stable code (also the end of `type`); `error` is the same code
+    under the name error bodies had before they were problem details, for existing clients."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
     error: str
-    message: str
+
+    @classmethod
+    def of(cls, error: SupervisorError) -> ProblemView:
+        return cls(
+            type=PROBLEM_TYPE_PREFIX + error.code,
+            title=error.title,
+            status=error.status,
+            detail=error.public,
+            code=error.code,
+            error=error.code,
+        )
 
 
 class HealthView(View):
@@ -221,3 +252,38 @@ class ReportView(View):
     observe_would_have_saved: int
     leaked_after_decision: int
     warnings_by_limit: dict[str, int]
+
+
+class ConfigCheckView(View):
+    """`check-config --json`: the file is valid (an invalid one is an error line, exit 2)."""
+
+    source: str
+    config_hash: str
+    policies: list[str]
+    budgets: list[str]
+
+    @classmethod
+    def of(cls, config: Config) -> ConfigCheckView:
+        return cls(
+            source=str(config.source),
+            config_hash=config.config_hash,
+            policies=list(config.policies),
+            budgets=list(config.budgets),
+        )
+
+
+class HealthcheckView(View):
+    """`healthcheck --json`: what the daemon's /healthz answered (status null: no answer)."""
+
+    healthy: bool
+    url: str
+    status: int | None
+    error: str | None
+
+
+class TopView(View):
+    """`top --once --json`: jobs by state (every state, 0 included) and the active jobs shown."""
+
+    generated_at: Timestamp
+    counts: dict[str, int]
+    active: list[JobView]

@@ -355,10 +355,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         started: list[Service] = []
         try:
-            self.start()
+            # The services first: an admin API that cannot bind its address fails the start
+            # with one line before any job is claimed (a second daemon on the same host).
             for service in services:
                 await service.start()
                 started.append(service)
+            self.start()
             self._notifier.ready("supervising")
             self._up = True
             # A reload asked for during start-up (here or before `run` could handle it) is

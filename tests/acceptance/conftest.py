@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import API_KEY, config_text
 from fakeserver import free_port
 

@@ -42,18 +42,22 @@ def test_bad_job_ids_are_rejected_before_anything_is_written(workdir: Path, fake
     assert jobs_json(workdir) == {}  # all or nothing: the good id was not written either
     for command in (["jobs", "show", "../x"], ["cancel", "../x"]):
         result = cli(*command, cwd=workdir)
-        assert result.returncode == 2 and "invalid job id" in result.stderr
+        assert result.returncode == 2
+        assert "invalid job id" in result.stderr
     assert fake_api.get("/_fake/stats")["status"] == 0
 
 
 def test_policy_choice_labels_and_overrides(workdir: Path) -> None:
     config = workdir / "supervisor.toml"
-    config.write_text(config.read_text().replace(
-        "[logging]", '[policies.bulk]\nmatch = { team = "growth" }\nmax_credits = 1000\n\n[logging]'
-    ))
+    config.write_text(
+        config.read_text().replace(
+            "[logging]", '[policies.bulk]\nmatch = { team = "growth" }\nmax_credits = 1000\n\n[logging]'
+        )
+    )
     assert cli("track", "j1", "--label", "team=growth", cwd=workdir).returncode == 0
     assert cli("track", "j2", "--label", "team=search", cwd=workdir).returncode == 0
-    assert cli("track", "j3", "--policy", "bulk", "--max-credits", "7", "--max-runtime", "90s", cwd=workdir).returncode == 0
+    overrides = ["--policy", "bulk", "--max-credits", "7", "--max-runtime", "90s"]
+    assert cli("track", "j3", *overrides, cwd=workdir).returncode == 0
     jobs = jobs_json(workdir)
     assert (jobs["j1"]["policy"], jobs["j1"]["limits"]["max_credits"]) == ("bulk", 1000)
     assert (jobs["j2"]["policy"], jobs["j2"]["limits"]["max_credits"]) == ("default", 200)
@@ -62,31 +66,34 @@ def test_policy_choice_labels_and_overrides(workdir: Path) -> None:
 
     unknown = cli("track", "j4", "--policy", "nope", cwd=workdir)
     assert unknown.returncode == 2
-    assert unknown.stderr.strip() == (
-        "clado-supervisor: error: unknown policy 'nope' (known: default, bulk)"
-    )
+    assert unknown.stderr.strip() == ("clado-supervisor: error: unknown policy 'nope' (known: default, bulk)")
     bad_label = cli("track", "j4", "--label", "novalue", cwd=workdir)
-    assert bad_label.returncode == 2 and "KEY=VALUE" in bad_label.stderr
+    assert bad_label.returncode == 2
+    assert "KEY=VALUE" in bad_label.stderr
     assert "j4" not in jobs_json(workdir)
 
 
 def test_jobs_list_and_show_json_contract(workdir: Path) -> None:
     cli("track", "j1", "--label", "team=a", cwd=workdir)
     listed = json.loads(cli("jobs", "list", "--json", cwd=workdir).stdout)
-    assert isinstance(listed, list) and len(listed) == 1
-    assert PUBLIC_FIELDS <= set(listed[0])
+    assert isinstance(listed, list)
+    assert len(listed) == 1
+    assert set(listed[0]) >= PUBLIC_FIELDS
     assert listed[0]["submitted_at"].endswith("Z")
     assert isinstance(listed[0]["credits_used"], int)
 
     shown = json.loads(cli("jobs", "show", "j1", "--json", cwd=workdir).stdout)
-    assert PUBLIC_FIELDS <= set(shown)
+    assert set(shown) >= PUBLIC_FIELDS
     assert [e["kind"] for e in shown["events"]] == ["tracked"]
 
     human = cli("jobs", "list", cwd=workdir)
-    assert human.returncode == 0 and "j1" in human.stdout and "watching" in human.stdout
+    assert human.returncode == 0
+    assert "j1" in human.stdout
+    assert "watching" in human.stdout
     assert cli("jobs", "list", "--state", "cancelled", "--json", cwd=workdir).stdout.strip() == "[]"
     missing = cli("jobs", "show", "nope", cwd=workdir)
-    assert missing.returncode == 2 and "not tracked" in missing.stderr
+    assert missing.returncode == 2
+    assert "not tracked" in missing.stderr
 
 
 def test_submit_starts_a_job_and_tracks_it(workdir: Path, fake_api: FakeApiProcess) -> None:
@@ -133,8 +140,9 @@ def test_manual_cancel_without_a_daemon_sends_it_then_the_daemon_confirms(
 def test_run_stops_gracefully_on_sigterm_and_sigint(workdir: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         daemon = DaemonProcess(workdir)
-        wait_for(lambda: any(line.get("event") == "supervisor started" for line in daemon.log_lines()),
-                 what="startup")
+        wait_for(
+            lambda d=daemon: any(line.get("event") == "supervisor started" for line in d.log_lines()), what="startup"
+        )
         assert daemon.stop(sig) == 0
         events = [line.get("event") for line in daemon.log_lines()]
         assert events[-1] == "supervisor stopped"
@@ -145,12 +153,10 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(workdir: Path) ->
     daemon = DaemonProcess(workdir)
     config = workdir / "supervisor.toml"
     try:
-        wait_for(lambda: any(line.get("event") == "supervisor started" for line in daemon.log_lines()),
-                 what="startup")
+        wait_for(lambda: any(line.get("event") == "supervisor started" for line in daemon.log_lines()), what="startup")
         config.write_text(config.read_text().replace("max_credits = 200", "max_credits = 150"))
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: any(line.get("event") == "config reloaded" for line in daemon.log_lines()),
-                 what="reload")
+        wait_for(lambda: any(line.get("event") == "config reloaded" for line in daemon.log_lines()), what="reload")
         config.write_text("[policies.default]\nmax_credits = -1\n")
         daemon.proc.send_signal(signal.SIGHUP)
         failed = wait_for(
@@ -165,13 +171,16 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(workdir: Path) ->
 
 def test_check_config_and_migrate(workdir: Path) -> None:
     ok = cli("check-config", cwd=workdir)
-    assert ok.returncode == 0 and "OK" in ok.stdout
+    assert ok.returncode == 0
+    assert "OK" in ok.stdout
     migrated = cli("migrate", cwd=workdir)
-    assert migrated.returncode == 0 and (workdir / "supervisor.db").exists()
+    assert migrated.returncode == 0
+    assert (workdir / "supervisor.db").exists()
     assert cli("migrate", cwd=workdir).returncode == 0  # idempotent
     help_text = cli("--help", cwd=workdir).stdout
     for command in ("run", "migrate", "check-config", "track", "submit", "jobs", "cancel", "fake-api", "demo"):
         assert command in help_text
+    assert cli(cwd=workdir).stdout == help_text  # bare: the same help, exit 0
 
 
 def test_top_once_and_healthcheck(workdir: Path) -> None:
@@ -180,16 +189,44 @@ def test_top_once_and_healthcheck(workdir: Path) -> None:
     cli("track", "job-top", "--label", "team=a", cwd=workdir)
     snapshot = cli("top", "--once", cwd=workdir)
     assert snapshot.returncode == 0, snapshot.stderr
-    assert "job-top" in snapshot.stdout and "watching 1" in snapshot.stdout
+    # Piped: the counts as state<TAB>count lines, then the active jobs (test_cli_scripting.py).
+    assert "job-top\twatching" in snapshot.stdout
+    assert "watching\t1" in snapshot.stdout.splitlines()
 
     config = workdir / "supervisor.toml"
     port = free_port()
     config.write_text(config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
     down = cli("healthcheck", "--timeout", "2", cwd=workdir)
-    assert down.returncode == 1 and "unhealthy" in down.stderr
+    assert down.returncode == 1
+    assert "unhealthy" in down.stderr
     daemon = DaemonProcess(workdir)
     try:
         healthy = wait_for(lambda: (r := cli("healthcheck", cwd=workdir)).returncode == 0 and r, what="healthz")
         assert "healthy" in healthy.stdout
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_port_fails_with_one_line_before_any_work(workdir: Path) -> None:
+    from fakeserver import free_port
+
+    config = workdir / "supervisor.toml"
+    port = free_port()
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+    first = DaemonProcess(workdir)
+    try:
+        wait_for(lambda: cli("healthcheck", cwd=workdir).returncode == 0, what="the first daemon's /healthz")
+        second = DaemonProcess(workdir)
+        assert second.wait(60) == 1
+        lines = second.log_lines()
+        assert lines[-1] == {
+            "event": f"clado-supervisor: error: admin API cannot listen on 127.0.0.1:{port}: Address already in use",
+            "unparsed": True,
+        }
+        events = [line["event"] for line in lines]
+        # It stopped before its scheduler ran: no tick, no claim, no traceback of a cancelled tick.
+        assert "supervisor started" not in events
+        assert not any("Traceback" in event or "CancelledError" in event for event in events), events
+        assert first.proc.poll() is None  # the first one is untouched
+    finally:
+        assert first.stop() == 0

@@ -30,8 +30,9 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import config_text
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import config_text
 
 from .conftest import DaemonProcess, FakeApiProcess, cli, cli_env, jobs_json, wait_for
 
@@ -542,7 +543,7 @@ def test_bad_job_ids_are_rejected_before_any_request(tmp_path: Path, fake_api: F
         status, body = api.json("GET", "/v1/jobs/" + "a" * 128)
         assert (status, body["error"]) == (404, "job_not_found"), body
         status, body = api.json("GET", "/v1/jobs")
-        assert (status, body) == (200, []), body
+        assert (status, body) == (200, {"jobs": [], "next_cursor": None}), body
     finally:
         assert daemon.stop(signal.SIGTERM) == 0
 

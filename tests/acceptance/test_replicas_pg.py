@@ -22,8 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import config_text
 from sqlalchemy.engine import make_url
+
+from conftest import config_text
 
 from .conftest import DaemonProcess, FakeApiProcess, cli, cli_env, wait_for
 

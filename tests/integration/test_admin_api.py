@@ -16,15 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import config_text, load, running_daemon
-from fakeserver import FakeServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.config import Config
-from supervisor.service.runtime import Daemon
-from supervisor.app.http import AdminApi, AdminServer
-from supervisor.core.states import State
+from conftest import config_text, load, running_daemon
+from fakeserver import FakeServer
 from supervisor.adapters.store import NewJob, utcnow
+from supervisor.app.http import AdminApi, AdminServer
+from supervisor.config import Config
+from supervisor.core.states import State
+from supervisor.service.runtime import Daemon
 
 TOKEN = "adm-7c1d9e0f4b2a8e6d5c3b"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -90,7 +90,11 @@ async def admin_api(config: Config, token: str | None) -> AsyncIterator[Admin]:
 
 
 async def wait_until(
-    daemon: Daemon, predicate: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, what: str = "condition"
+    daemon: Daemon,
+    predicate: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a test's bound, passed on to asyncio.timeout
+    what: str = "condition",
 ) -> Any:
     """Like conftest's `wait_until` (re-check after each batch the daemon writes), without its
     lost wakeup: there the flush to wait for is chosen only after the predicate has run, so a
@@ -113,7 +117,10 @@ async def wait_until(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout: float = 20.0, what: str = "condition"
+    check: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 20.0,  # noqa: ASYNC109 - a test's bound, passed on to asyncio.timeout
+    what: str = "condition",
 ) -> Any:
     """Re-ask an HTTP-observable condition until it holds (bounded); for things that no
     daemon write signals (readiness, metric refreshes)."""
@@ -128,14 +135,37 @@ async def eventually(
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """An RFC 9457 problem details answer with this status and stable code."""
     assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
+    assert set(body) == {"type", "title", "status", "detail", "code", "error"}, body
+    assert (body["status"], body["code"], body["error"]) == (status, code, code), body
+    assert body["type"] == f"urn:clado-supervisor:problem:{code}", body
+    assert isinstance(body["title"], str)
+    assert body["title"]
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
     assert "Traceback" not in response.text
     return dict(body)
+
+
+async def listed_jobs(admin: Admin, **params: Any) -> list[dict[str, Any]]:
+    """Every job `GET /v1/jobs` lists, following its cursor to the last page."""
+    jobs: list[dict[str, Any]] = []
+    query = dict(params)
+    while True:
+        response = await admin.v1("GET", "/v1/jobs", params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        jobs += page["jobs"]
+        if page["next_cursor"] is None:
+            return jobs
+        query["cursor"] = page["next_cursor"]
 
 
 def metric_samples(text: str) -> dict[str, list[Any]]:
@@ -153,7 +183,8 @@ async def scrape(admin: Admin) -> tuple[str, dict[str, list[Any]]]:
 def total(families: dict[str, list[Any]], family: str, name: str, **labels: str) -> float:
     """The sum of a family's samples called `name` whose labels include `labels` (0 if none)."""
     return sum(
-        float(sample.value) for sample in families.get(family, [])
+        float(sample.value)
+        for sample in families.get(family, [])
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
 
@@ -187,9 +218,7 @@ async def test_without_a_token_v1_is_refused_and_the_public_pages_still_work(con
                 assert_error(response, 403, "admin_api_disabled")
         for path in ("/healthz", "/metrics", "/openapi.json"):
             assert (await admin.http.get(path)).status_code == 200, path
-        await eventually(
-            lambda: _status_is(admin, "/readyz", 200), what="/readyz ready after the first tick"
-        )
+        await eventually(lambda: _status_is(admin, "/readyz", 200), what="/readyz ready after the first tick")
         # Nothing reached the store.
         assert await admin.daemon.store.list_jobs() == []
 
@@ -222,6 +251,7 @@ async def test_a_missing_or_wrong_token_gets_401_and_the_right_one_works(
             for headers in wrong_headers:
                 response = await admin.http.request(method, path, json=body, headers=headers)
                 body_json = assert_error(response, 401, "unauthorized")
+                assert response.headers["www-authenticate"] == 'Bearer realm="clado-supervisor"'
                 assert TOKEN not in response.text, body_json
         # None of the refused requests did anything.
         assert await admin.daemon.store.list_jobs() == []
@@ -232,7 +262,7 @@ async def test_a_missing_or_wrong_token_gets_401_and_the_right_one_works(
         for scheme in ("Bearer", "bearer", "BEARER"):
             response = await admin.http.get("/v1/jobs", headers={"Authorization": f"{scheme} {TOKEN}"})
             assert response.status_code == 200, response.text
-            assert response.json() == []
+            assert response.json() == {"jobs": [], "next_cursor": None}
 
         # The token shows up nowhere: not in answers, not in metrics, not in the schema.
         responses = [
@@ -264,16 +294,20 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
         )
         assert response.status_code == 201, response.text
         assert response.json() == {"added": [first, second], "already_tracked": []}
+        assert response.headers["location"] == f"/v1/jobs/{first}"  # the first, for a batch
+        assert (await admin.v1("GET", response.headers["location"])).json()["job_id"] == first
 
         response = await admin.v1("POST", "/v1/jobs", json={"job_ids": [first]})
         assert response.status_code == 200, response.text
         assert response.json() == {"added": [], "already_tracked": [first]}
+        assert "location" not in response.headers  # nothing was created
 
         # A mix of new and known ids is a 201 naming both.
         third = fake.create_job(rate=1, limit=100)
         response = await admin.v1(
-            "POST", "/v1/jobs", json={"job_ids": [second, third], "policy": "default", "max_runtime": "20m",
-                                      "max_credits": 150}
+            "POST",
+            "/v1/jobs",
+            json={"job_ids": [second, third], "policy": "default", "max_runtime": "20m", "max_credits": 150},
         )
         assert response.status_code == 201, response.text
         assert response.json() == {"added": [third], "already_tracked": [second]}
@@ -295,8 +329,11 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
             ({"job_ids": []}, "invalid_request", "job_ids"),
             ({}, "invalid_request", "job_ids"),
             ({"job_ids": ["fresh-ok-3"], "colour": "blue"}, "invalid_request", "colour: unknown field"),
-            ({"job_ids": ["fresh-ok-4"], "labels": {"team": "a"}, "lables": {}}, "invalid_request",
-             "lables: unknown field"),
+            (
+                {"job_ids": ["fresh-ok-4"], "labels": {"team": "a"}, "lables": {}},
+                "invalid_request",
+                "lables: unknown field",
+            ),
             ({"job_ids": "fresh-ok-5"}, "invalid_request", "job_ids"),
             ({"job_ids": [5]}, "invalid_request", "job_ids"),
             ({"job_ids": ["fresh-ok-6"], "max_credits": "10"}, "invalid_request", "max_credits"),
@@ -319,16 +356,19 @@ async def test_track_is_idempotent_and_validates_everything_before_writing(
                 "POST", "/v1/jobs", content=json.dumps(body), headers={"Content-Type": "application/json"}
             )
             error = assert_error(response, 422, code)
-            assert words in error["message"], (body, error)
+            assert words in error["detail"], (body, error)
 
         for content in (
-            b"", b"{", b"{'job_ids': []}", b"\xff\xfe", b"job_ids=a", b"[1,",
+            b"",
+            b"{",
+            b"{'job_ids': []}",
+            b"\xff\xfe",
+            b"job_ids=a",
+            b"[1,",
             b"[" * 1000,  # nested deeper than the parser recurses (a RecursionError before)
             b'{"job_ids": ["fresh-ok-1"], "labels": {"k": "\\ud800"}}',  # a lone surrogate
         ):
-            response = await admin.v1(
-                "POST", "/v1/jobs", content=content, headers={"Content-Type": "application/json"}
-            )
+            response = await admin.v1("POST", "/v1/jobs", content=content, headers={"Content-Type": "application/json"})
             assert_error(response, 400, "invalid_json")
 
         after = {job.job_id for job in await admin.daemon.store.list_jobs()}
@@ -344,13 +384,13 @@ async def test_bodies_over_the_limit_get_413_however_they_are_sent(config: Confi
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(big), 256):
-            yield big[start:start + 256]
+            yield big[start : start + 256]
 
     async with admin_api(config, TOKEN) as admin:
         # With a truthful Content-Length.
         response = await admin.v1("POST", "/v1/jobs", content=big, headers={"Content-Type": "application/json"})
         assert_error(response, 413, "payload_too_large")
-        assert "1024" in response.json()["message"]
+        assert "1024" in response.json()["detail"]
 
         # Streamed (chunked, no Content-Length): the limit is enforced while reading.
         request = admin.http.build_request(
@@ -374,17 +414,79 @@ async def test_bodies_over_the_limit_get_413_however_they_are_sent(config: Confi
         assert response.status_code == 201, response.text
 
 
-async def test_list_filters_by_state_and_label_and_show_has_events(
-    config: Config, fake_server: FakeServer
-) -> None:
+async def test_bodies_must_say_they_are_json(config: Config, fake_server: FakeServer) -> None:
+    async with admin_api(config, TOKEN) as admin:
+        body = json.dumps({"job_ids": ["typed-1"]}).encode()
+        for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+            for path in ("/v1/jobs", "/v1/submit", "/v1/jobs/typed-1/cancel"):
+                error = assert_error(
+                    await admin.v1("POST", path, content=body, headers=headers), 415, "unsupported_media_type"
+                )
+                assert "application/json" in error["detail"]
+        assert await admin.daemon.store.list_jobs() == []  # nothing was read as JSON
+        assert fake_server.fake.stats()["initiate"] == 0
+        # A JSON type with parameters, or a +json type, is JSON.
+        for content_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
+            response = await admin.v1("POST", "/v1/jobs", content=body, headers={"Content-Type": content_type})
+            assert response.status_code in (200, 201), response.text
+        # A cancel without a body needs no type (its reason is optional).
+        response = await admin.v1("POST", "/v1/jobs/typed-1/cancel")
+        assert response.status_code == 200, response.text
+
+
+async def test_the_jobs_list_pages_by_cursor_without_skipping_or_repeating(config: Config) -> None:
+    async with admin_api(config, TOKEN) as admin:
+        first = [f"page-{n:02d}" for n in range(7)]
+        assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": first, "labels": {"team": "a"}})).status_code == 201
+        seen: list[str] = []
+        cursor = None
+        pages = 0
+        while True:
+            params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+            response = await admin.v1("GET", "/v1/jobs", params=params)
+            assert response.status_code == 200, response.text
+            page = response.json()
+            assert set(page) == {"jobs", "next_cursor"}
+            assert len(page["jobs"]) <= 3
+            seen += [job["job_id"] for job in page["jobs"]]
+            pages += 1
+            if pages == 1:
+                # Jobs tracked while a client pages through are on a later page, not lost.
+                assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": ["page-late"]})).status_code == 201
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [*first, "page-late"]  # oldest first, each once
+        assert pages == 3
+        # The default page holds them all; filters and the cursor combine.
+        assert (await admin.v1("GET", "/v1/jobs")).json()["next_cursor"] is None
+        by_label = await listed_jobs(admin, label="team=a", limit="2")
+        assert [job["job_id"] for job in by_label] == first
+
+        for params in (
+            {"limit": "0"},
+            {"limit": "1001"},
+            {"limit": "x"},
+            {"cursor": "not-a-cursor"},
+            {"cursor": "W10"},
+        ):  # "W10" is base64 of [], a JSON array that is no key
+            error = assert_error(await admin.v1("GET", "/v1/jobs", params=params), 422, "invalid_request")
+            assert next(iter(params)) in error["detail"]
+
+
+async def test_list_filters_by_state_and_label_and_show_has_events(config: Config, fake_server: FakeServer) -> None:
     fake = fake_server.fake
     growth = fake.create_job(rate=1, limit=100)
     other = fake.create_job(rate=1, limit=100)
     done = fake.create_job(rate=50, limit=2)  # completes on its own within a poll or two
     async with admin_api(config, TOKEN) as admin:
         daemon = admin.daemon
-        assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [growth], "labels": {"team": "growth"}})).status_code == 201
-        assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [other], "labels": {"team": "search"}})).status_code == 201
+        assert (
+            await admin.v1("POST", "/v1/jobs", json={"job_ids": [growth], "labels": {"team": "growth"}})
+        ).status_code == 201
+        assert (
+            await admin.v1("POST", "/v1/jobs", json={"job_ids": [other], "labels": {"team": "search"}})
+        ).status_code == 201
         assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [done]})).status_code == 201
 
         async def done_completed() -> bool:
@@ -393,29 +495,39 @@ async def test_list_filters_by_state_and_label_and_show_has_events(
 
         await wait_until(daemon, done_completed, what="the short job completed")
 
-        listed = (await admin.v1("GET", "/v1/jobs")).json()
+        listed = await listed_jobs(admin)
         assert {job["job_id"] for job in listed} == {growth, other, done}
         for job in listed:
-            for key in ("job_id", "state", "remote_status", "labels", "policy", "credits_used",
-                        "cancel_reason", "final_status", "submitted_at", "cancel_requested_at",
-                        "confirmed_at"):
+            for key in (
+                "job_id",
+                "state",
+                "remote_status",
+                "labels",
+                "policy",
+                "credits_used",
+                "cancel_reason",
+                "final_status",
+                "submitted_at",
+                "cancel_requested_at",
+                "confirmed_at",
+            ):
                 assert key in job
             assert job["source"] == "track"
 
-        by_growth = (await admin.v1("GET", "/v1/jobs", params={"label": "team=growth"})).json()
+        by_growth = await listed_jobs(admin, label="team=growth")
         assert [job["job_id"] for job in by_growth] == [growth]
         assert by_growth[0]["policy"] == "growth"  # chosen by the policy's match
         assert by_growth[0]["labels"] == {"team": "growth"}
         none = (await admin.v1("GET", "/v1/jobs", params=[("label", "team=growth"), ("label", "env=prod")])).json()
-        assert none == []
+        assert none == {"jobs": [], "next_cursor": None}
 
-        watching = (await admin.v1("GET", "/v1/jobs", params={"state": "watching"})).json()
+        watching = await listed_jobs(admin, state="watching")
         assert {job["job_id"] for job in watching} == {growth, other}
-        completed = (await admin.v1("GET", "/v1/jobs", params={"state": "completed"})).json()
+        completed = await listed_jobs(admin, state="completed")
         assert [job["job_id"] for job in completed] == [done]
         assert completed[0]["final_status"] == "completed"
         assert completed[0]["credits_used"] == 2
-        both = (await admin.v1("GET", "/v1/jobs", params={"state": "watching", "label": "team=search"})).json()
+        both = await listed_jobs(admin, state="watching", label="team=search")
         assert [job["job_id"] for job in both] == [other]
 
         assert_error(await admin.v1("GET", "/v1/jobs", params={"state": "running"}), 422, "invalid_request")
@@ -432,7 +544,9 @@ async def test_list_filters_by_state_and_label_and_show_has_events(
         assert_error(await admin.v1("GET", "/v1/jobs/never-tracked"), 404, "job_not_found")
         assert_error(await admin.v1("GET", "/v1/jobs/bad%20id"), 422, "invalid_request")
         assert_error(await admin.v1("GET", "/v1/nothing"), 404, "not_found")
-        assert_error(await admin.v1("DELETE", "/v1/jobs"), 405, "method_not_allowed")
+        not_allowed = await admin.v1("DELETE", "/v1/jobs")
+        assert_error(not_allowed, 405, "method_not_allowed")
+        assert {method.strip() for method in not_allowed.headers["allow"].split(",")} >= {"GET", "POST"}
         assert_error(await admin.v1("PUT", f"/v1/jobs/{done}"), 405, "method_not_allowed")
 
 
@@ -456,12 +570,14 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
     fake = fake_server.fake
     async with admin_api(config, TOKEN) as admin:
         response = await admin.v1(
-            "POST", "/v1/submit",
+            "POST",
+            "/v1/submit",
             json={"query": "staff engineers in Berlin", "limit": 40, "labels": {"team": "growth"}},
         )
         assert response.status_code == 201, response.text
         job_id = response.json()["job_id"]
         assert response.json() == {"job_id": job_id, "requested_limit": 40, "limit": 40, "clamped_by": []}
+        assert response.headers["location"] == f"/v1/jobs/{job_id}"
 
         info = fake.job_info(job_id)  # KeyError if the fake never saw it
         assert (info["query"], info["limit"]) == ("staff engineers in Berlin", 40)
@@ -472,7 +588,7 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
         assert shown["query"] == "staff engineers in Berlin"
         assert shown["labels"] == {"team": "growth"}
         assert shown["policy"] == "growth"
-        listed = (await admin.v1("GET", "/v1/jobs", params={"label": "team=growth"})).json()
+        listed = await listed_jobs(admin, label="team=growth")
         assert [job["job_id"] for job in listed] == [job_id]
 
         # The daemon picks it up like any other job.
@@ -495,15 +611,18 @@ async def test_submit_starts_a_job_at_the_api_and_tracks_it(config: Config, fake
             ({"query": "a\x00b"}, "control characters"),  # PostgreSQL cannot store NUL
             ({"query": "tab\tand\x1c"}, "control characters"),
         ):
-            assert words in assert_error(await admin.v1("POST", "/v1/submit", json=body), 422, "invalid_request")["message"]
-        assert_error(await admin.v1("POST", "/v1/submit", content=b"nope"), 400, "invalid_json")
+            assert (
+                words in assert_error(await admin.v1("POST", "/v1/submit", json=body), 422, "invalid_request")["detail"]
+            )
+        assert_error(await admin.v1("POST", "/v1/submit", content=b"nope", headers=JSON), 400, "invalid_json")
         assert fake.stats()["initiate"] == 1  # nothing invalid was sent upstream
 
         # The API refuses a query it finds invalid (here a malformed simulator knob): that is
         # the caller's problem, a 422, not a gateway failure; nothing is tracked.
-        error = assert_error(await admin.v1("POST", "/v1/submit", json={"query": "x fake:rate=abc"}),
-                             422, "request_rejected")
-        assert "HTTP 400" in error["message"]
+        error = assert_error(
+            await admin.v1("POST", "/v1/submit", json={"query": "x fake:rate=abc"}), 422, "request_rejected"
+        )
+        assert "HTTP 400" in error["detail"]
         assert len(await admin.daemon.store.list_jobs()) == 1
 
         # Upstream failures are reported, not crashed on.
@@ -525,9 +644,10 @@ async def test_manual_cancel_goes_through_the_state_machine_once(config: Config,
 
         await wait_until(daemon, both_polled, what="both jobs polled once")
         _, samples = await scrape(admin)
-        manual_before = sample_value(
-            samples.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="manual"
-        ) or 0.0
+        manual_before = (
+            sample_value(samples.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="manual")
+            or 0.0
+        )
 
         # An empty body, and an explicit reason.
         response = await admin.http.post(f"/v1/jobs/{plain}/cancel", headers=AUTH)
@@ -578,13 +698,19 @@ async def test_manual_cancel_goes_through_the_state_machine_once(config: Config,
         assert_error(await admin.v1("POST", "/v1/jobs/bad%20id/cancel"), 422, "invalid_request")
         assert_error(
             await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "x", "force": True}),
-            422, "invalid_request",
+            422,
+            "invalid_request",
         )
         assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": 5}), 422, "invalid_request")
-        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "x" * 501}), 422, "invalid_request")
-        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", content=b"{"), 400, "invalid_json")
-        assert_error(await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "a\x00"}),
-                     422, "invalid_request")
+        assert_error(
+            await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "x" * 501}), 422, "invalid_request"
+        )
+        assert_error(
+            await admin.v1("POST", f"/v1/jobs/{plain}/cancel", content=b"{", headers=JSON), 400, "invalid_json"
+        )
+        assert_error(
+            await admin.v1("POST", f"/v1/jobs/{plain}/cancel", json={"reason": "a\x00"}), 422, "invalid_request"
+        )
 
         _, samples = await scrape(admin)
         manual_after = sample_value(
@@ -603,9 +729,12 @@ async def test_metrics_parse_and_carry_the_daemon_s_numbers(config: Config, fake
     async with admin_api(config, TOKEN) as admin:
         daemon = admin.daemon
         _, before = await scrape(admin)
-        tight_before = sample_value(
-            before.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="max_credits"
-        ) or 0.0
+        tight_before = (
+            sample_value(
+                before.get("clado_supervisor_cancels", []), "clado_supervisor_cancels_total", reason="max_credits"
+            )
+            or 0.0
+        )
 
         assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": watched})).status_code == 201
         assert (await admin.v1("POST", "/v1/jobs", json={"job_ids": [runaway], "policy": "tight"})).status_code == 201
@@ -639,8 +768,10 @@ async def test_metrics_parse_and_carry_the_daemon_s_numbers(config: Config, fake
         tick = samples["clado_supervisor_tick_duration_seconds"]
         tick_count = sample_value(tick, "clado_supervisor_tick_duration_seconds_count")
         tick_sum = sample_value(tick, "clado_supervisor_tick_duration_seconds_sum")
-        assert tick_count is not None and tick_count >= 1
-        assert tick_sum is not None and 0 <= tick_sum < tick_count * 5
+        assert tick_count is not None
+        assert tick_count >= 1
+        assert tick_sum is not None
+        assert 0 <= tick_sum < tick_count * 5
         assert sample_value(tick, "clado_supervisor_tick_duration_seconds_bucket", le="+Inf") == tick_count
 
         # The registry is process-wide: what this test did is the difference with `before`.
@@ -655,8 +786,9 @@ async def test_metrics_parse_and_carry_the_daemon_s_numbers(config: Config, fake
         assert sample_value(cancels, "clado_supervisor_cancels_total", reason="max_credits") == tight_before + 1
         assert fake.job_info(runaway)["cancel_calls"] == 1
 
-        last_tick = sample_value(samples["clado_supervisor_last_tick_timestamp_seconds"],
-                                 "clado_supervisor_last_tick_timestamp_seconds")
+        last_tick = sample_value(
+            samples["clado_supervisor_last_tick_timestamp_seconds"], "clado_supervisor_last_tick_timestamp_seconds"
+        )
         assert last_tick is not None
         assert abs(last_tick - daemon.clock().timestamp()) < 60
 
@@ -681,6 +813,7 @@ async def test_healthz_is_ok_while_the_daemon_runs(config: Config) -> None:
 
 async def test_readyz_waits_for_a_tick_then_reports_ready(config: Config) -> None:
     async with admin_api(config, TOKEN) as admin:
+
         async def ready() -> dict[str, Any] | None:
             response = await admin.http.get("/readyz")
             return dict(response.json()) if response.status_code == 200 else None
@@ -707,7 +840,8 @@ async def test_readyz_turns_unready_when_the_database_is_gone(
             if not reachable:
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()", (name,),
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
                 )
 
     job_id = fake_server.fake.create_job(rate=1, limit=100)
@@ -730,11 +864,12 @@ async def test_readyz_turns_unready_when_the_database_is_gone(
             # The API's own reads fail cleanly too: a JSON 503, never a stack trace.
             assert_error(await admin.v1("GET", "/v1/jobs"), 503, "database_unavailable")
             assert_error(await admin.v1("GET", f"/v1/jobs/{job_id}"), 503, "database_unavailable")
-            assert_error(await admin.v1("POST", "/v1/jobs", json={"job_ids": ["during-outage"]}),
-                         503, "database_unavailable")
+            assert_error(
+                await admin.v1("POST", "/v1/jobs", json={"job_ids": ["during-outage"]}), 503, "database_unavailable"
+            )
         finally:
             await asyncio.to_thread(database_reachable, True)
 
         assert await eventually(lambda: readiness(200), what="/readyz ready again") == {"status": "ready"}
-        listed = (await admin.v1("GET", "/v1/jobs")).json()
+        listed = await listed_jobs(admin)
         assert [job["job_id"] for job in listed] == [job_id]  # nothing half-written during the outage

@@ -24,17 +24,20 @@ def config(tmp_path: Path, fake_server: FakeServer, sqlite_url: str) -> Config:
     return write_config(tmp_path, fake_server.base_url, sqlite_url)
 
 
-def response_schema(document: dict[str, Any], method: str, path: str, status: int) -> dict[str, Any]:
-    """The schema of one documented answer, with the document's components for its $refs."""
+def response_schema(document: dict[str, Any], method: str, path: str, status: int) -> tuple[str, dict[str, Any]]:
+    """The media type and schema of one documented answer (with the document's components
+    for its $refs)."""
     responses = document["paths"][path][method.lower()]["responses"]
     assert str(status) in responses, f"{method} {path} answered {status}, which the document does not list"
-    schema = responses[str(status)]["content"]["application/json"]["schema"]
-    return {**schema, "components": document["components"]}
+    ((media_type, content),) = responses[str(status)]["content"].items()
+    return media_type, {**content["schema"], "components": document["components"]}
 
 
 def assert_documented(document: dict[str, Any], method: str, path: str, response: httpx.Response) -> Any:
     body = response.json()
-    validator = jsonschema_rs.Draft202012Validator(response_schema(document, method, path, response.status_code))
+    media_type, schema = response_schema(document, method, path, response.status_code)
+    assert response.headers["content-type"].startswith(media_type), response.headers
+    validator = jsonschema_rs.Draft202012Validator(schema)
     errors = [error.message for error in validator.iter_errors(body)]
     assert not errors, (method, path, response.status_code, errors, body)
     return body
@@ -57,11 +60,11 @@ async def test_every_answer_matches_the_document(config: Config, fake_server: Fa
         assert tracked == {"added": [job_id], "already_tracked": []}
         await check("POST", "/v1/jobs", json={"job_ids": [job_id]})  # 200: already tracked
         await check("POST", "/v1/jobs", json={"job_ids": ["bad id"]})  # 422
-        await check("POST", "/v1/jobs", content=b"{")  # 400
+        await check("POST", "/v1/jobs", content=b"{", headers={"Content-Type": "application/json"})  # 400
         await check("POST", "/v1/jobs", content=b" " * 2048)  # 413
 
         # A job before its first poll (nulls) and after it (timestamps), as a list and alone.
-        listed = await check("GET", "/v1/jobs")
+        listed = (await check("GET", "/v1/jobs"))["jobs"]
         assert set(listed[0]) == set(schemas["JobView"]["properties"])
         assert set(schemas["JobView"]["required"]) == set(listed[0])
 

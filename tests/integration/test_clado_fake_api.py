@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from fakeserver import FakeServer, ManualClock
 from structlog.testing import capture_logs
 
+from fakeserver import FakeServer, ManualClock
 from supervisor.adapters.clado import (
     MAX_BODY,
     ApiKeyRejected,

@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from conftest import config_text, load, running_daemon, wait_until
 from fakeserver import FakeServer
-
-from supervisor.core.states import TERMINAL
 from supervisor.adapters.store import NewJob, Store, utcnow
+from supervisor.core.states import TERMINAL
 
 POLICIES = """
 [policies.default]

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import config_text, load, running_daemon
-from fakeserver import FakeServer
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
+from conftest import config_text, load, running_daemon
+from fakeserver import FakeServer
 from supervisor.adapters import migrate
-from supervisor.app.http import AdminApi
-from supervisor.core.states import TERMINAL
 from supervisor.adapters.store import JobWrite, NewJob, Store, database_unavailable, utcnow
-from supervisor.core import transitions
-from supervisor.core.transitions import Change
 from supervisor.adapters.writer import BatchWriter
+from supervisor.app.http import AdminApi
+from supervisor.core import transitions
+from supervisor.core.states import TERMINAL
+from supervisor.core.transitions import Change
 
 pytestmark = pytest.mark.timeout(120)
 

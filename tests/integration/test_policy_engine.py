@@ -20,19 +20,19 @@ from typing import Any
 
 import pytest
 import structlog.testing
+
 from conftest import API_KEY, config_text, eventually, load, running_daemon, wait_until
 from fakeserver import FakeServer
-
 from supervisor.adapters import metrics, migrate
-from supervisor.app.operations import Operations
-from supervisor.app.views import SubmitResult
-from supervisor.core.budgets import AdmissionRefused, period_start
 from supervisor.adapters.clado import CladoClient
-from supervisor.config import Config
-from supervisor.service.runtime import Daemon
-from supervisor.core.states import TERMINAL
-from supervisor.app.report import build_report
 from supervisor.adapters.store import NewJob, Store, utcnow
+from supervisor.app.operations import Operations
+from supervisor.app.report import build_report
+from supervisor.app.views import SubmitResult
+from supervisor.config import Config
+from supervisor.core.budgets import AdmissionRefused, period_start
+from supervisor.core.states import TERMINAL
+from supervisor.service.runtime import Daemon
 
 # -- helpers -------------------------------------------------------------------------------------
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import config_text, load, wait_until
-from fakeserver import FakeServer
 from structlog.testing import capture_logs
 
+from conftest import config_text, load, wait_until
+from fakeserver import FakeServer
 from supervisor.adapters.store import NewJob, utcnow
 from supervisor.config import Config
 from supervisor.service.runtime import Daemon

@@ -15,16 +15,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import config_text, load, running_daemon
-from fakeserver import FakeServer
 from sqlalchemy import create_engine, func, insert, pool, select, update
 from structlog.testing import capture_logs
 
+from conftest import config_text, load, running_daemon
+from fakeserver import FakeServer
 from supervisor.adapters import migrate
-from supervisor.core.budgets import period_start
-from supervisor.adapters.tables import job_events, jobs, metadata
 from supervisor.adapters.store import JobWrite, NewJob, Store, sync_url, utcnow
+from supervisor.adapters.tables import job_events, jobs, metadata
 from supervisor.core import transitions
+from supervisor.core.budgets import period_start
 from supervisor.core.transitions import Change, Event
 
 

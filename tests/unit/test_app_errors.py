@@ -19,9 +19,9 @@ from supervisor.adapters.clado import (
     RequestRejected,
 )
 from supervisor.app import errors
-from supervisor.service.wiring import RuntimeFailure
 from supervisor.config import ConfigError
 from supervisor.core.budgets import AdmissionRefused
+from supervisor.service.wiring import RuntimeFailure
 
 DB_DOWN = "the database is not reachable; try again later"
 

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from supervisor.config import Config
 from supervisor.core.budgets import (
     AdmissionRefused,
     BudgetStatus,
@@ -18,7 +19,6 @@ from supervisor.core.budgets import (
     statuses,
     thresholds_crossed,
 )
-from supervisor.config import Config
 
 
 def utc(*parts: int) -> datetime:
