@@ -387,7 +387,7 @@ class Tour:
 
     def table(self, *, live: bool) -> Table:
         """The jobs as the supervisor sees them; the final table adds the simulator's view."""
-        columns = LIVE_COLUMNS if live else FINAL_COLUMNS
+        columns: tuple[str, ...] = LIVE_COLUMNS if live else FINAL_COLUMNS
         if self.console.width < WIDE_TERMINAL:
             columns = tuple(column for column in columns if column not in NARROW_OMITS)
         table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
@@ -437,7 +437,8 @@ def _warning_name(key: str) -> str:
 
 def describe_event(event: Mapping[str, Any]) -> str:
     """One event row in words, for the progress lines."""
-    kind, detail = event["kind"], event["detail"] or {}
+    kind: str = event["kind"]
+    detail = event["detail"] or {}
     if kind == "tracked":
         if detail.get("source") == "track":
             return f"tracked (started elsewhere), policy {detail.get('policy')}"
@@ -556,7 +557,7 @@ def _observe_lines(rows: list[Job]) -> list[str]:
     observed = [row for row in rows if row.would_cancel_credits is not None and row.state in TERMINAL]
     if not observed:
         return []
-    would_save = sum(row.credits_used - row.would_cancel_credits for row in observed)
+    would_save = sum(row.credits_used - (row.would_cancel_credits or 0) for row in observed)
     return [
         f"The observe-mode rule (policies.shadow, max_credits {SHADOW_MAX_CREDITS}) would have cancelled "
         f"{len(observed)} job(s); it only recorded that, and switched on it would have saved "

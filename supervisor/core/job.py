@@ -12,11 +12,17 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from supervisor.core.states import State
 
 _WHOLE_SECOND = timedelta(seconds=1)
+
+
+class Row(Protocol):
+    """What a row must offer: its columns by name (a SQLAlchemy RowMapping, a dict)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +73,7 @@ class Job:
     cancel_resend_at: datetime | None  # when a cancel the job does not heed is sent again
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Job:
+    def from_row(cls, row: Row) -> Job:
         """A job from a `jobs` row (a SQLAlchemy RowMapping or any mapping of its columns)."""
         return cls(**_typed({name: row[name] for name in FIELDS}))
 
