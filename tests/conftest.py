@@ -15,12 +15,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakeserver import FakeServer  # noqa: E402
-from supervisor.adapters import migrate  # noqa: E402
-from supervisor.adapters.clado import CladoClient  # noqa: E402
-from supervisor.adapters.store import Store  # noqa: E402
-from supervisor.config import Config, load_config  # noqa: E402
-from supervisor.service.runtime import Daemon  # noqa: E402
+from fakeserver import FakeServer
+from supervisor.adapters import migrate
+from supervisor.adapters.clado import CladoClient
+from supervisor.adapters.store import Store
+from supervisor.config import Config, load_config
+from supervisor.service.runtime import Daemon
 
 API_KEY = "lk_test_4f1c2e9a7b"
 REPO = Path(__file__).resolve().parents[1]

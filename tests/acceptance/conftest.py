@@ -27,11 +27,17 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PY, "-m", "supervisor", *args],
-        cwd=cwd, env=env or cli_env(), input=stdin, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env or cli_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -43,7 +49,11 @@ class FakeApiProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [PY, "-m", "supervisor", "fake-api", "--port", str(self.port)],
-            cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=cwd,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 20
         while True:
@@ -52,7 +62,8 @@ class FakeApiProcess:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fake-api did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+                    output = self.proc.stderr.read() if self.proc.stderr else ""
+                    raise RuntimeError(f"fake-api did not start: {output}") from None
                 time.sleep(0.05)
 
     def get(self, path: str) -> Any:
@@ -61,7 +72,9 @@ class FakeApiProcess:
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(
-            self.base_url + path, data=json.dumps(body).encode(), method="POST",
+            self.base_url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -89,8 +102,12 @@ class DaemonProcess:
         self.log_path = cwd / f"daemon-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [PY, "-m", "supervisor", "run"], cwd=cwd, env=env or cli_env(),
-            stdout=self._log, stderr=subprocess.STDOUT, text=True,
+            [PY, "-m", "supervisor", "run"],
+            cwd=cwd,
+            env=env or cli_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def log_lines(self) -> list[dict[str, Any]]:

@@ -11,15 +11,13 @@ from conftest import config_text
 from .conftest import DaemonProcess, FakeApiProcess, cli, cli_env, jobs_json, wait_for
 
 
-def test_sigkill_after_decision_then_restart_completes_the_cancel(
-    tmp_path: Path, fake_api: FakeApiProcess
-) -> None:
+def test_sigkill_after_decision_then_restart_completes_the_cancel(tmp_path: Path, fake_api: FakeApiProcess) -> None:
     (tmp_path / "supervisor.toml").write_text(
         config_text(
             fake_api.base_url,
             "sqlite:///supervisor.db",
             supervisor={"lease_ttl": '"2s"'},
-            policies='[policies.default]\nmax_credits = 20',
+            policies="[policies.default]\nmax_credits = 20",
         )
     )
     job_id = fake_api.create_job(rate=10, limit=500)
@@ -38,7 +36,8 @@ def test_sigkill_after_decision_then_restart_completes_the_cancel(
     try:
         final = wait_for(
             lambda: (j := jobs_json(tmp_path)[job_id])["state"] == "cancelled" and j,
-            timeout=40, what="the restarted daemon to cancel and confirm",
+            timeout=40,
+            what="the restarted daemon to cancel and confirm",
         )
     finally:
         assert restarted.stop(signal.SIGTERM) == 0

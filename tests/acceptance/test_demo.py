@@ -42,8 +42,11 @@ def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: P
     flowing = " ".join(out.split())  # the summary wraps at the terminal's width
     assert re.search(r"console http://127\.0\.0\.1:\d+/ui \(admin token [0-9a-f]{32}, this run only\)", flowing)
     assert "2 submission(s) capped at the source: the API was asked for 120 of the 800" in flowing
-    observe = re.search(r"The observe-mode rule \(policies.shadow, max_credits 20\) would have cancelled 1 job\(s\); "
-                        r"it only recorded that, and switched on it would have saved ([\d,]+) more credits", out)
+    observe = re.search(
+        r"The observe-mode rule \(policies.shadow, max_credits 20\) would have cancelled 1 job\(s\); "
+        r"it only recorded that, and switched on it would have saved ([\d,]+) more credits",
+        out,
+    )
     assert observe is not None, out
     assert int(observe.group(1).replace(",", "")) > 0
     saved = re.search(r"saved ([\d,]+) credits \(\$([\d,.]+) at \$0.01/credit\)", out)

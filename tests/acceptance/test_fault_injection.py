@@ -55,15 +55,19 @@ max_runtime = "3s"
 KINDS: dict[str, dict[str, Any]] = {
     "credits": {"knobs": {"rate": 10, "limit": 300}, "expect": ("cancelled", "max_credits", "cancelled")},
     # An accepted cancel that takes effect 1.5 s later: confirming has to keep polling.
-    "delay": {"knobs": {"rate": 10, "limit": 300, "cancel_delay": 1.5},
-              "expect": ("cancelled", "max_credits", "cancelled")},
+    "delay": {
+        "knobs": {"rate": 10, "limit": 300, "cancel_delay": 1.5},
+        "expect": ("cancelled", "max_credits", "cancelled"),
+    },
     # The first cancel loses to completion (409, then status completed): ends `completed`,
     # with the breach still recorded.
-    "race": {"knobs": {"rate": 10, "limit": 300, "race": True},
-             "expect": ("completed", "max_credits", "completed")},
+    "race": {"knobs": {"rate": 10, "limit": 300, "race": True}, "expect": ("completed", "max_credits", "completed")},
     # Slow (0.5 credit/s) but over its 3 s max_runtime (policy `short`, by label).
-    "runtime": {"knobs": {"rate": 0.5, "limit": 300}, "labels": ["kind=short"],
-                "expect": ("cancelled", "max_runtime", "cancelled")},
+    "runtime": {
+        "knobs": {"rate": 0.5, "limit": 300},
+        "labels": ["kind=short"],
+        "expect": ("cancelled", "max_runtime", "cancelled"),
+    },
     # Well-behaved: 10 results in 2 s, under every limit. The race/delay knobs only matter
     # if someone cancels them, which nobody may.
     "ok": {"knobs": {"rate": 5, "limit": 10}, "expect": ("completed", None, "completed")},
@@ -80,8 +84,9 @@ WELL_BEHAVED = frozenset({"ok", "ok-race", "ok-delay", "ok-long"})
 _API_DEFAULTS = 'timeout = "2s"\nmax_retries = 2'
 
 
-def fi_config(base_url: str, *, supervisor: dict[str, str] | None = None, policies: str = "",
-              extra: str = "", api: str = "") -> str:
+def fi_config(
+    base_url: str, *, supervisor: dict[str, str] | None = None, policies: str = "", extra: str = "", api: str = ""
+) -> str:
     """tests/conftest.py's config_text, with the [api] timeout/retry lines replaced by `api`."""
     text = config_text(base_url, "sqlite:///supervisor.db", supervisor=supervisor, policies=policies, extra=extra)
     if api:
@@ -124,7 +129,9 @@ def track_api(api: Exchange, kinds: dict[str, str]) -> None:
         assert status == 201 and sorted(body["added"]) == sorted(ids), (status, body)
 
 
-def add_jobs(fake: FakeApiProcess, cwd: Path, counts: dict[str, int], env: dict[str, str] | None = None) -> dict[str, str]:
+def add_jobs(
+    fake: FakeApiProcess, cwd: Path, counts: dict[str, int], env: dict[str, str] | None = None
+) -> dict[str, str]:
     """Create jobs on the fake API and `track` them through the CLI; returns job id → kind."""
     kinds = create_jobs(fake, counts)
     track_cli(cwd, kinds, env)
@@ -147,14 +154,17 @@ def all_terminal(cwd: Path, count: int) -> bool:
 
 def wait_for_log(daemon: DaemonProcess, text: str, *, timeout: float = 30, allow_exit: bool = False) -> bool:
     """Wait until the daemon's log holds `text`; False if it exited first (when allowed)."""
+
     def seen() -> bool:
         if text in daemon.log_path.read_text():
             return True
         if daemon.proc.poll() is not None:
             if allow_exit:
                 return True
-            raise AssertionError(f"the daemon exited ({daemon.proc.returncode}) before logging {text!r}:\n"
-                                 f"{daemon.log_path.read_text()[-3000:]}")
+            raise AssertionError(
+                f"the daemon exited ({daemon.proc.returncode}) before logging {text!r}:\n"
+                f"{daemon.log_path.read_text()[-3000:]}"
+            )
         return False
 
     wait_for(seen, timeout=timeout, what=f"{text!r} in the daemon's log", interval=0.02)
@@ -178,8 +188,15 @@ class Exchange:
         self.token = token
         self.seen: list[str] = []
 
-    def request(self, method: str, path: str, body: Any = None, *, token: str | None | bool = True,
-                raw_body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | bool | None = True,
+        raw_body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         """One request, no redirect following; `token=True` uses the configured token."""
         headers = {"Content-Type": "application/json"}
         bearer = self.token if token is True else token
@@ -236,9 +253,11 @@ def outcome_problems(cwd: Path, fake: FakeApiProcess, kinds: dict[str, str]) -> 
             problems.append(f"{kind} {job_id}: not tracked")
             continue
         state, reason, remote_status = KINDS[kind]["expect"]
-        seen = (f"{kind} {job_id}: state={job['state']} reason={job['cancel_reason']} final_status="
-                f"{job['final_status']} remote={remote['status']} cancel_calls={remote['cancel_calls']} "
-                f"last_error={job['last_error']}")
+        seen = (
+            f"{kind} {job_id}: state={job['state']} reason={job['cancel_reason']} final_status="
+            f"{job['final_status']} remote={remote['status']} cancel_calls={remote['cancel_calls']} "
+            f"last_error={job['last_error']}"
+        )
         if job["state"] not in TERMINAL:
             problems.append(f"non-terminal: {seen}")
         if (job["state"], job["cancel_reason"], remote["status"]) != (state, reason, remote_status):
@@ -276,8 +295,11 @@ CRASH_TOKEN = "adm-crash-0c5e71"
 def crash_wave(index: int) -> dict[str, int]:
     """Four jobs: two runaways (one of them rotating through delay, race, runtime), two
     well-behaved (one rotating through the race/delay knobs nobody may trigger)."""
-    return _merge({"credits": 1, ("delay", "race", "runtime")[index % 3]: 1},
-                  {"ok": 1}, {("ok", "ok-race", "ok-delay")[index % 3]: 1})
+    return _merge(
+        {"credits": 1, ("delay", "race", "runtime")[index % 3]: 1},
+        {"ok": 1},
+        {("ok", "ok-race", "ok-delay")[index % 3]: 1},
+    )
 
 
 def _merge(*counts: dict[str, int]) -> dict[str, int]:
@@ -300,12 +322,19 @@ def test_sigkill_at_random_moments_then_every_runaway_is_cancelled_and_confirmed
 
     At most 2 cancel calls per job: a second call is only needed when a daemon died between
     the call landing and the commit that records it (the fake then answers 409)."""
-    (tmp_path / "supervisor.toml").write_text(fi_config(
-        fake_api.base_url,
-        supervisor={"lease_ttl": '"1s"', "tick_interval": '"200ms"', "poll_interval": '"1s"',
-                    "confirm_interval": '"200ms"', "confirm_timeout": '"30s"'},
-        policies=RUNAWAY_POLICIES,
-    ))
+    (tmp_path / "supervisor.toml").write_text(
+        fi_config(
+            fake_api.base_url,
+            supervisor={
+                "lease_ttl": '"1s"',
+                "tick_interval": '"200ms"',
+                "poll_interval": '"1s"',
+                "confirm_interval": '"200ms"',
+                "confirm_timeout": '"30s"',
+            },
+            policies=RUNAWAY_POLICIES,
+        )
+    )
     rng = random.Random(CRASH_SEED)
     offsets = [round(rng.uniform(0.3, 2.0), 3) for _ in range(KILLS)]
     env = cli_env(CLADO_SUPERVISOR_TOKEN=CRASH_TOKEN)
@@ -318,11 +347,15 @@ def test_sigkill_at_random_moments_then_every_runaway_is_cancelled_and_confirmed
     def record(label: str, how: str, daemon: DaemonProcess) -> None:
         code = daemon.wait(timeout=10)
         if code != -signal.SIGKILL:
-            raise AssertionError(f"daemon {label} exited on its own with {code}:\n{daemon.log_path.read_text()[-3000:]}")
+            raise AssertionError(
+                f"daemon {label} exited on its own with {code}:\n{daemon.log_path.read_text()[-3000:]}"
+            )
         states = db_states(tmp_path)
-        summary.append(f"{label:>6}: t={time.monotonic() - started:5.1f}s {how:22s} "
-                       f"cancel calls so far={fake_api.get('/_fake/stats')['cancel']:3d} "
-                       f"states={dict(sorted(states.items()))}")
+        summary.append(
+            f"{label:>6}: t={time.monotonic() - started:5.1f}s {how:22s} "
+            f"cancel calls so far={fake_api.get('/_fake/stats')['cancel']:3d} "
+            f"states={dict(sorted(states.items()))}"
+        )
 
     for cycle, offset in enumerate(offsets):
         wave = create_jobs(fake_api, crash_wave(waves)) if cycle % 2 == 0 else {}
@@ -338,7 +371,9 @@ def test_sigkill_at_random_moments_then_every_runaway_is_cancelled_and_confirmed
             # The kill moment itself is the variable: sleep until it.
             time.sleep(max(0.0, deadline - time.monotonic()))
             late = time.monotonic() - deadline
-            assert daemon.proc.poll() is None, f"daemon {cycle} exited on its own:\n{daemon.log_path.read_text()[-3000:]}"
+            assert daemon.proc.poll() is None, (
+                f"daemon {cycle} exited on its own:\n{daemon.log_path.read_text()[-3000:]}"
+            )
             daemon.proc.send_signal(signal.SIGKILL)
         except BaseException:
             daemon.stop(signal.SIGKILL)
@@ -353,8 +388,11 @@ def test_sigkill_at_random_moments_then_every_runaway_is_cancelled_and_confirmed
             dying = DaemonProcess(tmp_path, cli_env(CLADO_SUPERVISOR_FAILPOINT="after-cancel-decision"))
             daemons.append(dying)
             try:
-                wait_for(lambda proc=dying.proc: proc.poll() is not None, timeout=30,
-                         what="the daemon to die at the after-cancel-decision failpoint")
+                wait_for(
+                    lambda proc=dying.proc: proc.poll() is not None,
+                    timeout=30,
+                    what="the daemon to die at the after-cancel-decision failpoint",
+                )
             except BaseException:
                 dying.stop(signal.SIGKILL)
                 raise
@@ -365,14 +403,25 @@ def test_sigkill_at_random_moments_then_every_runaway_is_cancelled_and_confirmed
     try:
         # Its signal handlers are installed by then (a SIGTERM during start-up kills it).
         wait_for_log(final, "supervisor started", timeout=30)
-        wait_for(lambda: all_terminal(tmp_path, len(kinds)), timeout=45,
-                 what=f"all jobs terminal after the kills: {dict(db_states(tmp_path))}")
+        wait_for(
+            lambda: all_terminal(tmp_path, len(kinds)),
+            timeout=45,
+            what=f"all jobs terminal after the kills: {dict(db_states(tmp_path))}",
+        )
         assert final.proc.poll() is None, "the last daemon exited on its own"
     finally:
         code = final.stop(signal.SIGTERM)
     with capsys.disabled():  # the kill moments, on the terminal even without -s
-        print("\n".join(["", f"crash test (seed {CRASH_SEED}): {len(kinds)} jobs {dict(Counter(kinds.values()))}",
-                         *summary, f"final daemon stopped with {code} after {time.monotonic() - started:.1f}s"]))
+        print(
+            "\n".join(
+                [
+                    "",
+                    f"crash test (seed {CRASH_SEED}): {len(kinds)} jobs {dict(Counter(kinds.values()))}",
+                    *summary,
+                    f"final daemon stopped with {code} after {time.monotonic() - started:.1f}s",
+                ]
+            )
+        )
     assert code == 0
 
     problems, calls = outcome_problems(tmp_path, fake_api, kinds)
@@ -385,8 +434,14 @@ def test_sigkill_at_random_moments_then_every_runaway_is_cancelled_and_confirmed
 # -- 2. API chaos -------------------------------------------------------------------------------
 
 CHAOS = {
-    "error_rate": 0.20, "throttle_rate": 0.05, "retry_after": 1,
-    "slow_rate": 0.05, "slow_seconds": 2, "garbage_rate": 0.02, "drop_rate": 0.02, "seed": 1234,
+    "error_rate": 0.20,
+    "throttle_rate": 0.05,
+    "retry_after": 1,
+    "slow_rate": 0.05,
+    "slow_seconds": 2,
+    "garbage_rate": 0.02,
+    "drop_rate": 0.02,
+    "seed": 1234,
 }
 CHAOS_JOBS = {"credits": 8, "delay": 2, "race": 2, "runtime": 2, "ok": 6, "ok-race": 1, "ok-delay": 1, "ok-long": 16}
 
@@ -404,20 +459,25 @@ def test_api_chaos_the_daemon_survives_and_still_cancels_every_runaway(
     these rates), so the exact bound is checked: every call beyond the first of a job is
     explained by one cancel answer the daemon never got (`api_requests_total{endpoint="cancel",
     status="error"}`)."""
-    (tmp_path / "supervisor.toml").write_text(fi_config(
-        fake_api.base_url,
-        supervisor={"confirm_timeout": '"30s"', "lease_ttl": '"10s"'},
-        policies=RUNAWAY_POLICIES,
-        api='timeout = "1s"\nmax_retries = 3',
-    ))
+    (tmp_path / "supervisor.toml").write_text(
+        fi_config(
+            fake_api.base_url,
+            supervisor={"confirm_timeout": '"30s"', "lease_ttl": '"10s"'},
+            policies=RUNAWAY_POLICIES,
+            api='timeout = "1s"\nmax_retries = 3',
+        )
+    )
     kinds = add_jobs(fake_api, tmp_path, CHAOS_JOBS)
     faults = fake_api.post("/_fake/faults", CHAOS)
     assert faults["error_rate"] == 0.2 and faults["drop_rate"] == 0.02
     daemon = DaemonProcess(tmp_path)
     try:
         port = admin_port(daemon)
-        wait_for(lambda: all_terminal(tmp_path, len(kinds)), timeout=60,
-                 what=f"all jobs terminal under API chaos: {dict(db_states(tmp_path))}")
+        wait_for(
+            lambda: all_terminal(tmp_path, len(kinds)),
+            timeout=60,
+            what=f"all jobs terminal under API chaos: {dict(db_states(tmp_path))}",
+        )
         assert daemon.proc.poll() is None, f"the daemon exited under chaos:\n{daemon.log_path.read_text()[-3000:]}"
         status, _, body = Exchange(port).request("GET", "/metrics")
         assert status == 200
@@ -435,15 +495,19 @@ def test_api_chaos_the_daemon_survives_and_still_cancels_every_runaway(
     server_errors = metric_sum(values, requests, status=lambda s: s is not None and s.startswith("5"))
     throttled = metric_sum(values, requests, status="429")
     errors = metric_sum(values, requests, status="error")  # timeouts and dropped connections
-    print(f"\nchaos: fake stats {stats}; retries {retries}, 5xx {server_errors}, 429 {throttled}, "
-          f"errors {errors}; cancel calls {sorted(Counter(calls.values()).items())}")
+    print(
+        f"\nchaos: fake stats {stats}; retries {retries}, 5xx {server_errors}, 429 {throttled}, "
+        f"errors {errors}; cancel calls {sorted(Counter(calls.values()).items())}"
+    )
     for job_id, n in calls.items():
         if n > 1:
             remote = fake_api.job(job_id)
             shown = json.loads(cli("jobs", "show", job_id, "--json", cwd=tmp_path).stdout)
-            print(f"  {kinds[job_id]} {job_id}: {n} cancel calls at {remote['cancel_call_times']}, "
-                  f"created {remote['created_at_ts']}; events: "
-                  + "; ".join(f"{e['at']} {e['kind']} {e['to_state'] or ''} {e['detail']}" for e in shown["events"]))
+            print(
+                f"  {kinds[job_id]} {job_id}: {n} cancel calls at {remote['cancel_call_times']}, "
+                f"created {remote['created_at_ts']}; events: "
+                + "; ".join(f"{e['at']} {e['kind']} {e['to_state'] or ''} {e['detail']}" for e in shown["events"])
+            )
     assert stats["faults_injected"] > 0
     assert retries > 0
     assert server_errors > 0 and throttled > 0 and errors > 0, (server_errors, throttled, errors)
@@ -498,7 +562,9 @@ def test_bad_job_ids_are_rejected_before_any_request(tmp_path: Path, fake_api: F
             (f"cancel {name}", ("cancel", "--", evil), None),
         ]
     # A line of a file (stdin) goes through the same check.
-    calls.append(("track --from-file", ("track", "--from-file", "-"), f"good-id-2\n{EVIL_IDS['cyrillic o look-alike']}\n"))
+    calls.append(
+        ("track --from-file", ("track", "--from-file", "-"), f"good-id-2\n{EVIL_IDS['cyrillic o look-alike']}\n")
+    )
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda call: cli(*call[1], cwd=tmp_path, stdin=call[2]), calls))
     for (what, _, _), result in zip(calls, results, strict=True):
@@ -559,8 +625,17 @@ SECRET_API_KEY = "lk_SECRET_apikey_7f3a9c"
 SECRET_TOKEN = "tok_SECRET_admin_51be"
 SECRET_HOOK = "whsec_SECRET_hook_c08d"
 # The values, their distinctive middles, and their prefixes (a truncated secret is a leak too).
-NEEDLES = (SECRET_API_KEY, SECRET_TOKEN, SECRET_HOOK, "SECRET_apikey", "SECRET_admin", "SECRET_hook",
-           "lk_SECRET", "tok_SECRET", "whsec_SECRET")
+NEEDLES = (
+    SECRET_API_KEY,
+    SECRET_TOKEN,
+    SECRET_HOOK,
+    "SECRET_apikey",
+    "SECRET_admin",
+    "SECRET_hook",
+    "lk_SECRET",
+    "tok_SECRET",
+    "whsec_SECRET",
+)
 HOOK_SECRET_ENV = "CLADO_SUPERVISOR_WEBHOOK_SECRET"
 
 
@@ -705,13 +780,14 @@ def test_secrets_never_appear_in_logs_outputs_answers_or_metrics(
         bad.write_text(config.replace("[api]\n", f'[api]\napi_key = "{SECRET_API_KEY}"\n', 1))
         run("--config", str(bad), "check-config", code=2)
         run("--config", str(bad), "jobs", "list", code=2)
-        (tmp_path / "bad-token.toml").write_text(
-            config.replace("[http]\n", f'[http]\ntoken = "{SECRET_TOKEN}"\n', 1))
+        (tmp_path / "bad-token.toml").write_text(config.replace("[http]\n", f'[http]\ntoken = "{SECRET_TOKEN}"\n', 1))
         run("--config", str(tmp_path / "bad-token.toml"), "check-config", code=2)
 
         status, _, metrics_body = api.request("GET", "/metrics")
         assert status == 200
-        assert metric_sum(metric_values(metrics_body.decode()), "clado_supervisor_api_requests_total", status="401") >= 1
+        assert (
+            metric_sum(metric_values(metrics_body.decode()), "clado_supervisor_api_requests_total", status="401") >= 1
+        )
     finally:
         code = daemon.stop(signal.SIGTERM)
     assert code == 0
@@ -720,7 +796,9 @@ def test_secrets_never_appear_in_logs_outputs_answers_or_metrics(
     assert {"cancel_requested", "cancelled", "api_key_rejected"} <= set(hooks.events()), hooks.events()
     for headers, body in hooks.deliveries:
         timestamp = headers["x-clado-supervisor-timestamp"]
-        expected = "sha256=" + hmac.new(SECRET_HOOK.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        expected = (
+            "sha256=" + hmac.new(SECRET_HOOK.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        )
         assert headers["x-clado-supervisor-signature"] == expected
 
     haystacks = {
@@ -746,7 +824,8 @@ def test_secrets_never_appear_in_logs_outputs_answers_or_metrics(
 
 def test_an_api_key_pasted_into_api_key_env_is_not_echoed(tmp_path: Path, fake_api: FakeApiProcess) -> None:
     (tmp_path / "supervisor.toml").write_text(
-        fi_config(fake_api.base_url, api=f'timeout = "2s"\nmax_retries = 2\napi_key_env = "{SECRET_API_KEY}"'))
+        fi_config(fake_api.base_url, api=f'timeout = "2s"\nmax_retries = 2\napi_key_env = "{SECRET_API_KEY}"')
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLADO_")}
     for args in (("submit", "a query"), ("run",)):
         result = cli(*args, cwd=tmp_path, env=env, timeout=30)
@@ -758,17 +837,23 @@ def test_an_api_key_pasted_into_api_key_env_is_not_echoed(tmp_path: Path, fake_a
 def test_a_webhook_configured_with_a_secret_is_never_sent_unsigned(
     tmp_path: Path, fake_api: FakeApiProcess, hooks: HookReceiver
 ) -> None:
-    (tmp_path / "supervisor.toml").write_text(fi_config(
-        fake_api.base_url, policies='[policies.default]\nmax_runtime = "30m"\nmax_credits = 5',
-        extra=f'\n[[notify.webhooks]]\nurl = "{hooks.url}"\nsecret_env = "{HOOK_SECRET_ENV}"\n',
-    ))
+    (tmp_path / "supervisor.toml").write_text(
+        fi_config(
+            fake_api.base_url,
+            policies='[policies.default]\nmax_runtime = "30m"\nmax_credits = 5',
+            extra=f'\n[[notify.webhooks]]\nurl = "{hooks.url}"\nsecret_env = "{HOOK_SECRET_ENV}"\n',
+        )
+    )
     job_id = fake_api.create_job(rate=10, limit=300)
     assert cli("track", job_id, cwd=tmp_path).returncode == 0
     daemon = DaemonProcess(tmp_path)  # HOOK_SECRET_ENV is not set (cli_env drops CLADO_*)
     try:
         # Failing closed (refusing to start, exit 2) is fine; so is signing. Sending unsigned is not.
-        wait_for(lambda: daemon.proc.poll() is not None or hooks.deliveries, timeout=30,
-                 what="the daemon to refuse the config or deliver a webhook")
+        wait_for(
+            lambda: daemon.proc.poll() is not None or hooks.deliveries,
+            timeout=30,
+            what="the daemon to refuse the config or deliver a webhook",
+        )
     finally:
         code = daemon.stop(signal.SIGTERM)
     if not hooks.deliveries:

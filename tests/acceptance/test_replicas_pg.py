@@ -79,7 +79,9 @@ def _track(replicas: list[DaemonProcess], job_ids: list[str]) -> None:
         if replica.proc.poll() is not None or address is None:
             continue
         request = urllib.request.Request(
-            f"http://{address}/v1/jobs", data=body, method="POST",
+            f"http://{address}/v1/jobs",
+            data=body,
+            method="POST",
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
         )
         try:
@@ -105,7 +107,9 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
     dsn = _dsn(pg_url)
     (tmp_path / "supervisor.toml").write_text(
         config_text(
-            fake_api.base_url, pg_url, policies=POLICIES,
+            fake_api.base_url,
+            pg_url,
+            policies=POLICIES,
             supervisor={
                 "lease_ttl": f'"{LEASE_TTL:g}s"',
                 "leader_ttl": f'"{LEADER_TTL:g}s"',
@@ -151,8 +155,11 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
         # Mid-run: some cancels have happened, most jobs are still running.
         wait_for(
             lambda: _rows(dsn, "SELECT count(*) FROM jobs WHERE cancel_requested_at IS NOT NULL")[0][0] >= 20,
-            timeout=60, what="the first cancels", interval=0.05,
+            timeout=60,
+            what="the first cancels",
+            interval=0.05,
         )
+
         # Kill the leader (so the chores fail over too), at a moment it holds job leases.
         def leader_holding_leases() -> int | None:
             [(owner,)] = _rows(dsn, "SELECT owner FROM leaders WHERE name = 'chores'") or [(None,)]
@@ -179,9 +186,13 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
         }
         assert held, "the killed replica held no lease"
         cancelled_before_kill = _rows(
-            dsn, "SELECT count(*) FROM jobs WHERE cancel_requested_at IS NOT NULL AND cancel_requested_at < %s", kill_wall
+            dsn,
+            "SELECT count(*) FROM jobs WHERE cancel_requested_at IS NOT NULL AND cancel_requested_at < %s",
+            kill_wall,
         )[0][0]
-        active_at_kill = _rows(dsn, "SELECT count(*) FROM jobs WHERE state IN ('watching', 'cancelling', 'confirming')")[0][0]
+        active_at_kill = _rows(
+            dsn, "SELECT count(*) FROM jobs WHERE state IN ('watching', 'cancelling', 'confirming')"
+        )[0][0]
 
         # Watch the dead replica's jobs being taken over: the new lease (its claim time is
         # its expiry less the TTL, in database time), and the first write after the kill
@@ -192,7 +203,9 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
         new_leader: tuple[str, float] | None = None
         while time.monotonic() - killed_at < LEASE_TTL + 8 and (len(handled_again) < len(held) or new_leader is None):
             for job_id, updated_at, owner, expires in _rows(
-                dsn, "SELECT job_id, updated_at, lease_owner, lease_expires_at FROM jobs WHERE job_id = ANY(%s)", list(held)
+                dsn,
+                "SELECT job_id, updated_at, lease_owner, lease_expires_at FROM jobs WHERE job_id = ANY(%s)",
+                list(held),
             ):
                 if job_id not in claimed_again and owner and _pid_of(owner) != victim_pid:
                     claimed_again[job_id] = expires - timedelta(seconds=LEASE_TTL)
@@ -210,8 +223,13 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
         feeder.join(60)
         assert not feeder_errors, feeder_errors
         wait_for(
-            lambda: _rows(dsn, "SELECT count(*) FROM jobs WHERE state IN ('watching', 'cancelling', 'confirming')")[0][0] == 0,
-            timeout=60, what="every job terminal", interval=0.2,
+            lambda: (
+                _rows(dsn, "SELECT count(*) FROM jobs WHERE state IN ('watching', 'cancelling', 'confirming')")[0][0]
+                == 0
+            ),
+            timeout=60,
+            what="every job terminal",
+            interval=0.2,
         )
         settled = time.monotonic() - started
         survivors = [replica for replica in replicas if replica is not victim]
@@ -232,8 +250,7 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
     all_ids = runaways + good
     assert len(all_ids) == WAVES * (RUNAWAYS_PER_WAVE + GOOD_PER_WAVE) >= 500
     jobs = {
-        row[0]: row
-        for row in _rows(dsn, "SELECT job_id, state, cancel_reason, final_status, confirmed_at FROM jobs")
+        row[0]: row for row in _rows(dsn, "SELECT job_id, state, cancel_reason, final_status, confirmed_at FROM jobs")
     }
     assert set(jobs) == set(all_ids)
     fake = {job_id: fake_api.job(job_id) for job_id in all_ids}
@@ -278,15 +295,20 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
     survivor_logs = [line for replica in survivors for line in replica.log_lines()]
     became = [line for line in survivor_logs if line.get("event") == "became leader"]
     after_kill = [
-        line["owner"] for line in became
-        if kill_wall < datetime.fromisoformat(line["timestamp"]) < stopping_wall
+        line["owner"] for line in became if kill_wall < datetime.fromisoformat(line["timestamp"]) < stopping_wall
     ]
     assert after_kill == [new_leader[0]]
     # Before the kill the victim led; a survivor that led before it lost a renewal under load.
-    flaps = len(became) - len(after_kill) - sum(
-        1 for line in became if datetime.fromisoformat(line["timestamp"]) > stopping_wall
+    flaps = (
+        len(became)
+        - len(after_kill)
+        - sum(1 for line in became if datetime.fromisoformat(line["timestamp"]) > stopping_wall)
     )
-    assert not [line for line in survivor_logs if line.get("event") == "job handling failed; its lease will expire and it is retried"]
+    assert not [
+        line
+        for line in survivor_logs
+        if line.get("event") == "job handling failed; its lease will expire and it is retried"
+    ]
     assert not [line for line in survivor_logs if line.get("unparsed") and "Traceback" in line["event"]]
     fenced = sum(1 for line in survivor_logs if line.get("event") == "lease lost; write dropped")
 
@@ -297,7 +319,8 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
         f"cancelled twice: {len(twice)}; claimed again after max {max(claims.values()):.2f}s "
         f"(median {sorted(claims.values())[len(claims) // 2]:.2f}s, lease {LEASE_TTL:g}s), handled after max "
         f"{max(delays.values()):.2f}s (median {sorted(delays.values())[len(delays) // 2]:.2f}s); "
-        f"new leader after {new_leader[1]:.2f}s (earlier leader changes {flaps}); fenced writes {fenced}; all terminal at {settled:.1f}s"
+        f"new leader after {new_leader[1]:.2f}s (earlier leader changes {flaps}); fenced writes {fenced}; "
+        f"all terminal at {settled:.1f}s"
     )
 
 

@@ -16,9 +16,12 @@ from .conftest import DaemonProcess, FakeApiProcess, cli, cli_env, jobs_json, wa
 def write_config(workdir: Path, fake_api: FakeApiProcess, *, policies: str, extra: str) -> None:
     (workdir / "supervisor.toml").write_text(
         config_text(
-            fake_api.base_url, "sqlite:///supervisor.db",
-            supervisor={"lease_ttl": '"2s"'}, policies=policies, extra=extra,
-        )  # fmt: skip
+            fake_api.base_url,
+            "sqlite:///supervisor.db",
+            supervisor={"lease_ttl": '"2s"'},
+            policies=policies,
+            extra=extra,
+        )
     )
 
 
@@ -84,9 +87,7 @@ def report_json(workdir: Path) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
-def test_report_after_a_runaway_is_cancelled_and_a_full_budget_blocks(
-    workdir: Path, fake_api: FakeApiProcess
-) -> None:
+def test_report_after_a_runaway_is_cancelled_and_a_full_budget_blocks(workdir: Path, fake_api: FakeApiProcess) -> None:
     write_config(workdir, fake_api, policies=REPORT_POLICIES, extra=REPORT_BUDGETS)
     # Migrate first: `run` and `submit` both auto-migrate, and two first-time migrations of
     # one fresh SQLite file at the same moment can fail ("table jobs already exists").
@@ -103,9 +104,7 @@ def test_report_after_a_runaway_is_cancelled_and_a_full_budget_blocks(
             timeout=30, what="the runaway cancelled",
         )  # fmt: skip
         # The budget sweep (every second) records the warning once the spend shows.
-        wait_for(
-            lambda: report_json(workdir)["budgets"][0]["warnings_fired"], timeout=15, what="the budget warning"
-        )
+        wait_for(lambda: report_json(workdir)["budgets"][0]["warnings_fired"], timeout=15, what="the budget warning")
     finally:
         assert daemon.stop() == 0
 
@@ -117,7 +116,7 @@ def test_report_after_a_runaway_is_cancelled_and_a_full_budget_blocks(
     data = report_json(workdir)
     assert data["period"] == "day"
     (budget,) = data["budgets"]
-    assert BUDGET_FIELDS <= set(budget)
+    assert set(budget) >= BUDGET_FIELDS
     assert budget == {
         **budget,
         "name": "growth-cap", "credits": 10, "spent": credits, "reserved": 0, "remaining": 0,

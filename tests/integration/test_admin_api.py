@@ -93,7 +93,7 @@ async def wait_until(
     daemon: Daemon,
     predicate: Callable[[], Awaitable[Any]],
     *,
-    timeout: float = 30.0,  # noqa: ASYNC109 - a test's bound, passed on to asyncio.timeout
+    timeout: float = 30.0,
     what: str = "condition",
 ) -> Any:
     """Like conftest's `wait_until` (re-check after each batch the daemon writes), without its
@@ -119,7 +119,7 @@ async def wait_until(
 async def eventually(
     check: Callable[[], Awaitable[Any]],
     *,
-    timeout: float = 20.0,  # noqa: ASYNC109 - a test's bound, passed on to asyncio.timeout
+    timeout: float = 20.0,
     what: str = "condition",
 ) -> Any:
     """Re-ask an HTTP-observable condition until it holds (bounded); for things that no

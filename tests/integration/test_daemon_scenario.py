@@ -21,14 +21,14 @@ max_credits = 20
 
 # name: (scenario knobs, expected state, expected reason, runaway?)
 SCENARIOS = {
-    "completes": (dict(rate=20, limit=10), "completed", None, False),
-    "too_many_credits": (dict(rate=10, limit=100), "cancelled", "max_credits", True),
-    "too_long": (dict(rate=1, limit=100), "cancelled", "max_runtime", True),
-    "fails": (dict(rate=1, limit=100, fail_after=1), "failed", None, False),
-    "cancelled_elsewhere": (dict(rate=1, limit=100, external_cancel_after=1), "cancelled", "external", False),
-    "loses_the_race": (dict(rate=10, limit=100, race=True), "completed", "max_credits", True),
-    "confirms_slowly": (dict(rate=10, limit=100, cancel_delay=1.5), "cancelled", "max_credits", True),
-    "vanishes": (dict(rate=1, limit=100, vanish_after=0.5), "lost", None, False),
+    "completes": ({"rate": 20, "limit": 10}, "completed", None, False),
+    "too_many_credits": ({"rate": 10, "limit": 100}, "cancelled", "max_credits", True),
+    "too_long": ({"rate": 1, "limit": 100}, "cancelled", "max_runtime", True),
+    "fails": ({"rate": 1, "limit": 100, "fail_after": 1}, "failed", None, False),
+    "cancelled_elsewhere": ({"rate": 1, "limit": 100, "external_cancel_after": 1}, "cancelled", "external", False),
+    "loses_the_race": ({"rate": 10, "limit": 100, "race": True}, "completed", "max_credits", True),
+    "confirms_slowly": ({"rate": 10, "limit": 100, "cancel_delay": 1.5}, "cancelled", "max_credits", True),
+    "vanishes": ({"rate": 1, "limit": 100, "vanish_after": 0.5}, "lost", None, False),
 }
 
 
@@ -37,9 +37,7 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
 
 
-async def test_every_kind_of_job_ends_in_the_right_state(
-    tmp_path: Path, fake_server: FakeServer, db_url: str
-) -> None:
+async def test_every_kind_of_job_ends_in_the_right_state(tmp_path: Path, fake_server: FakeServer, db_url: str) -> None:
     fake = fake_server.fake
     ids = {name: fake.create_job(**knobs) for name, (knobs, *_rest) in SCENARIOS.items()}
     path = tmp_path / "supervisor.toml"

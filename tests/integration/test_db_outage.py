@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-from conftest import config_text, load, running_daemon
+from conftest import config_text, eventually, load, running_daemon
 from fakeserver import FakeServer
 from supervisor.adapters import migrate
 from supervisor.adapters.store import JobWrite, NewJob, Store, database_unavailable, utcnow
@@ -140,10 +140,14 @@ async def test_daemon_survives_a_database_outage_and_loses_nothing(
     with TcpProxy(direct.host or "127.0.0.1", direct.port or 5432) as proxy:
         proxied = direct.set(port=proxy.port).render_as_string(hide_password=False)
         path = tmp_path / "supervisor.toml"
-        path.write_text(config_text(
-            fake_server.base_url, proxied, policies=POLICIES,
-            supervisor={"lease_ttl": '"3s"', "leader_ttl": '"3s"'},
-        ))
+        path.write_text(
+            config_text(
+                fake_server.base_url,
+                proxied,
+                policies=POLICIES,
+                supervisor={"lease_ttl": '"3s"', "leader_ttl": '"3s"'},
+            )
+        )
         config = load(path)
         observer = Store(pg_url)  # straight to the server, not through the proxy
         early_runaways = fake.create_jobs(5, limit=300, rate=10)
@@ -162,7 +166,12 @@ async def test_daemon_survives_a_database_outage_and_loses_nothing(
                 try:
                     await daemon.store.add_jobs([NewJob(j, "default") for j in early_runaways + early_good], utcnow())
                     # Running normally: the early runaways are cancelled.
-                    await _until(lambda: _states(observer, early_runaways, {"cancelled"}), 20, "early cancels")
+                    await eventually(
+                        lambda: _states(observer, early_runaways, {"cancelled"}),
+                        timeout=20,
+                        what="early cancels",
+                        every=0.1,
+                    )
                     assert await ready() == 200
                     # Then jobs that will run away while the database is gone (queued 1.5 s,
                     # then 10 results a second: over 20 credits ~3.6 s from now) and jobs that
@@ -174,7 +183,9 @@ async def test_daemon_survives_a_database_outage_and_loses_nothing(
                     proxy.cut()
                     cut_at = time.monotonic()
                     pings_before = notifier.pings
-                    await _until(lambda: _status_is(ready, 503), 5, "/readyz to report the outage")
+                    await eventually(
+                        lambda: _status_is(ready, 503), timeout=5, what="/readyz to report the outage", every=0.1
+                    )
                     while time.monotonic() - cut_at < outage:
                         # Unready throughout, and no cancel goes out: no decision can be
                         # committed, and none is acted on uncommitted.
@@ -191,10 +202,12 @@ async def test_daemon_survives_a_database_outage_and_loses_nothing(
 
                     proxy.restore()
                     restored_at, restored_wall = time.monotonic(), utcnow()
-                    await _until(lambda: _status_is(ready, 200), 15, "/readyz to recover")
+                    await eventually(lambda: _status_is(ready, 200), timeout=15, what="/readyz to recover", every=0.1)
                     ready_after = time.monotonic() - restored_at
                     everyone = early_runaways + early_good + late_runaways + late_good
-                    await _until(lambda: _states(observer, everyone, TERMINAL), 30, "every job terminal")
+                    await eventually(
+                        lambda: _states(observer, everyone, TERMINAL), timeout=30, what="every job terminal", every=0.1
+                    )
                     settled_after = time.monotonic() - restored_at
                 finally:
                     await http.aclose()
@@ -224,15 +237,6 @@ async def test_daemon_survives_a_database_outage_and_loses_nothing(
     print(f"\nready {ready_after:.2f}s and all terminal {settled_after:.2f}s after the database came back")
 
 
-async def _until(predicate: object, timeout: float, what: str) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not await predicate():  # type: ignore[operator]
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
-
-
 async def _states(store: Store, ids: list[str], states: object) -> bool:
     wanted = set(ids)
     rows = [job for job in await store.list_jobs() if job.job_id in wanted]
@@ -241,7 +245,6 @@ async def _states(store: Store, ids: list[str], states: object) -> bool:
 
 async def _status_is(ready: object, code: int) -> bool:
     return await ready() == code  # type: ignore[operator]
-
 
 
 async def test_batch_writer_fails_its_waiters_while_the_database_is_away_then_recovers(pg_url: str) -> None:
@@ -263,7 +266,7 @@ async def test_batch_writer_fails_its_waiters_while_the_database_is_away_then_re
             before = await observer.get_job("job-1")
 
             proxy.cut()
-            with capture_logs() as logs, pytest.raises(Exception) as raised:
+            with capture_logs() as logs, pytest.raises(Exception) as raised:  # noqa: PT011 - checked just below
                 await writer.write(decision)
             assert database_unavailable(raised.value), raised.value
             assert [e["event"] for e in logs if e["log_level"] == "error"] == ["database write failed"]

@@ -91,9 +91,7 @@ async def operations_on(config: Config) -> AsyncIterator[Operations]:
 
 
 def webhook_metric(outcome: str) -> float:
-    value = metrics.REGISTRY.get_sample_value(
-        "clado_supervisor_webhook_deliveries_total", {"outcome": outcome}
-    )
+    value = metrics.REGISTRY.get_sample_value("clado_supervisor_webhook_deliveries_total", {"outcome": outcome})
     return value or 0.0
 
 
@@ -107,7 +105,7 @@ class HookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with receiver._lock:
                     receiver.requests.append(
@@ -291,7 +289,11 @@ async def test_a_warning_is_not_repeated_after_a_restart(
 OBSERVE_CASES = {
     # name: (policies, supervisor overrides, extra, labels, expected would-cancel reason)
     "policy_action_observe": (
-        '[policies.default]\nmax_credits = 10\naction = "observe"', {}, "", {}, "max_credits",
+        '[policies.default]\nmax_credits = 10\naction = "observe"',
+        {},
+        "",
+        {},
+        "max_credits",
     ),
     "dry_run": ("[policies.default]\nmax_credits = 10", {"dry_run": "true"}, "", {}, "max_credits"),
     "budget_action_observe": (
@@ -334,7 +336,12 @@ async def test_observe_mode_records_but_never_cancels(
     assert report["saved_by_cancels"] == 0
     if case == "budget_action_observe":
         (budget,) = report["budgets"]
-        assert (budget["name"], budget["action"], budget["exhausted"], budget["spent"]) == ("watch", "observe", True, 40)
+        assert (budget["name"], budget["action"], budget["exhausted"], budget["spent"]) == (
+            "watch",
+            "observe",
+            True,
+            40,
+        )
 
 
 # -- budgets ----------------------------------------------------------------------------------------
@@ -610,9 +617,7 @@ async def test_a_failing_webhook_does_not_hold_up_the_cancel(
         assert webhook_metric("failed") == failed_before
         attempts_when_confirmed = len(receiver.at("/fail"))
         assert attempts_when_confirmed < 3
-        await eventually(
-            lambda: webhook_metric("failed") > failed_before, timeout=15, what="the hook given up on"
-        )
+        await eventually(lambda: webhook_metric("failed") > failed_before, timeout=15, what="the hook given up on")
 
     assert (job.state, job.cancel_reason) == ("cancelled", "max_credits")
     assert fake.job_info(job_id)["cancel_calls"] == 1

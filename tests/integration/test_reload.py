@@ -64,11 +64,14 @@ async def test_sighup_brings_a_new_policy_limit_and_a_new_budget_into_force(
     path = tmp_path / "supervisor.toml"
 
     def write(max_credits: int, budget_credits: int) -> None:
-        path.write_text(config_text(
-            fake_server.base_url, sqlite_url,
-            policies=f'[policies.default]\nmax_runtime = "30m"\nmax_credits = {max_credits}',
-            extra=BUDGET.format(credits=budget_credits),
-        ))
+        path.write_text(
+            config_text(
+                fake_server.base_url,
+                sqlite_url,
+                policies=f'[policies.default]\nmax_runtime = "30m"\nmax_credits = {max_credits}',
+                extra=BUDGET.format(credits=budget_credits),
+            )
+        )
 
     write(max_credits=1000, budget_credits=100_000)
     runaway, team_job = fake.create_jobs(2, limit=1000, rate=20)

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, func, insert, pool, select, update
 from structlog.testing import capture_logs
 
-from conftest import config_text, load, running_daemon
+from conftest import config_text, eventually, load, running_daemon, wait_until
 from fakeserver import FakeServer
 from supervisor.adapters import migrate
 from supervisor.adapters.store import JobWrite, NewJob, Store, sync_url, utcnow
@@ -30,10 +30,7 @@ from supervisor.core.transitions import Change, Event
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'supervisor.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
+    url = f"sqlite:///{tmp_path / 'supervisor.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     migrate.upgrade(url)
     return url
 
@@ -105,9 +102,12 @@ async def test_racing_claimers_claim_each_job_exactly_once(db_url: str) -> None:
         for job_id, owner, token in claims:
             assert (rows[job_id].lease_owner, rows[job_id].lease_token) == (owner, token)
         # And nobody can claim them again while the leases hold.
-        assert await stores[1].claim_due(
-            utcnow(), horizon=timedelta(seconds=1), limit=1000, lease_ttl=timedelta(minutes=5)
-        ) == []
+        assert (
+            await stores[1].claim_due(
+                utcnow(), horizon=timedelta(seconds=1), limit=1000, lease_ttl=timedelta(minutes=5)
+            )
+            == []
+        )
     finally:
         await _close(stores)
 
@@ -129,7 +129,10 @@ async def test_a_stale_replica_cannot_write_after_its_lease_was_taken(db_url: st
         events_before = await old.events("job-1")
 
         decided = transitions.decide_cancel(
-            Change.of(mine).set({"credits_used": 999}), "max_credits", {"rule": "policies.default.max_credits"}, utcnow()
+            Change.of(mine).set({"credits_used": 999}),
+            "max_credits",
+            {"rule": "policies.default.max_credits"},
+            utcnow(),
         )
         stale = JobWrite(decided, mine.lease_token)
         with capture_logs() as logs:
@@ -233,17 +236,13 @@ async def test_only_one_daemon_runs_the_chores_and_another_takes_over(
         async with AsyncExitStack() as stack:
             first = await stack.enter_async_context(running_daemon(config))
             second = await stack.enter_async_context(running_daemon(config))
-            async with asyncio.timeout(10):
-                while not (first.is_leader or second.is_leader):
-                    await asyncio.sleep(0.05)
+            await eventually(lambda: first.is_leader or second.is_leader, timeout=10, what="a leader", every=0.05)
             await asyncio.sleep(2.5)  # a few renewals later: still exactly one
             assert first.is_leader != second.is_leader
             leader, standby = (first, second) if first.is_leader else (second, first)
             assert (await standby.store.leader("chores"))["owner"] == leader.store.owner
             await leader.stop()  # running_daemon's own stop at the end is then a no-op
-            async with asyncio.timeout(3):  # leader_ttl / 3 = 1 s between attempts
-                while not standby.is_leader:
-                    await asyncio.sleep(0.05)
+            await eventually(lambda: standby.is_leader, timeout=3, what="the standby to lead", every=0.05)
             assert (await standby.store.leader("chores"))["owner"] == standby.store.owner
     events = [(entry["event"], entry.get("owner")) for entry in logs]
     assert events.count(("became leader", leader.store.owner)) == 1
@@ -280,9 +279,11 @@ async def test_retention_prunes_old_terminal_jobs_and_their_events_in_batches(db
         left = {job.job_id for job in await store.list_jobs()}
         assert left == {"old-but-active", "old-confirming", "recent-done"}
         async with store.engine.connect() as conn:
-            orphans = (await conn.execute(select(func.count()).select_from(job_events).where(
-                job_events.c.job_id.not_in(sorted(left))
-            ))).scalar_one()
+            orphans = (
+                await conn.execute(
+                    select(func.count()).select_from(job_events).where(job_events.c.job_id.not_in(sorted(left)))
+                )
+            ).scalar_one()
         assert orphans == 0
         for job_id in left:
             assert len(await store.events(job_id)) == 2  # tracked + the one added above
@@ -319,23 +320,25 @@ async def test_the_leader_runs_retention_keeping_budget_periods_whole(
     budget = '[budgets.monthly]\nperiod = "{period}"\ncredits = 100000\n'
     path = tmp_path / "supervisor.toml"
     for period, expected in (("total", set(specs)), ("month", {"this-month-but-old", "young"})):
-        path.write_text(config_text(
-            fake_server.base_url, sqlite_url, supervisor={"retention": str(int(retention.total_seconds()))},
-            extra=budget.format(period=period),
-        ))
+        path.write_text(
+            config_text(
+                fake_server.base_url,
+                sqlite_url,
+                supervisor={"retention": str(int(retention.total_seconds()))},
+                extra=budget.format(period=period),
+            )
+        )
         async with running_daemon(load(path)) as daemon:
-            async with asyncio.timeout(10):
-                while not daemon.is_leader:
-                    await asyncio.sleep(0.05)
+            await eventually(lambda: daemon.is_leader, timeout=10, what="leadership", every=0.05)
             await daemon.housekeeping.retention()
             assert {job.job_id for job in await daemon.store.list_jobs()} == expected, period
 
     # Without budgets, only retention counts.
-    path.write_text(config_text(fake_server.base_url, sqlite_url, supervisor={"retention": str(int(retention.total_seconds()))}))
+    path.write_text(
+        config_text(fake_server.base_url, sqlite_url, supervisor={"retention": str(int(retention.total_seconds()))})
+    )
     async with running_daemon(load(path)) as daemon:
-        async with asyncio.timeout(10):
-            while not daemon.is_leader:
-                await asyncio.sleep(0.05)
+        await eventually(lambda: daemon.is_leader, timeout=10, what="leadership", every=0.05)
         await daemon.housekeeping.retention()
         assert {job.job_id for job in await daemon.store.list_jobs()} == {"young"}
 
@@ -348,9 +351,10 @@ async def test_extend_leases_keeps_only_leases_still_held(db_url: str) -> None:
     try:
         now = utcnow()
         await a.add_jobs([NewJob("kept", "default"), NewJob("lost", "default")], now)
-        held = {job.job_id: job for job in await a.claim_due(
-            now, horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30)
-        )}
+        held = {
+            job.job_id: job
+            for job in await a.claim_due(now, horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30))
+        }
         async with a.engine.begin() as conn:  # "lost" expires and b takes it
             await conn.execute(update(jobs).where(jobs.c.job_id == "lost").values(lease_expires_at=now - timedelta(1)))
         [taken] = await b.claim_due(utcnow(), horizon=timedelta(0), limit=10, lease_ttl=timedelta(seconds=30))
@@ -377,16 +381,22 @@ async def test_slow_api_calls_keep_their_lease_and_cancel_once(
     runaways = fake.create_jobs(3, limit=300, rate=20)
     good = fake.create_jobs(3, limit=10, rate=20)
     path = tmp_path / "supervisor.toml"
-    path.write_text(config_text(
-        fake_server.base_url, db_url, policies="[policies.default]\nmax_credits = 20",
-        supervisor={"lease_ttl": '"1s"', "tick_interval": '"100ms"'},
-    ))
+    path.write_text(
+        config_text(
+            fake_server.base_url,
+            db_url,
+            policies="[policies.default]\nmax_credits = 20",
+            supervisor={"lease_ttl": '"1s"', "tick_interval": '"100ms"'},
+        )
+    )
     with capture_logs() as logs:
         async with running_daemon(load(path)) as daemon:
             await daemon.store.add_jobs([NewJob(j, "default") for j in runaways + good], utcnow())
-            async with asyncio.timeout(30):
-                while not all(job.state in ("cancelled", "completed") for job in await daemon.store.list_jobs()):
-                    await asyncio.sleep(0.1)
+
+            async def settled() -> bool:
+                return all(job.state in ("cancelled", "completed") for job in await daemon.store.list_jobs())
+
+            await wait_until(daemon, settled, timeout=30, what="every job settled")
             states = {job.job_id: job.state for job in await daemon.store.list_jobs()}
             # Handling is slow against the lease: the claim limit came down to its floor.
             assert daemon.dispatcher.claim_limit == load(path).api.max_concurrency
@@ -408,8 +418,11 @@ async def test_budget_and_admission_statements_on_both_backends(db_url: str) -> 
         start = now - timedelta(hours=1)
         growth, ads = {"team": "growth"}, {"team": "ads", "env": "prod"}
         await store.add_jobs(
-            [NewJob("g1", "default", growth), NewJob("g2", "default", growth, reserved_credits=50),
-             NewJob("a1", "default", ads)],
+            [
+                NewJob("g1", "default", growth),
+                NewJob("g2", "default", growth, reserved_credits=50),
+                NewJob("a1", "default", ads),
+            ],
             now,
         )
         async with store.engine.begin() as conn:
@@ -428,19 +441,19 @@ async def test_budget_and_admission_statements_on_both_backends(db_url: str) -> 
 
         seen: list[object] = []
 
-        def check(usage: object) -> bool:
+        def reserve_25(usage: object) -> int:
             seen.append(usage)
-            return True
+            return 25
 
-        admission = await store.admit(growth, 25, now, check, [start], timedelta(minutes=10))
+        admission = await store.admit(growth, now, reserve_25, [start], timedelta(minutes=10))
         assert admission is not None and len(seen) == 1
         assert totals((await store.usage([start], now))[start]) == {"growth": (40, 65), "ads": (7, 0)}
         await store.add_jobs([NewJob("g3", "default", growth, reserved_credits=25)], now, admission_id=admission)
         assert totals((await store.usage([start], now))[start]) == {"growth": (40, 65), "ads": (7, 0)}
         # Concurrent admissions are serialized (the advisory lock on PostgreSQL).
-        results = await asyncio.gather(*(
-            store.admit(growth, 1, now, lambda usage: True, [start], timedelta(minutes=10)) for _ in range(5)
-        ))
+        results = await asyncio.gather(
+            *(store.admit(growth, now, lambda usage: 1, [start], timedelta(minutes=10)) for _ in range(5))
+        )
         assert len(set(results)) == 5
 
         watching = await store.watching_since(start)
@@ -473,7 +486,9 @@ async def test_budget_and_admission_statements_on_both_backends(db_url: str) -> 
         await store.close()
 
 
-async def test_the_claim_limit_grows_while_handling_is_fast(tmp_path: Path, fake_server: FakeServer, db_url: str) -> None:
+async def test_the_claim_limit_grows_while_handling_is_fast(
+    tmp_path: Path, fake_server: FakeServer, db_url: str
+) -> None:
     """It starts at 4 x api.max_concurrency and doubles while claims come back full and
     handling is fast, so one replica is not held to 128 jobs a tick (a burst of 450 jobs
     that complete at their first poll)."""

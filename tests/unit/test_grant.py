@@ -58,11 +58,20 @@ GROWTH = {"team": "growth"}
     ],
 )
 def test_the_grant_is_the_smallest_allowance(
-    tmp_path: Path, per_result: int, requested: int, max_credits: int | None, spent: int, reserved: int,
-    results: int, clamped_by: tuple[str, ...],
+    tmp_path: Path,
+    per_result: int,
+    requested: int,
+    max_credits: int | None,
+    spent: int,
+    reserved: int,
+    results: int,
+    clamped_by: tuple[str, ...],
 ) -> None:
     # Scale the money to the price so the table reads in results.
-    statuses = [status("pool", 100 * per_result, spent * per_result, reserved * per_result), status("shadow", 5, 50, action="observe")]
+    statuses = [
+        status("pool", 100 * per_result, spent * per_result, reserved * per_result),
+        status("shadow", 5, 50, action="observe"),
+    ]
     cap = max_credits * per_result if max_credits is not None else None
     given = grant(config(tmp_path), GROWTH, requested, statuses, max_credits=cap)
     assert (given.results, given.clamped_by) == (results, clamped_by)

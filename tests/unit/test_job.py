@@ -15,9 +15,21 @@ def test_job_fields_are_the_jobs_table_columns() -> None:
 
 def row(**values: object) -> dict[str, object]:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    base: dict[str, object] = {name: None for name in FIELDS}
-    base.update(job_id="j1", state="watching", labels=None, policy="default", source="track", credits_used=0,
-                submitted_at=now, next_check_at=now, poll_errors=0, warned=None, cancel_attempts=0, updated_at=now)
+    base: dict[str, object] = dict.fromkeys(FIELDS)
+    base.update(
+        job_id="j1",
+        state="watching",
+        labels=None,
+        policy="default",
+        source="track",
+        credits_used=0,
+        submitted_at=now,
+        next_check_at=now,
+        poll_errors=0,
+        warned=None,
+        cancel_attempts=0,
+        updated_at=now,
+    )
     base.update(values)
     return base
 
