@@ -38,6 +38,7 @@ def client_for(config: Config) -> CladoClient:
         max_concurrency=config.api.max_concurrency,
         max_retries=config.api.max_retries,
         initiate_wait=config.api.initiate_wait.total_seconds(),
+        transport=config.api.transport,
     )
 
 
