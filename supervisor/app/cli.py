@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import sys
@@ -43,10 +42,10 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
     from supervisor.adapters.clado import CladoError, InvalidJobId
     from supervisor.core.budgets import AdmissionRefused
-    from supervisor.service.wiring import RuntimeFailure
+    from supervisor.service.wiring import RuntimeFailure, run_loop
 
     try:
-        return asyncio.run(coro)
+        return run_loop(coro)
     except (ConfigError, InvalidJobId) as exc:
         _fail(str(exc), 2)
     except AdmissionRefused as exc:
