@@ -69,6 +69,7 @@ def test_falling_behind_is_a_warning_with_the_numbers_and_the_knobs(notifier: St
     assert "api.max_concurrency" in warning["hint"]
     assert "poll_interval" in warning["hint"]
     assert "replica" in warning["hint"]
+    assert "batch_size" in warning["hint"]
     assert watch.falling_behind
     assert gauge(metrics.FALLING_BEHIND) == 1
     assert notifier.lines[-1].startswith("falling behind: lag p99")
