@@ -70,6 +70,9 @@ warn_at = []
 """
 JOB_KNOBS = {"rate": 0.01, "limit": 1000}  # one result per 100 s: active for 27 hours
 TARGET_POLLS_10K = 10_000 / 15
+# supervisor.batch_size / tick_interval at their defaults (1,000 and 1 s): a replica claims
+# at most this many jobs a second.
+CLAIMS_PER_TICK = 1000
 
 
 # name: (api.transport, environment of the daemon, uvloop). The bare loop runs on the same
@@ -663,6 +666,10 @@ def _limit(row: dict[str, Any], replicas: int) -> str:
     if row["held_fraction"] >= 0.97 and row["lag_exact_s"]["p99"] <= 2.0:
         return "none (held)"
     found = []
+    # The claims: a tick (1 s) claims at most batch_size (1,000, the default) jobs a replica.
+    claim_cap = CLAIMS_PER_TICK * replicas
+    if row["polls_per_s"] >= 0.9 * claim_cap:
+        found.append(f"claims (supervisor.batch_size: {claim_cap:,} jobs/s)")
     if row["fake_cpu_cores"] >= 0.85:
         found.append(f"simulator ({row['fake_cpu_cores']:.2f} cores)")
     if row["daemon_cpu_cores"] / replicas >= 0.85:
