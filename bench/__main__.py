@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller runs (throughput: 1,000 jobs, SQLite only); results go to *-quick.json",
+        help="smaller runs (throughput: 1,000 jobs, SQLite, with and without uvloop); results go to *-quick.json",
     )
     args = parser.parse_args(argv)
     chosen = args.benchmarks or list(NAMES)

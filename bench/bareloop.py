@@ -9,8 +9,11 @@ the cost of the HTTP client and the simulator.
 Run in its own process (`python -m bench.bareloop ...`), it prints one JSON object:
 requests done in the measured window, errors, the rate and the latency quantiles.
 
-`--transport httpx` is httpx's default transport (httpcore); `aiohttp` is the same
-httpx.AsyncClient over `httpx_aiohttp.AiohttpTransport`.
+`--transport` is the daemon's own choice of transport (`supervisor.adapters.clado.make_transport`:
+`aiohttp`, the default, is httpx-aiohttp with the client's error mapping; `httpx` is httpx's
+own), and `--uvloop` runs it on uvloop, as the daemon does when uvloop is installed: the
+same transport and loop as the daemon it is compared with. Its CPU per request is what the
+supervisor's CPU per poll is measured against.
 """
 
 from __future__ import annotations
@@ -25,20 +28,15 @@ import time
 import httpx
 
 from bench.common import API_KEY, quantile
+from supervisor.adapters.clado import make_transport
 
 
 def make_client(base_url: str, concurrency: int, transport: str, timeout: float = 10.0) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    chosen: httpx.AsyncBaseTransport | None = None
-    if transport == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        chosen = AiohttpTransport(limits=limits)
-    elif transport != "httpx":
-        raise SystemExit(f"unknown transport {transport!r}")
+    chosen = make_transport(transport, concurrency)  # type: ignore[arg-type]
     return httpx.AsyncClient(
         base_url=base_url,
-        headers={"Authorization": f"Bearer {API_KEY}", "Accept": "application/json"},
+        headers={"Authorization": f"Bearer {API_KEY}", "Accept": "application/json", "Accept-Encoding": "identity"},
         timeout=timeout,
         limits=limits,
         transport=chosen,
@@ -90,6 +88,7 @@ async def run(
     await client.aclose()
     return {
         "transport": transport,
+        "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "concurrency": concurrency,
         "window_s": round(elapsed, 3),
         "requests": done,
@@ -109,10 +108,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transport", choices=("httpx", "aiohttp"), default="httpx")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (as the daemon does when installed)")
     args = parser.parse_args(argv)
     with open(args.ids) as handle:
         ids = [line.strip() for line in handle if line.strip()]
-    result = asyncio.run(run(args.base_url, ids, args.concurrency, args.transport, args.duration, args.warmup))
+    factory = None
+    if args.uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(run(args.base_url, ids, args.concurrency, args.transport, args.duration, args.warmup))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
 

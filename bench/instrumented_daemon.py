@@ -26,12 +26,16 @@ from sqlalchemy.engine import Engine
 from supervisor.adapters import metrics
 
 CALLS = Counter(
-    metrics._P + "bench_sql_calls_total", "SQL cursor executions (executemany = 1), by kind.", ["kind"],
+    metrics._P + "bench_sql_calls_total",
+    "SQL cursor executions (executemany = 1), by kind.",
+    ["kind"],
     registry=metrics.REGISTRY,
 )
 ROWS = Counter(
-    metrics._P + "bench_sql_rows_total", "SQL statements run (executemany of N parameter sets = N), by kind.",
-    ["kind"], registry=metrics.REGISTRY,
+    metrics._P + "bench_sql_rows_total",
+    "SQL statements run (executemany of N parameter sets = N), by kind.",
+    ["kind"],
+    registry=metrics.REGISTRY,
 )
 
 _SPACE = re.compile(r"\s+")
@@ -82,31 +86,13 @@ def _count(conn, cursor, statement, parameters, context, executemany):  # type: 
     ROWS.labels(kind).inc(len(parameters) if executemany and parameters is not None else 1)
 
 
-def use_aiohttp_transport() -> None:
-    """BENCH_TRANSPORT=aiohttp: build the daemon's CladoClient on httpx-aiohttp's transport
-    (the change this benchmark recommends), without editing the supervisor: the client is
-    made by `supervisor.service.wiring.client_for`, which is replaced by the same call plus `transport=`."""
-    import httpx
-    from httpx_aiohttp import AiohttpTransport
-
+def without_uvloop() -> None:
+    """BENCH_NO_UVLOOP=1: the daemon on asyncio's own event loop even though uvloop is
+    installed, to measure what uvloop buys (`supervisor.service.wiring.loop_factory`, which
+    chooses the loop, is replaced from here: the supervisor is not edited)."""
     from supervisor.service import wiring
-    from supervisor.adapters.clado import CladoClient
-    from supervisor.adapters.secrets import api_key
 
-    def client_for(config):  # type: ignore[no-untyped-def]
-        limits = httpx.Limits(
-            max_connections=config.api.max_concurrency, max_keepalive_connections=config.api.max_concurrency
-        )
-        return CladoClient(
-            config.api.base_url,
-            api_key(config),
-            timeout=config.api.timeout.total_seconds(),
-            max_concurrency=config.api.max_concurrency,
-            max_retries=config.api.max_retries,
-            transport=AiohttpTransport(limits=limits),
-        )
-
-    wiring.client_for = client_for
+    wiring.loop_factory = lambda: None
 
 
 def main() -> None:
@@ -114,8 +100,8 @@ def main() -> None:
 
     from supervisor.app.cli import main as cli_main
 
-    if os.environ.get("BENCH_TRANSPORT") == "aiohttp":
-        use_aiohttp_transport()
+    if os.environ.get("BENCH_NO_UVLOOP") == "1":
+        without_uvloop()
 
     cli_main(prog_name="clado-supervisor")
 

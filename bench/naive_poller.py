@@ -38,7 +38,10 @@ def _count(body: dict[str, Any]) -> int:
 
 
 def _created(body: dict[str, Any]) -> float | None:
+    """created_at as the docs show it (epoch seconds) or as ISO 8601."""
     value = body.get("created_at")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     if not isinstance(value, str):
         return None
     parsed = datetime.fromisoformat(value)

@@ -117,6 +117,14 @@ CLAIM_LIMIT = Gauge(
     "Jobs this replica lets itself hold at once (adapts to how fast it handles them).",
     registry=REGISTRY,
 )
+POLL_LAG_P99 = Gauge(
+    _P + "poll_lag_p99_seconds", "Poll lag p99 over the last 10 s window of this replica's polls.", registry=REGISTRY
+)
+FALLING_BEHIND = Gauge(
+    _P + "falling_behind",
+    "1 while this replica's poll lag p99 has stayed above one poll interval (see the warning), else 0.",
+    registry=REGISTRY,
+)
 TASK_FAILURES = Counter(
     _P + "task_failures_total",
     "Failed runs of recurring work (claim, chores, leader renewal, lease extension), by operation.",

@@ -8,7 +8,6 @@ values (header first) when stdout is not one. Colour follows rich, so NO_COLOR t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -56,8 +55,10 @@ def _reported() -> Iterator[None]:
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning known failures into one line and an exit code."""
+    from supervisor.service.wiring import run_loop
+
     with _reported():
-        return asyncio.run(coro)
+        return run_loop(coro)
     raise AssertionError("unreachable")  # pragma: no cover - _reported exits on what it catches
 
 

@@ -26,6 +26,7 @@ from supervisor.config import Config
 from supervisor.core.job import Job
 from supervisor.service.executor import JobHandler
 from supervisor.service.guards import Backoff, db_timeout
+from supervisor.service.lag import LagWatch
 from supervisor.service.leases import LEASE_USE, InFlight
 
 log = structlog.get_logger("supervisor.daemon")
@@ -59,6 +60,7 @@ class Dispatcher:
         self.inflight: dict[str, InFlight] = {}
         self.last_tick_at: datetime | None = None
         self.ticks = 0
+        self.lag = LagWatch(notifier, lambda: config().supervisor.poll_interval.total_seconds())
         self._key_rejected = False
         settings = config()
         tick = settings.supervisor.tick_interval.total_seconds()
@@ -150,7 +152,7 @@ class Dispatcher:
                 delay = (job.next_check_at - self._clock()).total_seconds()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                metrics.POLL_LAG.observe(max(0.0, (self._clock() - job.next_check_at).total_seconds()))
+                self.lag.observe(job.next_check_at, self._clock())
                 self.set_phase(job_id, "poll")
                 started = time.monotonic()
                 await self._handler.handle(job)

@@ -1,9 +1,9 @@
-"""The Clado client against the simulator over real loopback HTTP (faults injected by the fake)."""
+"""The Clado client against the simulator over real loopback HTTP (faults injected by the fake),
+every test on both transports (api.transport: aiohttp, the default, and httpx's own)."""
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -22,7 +22,9 @@ from supervisor.adapters.clado import (
     OutOfCredits,
     RateLimited,
     RequestRejected,
+    TransportName,
     UnreadableBody,
+    make_transport,
     validate_job_id,
 )
 from supervisor.sim.server import FakeClado
@@ -30,8 +32,8 @@ from supervisor.sim.server import FakeClado
 KEY = "lk_integration_5be0c7a1d9"
 MAX_RETRIES = 3
 UNKNOWN_JOB = "00000000-0000-4000-8000-000000000000"
-# Building an SSL context costs ~40 ms per client; the loopback tests share one.
-SSL_CONTEXT = ssl.create_default_context()
+# The transport of the test being run (set by the `transport` fixture below, for every test).
+TRANSPORT: TransportName = "aiohttp"
 
 
 class Clock:
@@ -42,6 +44,14 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(params=["aiohttp", "httpx"], autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[TransportName]:
+    global TRANSPORT
+    TRANSPORT = request.param
+    yield request.param
+    TRANSPORT = "aiohttp"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +85,7 @@ def make_client(server: FakeServer, **kwargs: Any) -> CladoClient:
         "backoff_max": 0.01,
     }
     options.update(kwargs)
-    options.setdefault("transport", httpx.AsyncHTTPTransport(verify=SSL_CONTEXT))
+    options.setdefault("transport", TRANSPORT)
     return CladoClient(server.base_url, KEY, **options)
 
 
@@ -148,7 +158,8 @@ async def test_status_bytes_per_poll_do_not_grow_with_the_result_count(
         status = await client.status(job_id)
         assert (status.status, status.result_count) == ("completed", expected)
         sizes[expected] = fake.stats()["bytes_sent_status"] - before
-    assert sizes[10] < 600 and sizes[1000] < 600
+    assert sizes[10] < 600
+    assert sizes[1000] < 600
     assert abs(sizes[1000] - sizes[10]) < 60  # a few digits and a name, not 990 more people
 
 
@@ -231,9 +242,7 @@ async def test_dropped_connections_every_time_end_as_api_unavailable(client: Cla
     assert client.retries == MAX_RETRIES
 
 
-async def test_a_dropped_initiate_is_not_retried_and_starts_no_second_job(
-    client: CladoClient, fake: FakeClado
-) -> None:
+async def test_a_dropped_initiate_is_not_retried_and_starts_no_second_job(client: CladoClient, fake: FakeClado) -> None:
     fake.set_faults(drop_rate=1.0, seed=1)
     with pytest.raises(ApiUnavailable, match="not retried"):
         await client.initiate("q", 10)
@@ -331,7 +340,13 @@ async def test_a_connection_refused_is_retried_then_api_unavailable(fake: FakeCl
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the socket is closed
     async with CladoClient(
-        f"http://127.0.0.1:{port}", KEY, timeout=1, max_retries=2, backoff_initial=0.001, backoff_max=0.01
+        f"http://127.0.0.1:{port}",
+        KEY,
+        timeout=1,
+        max_retries=2,
+        backoff_initial=0.001,
+        backoff_max=0.01,
+        transport=TRANSPORT,
     ) as client:
         with pytest.raises(ApiUnavailable, match="cannot connect"):
             await client.initiate("q")  # safe to retry: nothing was sent
@@ -381,7 +396,7 @@ async def test_a_vanished_job_is_not_found(client: CladoClient, fake: FakeClado,
 async def test_invalid_ids_never_reach_the_server(client: CladoClient, fake: FakeClado) -> None:
     for job_id in ("../credits", "a b", "j\u043eb", "%2e%2e", "a/cancel", ""):
         for call in (client.status, client.cancel):
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="invalid job id"):
                 await call(job_id)
     stats = fake.stats()
     assert stats["status"] == stats["cancel"] == 0
@@ -449,9 +464,11 @@ async def test_a_rejected_key_backs_off_and_recovers(server: FakeServer, fake: F
 # ---- bounded concurrency over a real connection pool
 
 
-class CountingTransport(httpx.AsyncHTTPTransport):
-    def __init__(self) -> None:
-        super().__init__(verify=SSL_CONTEXT)
+class CountingTransport(httpx.AsyncBaseTransport):
+    """The test's transport, counting the requests in flight through it."""
+
+    def __init__(self, max_concurrency: int) -> None:
+        self._inner = make_transport(TRANSPORT, max_concurrency) or httpx.AsyncHTTPTransport()
         self.in_flight = 0
         self.peak = 0
 
@@ -459,17 +476,20 @@ class CountingTransport(httpx.AsyncHTTPTransport):
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
-            response = await super().handle_async_request(request)
+            response = await self._inner.handle_async_request(request)
             await response.aread()
             return response
         finally:
             self.in_flight -= 1
 
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
 
 async def test_concurrency_is_bounded_against_the_simulator(server: FakeServer, fake: FakeClado) -> None:
     job_ids = [fake.create_job() for _ in range(5)]
     fake.set_faults(slow_rate=1.0, slow_seconds=0.02, seed=9)
-    transport = CountingTransport()
+    transport = CountingTransport(4)
     async with make_client(server, max_concurrency=4, transport=transport) as client:
         results = await asyncio.gather(*(client.status(job_ids[i % 5]) for i in range(24)))
     fake.set_faults(slow_rate=0)
@@ -506,7 +526,9 @@ async def test_a_50_mb_answer_is_refused_after_reading_about_a_megabyte() -> Non
     listener = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        async with CladoClient(f"http://127.0.0.1:{port}", KEY, timeout=5, max_retries=0) as client:
+        async with CladoClient(
+            f"http://127.0.0.1:{port}", KEY, timeout=5, max_retries=0, transport=TRANSPORT
+        ) as client:
             with pytest.raises(UnreadableBody, match="body over"):
                 await client.status("550e8400-e29b-41d4-a716-446655440000")
         await done.wait()
