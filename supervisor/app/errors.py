@@ -148,6 +148,7 @@ RULES: Mapping[str, Rule] = {
     ),
     "supervisor.adapters.clado.CladoError": Rule(UpstreamFailed, "Clado API: {}", "{}"),
     "supervisor.service.wiring.RuntimeFailure": Rule(Unavailable),
+    "supervisor.adapters.migrate.SchemaUnknown": Rule(Unavailable, "database: {}"),
     "sqlalchemy.exc.OperationalError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),
     "sqlalchemy.exc.InterfaceError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),
     "sqlalchemy.exc.TimeoutError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),  # the pool's

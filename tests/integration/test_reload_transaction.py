@@ -108,7 +108,7 @@ async def test_a_reload_that_removes_a_budget_with_an_open_reservation_is_refuse
         daemon.config_path = path
         # A submission admitted against the budget, whose job is not recorded yet.
         admission = await daemon.store.admit(
-            {"team": "x"}, 50, utcnow(), check=lambda usage: True, starts=[None], ttl=timedelta(minutes=10)
+            {"team": "x"}, utcnow(), decide=lambda usage: 50, starts=[None], ttl=timedelta(minutes=10)
         )
         assert admission is not None
 
