@@ -153,6 +153,9 @@ class ApiConfig(_Section):
     # How long a submission waits out the API's rate limit (429) before it gives up; a 429
     # means the job was not started, so waiting is safe (unlike retrying other failures).
     initiate_wait: Duration = timedelta(minutes=2)
+    # How many initiates the daemon's queue sends a minute, across replicas (the API's limit:
+    # 5 on the free and first paid tiers, 50 and 100 on the higher ones); a 429 slows it more.
+    initiate_per_minute: PositiveInt = Field(default=5, le=10_000)
 
     @field_validator("base_url")
     @classmethod
@@ -314,6 +317,7 @@ WEBHOOK_EVENTS = (
     "warning", "cancel_requested", "cancelled", "unconfirmed", "budget_warning",
     "budget_exhausted", "account_floor", "api_key_rejected",
     "lost", "reopened", "cancel_refused", "cancel_ignored", "api_misconfigured",
+    "queued", "orphaned", "expired",
 )  # fmt: skip
 
 
@@ -380,6 +384,14 @@ def split_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class SchedulerConfig(_Section):
+    """Submissions that do not fit now: refused (the default) or queued until they do."""
+
+    default: Literal["refuse", "queue"] = "refuse"
+    # A queued submission not started within this long is expired (submit --expires-after).
+    expires_after: Duration = timedelta(days=1)
+
+
 class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -395,6 +407,7 @@ class Config(_Section):
     notify: NotifyConfig = NotifyConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     # Filled by load_config: where the settings came from and a short hash of the file,
     # recorded on every decision so an event can be traced to the rules that made it.
     _source: str = PrivateAttr(default="<defaults>")
