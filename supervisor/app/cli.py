@@ -521,6 +521,10 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
         return
     if _piped():
         _print_tsv([name for _, name in _JOB_COLUMNS], (_job_row(view) for view in views))
+        if orphans:  # for the person at the end of the pipe; the lines stay jobs only
+            ids = ", ".join(item.id for item in orphans)
+            click.echo(f"{len(orphans)} orphaned submission(s), initiated but job id unknown, not supervised: {ids} "
+                       f"(`{PROG} queue list --state orphaned`)", err=True)  # fmt: skip
         return
     from rich.table import Table
 
