@@ -35,7 +35,7 @@ class Hooks:
         received = self.received
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 received.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0))))
                 self.send_response(204)
                 self.send_header("Content-Length", "0")
