@@ -156,6 +156,9 @@ class ApiConfig(_Section):
     # The HTTP transport under the client's httpx API: "aiohttp" (httpx-aiohttp, about three
     # times the requests per CPU second at 32 in flight) or "httpx" (httpx's own, httpcore).
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # How many initiates the daemon's queue sends a minute, across replicas (the API's limit:
+    # 5 on the free and first paid tiers, 50 and 100 on the higher ones); a 429 slows it more.
+    initiate_per_minute: PositiveInt = Field(default=5, le=10_000)
 
     @field_validator("base_url")
     @classmethod
@@ -317,6 +320,7 @@ WEBHOOK_EVENTS = (
     "warning", "cancel_requested", "cancelled", "unconfirmed", "budget_warning",
     "budget_exhausted", "account_floor", "api_key_rejected",
     "lost", "reopened", "cancel_refused", "cancel_ignored", "api_misconfigured",
+    "queued", "orphaned", "expired",
 )  # fmt: skip
 
 
@@ -383,6 +387,14 @@ def split_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class SchedulerConfig(_Section):
+    """Submissions that do not fit now: refused (the default) or queued until they do."""
+
+    default: Literal["refuse", "queue"] = "refuse"
+    # A queued submission not started within this long is expired (submit --expires-after).
+    expires_after: Duration = timedelta(days=1)
+
+
 class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -398,6 +410,7 @@ class Config(_Section):
     notify: NotifyConfig = NotifyConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     # Filled by load_config: where the settings came from and a short hash of the file,
     # recorded on every decision so an event can be traced to the rules that made it.
     _source: str = PrivateAttr(default="<defaults>")

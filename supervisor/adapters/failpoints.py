@@ -13,6 +13,8 @@ ENV = "CLADO_SUPERVISOR_FAILPOINT"
 
 # After a cancel decision is committed, before the cancel call is sent.
 AFTER_CANCEL_DECISION = "after-cancel-decision"
+# After an initiate answered with a job id, before the job row is recorded.
+AFTER_INITIATE = "after-initiate"
 
 
 def hit(name: str) -> None:

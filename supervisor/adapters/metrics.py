@@ -137,3 +137,12 @@ CONFIG_RELOADS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+QUEUE_DEPTH = Gauge(
+    _P + "queue_depth", "Submissions queued (waiting for a budget, the account floor or the rate).", registry=REGISTRY
+)
+QUEUE_WAIT = Histogram(
+    _P + "queue_wait_seconds",
+    "Time a queued submission waited before its initiate was sent.",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400),
+    registry=REGISTRY,
+)

@@ -176,3 +176,36 @@ leaders = Table(
     Column("acquired_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
 )
+
+
+# Every submission, from the moment its intent is committed (before the initiate call: the
+# API has no idempotency key, so a call whose answer is lost must leave a trace) to its job
+# row, or to an end without one (expired, cancelled, failed). Its reservation, if a budget
+# reserves, is an admission row (`admission_id`): budget usage counts admissions in one place.
+submissions = Table(
+    "submissions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    # queued | initiating | started | orphaned | expired | cancelled | failed
+    Column("state", String(16), nullable=False),
+    Column("query", Text, nullable=False),
+    Column("labels", JSON, nullable=False, default=dict),
+    Column("policy", String(64), nullable=False),
+    Column("requested_limit", Integer, nullable=False),
+    Column("granted_limit", Integer),  # what the API was (or is being) asked for
+    Column("clamped_by", JSON),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("reason", String(80)),  # why it waits (queued) or why its outcome is unknown (orphaned)
+    Column("expected_at", UTCDateTime),  # when it may start: the next budget period or rate slot
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime),  # a queued submission not started by then is expired
+    Column("initiating_at", UTCDateTime),  # the initiate call's start: also what paces the next ones
+    Column("owner", String(128)),  # host:pid:… of the process making the call
+    Column("admission_id", String(36)),
+    Column("job_id", String(128)),
+    Column("error", Text),
+    Column("announced", String(16)),  # the state whose webhook was sent (queued, orphaned, expired)
+    Index("ix_submissions_state_priority_created_at", "state", "priority", "created_at"),
+    Index("ix_submissions_initiating_at", "initiating_at"),
+)

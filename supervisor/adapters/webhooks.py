@@ -13,6 +13,7 @@ Payload (format = "json"):
     {"event": "cancel_requested", "at": "2026-…Z", "job_id": "…", "policy": "default",
      "reason": "max_credits", "state": "cancelling", "credits": 203, "detail": {…},
      "budget": null, "config_hash": "…"}
+A submission's events (queued, orphaned, expired) carry `submission_id` instead of `job_id`.
 Slack format: {"text": "<one line for humans>"}.
 With a secret, the header `X-Clado-Supervisor-Signature: sha256=<hex>` is the
 HMAC-SHA256 of `<X-Clado-Supervisor-Timestamp>.<body>` under the secret.
@@ -99,7 +100,12 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 
 
 def slack_text(event: dict[str, Any]) -> str:
-    subject = f"job {event['job_id']}" if event.get("job_id") else f"budget {event.get('budget')}"
+    if event.get("job_id"):
+        subject = f"job {event['job_id']}"
+    elif event.get("submission_id"):  # queued, orphaned, expired: no job id (yet, or ever)
+        subject = f"submission {event['submission_id']}"
+    else:
+        subject = f"budget {event.get('budget')}"
     parts = [f"clado-supervisor: {event['event'].replace('_', ' ')} — {subject}"]
     for key in ("reason", "state", "credits", "policy"):
         if event.get(key) is not None:

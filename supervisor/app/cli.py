@@ -26,7 +26,16 @@ from supervisor.core.states import State
 
 if TYPE_CHECKING:
     from supervisor.app.operations import Operations
-    from supervisor.app.views import ContinueResult, JobDetailView, ReportView, SubmitResult, TopView, TrackResult, View
+    from supervisor.app.views import (
+        ContinueResult,
+        JobDetailView,
+        QueueItemView,
+        ReportView,
+        SubmitResult,
+        TopView,
+        TrackResult,
+        View,
+    )
     from supervisor.core.job import Job
 
 # Heavy modules (SQLAlchemy, Alembic, APScheduler, rich) are imported by the commands that
@@ -302,25 +311,163 @@ def track(
 )
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Label the job (repeatable).")
 @click.option("--policy", help="Use this policy instead of matching labels.")
-@click.option("--json", "as_json", is_flag=True, help="JSON ({job_id, requested_limit, limit, clamped_by}), for scripts.")
+@click.option(
+    "--queue/--no-queue",
+    "queue",
+    default=None,
+    help="When it does not fit now (budget, account floor, initiate rate), queue it for the daemon "
+    "to start, and print its queue id (default: [scheduler] default).",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(-inputs.MAX_PRIORITY, inputs.MAX_PRIORITY),
+    default=0,
+    show_default=True,
+    help="Queued: higher starts first.",
+)
+@click.option(
+    "--expires-after", metavar="DURATION", help='Queued: give up after this long ("2h"; default: [scheduler]).'
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON, for scripts: {job_id, requested_limit, limit, clamped_by}, or the queue item when it waits.",
+)
 @with_config
-def submit(config: Config, query: str, limit: int, labels: tuple[str, ...], policy: str | None, as_json: bool) -> None:
-    """Start a deep research job and supervise it; prints its job id."""
+def submit(
+    config: Config,
+    query: str,
+    limit: int,
+    labels: tuple[str, ...],
+    policy: str | None,
+    queue: bool | None,
+    priority: int,
+    expires_after: str | None,
+    as_json: bool,
+) -> None:
+    """Start a deep research job and supervise it; prints its job id (or, queued, its queue id)."""
     _checked("QUERY", inputs.text, "query", query, max_length=inputs.MAX_QUERY, required=True)
     parsed = _checked("--label", inputs.label_args, labels)
+    _checked("--expires-after", inputs.duration, "expires_after", expires_after)
 
-    async def go() -> SubmitResult:
+    async def go() -> SubmitResult | QueueItemView:
         async with _operations(config) as ops:
-            return await ops.submit(query, limit=limit, labels=parsed, policy=policy)
+            return await ops.submit(
+                query, limit=limit, labels=parsed, policy=policy, queue=queue, priority=priority,
+                expires_after=expires_after,
+            )  # fmt: skip
 
     result = run_async(go())
     if as_json:
         _print_json(result)
         return
+    from supervisor.app.views import QueueItemView
+
+    if isinstance(result, QueueItemView):
+        when = f"; expected to start at {_when(result.expected_start)}" if result.expected_start else ""
+        click.echo(f"queued ({result.reason or 'waiting'}){when}: `{PROG} queue show {result.id}`", err=True)
+        click.echo(result.id)
+        return
     if result.clamped_by:
         click.echo(f"asked the API for {result.limit} results, not {result.requested_limit}: that is what "
                    f"{' and '.join(result.clamped_by)} allow(s)", err=True)  # fmt: skip
     click.echo(result.job_id)
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}Z"
+
+
+@main.group(no_args_is_help=True)
+def queue() -> None:
+    """Submissions waiting their turn (submit --queue), and orphaned ones."""
+
+
+_QUEUE_COLUMNS = (
+    ("queue id", "id"),
+    ("state", "state"),
+    ("priority", "priority"),
+    ("limit", "requested_limit"),
+    ("reason", "reason"),
+    ("expected start", "expected_start"),
+    ("created", "created_at"),
+    ("job id", "job_id"),
+)
+
+
+def _print_queue(items: Sequence[QueueItemView], title: str) -> None:
+    rows = [[item.to_json()[name] for _, name in _QUEUE_COLUMNS] for item in items]
+    if _piped():
+        _print_tsv([name for _, name in _QUEUE_COLUMNS], rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column, _ in _QUEUE_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for item in items:
+        table.add_row(
+            item.id, item.state, str(item.priority), str(item.limit or item.requested_limit), item.reason or "-",
+            _when(item.expected_start), _when(item.created_at), item.job_id or "-",
+        )  # fmt: skip
+    _console().print(table)
+
+
+@queue.command("list")
+@click.option("--state", "states", multiple=True, help="Only submissions in this state (repeatable; default: all).")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, for scripts.")
+@with_config
+def queue_list(config: Config, states: tuple[str, ...], as_json: bool) -> None:
+    """Submissions in the queue's order (priority, then age), with why each waits."""
+
+    async def go() -> list[QueueItemView]:
+        async with _operations(config) as ops:
+            return await ops.queue(states or None)
+
+    items = run_async(go())
+    if as_json:
+        _print_json([item.to_json() for item in items])
+        return
+    _print_queue(items, f"{len(items)} submission(s)")
+
+
+@queue.command("show")
+@click.argument("submission_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
+@with_config
+def queue_show(config: Config, submission_id: str, as_json: bool) -> None:
+    """One submission (piped: key<TAB>value lines)."""
+
+    async def go() -> QueueItemView:
+        async with _operations(config) as ops:
+            return await ops.queue_item(submission_id)
+
+    _print_item(run_async(go()), as_json)
+
+
+@queue.command("cancel")
+@click.argument("submission_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
+@with_config
+def queue_cancel(config: Config, submission_id: str, as_json: bool) -> None:
+    """Take a queued submission off the queue, or settle an orphaned one (its reservation is
+    given back: do it once its job, if any, has been found or ruled out)."""
+
+    async def go() -> QueueItemView:
+        async with _operations(config) as ops:
+            return await ops.cancel_queued(submission_id)
+
+    _print_item(run_async(go()), as_json)
+
+
+def _print_item(item: QueueItemView, as_json: bool) -> None:
+    data = item.to_json()
+    if as_json:
+        _print_json(data)
+        return
+    for key, value in _flat(data):
+        click.echo(f"{key}\t{_cell(value)}" if _piped() else f"{key}: {'-' if value is None else _cell(value)}")
 
 
 @main.group(no_args_is_help=True)
@@ -362,18 +509,23 @@ def _job_row(view: Any) -> list[Any]:
 def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
     """List jobs with their state, credits and cancel reason (tab-separated when piped)."""
 
-    async def go() -> list[Job]:
+    async def go() -> tuple[list[Job], list[QueueItemView]]:
         async with _operations(config) as ops:
-            return await ops.jobs(state)
+            return await ops.jobs(state), await ops.orphaned_submissions()
 
     from supervisor.app.views import JobView
 
-    views = [JobView.of(config, job) for job in run_async(go())]
+    found, orphans = run_async(go())
+    views = [JobView.of(config, job) for job in found]
     if as_json:
         _print_json([view.to_json() for view in views])
         return
     if _piped():
         _print_tsv([name for _, name in _JOB_COLUMNS], (_job_row(view) for view in views))
+        if orphans:  # for the person at the end of the pipe; the lines stay jobs only
+            ids = ", ".join(item.id for item in orphans)
+            click.echo(f"{len(orphans)} orphaned submission(s), initiated but job id unknown, not supervised: {ids} "
+                       f"(`{PROG} queue list --state orphaned`)", err=True)  # fmt: skip
         return
     from rich.table import Table
 
@@ -385,6 +537,10 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
         row[-1] = f"{view.submitted_at:%Y-%m-%d %H:%M:%S}"
         table.add_row(*("-" if value is None else str(value) for value in row))
     _console().print(table)
+    if orphans:
+        # Not jobs the supervisor knows, but maybe billed jobs nobody supervises: said here,
+        # where a person looks for what is running.
+        _print_queue(orphans, f"{len(orphans)} orphaned submission(s): initiated, job id unknown, not supervised")
 
 
 @jobs.command("show")
@@ -461,8 +617,13 @@ def cancel(config: Config, job_id: str, note: str | None, as_json: bool) -> None
 
 @main.command("continue")
 @click.argument("job_id")
-@click.option("--additional", type=int, default=30, show_default=True,
-              help="More results to ask for; clamped to what max_credits and reserving budgets allow.")
+@click.option(
+    "--additional",
+    type=int,
+    default=30,
+    show_default=True,
+    help="More results to ask for; clamped to what max_credits and reserving budgets allow.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
 @with_config
 def continue_command(config: Config, job_id: str, additional: int, as_json: bool) -> None:

@@ -36,6 +36,7 @@ from supervisor.adapters.store import Store, utcnow
 from supervisor.app.http import AdminApi, AdminServer
 from supervisor.app.operations import Operations
 from supervisor.app.top import STATE_STYLE
+from supervisor.app.views import SubmitResult
 from supervisor.config import Config, load_config
 from supervisor.core.job import Job
 from supervisor.core.policy import job_policy
@@ -332,7 +333,9 @@ class Tour:
                 job_id = self.fake.create_job(job.scaled_query(self.speed), job.limit)
                 await ops.track([job_id], labels=labels)
             else:
-                job_id = (await ops.submit(job.scaled_query(self.speed), limit=job.limit, labels=labels)).job_id
+                started = await ops.submit(job.scaled_query(self.speed), limit=job.limit, labels=labels, queue=False)
+                assert isinstance(started, SubmitResult)  # noqa: S101 - refused, never queued (queue=False)
+                job_id = started.job_id
             self.kinds[job_id] = job
 
     async def _watch(self, store: Store) -> None:

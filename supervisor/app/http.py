@@ -48,6 +48,8 @@ from supervisor.app.views import (
     JobPage,
     JobView,
     ProblemView,
+    QueueItemView,
+    QueuePage,
     ReadinessView,
     SubmitResult,
     TrackResult,
@@ -56,6 +58,7 @@ from supervisor.app.views import (
 from supervisor.config import split_address
 from supervisor.core.job import Job
 from supervisor.core.states import State
+from supervisor.service.queue import STATES as SUBMISSION_STATES
 
 if TYPE_CHECKING:
     from supervisor.service.runtime import Daemon
@@ -146,6 +149,22 @@ _LIST_PARAMETERS = (
         "description": "the `next_cursor` of the previous page (with the same state and label filters)",
     },
 )
+_QUEUE_ID_PARAMETER = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": inputs.SUBMISSION_ID_PATTERN},
+}
+_QUEUE_PARAMETERS = (
+    {
+        "name": "state",
+        "in": "query",
+        "style": "form",
+        "explode": True,
+        "schema": {"type": "array", "items": {"type": "string", "enum": list(SUBMISSION_STATES)}},
+        "description": "repeat it for several states; all submissions without it",
+    },
+)
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 BODY_ERRORS = (400, 401, 403, 413, 415, 422)
 
@@ -173,7 +192,17 @@ ENDPOINTS = (
         body=ContinueRequest,
         body_required=False,  # an empty body asks for the default 30 more
     ),
-    Endpoint("POST", "/v1/submit", "submit", {201: SubmitResult}, (*BODY_ERRORS, 402, 409, 502, 503), SubmitRequest),
+    Endpoint(
+        "POST",
+        "/v1/submit",
+        "submit",
+        {201: SubmitResult, 202: QueueItemView},
+        (*BODY_ERRORS, 402, 409, 502, 503),
+        SubmitRequest,
+    ),
+    Endpoint("GET", "/v1/queue", "list_queue", {200: QueuePage}, (401, 403, 422, 503), parameters=_QUEUE_PARAMETERS),
+    Endpoint("GET", "/v1/queue/{id}", "show_queued", {200: QueueItemView}, (401, 403, 404, 422, 503)),
+    Endpoint("POST", "/v1/queue/{id}/cancel", "cancel_queued", {200: QueueItemView}, (401, 403, 404, 409, 422, 503)),
 )
 
 
@@ -320,8 +349,23 @@ class AdminApi:
 
     async def submit(self, request: Request) -> Response:
         body = await self._body(request, SubmitRequest)
-        result = await self.ops.submit(body.query, limit=body.limit, labels=body.labels, policy=body.policy)
+        result = await self.ops.submit(
+            body.query, limit=body.limit, labels=body.labels, policy=body.policy, queue=body.queue,
+            priority=body.priority, expires_after=body.expires_after,
+        )  # fmt: skip
+        if isinstance(result, QueueItemView):  # accepted: the daemon starts it when it fits
+            return answer(result, 202, _created("/v1/queue/" + quote(result.id, safe="")))
         return answer(result, 201, _created(job_location(result.job_id)))
+
+    async def list_queue(self, request: Request) -> Response:
+        states = request.query_params.getlist("state")
+        return answer(QueuePage(items=await self.ops.queue(states or None)))
+
+    async def show_queued(self, request: Request) -> Response:
+        return answer(await self.ops.queue_item(request.path_params["id"]))
+
+    async def cancel_queued(self, request: Request) -> Response:
+        return answer(await self.ops.cancel_queued(request.path_params["id"]))
 
     async def cancel(self, request: Request) -> Response:
         body = await self._body(request, CancelRequest, empty_ok=True)
@@ -473,7 +517,7 @@ def openapi_document() -> dict[str, Any]:
         operation: dict[str, Any] = {"operationId": e.handler, "responses": {}}
         if e.authenticated:
             operation["security"] = [{"bearer": []}]
-        parameters = [_JOB_ID_PARAMETER] if "{job_id}" in e.path else []
+        parameters = [_JOB_ID_PARAMETER] if "{job_id}" in e.path else [_QUEUE_ID_PARAMETER] if "{id}" in e.path else []
         if parameters or e.parameters:
             operation["parameters"] = [*parameters, *e.parameters]
         if e.body is not None:
@@ -482,6 +526,8 @@ def openapi_document() -> dict[str, Any]:
             response = {"description": model.__doc__ or model.__name__, **_json(refs[(model, "serialization")])}
             if status == 201:
                 response["headers"] = {"Location": _header("the created job: /v1/jobs/{job_id}")}
+            if status == 202:
+                response["headers"] = {"Location": _header("the queued submission: /v1/queue/{id}")}
             operation["responses"][str(status)] = response
         problem = _json(refs[(ProblemView, "serialization")], PROBLEM_JSON)
         for status in e.error_statuses:

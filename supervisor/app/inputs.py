@@ -8,6 +8,7 @@ API are here too: their bounds are these constants, so the OpenAPI document stat
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Annotated, Any, TypeVar
@@ -27,6 +28,8 @@ MAX_TRACK_IDS = 10_000
 # What `clado.validate_job_id` accepts, published in the OpenAPI document. Requests are
 # checked by validate_job_id itself, for its clearer message.
 JOB_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+MAX_PRIORITY = 1000  # a submission's priority: -1000 to 1000, higher first
+SUBMISSION_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
 def labels(value: Mapping[str, str]) -> dict[str, str]:
@@ -110,6 +113,19 @@ def state(value: str | None) -> State | None:
         raise BadInput(f"unknown state {value!r}") from None
 
 
+def submission_id(value: str) -> str:
+    """A queue id (a UUID), checked before it reaches the database."""
+    if not isinstance(value, str) or not re.fullmatch(SUBMISSION_ID_PATTERN, value):
+        raise BadInput("a queue id is a UUID, as `submit --queue` printed it", field="id")
+    return value
+
+
+def submission_state(value: str, known: Iterable[str]) -> str:
+    if value not in known:
+        raise BadInput(f"unknown submission state {value!r} (known: {', '.join(known)})", field="state")
+    return value
+
+
 # -- the admin API's request bodies (unknown fields are rejected) ------------------------------
 
 Labels = Annotated[dict[str, str], Field(default_factory=dict)]
@@ -136,6 +152,9 @@ class SubmitRequest(Body):
     limit: int = Field(default=30, ge=MIN_LIMIT, le=MAX_LIMIT)
     labels: Labels
     policy: str | None = None
+    queue: bool | None = Field(default=None, description="Queue it when it does not fit now (default: [scheduler]).")
+    priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="Higher starts first.")
+    expires_after: str | int | None = Field(default=None, description='Queued no longer than this: "2h" or seconds.')
 
 
 class CancelRequest(Body):

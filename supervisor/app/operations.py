@@ -4,21 +4,22 @@ Failures are SupervisorErrors or the lower layers' own, which app/errors.py tran
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from supervisor.adapters.clado import CladoClient, CladoError, validate_job_id
+from supervisor.adapters.clado import CladoClient, CladoError, RateLimited, validate_job_id
 from supervisor.adapters.secrets import admin_token
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
-from supervisor.app.errors import JobNotTracked, Refused
-from supervisor.app.views import ContinueResult, SubmitResult, TrackResult
+from supervisor.app.errors import JobNotTracked, NotFound, Refused
+from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
 from supervisor.config import Config, ConfigError
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, period_start, statuses
@@ -29,6 +30,8 @@ from supervisor.core.transitions import Change
 from supervisor.service import wiring
 from supervisor.service.effects import Effects
 from supervisor.service.executor import JobHandler
+from supervisor.service.queue import INITIATE_HOLD, RATE_WINDOW, Initiator, new_submission, plan
+from supervisor.service.queue import STATES as SUBMISSION_STATES
 from supervisor.service.runtime import Daemon, Service
 from supervisor.service.wiring import client_for, open_store
 
@@ -75,10 +78,17 @@ class Operations:
     The API client is made on first use, so commands that only read need no API key."""
 
     def __init__(
-        self, config: Config, store: Store, client: CladoClient | None = None, effects: Effects | None = None
+        self,
+        config: Config,
+        store: Store,
+        client: CladoClient | None = None,
+        effects: Effects | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.config = config
         self.store = store
+        self.clock = clock  # submissions are timed by it (their pacing, their expiry)
         self._client = client
         self._owns_client = client is None
         # In the daemon (admin API) its own effects: its metrics and webhook queues. For a
@@ -138,46 +148,97 @@ class Operations:
         return TrackResult(added=added, already_tracked=existing)
 
     async def submit(
-        self, query: str, *, limit: int, labels: Mapping[str, str], policy: str | None = None
-    ) -> SubmitResult:
-        """Admit, start the job through the API and track it.
+        self,
+        query: str,
+        *,
+        limit: int,
+        labels: Mapping[str, str],
+        policy: str | None = None,
+        queue: bool | None = None,
+        priority: int = 0,
+        expires_after: timedelta | str | int | None = None,
+    ) -> SubmitResult | QueueItemView:
+        """Admit, start the job through the API and track it; or, with `queue` (default:
+        `[scheduler] default`), queue it when it does not fit now.
 
         Prevention first: the API is asked for at most what the job may spend — the smaller
         of `limit`, what the policy's max_credits allows and what each reserving budget it
         matches has left (core.budgets.grant) — so the API itself caps the job and no cancel
         is needed. Admission refuses (AdmissionRefused, with the numbers) when a matching
         budget is exhausted or blocked, when nothing is left, or when the account would drop
-        below its floor. The reservation is recorded before the API call and handed to the
-        job after it."""
+        below its floor. Queued, a submission is never clamped by a budget: it waits (the
+        daemon starts it, service/queue.py) until its whole reservation fits, the floor
+        allows it and the initiate rate has a slot; what could never fit is still refused.
+
+        The intent is committed (a submission, with its reservation) before the API call, so
+        an initiate whose outcome is unknown leaves an `orphaned` record, never a silent job."""
         inputs.text("query", query, max_length=inputs.MAX_QUERY, required=True)
         inputs.count("limit", limit, inputs.MIN_LIMIT, inputs.MAX_LIMIT)
+        inputs.count("priority", priority, -inputs.MAX_PRIORITY, inputs.MAX_PRIORITY)
+        expiry = inputs.duration("expires_after", expires_after)
         checked = inputs.labels(labels)
         name = self.config.choose_policy(checked, policy)
-        chosen = self.config.resolve_policy(name)
-        # An observe-mode policy or a dry run only records what it would do: no clamp either.
-        enforced = chosen.action == "cancel" and not self.config.supervisor.dry_run
-        max_credits = chosen.max_credits if enforced else None
-        granted, admission_id = await self._admit(checked, limit, max_credits)
-        await self._check_account_floor(granted.credits)
-        try:
-            job_id = await self.client.initiate(query, granted.results)
-        except BaseException:
-            if admission_id is not None:
-                await self.store.drop_admission(admission_id)
-            raise
-        new_job = NewJob(
-            job_id,
-            name,
-            checked,
-            source="submit",
-            query=query,
-            result_limit=granted.results,
-            requested_limit=limit,
-            reserved_credits=granted.credits if admission_id is not None else None,
+        queueing = self.config.scheduler.default == "queue" if queue is None else queue
+        now = self.clock()
+        fresh = new_submission(
+            self.config, query, labels=checked, policy=name, limit=limit, priority=priority,
+            expires_after=expiry, now=now,
+        )  # fmt: skip
+        account_credits = await self._account_credits()
+        decide = functools.partial(
+            plan, self.config, now=now, account_credits=account_credits, only=fresh["id"], queue=queueing,
+            held_until=now + timedelta(seconds=self.client.held_off_for) if self.client.held_off_for else None,
+        )  # fmt: skip
+        starts = {period_start(b.period, b.timezone, now) for b in self.config.budgets.values()}
+        chosen = await self.store.take_submission(
+            now, starts, now - RATE_WINDOW, decide, ttl=INITIATE_HOLD, fresh=fresh
         )
-        await self.store.add_jobs([new_job], utcnow(), admission_id=admission_id)
-        return SubmitResult(job_id=job_id, requested_limit=limit, limit=granted.results,
-                            clamped_by=list(granted.clamped_by))  # fmt: skip
+        if chosen is None:
+            log.info("submission queued", submission_id=fresh["id"], reason=fresh["reason"])
+            return QueueItemView.of(self.config, fresh)
+        initiator = Initiator(lambda: self.config, self.store, self.client, self.clock)
+        try:
+            job_id = await initiator.start(chosen, requeue=queueing)
+        except RateLimited:
+            if not queueing:
+                raise
+            queued = await self.store.get_submission(chosen["id"])
+            return QueueItemView.of(self.config, queued or chosen)
+        return SubmitResult(job_id=job_id, requested_limit=limit, limit=int(chosen["granted_limit"]),
+                            clamped_by=list(chosen["clamped_by"] or ()))  # fmt: skip
+
+    async def _account_credits(self) -> int | None:
+        """The account's credits, where a floor that blocks needs them (else None)."""
+        account = self.config.account
+        if account is None or account.action == "observe":
+            return None
+        return await self.client.credits()
+
+    async def queue(self, states: Iterable[str] | None = None) -> list[QueueItemView]:
+        """Submissions (in `states`, else all), in the queue's order."""
+        wanted = None if states is None else [inputs.submission_state(s, SUBMISSION_STATES) for s in states]
+        return [QueueItemView.of(self.config, row) for row in await self.store.list_submissions(wanted)]
+
+    async def queue_item(self, submission_id: str) -> QueueItemView:
+        row = await self.store.get_submission(inputs.submission_id(submission_id))
+        if row is None:
+            raise NotFound(f"no submission {submission_id} in the queue")
+        return QueueItemView.of(self.config, row)
+
+    async def cancel_queued(self, submission_id: str) -> QueueItemView:
+        """`queue cancel`: a queued submission will not start; an orphaned one is settled (its
+        reservation given back: a person has dealt with its job). Refused for the others."""
+        row = await self.store.cancel_submission(inputs.submission_id(submission_id), self.clock())
+        if row is None:
+            raise NotFound(f"no submission {submission_id} in the queue")
+        if row["state"] != "cancelled":
+            state = row["state"]
+            raise Refused(f"submission {submission_id} is {state}: only a queued or orphaned one can be cancelled")
+        return QueueItemView.of(self.config, row)
+
+    async def orphaned_submissions(self) -> list[QueueItemView]:
+        """Submissions whose initiate may have started a job that is not supervised."""
+        return [QueueItemView.of(self.config, row) for row in await self.store.list_submissions(["orphaned"])]
 
     async def continue_job(self, job_id: str, additional: int = 30) -> ContinueResult:
         """Ask a completed job for more results, through admission like a submission.
@@ -238,7 +299,8 @@ class Operations:
         decided: list[Grant] = []
 
         def decide(usage: Any) -> int | None:
-            decided.append(grant(self.config, labels, requested, statuses(self.config, now, usage), max_credits=max_credits))
+            budget_statuses = statuses(self.config, now, usage)
+            decided.append(grant(self.config, labels, requested, budget_statuses, max_credits=max_credits))
             return decided[-1].credits if decided[-1].reserving else None
 
         admission_id = await self.store.admit(labels, now, decide, starts, ADMISSION_TTL)

@@ -10,6 +10,8 @@ Definitions (also in the README):
   cancelled, now finished: credits charged after that would-be decision.
 - leaked_after_decision: credits charged between a real cancel decision and the
   confirmed final state.
+- orphaned_submissions: every submission whose initiate may have started a job that was
+  never recorded (whatever the period: until a person settles it with `queue cancel`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from supervisor.adapters.store import Store
-from supervisor.app.views import BudgetView, ReportView, iso
+from supervisor.app.views import BudgetView, QueueItemView, ReportView, iso
 from supervisor.config import Config
 from supervisor.core.budgets import period_start, statuses
 from supervisor.core.job import Job
@@ -110,6 +112,7 @@ async def report_view(store: Store, config: Config, period: str, now: datetime) 
         budgets=budgets,
         **summarize(config, jobs),
         warnings_by_limit=await store.event_counts("warning", start),
+        orphaned_submissions=[QueueItemView.of(config, row) for row in await store.list_submissions(["orphaned"])],
     )
 
 
@@ -143,6 +146,14 @@ def render(console: Console, report: ReportView) -> None:
         ("spend by label", report.spend_by_label),
         ("spend by policy", report.spend_by_policy),
     )
+    if report.orphaned_submissions:
+        table = Table(title="orphaned submissions (may be billed jobs nobody supervises)")
+        for column in ("queue id", "since", "limit", "reason", "query"):
+            table.add_column(column, overflow="fold")
+        for item in report.orphaned_submissions:
+            since = item.initiated_at or item.created_at
+            table.add_row(item.id, f"{since:%Y-%m-%d %H:%M:%S}", str(item.limit), item.reason or "", item.query[:60])
+        console.print(table)
     for title, figures in breakdowns:
         if figures:
             table = Table(title=title)

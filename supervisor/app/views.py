@@ -157,6 +157,51 @@ class SubmitResult(View):
     clamped_by: list[str]
 
 
+class QueueItemView(View):
+    """A submission (`submit --queue --json` when it waits, `queue list/show --json`, the admin
+    API's /v1/queue). `state`: queued (waiting: `reason` says for what, `expected_start` when
+    it may start — the next budget period or rate slot — if known), initiating (the initiate
+    call is being made), started (`job_id` is supervised), orphaned (the initiate's outcome
+    is unknown: it may have started a job nobody supervises; never sent again; its
+    reservation is kept), expired, cancelled, failed (`error`)."""
+
+    id: str
+    state: str
+    query: str
+    labels: dict[str, str]
+    policy: str
+    priority: int
+    requested_limit: int
+    limit: int | None  # what the API was asked for, once decided
+    reserved_credits: int | None  # held against the budgets while it may still spend
+    reason: str | None
+    expected_start: Timestamp | None
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    initiated_at: Timestamp | None
+    job_id: str | None
+    error: str | None
+
+    @classmethod
+    def of(cls, config: Config, row: Mapping[str, Any]) -> QueueItemView:
+        limit = row["granted_limit"]
+        holds = row["state"] in ("initiating", "orphaned") and row["admission_id"] is not None
+        return cls(
+            id=row["id"], state=row["state"], query=row["query"], labels=dict(row["labels"] or {}),
+            policy=row["policy"], priority=row["priority"], requested_limit=row["requested_limit"], limit=limit,
+            reserved_credits=limit * config.api.credits_per_result if holds and limit is not None else None,
+            reason=row["reason"], expected_start=row["expected_at"], created_at=row["created_at"],
+            expires_at=row["expires_at"], initiated_at=row["initiating_at"], job_id=row["job_id"],
+            error=row["error"],
+        )  # fmt: skip
+
+
+class QueuePage(View):
+    """`GET /v1/queue`: the submissions, in the queue's order (priority, then age)."""
+
+    items: list[QueueItemView]
+
+
 class ContinueResult(View):
     """A completed job asked for more: `additional` results were asked of the API (fewer than
     `requested` when its max_credits or a reserving budget left less: `clamped_by`), and the
@@ -252,6 +297,8 @@ class ReportView(View):
     observe_would_have_saved: int
     leaked_after_decision: int
     warnings_by_limit: dict[str, int]
+    # Initiates whose outcome is unknown: each may be a billed job nobody supervises.
+    orphaned_submissions: list[QueueItemView]
 
 
 class ConfigCheckView(View):

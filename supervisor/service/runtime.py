@@ -58,6 +58,7 @@ from supervisor.service.executor import JobHandler
 from supervisor.service.held_signals import take_held_reload
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
 from supervisor.service.leases import LeaseKeeper
+from supervisor.service.queue import Scheduler
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -121,6 +122,7 @@ class Daemon:
             ticked=self.housekeeping.after_tick,
         )
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
+        self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
         self.elector.on_change(self.housekeeping.leadership_changed)
         self._reload_lock = asyncio.Lock()
@@ -296,6 +298,10 @@ class Daemon:
             every(self.housekeeping.check_account, config.account.check_interval.total_seconds(), "account",
                   next_run_time=now)
         every(self.housekeeping.retention, RETENTION_EVERY, "retention")
+        # The queue (every replica: each start is claimed in one transaction): the drain every
+        # tick or second, the orphan sweep and the submissions' webhooks every few seconds.
+        every(self.queue.drain, max(1.0, tick), "queue", next_run_time=now)
+        every(self.queue.sweep, max(2.0, tick), "orphans", next_run_time=now)
         every(self._watch_database, self.database_watch_every, "database")
         scheduler.start()
         log.info(
