@@ -454,18 +454,18 @@ class Store:
         async with self.engine.begin() as conn:
             db_now = await self._db_now(conn, now)
             dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
-            statement = dialect_insert(leaders).values(
+            insert_row = dialect_insert(leaders).values(
                 name=name, owner=self.owner, acquired_at=db_now, expires_at=db_now + ttl
             )
-            statement = statement.on_conflict_do_update(
+            statement = insert_row.on_conflict_do_update(
                 index_elements=[leaders.c.name],
                 set_={
-                    "owner": statement.excluded.owner,
-                    "expires_at": statement.excluded.expires_at,
+                    "owner": insert_row.excluded.owner,
+                    "expires_at": insert_row.excluded.expires_at,
                     # A renewal keeps the original acquisition time.
                     "acquired_at": case(
-                        (leaders.c.owner == statement.excluded.owner, leaders.c.acquired_at),
-                        else_=statement.excluded.acquired_at,
+                        (leaders.c.owner == insert_row.excluded.owner, leaders.c.acquired_at),
+                        else_=insert_row.excluded.acquired_at,
                     ),
                 },
                 where=(leaders.c.expires_at <= db_now) | (leaders.c.owner == self.owner),
@@ -921,7 +921,7 @@ class Store:
     async def next_due_at(self) -> datetime | None:
         query = select(func.min(jobs.c.next_check_at)).where(jobs.c.state.in_([s.value for s in ACTIVE]))
         async with self.engine.connect() as conn:
-            value = (await conn.execute(query)).scalar()
+            value: datetime | None = (await conn.execute(query)).scalar()
         if value is not None and value.tzinfo is None:  # aggregates bypass the column type
             value = value.replace(tzinfo=UTC)
         return value

@@ -103,10 +103,14 @@ class BatchWriter:
                 # released leases and drops those writes, or re-applies the same values.)
                 await asyncio.sleep(self._retry_delay)
                 applied = await self._apply(writes)
-        except Exception as exc:  # the database is down or refused: every waiter learns it
+        except Exception as exc:  # noqa: BLE001 - the database is down or refused: every waiter learns it
             self.failures += 1
-            log.error("database write failed", error=db_error_text(exc), writes=len(batch),
-                      database_unavailable=database_unavailable(exc))
+            log.error(
+                "database write failed",
+                error=db_error_text(exc),
+                writes=len(batch),
+                database_unavailable=database_unavailable(exc),
+            )
             for pending in batch:
                 if not pending.done.done():
                     pending.done.set_exception(exc)

@@ -49,9 +49,7 @@ log = structlog.get_logger("supervisor.demo")
 USD_PER_CREDIT = 0.01  # the public price: 1 credit per result, $0.01 a credit
 REFRESH_S = 0.25
 TIMEOUT_S = 55.0  # at speed 1; the jobs are built to be final after about 30 s
-POLICY_REASONS = frozenset(
-    {Reason.MAX_CREDITS, Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT}
-)
+POLICY_REASONS = frozenset({Reason.MAX_CREDITS, Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT})
 # Scenario knobs that are durations (divided by the speed); `rate` is multiplied by it.
 _TIME_KNOBS = frozenset({"queue_for", "process_for", "fail_after", "external_cancel_after", "cancel_delay"})
 
@@ -155,7 +153,7 @@ def run_demo(speed: float = 1.0) -> int:
             return 130
         except Exception as exc:  # one line for the user, the traceback for whoever debugs it
             log.exception("demo failed")
-            print(f"clado-supervisor: error: demo failed: {exc} (traceback in {log_path})", file=sys.stderr)
+            print(f"clado-supervisor: error: demo failed: {exc} (traceback in {log_path})", file=sys.stderr)  # noqa: T201 - the CLI's one line
             return 1
         finally:
             _stop_logging_to(log_stream)
@@ -433,7 +431,7 @@ class Tour:
 
 
 def _warning_name(key: str) -> str:
-    """"max_runtime@0.8" → "80% of max_runtime"."""
+    """ "max_runtime@0.8" → "80% of max_runtime"."""
     limit, _, fraction = key.partition("@")
     return f"{float(fraction):.0%} of {limit}" if fraction else key
 
@@ -498,8 +496,7 @@ def _print_summary(console: Console, tour: Tour, log_path: Path) -> int:
     if not problems:
         console.print(Text("✓ Every job ended as it was built to, as the simulator's records confirm.", style="green"))
     console.print(
-        f"The daemon's log (JSON lines) is kept at {log_path}; "
-        "the temporary database and config were deleted."
+        f"The daemon's log (JSON lines) is kept at {log_path}; the temporary database and config were deleted."
     )
     return 1 if problems else 0
 
@@ -537,22 +534,34 @@ def outcome_lines(tour: Tour) -> list[str]:
     by_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
     by_calls = "one cancel call each" if set(calls) == {1} else f"cancel calls per job: {dict(calls)}"
     every = "Every final state" if confirmed == len(tour.kinds) else "Final states"
-    capped = [row for row in rows if row.result_limit is not None and row.result_limit < tour.kinds[row.job_id].limit]
     return [
         f"{len(runaways)} runaways cancelled ({by_reason}), {by_calls}.",
         f"The others: {', '.join(f'{n} {what}' for what, n in others.items())}.",
-        f"{every} confirmed by a status poll: {confirmed} of {len(tour.kinds)} jobs; the supervisor's "
-        f"credit count matches the simulator's bill for {matching} of {len(tour.kinds)}.",
-        f"The runaways spent {spent:,} credits; left alone they would have billed {alone:,}: "
-        f"saved {saved:,} credits (${saved * USD_PER_CREDIT:,.2f} at ${USD_PER_CREDIT}/credit).",
-        *(
-            [f"{len(capped)} submission(s) capped at the source: the API was asked for "
-             f"{sum(row.result_limit or 0 for row in capped):,} of the {sum(tour.kinds[row.job_id].limit for row in capped):,} "
-             "results requested (what max_credits allows), so no cancel was needed."]
-            if capped else []
-        ),  # fmt: skip
+        (
+            f"{every} confirmed by a status poll: {confirmed} of {len(tour.kinds)} jobs; the supervisor's "
+            f"credit count matches the simulator's bill for {matching} of {len(tour.kinds)}."
+        ),
+        (
+            f"The runaways spent {spent:,} credits; left alone they would have billed {alone:,}: "
+            f"saved {saved:,} credits (${saved * USD_PER_CREDIT:,.2f} at ${USD_PER_CREDIT}/credit)."
+        ),
+        *_capped_lines(tour, rows),
         *_observe_lines(rows),
     ]
+
+
+def _capped_lines(tour: Tour, rows: list[Job]) -> list[str]:
+    """Submissions the API was asked for less than requested: capped at the source."""
+    capped = [row for row in rows if row.result_limit is not None and row.result_limit < tour.kinds[row.job_id].limit]
+    if not capped:
+        return []
+    asked = sum(row.result_limit or 0 for row in capped)
+    requested = sum(tour.kinds[row.job_id].limit for row in capped)
+    line = (
+        f"{len(capped)} submission(s) capped at the source: the API was asked for {asked:,} of the "
+        f"{requested:,} results requested (what max_credits allows), so no cancel was needed."
+    )
+    return [line]
 
 
 def _observe_lines(rows: list[Job]) -> list[str]:
@@ -562,9 +571,11 @@ def _observe_lines(rows: list[Job]) -> list[str]:
         return []
     would_save = sum(row.credits_used - (row.would_cancel_credits or 0) for row in observed)
     return [
-        f"The observe-mode rule (policies.shadow, max_credits {SHADOW_MAX_CREDITS}) would have cancelled "
-        f"{len(observed)} job(s); it only recorded that, and switched on it would have saved "
-        f"{would_save:,} more credits."
+        (
+            f"The observe-mode rule (policies.shadow, max_credits {SHADOW_MAX_CREDITS}) would have cancelled "
+            f"{len(observed)} job(s); it only recorded that, and switched on it would have saved "
+            f"{would_save:,} more credits."
+        )
     ]
 
 
@@ -604,8 +615,7 @@ def find_problems(tour: Tour) -> list[str]:
             problems.append(f"{name}: final state not confirmed (remote status {sim['status']})")
         if row.credits_used != sim["results"]:
             problems.append(
-                f"{name}: the supervisor counted {row.credits_used} credits, "
-                f"the simulator billed {sim['results']}"
+                f"{name}: the supervisor counted {row.credits_used} credits, the simulator billed {sim['results']}"
             )
         expected_calls = 1 if stopped_by_rule(row.cancel_reason) else 0
         if sim["cancel_calls"] != expected_calls:

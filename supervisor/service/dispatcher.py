@@ -109,7 +109,7 @@ class Dispatcher:
                     jobs = await self._store.claim_due(
                         self._clock(), horizon=settings.tick_interval, limit=capacity, lease_ttl=settings.lease_ttl
                     )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed claim backs off; the tick must not die
                 self._backoff.failed(exc)
                 self.notifier.status(f"database unavailable; retrying ({db_error_text(exc)})")
                 return 0
@@ -118,7 +118,8 @@ class Dispatcher:
             deadline = claimed_at + settings.lease_ttl.total_seconds() * LEASE_USE
             for job in jobs:
                 task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
-                self.inflight[job.job_id] = InFlight(task, job.lease_token, claimed_at, deadline)
+                # A claimed job always holds the lease it was claimed under.
+                self.inflight[job.job_id] = InFlight(task, job.lease_token or "", claimed_at, deadline)
         self.last_tick_at = self._clock()
         self.ticks += 1
         metrics.TICK_DURATION.observe(time.perf_counter() - started)
@@ -166,8 +167,11 @@ class Dispatcher:
         except Exception as exc:
             if database_unavailable(exc):
                 # The writer logged the failed batch once; nothing was sent after it.
-                log.debug("job not recorded: database unavailable; retried once its lease expires",
-                          job_id=job_id, error=db_error_text(exc))
+                log.debug(
+                    "job not recorded: database unavailable; retried once its lease expires",
+                    job_id=job_id,
+                    error=db_error_text(exc),
+                )
             else:
                 log.exception("job handling failed; its lease will expire and it is retried", job_id=job_id)
         finally:

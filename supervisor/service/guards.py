@@ -55,8 +55,9 @@ class Backoff:
 
     def succeeded(self) -> None:
         if self.failures:
-            log.info(f"{self.what} recovered", failures=self.failures,
-                     after_s=round(time.monotonic() - self._since, 3))
+            log.info(
+                "%s recovered", self.what, failures=self.failures, after_s=round(time.monotonic() - self._since, 3)
+            )
         self.failures = 0
         self._retry_at = 0.0
 

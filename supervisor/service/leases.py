@@ -78,7 +78,7 @@ class LeaseKeeper:
             # The new deadlines count from before this call, so a slow answer is still safe.
             async with db_timeout(self._store, max(1.0, ttl.total_seconds() / 2)):
                 kept = await self._store.extend_leases(due, ttl, self._clock())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed extension backs off; leases then expire
             self._backoff.failed(exc)
             return
         self._backoff.succeeded()

@@ -114,11 +114,25 @@ class Daemon:
         self.handler = JobHandler(current, client, self.writer.write, clock, self.effects)
         self.elector = Elector(current, store, clock, self._stopping)
         self.housekeeping = Housekeeping(
-            current, store, self.enforcer, self.elector, self._notifier, clock, self._stopping,
-            inflight=lambda: len(self.dispatcher.inflight), spawn=self._spawn,
+            current,
+            store,
+            self.enforcer,
+            self.elector,
+            self._notifier,
+            clock,
+            self._stopping,
+            inflight=lambda: len(self.dispatcher.inflight),
+            spawn=self._spawn,
         )
         self.dispatcher = Dispatcher(
-            current, store, client, self.handler, self.webhooks, self._notifier, clock, self._stopping,
+            current,
+            store,
+            client,
+            self.handler,
+            self.webhooks,
+            self._notifier,
+            clock,
+            self._stopping,
             ticked=self.housekeeping.after_tick,
         )
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
@@ -288,15 +302,24 @@ class Daemon:
         every(self.leases.keep, config.supervisor.lease_ttl.total_seconds() / 4, "leases", misfire_grace_time=None)
         # Leadership of the singleton chores: taken or renewed every leader_ttl / 3.
         # However late the loop runs it (no misfire skip): a skipped renewal costs leadership.
-        every(self.elector.elect, config.supervisor.leader_ttl.total_seconds() / 3, "leader",
-              next_run_time=now, misfire_grace_time=None)
+        every(
+            self.elector.elect,
+            config.supervisor.leader_ttl.total_seconds() / 3,
+            "leader",
+            next_run_time=now,
+            misfire_grace_time=None,
+        )
         # The chores (leader only; each catches its own errors): budgets every tick or second
         # (usage moves with every poll), the account floor at its own interval, retention
         # every few minutes.
         every(self.housekeeping.sweep_budgets, max(1.0, tick), "budgets")
         if config.account is not None:
-            every(self.housekeeping.check_account, config.account.check_interval.total_seconds(), "account",
-                  next_run_time=now)
+            every(
+                self.housekeeping.check_account,
+                config.account.check_interval.total_seconds(),
+                "account",
+                next_run_time=now,
+            )
         every(self.housekeeping.retention, RETENTION_EVERY, "retention")
         # The queue (every replica: each start is claimed in one transaction): the drain every
         # tick or second, the orphan sweep and the submissions' webhooks every few seconds.
@@ -346,7 +369,7 @@ class Daemon:
         await self.webhooks.close()
         try:
             await self.store.release(leftovers)
-        except Exception as exc:  # leases then simply expire
+        except Exception as exc:  # noqa: BLE001 - leases then simply expire
             log.warning("could not release leases", error=db_error_text(exc))
         await self.elector.resign()
         log.info("supervisor stopped")
@@ -425,7 +448,8 @@ class Daemon:
 
         async def run() -> None:
             task = asyncio.current_task()
-            assert task is not None
+            if task is None:  # pragma: no cover - a coroutine awaited here always runs in a task
+                raise RuntimeError("a scheduled run outside a task")
             self._running.add(task)
             try:
                 await body()
