@@ -153,7 +153,9 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(workdir: Path) ->
     daemon = DaemonProcess(workdir)
     config = workdir / "supervisor.toml"
     try:
-        wait_for(lambda: any(line.get("message") == "supervisor started" for line in daemon.log_lines()), what="startup")
+        wait_for(
+            lambda: any(line.get("message") == "supervisor started" for line in daemon.log_lines()), what="startup"
+        )
         config.write_text(config.read_text().replace("max_credits = 200", "max_credits = 150"))
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: any(line.get("message") == "config reloaded" for line in daemon.log_lines()), what="reload")
