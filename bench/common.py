@@ -548,7 +548,7 @@ class Daemon:
                     lines.append(line)
                 continue
             if entry.get("level") in ("error", "critical"):
-                lines.append(entry.get("event", line))
+                lines.append(entry.get("message", line))
         return lines
 
 

@@ -1,5 +1,16 @@
 """structlog, configured once: JSON lines for machines, a console renderer on a TTY.
 
+The JSON keys are the ones log shippers expect without remapping (ECS, Loki, journald):
+`message` is the line's text (structlog's "event", renamed: ECS's `event` is an object, so a
+top-level string of that name breaks an ECS index), `level`, `logger`, `timestamp`, then the
+line's fields. A field that was itself called `message` (the Clado API's own text, in the
+cancel answer) is `api_message`, in JSON and on the console alike.
+
+Under systemd, when stderr is the journal's stream (JOURNAL_STREAM names its device and
+inode), every line starts with its syslog priority, `<3>` error ... `<7>` debug, which
+journald strips and files the line under: `journalctl -p warning` shows the warnings and
+errors. Colours follow the terminal: none when it is not a TTY or NO_COLOR is set.
+
 Library loggers (APScheduler, uvicorn, alembic) go through the same processors, so the
 journal gets one format. Known secrets are redacted as a last line of defence: the code
 never logs them, and this makes sure a mistake does not leak them either. So are the secret
@@ -10,6 +21,7 @@ they were registered: a webhook URL may carry its own credentials.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -84,6 +96,58 @@ def redact_urls(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[
     return {key: value if key == "exc_info" else _redact_urls(value) for key, value in event_dict.items()}
 
 
+def api_message(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """A field named `message` (the API's text) becomes `api_message`: `message` is the line's."""
+    if "message" in event_dict:
+        event_dict["api_message"] = event_dict.pop("message")
+    return event_dict
+
+
+def shipper_keys(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """JSON only: the text under `message`, and the common keys first, for a person reading
+    the raw lines (`journalctl -o cat`, `kubectl logs`)."""
+    line = {"timestamp": event_dict.pop("timestamp", None), "level": event_dict.pop("level", None)}
+    line["message"] = event_dict.pop("event", "")
+    line["logger"] = event_dict.pop("logger", None)
+    return {key: value for key, value in {**line, **event_dict}.items() if value is not None}
+
+
+# Python's levels → syslog priorities (RFC 5424), the ones journald files lines under.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def syslog_priority(levelno: int) -> int:
+    return next((priority for level, priority in _PRIORITIES if levelno >= level), 7)
+
+
+def is_journal_stream(stream: TextIO) -> bool:
+    """Whether `stream` is the journal's: systemd sets JOURNAL_STREAM=<device>:<inode> of the
+    stream it connected to stdout/stderr. Compared, so that a redirect (`2>file`) in the unit
+    or a child that inherited the variable does not get the prefixes."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        found = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no file behind it (StringIO, closed)
+        return False
+    return expected == f"{found.st_dev}:{found.st_ino}"
+
+
+def use_colours(stream: TextIO) -> bool:
+    """https://no-color.org: NO_COLOR set to anything but empty turns colours off."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+class _JournalFormatter(structlog.stdlib.ProcessorFormatter):
+    """Each line prefixed with `<N>`, its record's syslog priority (a console traceback spans
+    several lines: journald reads each as an entry, so each carries the prefix)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
@@ -93,11 +157,14 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info if use_json else structlog.processors.StackInfoRenderer(),
+        api_message,
         redact_secrets,
         redact_urls,
     ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    rendering: list[Any] = (
+        [shipper_keys, structlog.processors.JSONRenderer()]
+        if use_json
+        else [structlog.dev.ConsoleRenderer(colors=use_colours(stream))]
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -105,11 +172,12 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+    formatter = _JournalFormatter if is_journal_stream(stream) else structlog.stdlib.ProcessorFormatter
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        formatter(
             foreign_pre_chain=list(shared),
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
         )
     )
     root = logging.getLogger()

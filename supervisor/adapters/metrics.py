@@ -3,14 +3,71 @@
 Conventional names: `clado_supervisor_` prefix, `_total` counters, base units (seconds,
 credits). Labels carry only bounded values (states, reasons, endpoints, status codes),
 never job ids or secrets.
+
+Honest by construction: a value nobody knows is absent, not 0 (the account's credits before
+they are read, without an [account], and on replicas that are not the leader); what only the
+leader knows (jobs by state, budgets, the account) is cleared when leadership goes, so the
+replicas' series summed or maxed stay right; labelled counters start at 0 for every known
+label value, so a dashboard's `rate()` has a series before the first event.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from supervisor import __version__
+from supervisor.core.states import Reason, State
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _P = "clado_supervisor_"
+
+# The process's own figures (process_cpu_seconds_total, process_resident_memory_bytes, open
+# fds, start time; python_info; python_gc_*), as the default registry would have them.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+BUILD = Info(_P + "build", "The running version (value 1; the version is a label).", registry=REGISTRY)
+BUILD.info({"version": __version__})
+
+
+class OptionalGauge:
+    """A gauge with no sample until a value is known (`clear()` makes it unknown again):
+    prometheus_client's Gauge always exports one, 0 before any `set`, which reads as a fact."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self._value = float(value)
+
+    def clear(self) -> None:
+        self._value = None
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self._name, self._documentation)
+        if self._value is not None:
+            family.add_metric([], self._value)
+        yield family
+
 
 JOBS = Gauge(_P + "jobs", "Supervised jobs by state.", ["state"], registry=REGISTRY)
 CANCELS = Counter(_P + "cancels_total", "Cancel decisions by reason.", ["reason"], registry=REGISTRY)
@@ -108,7 +165,11 @@ BUDGET_RESERVED = Gauge(
     registry=REGISTRY,
 )
 BUDGET_LIMIT = Gauge(_P + "budget_limit_credits", "The budget's credits per period.", ["budget"], registry=REGISTRY)
-ACCOUNT_CREDITS = Gauge(_P + "account_credits", "Remaining account credits at the last check.", registry=REGISTRY)
+ACCOUNT_CREDITS = OptionalGauge(
+    _P + "account_credits",
+    "Remaining account credits at the leader's last check (absent: no [account], not read yet, or not the leader).",
+    registry=REGISTRY,
+)
 LEADER = Gauge(
     _P + "leader", "1 while this replica is the leader (runs the singleton chores), else 0.", registry=REGISTRY
 )
@@ -146,3 +207,71 @@ QUEUE_WAIT = Histogram(
     buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400),
     registry=REGISTRY,
 )
+
+
+_budgets_shown: set[str] = set()  # the budgets with series now
+
+
+def budget_figures(name: str, spent: float, reserved: float, credits: float) -> None:
+    BUDGET_SPENT.labels(name).set(spent)
+    BUDGET_RESERVED.labels(name).set(reserved)
+    BUDGET_LIMIT.labels(name).set(credits)
+    _budgets_shown.add(name)
+
+
+def forget_budgets(keep: set[str]) -> None:
+    """Drop the series of budgets no longer configured (a reload removed them)."""
+    for name in _budgets_shown - keep:
+        for gauge in (BUDGET_SPENT, BUDGET_RESERVED, BUDGET_LIMIT):
+            gauge.remove(name)
+        _budgets_shown.discard(name)
+
+
+def clear_leader_gauges() -> None:
+    """What only the leader measures, gone from a replica that does not lead (at start, and
+    when it loses leadership): a stale copy would be summed or maxed with the new leader's."""
+    for gauge in (JOBS, BUDGET_SPENT, BUDGET_RESERVED, BUDGET_LIMIT):
+        gauge.clear()
+    _budgets_shown.clear()
+    ACCOUNT_CREDITS.clear()
+
+
+# -- series from the start: every label value known in advance -------------------------------
+
+# Reasons a policy, the account floor, a person or the API ends a job for; budget reasons
+# (`budget:<name>`) are added per configured budget by the budget sweep (`budget_reasons`).
+_LIMITS = (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS)
+_CANCEL_REASONS = (*_LIMITS, Reason.ACCOUNT_FLOOR, Reason.MANUAL, Reason.EXTERNAL)
+_ENDPOINTS = ("status", "cancel", "credits", "initiate", "continue")
+_ALERT_KINDS = ("unknown_status", "unreadable_body", "cancel_refused", "cancel_ignored", "reopened")
+
+
+def budget_reasons(names: set[str]) -> None:
+    """Series at 0 for the cancels a configured budget may decide."""
+    for name in names:
+        CANCELS.labels(f"budget:{name}")
+        WOULD_CANCEL.labels(f"budget:{name}")
+
+
+def _preinitialise() -> None:
+    for reason in _CANCEL_REASONS:
+        CANCELS.labels(reason)
+    for reason in (*_LIMITS, Reason.ACCOUNT_FLOOR):
+        WOULD_CANCEL.labels(reason)
+    for limit in _LIMITS:
+        WARNINGS.labels(limit)
+    for state in State:
+        TRANSITIONS.labels(state.value)
+    for kind in _ALERT_KINDS:
+        JOB_ALERTS.labels(kind)
+    for endpoint in _ENDPOINTS:
+        API_RETRIES.labels(endpoint)
+        API_LATENCY.labels(endpoint)
+        API_REQUESTS.labels(endpoint, "error")  # transport failures: the error ratio's numerator
+    for outcome in ("delivered", "failed", "dropped"):
+        WEBHOOKS.labels(outcome)
+    for outcome in ("success", "failure"):
+        CONFIG_RELOADS.labels(outcome)
+
+
+_preinitialise()

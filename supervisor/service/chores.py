@@ -46,15 +46,16 @@ class Enforcer:
     # -- budgets ----------------------------------------------------------------------------
 
     async def sweep_budgets(self, config: Config) -> list[BudgetStatus]:
+        # A reload may have removed budgets: their series go with them.
+        metrics.forget_budgets(set(config.budgets))
+        metrics.budget_reasons(set(config.budgets))
         if not config.budgets:
             return []
         now = self.clock()
         starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
         result = statuses(config, now, await self.store.usage(starts, now))
         for status in result:
-            metrics.BUDGET_SPENT.labels(status.name).set(status.usage.spent)
-            metrics.BUDGET_RESERVED.labels(status.name).set(status.usage.reserved)
-            metrics.BUDGET_LIMIT.labels(status.name).set(status.credits)
+            metrics.budget_figures(status.name, status.usage.spent, status.usage.reserved, status.credits)
             await self._budget_events(config, status, now)
             if status.exhausted and config.budgets[status.name].action in ("cancel", "observe"):
                 await self._stop_matching(config, status, now)
@@ -101,7 +102,8 @@ class Enforcer:
 
     async def check_account(self, config: Config) -> None:
         account = config.account
-        if account is None:
+        if account is None:  # removed by a reload: no floor, so no figure either
+            metrics.ACCOUNT_CREDITS.clear()
             return
         try:
             credits = await self.client.credits()

@@ -64,7 +64,7 @@ class Elector:
                 # Leadership counts from before this call, so a slow answer is still safe.
                 async with db_timeout(self._store, max(1.0, ttl.total_seconds() / 2)):
                     expires = await self._store.acquire_leader(LEADER_ROLE, ttl, self._clock())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is a missed renewal, backed off
                 self._backoff.failed(exc)
             else:
                 self._backoff.succeeded()
@@ -90,11 +90,13 @@ class Elector:
         """Shutdown: give the leader row up (if it is still ours) so that another replica
         takes over at once instead of after leader_ttl."""
         self._until = 0.0
-        self._was_leader = False
+        was_leader, self._was_leader = self._was_leader, False
         metrics.LEADER.set(0)
+        if was_leader:
+            self._on_change(False)  # what only the leader shows goes with its leadership
         try:
             async with db_timeout(self._store, 5):
                 if await self._store.release_leader(LEADER_ROLE):
                     log.info("gave up leadership", owner=self._store.owner, role=LEADER_ROLE)
-        except Exception as exc:  # it then expires on its own
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the row then expires on its own
             log.warning("could not give up leadership", error=db_error_text(exc))

@@ -62,6 +62,7 @@ class Housekeeping:
         }
         self._summary_due = 0.0
         self._warned_total_budget = False
+        metrics.clear_leader_gauges()  # not the leader yet: nothing of the leader's to show
 
     # -- the chores (scheduled by the runtime) --------------------------------------------
 
@@ -93,8 +94,9 @@ class Housekeeping:
             if self._config().account is not None:
                 self._spawn(self.check_account, "account")
         else:
-            # The totals gauges are the leader's: summed over replicas they stay right.
-            metrics.JOBS.clear()
+            # The fleet's figures (jobs by state, budgets, the account) are the leader's: gone
+            # here, the new leader's series are the only ones, so sums and maxima stay right.
+            metrics.clear_leader_gauges()
 
     async def refresh_summary(self) -> None:
         """The jobs-by-state gauges (leader only: one query for the whole fleet) and the
@@ -108,10 +110,12 @@ class Housekeeping:
         try:
             async with db_timeout(self._store, 10):
                 counts = await self._store.count_by_state()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a chore never dies: it backs off and says why
             backoff.failed(exc)
             return
         backoff.succeeded()
+        if not self._elector.is_leader:  # lost while counting: the gauges are no longer ours
+            return
         for state in State:
             metrics.JOBS.labels(state.value).set(counts.get(state.value, 0))
         active = sum(counts.get(state.value, 0) for state in ACTIVE)
@@ -128,7 +132,7 @@ class Housekeeping:
             # Never outlives the leadership it started under.
             async with db_timeout(self._store, min(30.0, self._elector.seconds_left())):
                 await body()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a chore never dies: it backs off and says why
             backoff.failed(exc)
         else:
             backoff.succeeded()

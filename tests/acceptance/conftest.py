@@ -116,7 +116,7 @@ class DaemonProcess:
             try:
                 lines.append(json.loads(line))
             except ValueError:
-                lines.append({"event": line, "unparsed": True})
+                lines.append({"message": line, "unparsed": True})
         return lines
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

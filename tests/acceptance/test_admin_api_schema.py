@@ -174,7 +174,7 @@ def test_schemathesis_finds_no_server_error(daemon: RunningDaemon, tmp_path: Pat
     for label in ("GET /v1/jobs", "POST /v1/jobs", "POST /v1/submit", "GET /v1/jobs/{job_id}"):
         assert any(200 <= code < 300 for code in statuses[label]), (label, statuses[label])
     # The daemon logged no request crash and never the token.
-    assert not [line for line in daemon.process.log_lines() if line.get("event") == "admin API request failed"]
+    assert not [line for line in daemon.process.log_lines() if line.get("message") == "admin API request failed"]
     assert TOKEN not in daemon.process.log_path.read_text()
 
 

@@ -141,10 +141,10 @@ def test_run_stops_gracefully_on_sigterm_and_sigint(workdir: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         daemon = DaemonProcess(workdir)
         wait_for(
-            lambda d=daemon: any(line.get("event") == "supervisor started" for line in d.log_lines()), what="startup"
+            lambda d=daemon: any(line.get("message") == "supervisor started" for line in d.log_lines()), what="startup"
         )
         assert daemon.stop(sig) == 0
-        events = [line.get("event") for line in daemon.log_lines()]
+        events = [line.get("message") for line in daemon.log_lines()]
         assert events[-1] == "supervisor stopped"
         assert not any(line.get("unparsed") for line in daemon.log_lines())  # JSON lines only
 
@@ -153,14 +153,16 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(workdir: Path) ->
     daemon = DaemonProcess(workdir)
     config = workdir / "supervisor.toml"
     try:
-        wait_for(lambda: any(line.get("event") == "supervisor started" for line in daemon.log_lines()), what="startup")
+        wait_for(
+            lambda: any(line.get("message") == "supervisor started" for line in daemon.log_lines()), what="startup"
+        )
         config.write_text(config.read_text().replace("max_credits = 200", "max_credits = 150"))
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: any(line.get("event") == "config reloaded" for line in daemon.log_lines()), what="reload")
+        wait_for(lambda: any(line.get("message") == "config reloaded" for line in daemon.log_lines()), what="reload")
         config.write_text("[policies.default]\nmax_credits = -1\n")
         daemon.proc.send_signal(signal.SIGHUP)
         failed = wait_for(
-            lambda: [line for line in daemon.log_lines() if line.get("event", "").startswith("config reload failed")],
+            lambda: [line for line in daemon.log_lines() if line.get("message", "").startswith("config reload failed")],
             what="failed reload",
         )
         assert "policies.default.max_credits" in failed[0]["error"]
@@ -220,10 +222,10 @@ def test_a_second_daemon_on_the_same_port_fails_with_one_line_before_any_work(wo
         assert second.wait(60) == 1
         lines = second.log_lines()
         assert lines[-1] == {
-            "event": f"clado-supervisor: error: admin API cannot listen on 127.0.0.1:{port}: Address already in use",
+            "message": f"clado-supervisor: error: admin API cannot listen on 127.0.0.1:{port}: Address already in use",
             "unparsed": True,
         }
-        events = [line["event"] for line in lines]
+        events = [line["message"] for line in lines]
         # It stopped before its scheduler ran: no tick, no claim, no traceback of a cancelled tick.
         assert "supervisor started" not in events
         assert not any("Traceback" in event or "CancelledError" in event for event in events), events

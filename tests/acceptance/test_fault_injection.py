@@ -175,7 +175,7 @@ def admin_port(daemon: DaemonProcess) -> int:
     """The admin API's port (the config listens on port 0: no race for a free port)."""
     wait_for_log(daemon, "admin API listening")
     for line in daemon.log_lines():
-        if line.get("event") == "admin API listening":
+        if line.get("message") == "admin API listening":
             return int(str(line["address"]).rsplit(":", 1)[1])
     raise AssertionError("no 'admin API listening' line")
 
@@ -278,7 +278,7 @@ def failure_lines(*daemons: DaemonProcess) -> list[str]:
     found = []
     for daemon in daemons:
         for line in daemon.log_lines():
-            event = str(line.get("event", ""))
+            event = str(line.get("message", ""))
             if event.startswith(bad_events) or "Traceback" in event or "exception" in line:
                 found.append(json.dumps(line)[:600])
     return found

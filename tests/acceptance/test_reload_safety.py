@@ -34,7 +34,7 @@ def jobs(cwd: Path, config: str) -> dict[str, dict[str, Any]]:
 
 
 def events(daemon: DaemonProcess, name: str) -> list[dict[str, Any]]:
-    return [line for line in daemon.log_lines() if line.get("event") == name]
+    return [line for line in daemon.log_lines() if line.get("message") == name]
 
 
 def started(daemon: DaemonProcess) -> None:

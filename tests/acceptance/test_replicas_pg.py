@@ -63,7 +63,7 @@ def _pid_of(owner: str | None) -> int | None:
 
 def _admin_address(daemon: DaemonProcess) -> str | None:
     for line in daemon.log_lines():
-        if line.get("event") == "admin API listening":
+        if line.get("message") == "admin API listening":
             return str(line["address"])
     return None
 
@@ -293,7 +293,7 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
 
     # -- the survivors' logs: leadership moved, nothing crashed, no write was fenced off ---
     survivor_logs = [line for replica in survivors for line in replica.log_lines()]
-    became = [line for line in survivor_logs if line.get("event") == "became leader"]
+    became = [line for line in survivor_logs if line.get("message") == "became leader"]
     after_kill = [
         line["owner"] for line in became if kill_wall < datetime.fromisoformat(line["timestamp"]) < stopping_wall
     ]
@@ -307,10 +307,10 @@ def test_three_replicas_one_killed_every_job_handled_exactly_once(
     assert not [
         line
         for line in survivor_logs
-        if line.get("event") == "job handling failed; its lease will expire and it is retried"
+        if line.get("message") == "job handling failed; its lease will expire and it is retried"
     ]
-    assert not [line for line in survivor_logs if line.get("unparsed") and "Traceback" in line["event"]]
-    fenced = sum(1 for line in survivor_logs if line.get("event") == "lease lost; write dropped")
+    assert not [line for line in survivor_logs if line.get("unparsed") and "Traceback" in line["message"]]
+    fenced = sum(1 for line in survivor_logs if line.get("message") == "lease lost; write dropped")
 
     print(
         f"\n{len(all_ids)} jobs, {len(runaways)} runaways; killed pid {victim_pid} (the leader) "

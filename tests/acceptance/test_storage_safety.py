@@ -35,7 +35,7 @@ def usual_umask() -> Iterator[None]:
 
 
 def events(daemon: DaemonProcess, name: str) -> list[dict[str, Any]]:
-    return [line for line in daemon.log_lines() if line.get("event", "").startswith(name)]
+    return [line for line in daemon.log_lines() if line.get("message", "").startswith(name)]
 
 
 def one_line_error(result: Any, expected: str, code: int) -> None:
@@ -56,7 +56,7 @@ def test_a_sqlite_file_deleted_under_the_daemon_ends_it_with_a_failure(workdir: 
     assert found["level"] == "error"
     assert f"the database file {workdir / 'supervisor.db'} was deleted" in found["problem"]
     last = daemon.log_lines()[-1]
-    assert last["event"] == f"{PREFIX}database: {found['problem']}"  # the CLI's one line, not JSON
+    assert last["message"] == f"{PREFIX}database: {found['problem']}"  # the CLI's one line, not JSON
 
 
 def test_a_schema_from_a_newer_version_gets_one_line_saying_what_to_do(workdir: Path) -> None:
@@ -67,7 +67,7 @@ def test_a_schema_from_a_newer_version_gets_one_line_saying_what_to_do(workdir: 
         one_line_error(cli(*command, cwd=workdir), PREFIX + NEWER, 1)
     daemon = DaemonProcess(workdir)
     assert daemon.wait(timeout=60) == 1
-    assert daemon.log_lines()[-1]["event"] == PREFIX + NEWER
+    assert daemon.log_lines()[-1]["message"] == PREFIX + NEWER
 
 
 def test_an_older_schema_without_auto_migrate_says_run_migrate(workdir: Path) -> None:

@@ -18,6 +18,8 @@ from supervisor.adapters.metrics import REGISTRY
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json"
 DS_UID = "${DS_PROMETHEUS}"
 METRIC = re.compile(r"clado_supervisor_[a-z_]+")
+# The process's own metrics (ProcessCollector, PlatformCollector), on the same registry.
+PROCESS_METRIC = re.compile(r"\b(?:process|python)_[a-z_]+")
 RANGE = re.compile(r"\b(?:rate|irate|increase)\(.*?\[([^\]]+)\]")
 
 # The series names each metric type exposes besides the family name itself.
@@ -83,7 +85,8 @@ def test_datasource_is_templated(dashboard: dict[str, Any]) -> None:
     assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
     for name in ("job", "instance"):
         assert variables[name]["datasource"]["uid"] == DS_UID
-        assert variables[name]["multi"] and variables[name]["includeAll"]
+        assert variables[name]["multi"]
+        assert variables[name]["includeAll"]
     # No datasource uid of the exporting Grafana left anywhere.
     uids = re.findall(r'"uid":\s*"([^"]*)"', DASHBOARD.read_text(encoding="utf-8"))
     assert set(uids) <= {DS_UID, "-- Grafana --", dashboard["uid"]}
@@ -114,14 +117,28 @@ def test_every_referenced_metric_exists(dashboard: dict[str, Any], exposed: froz
     assert not unknown, f"metrics not in supervisor.adapters.metrics.REGISTRY: {unknown}"
 
 
+def test_every_process_metric_referenced_is_exported(dashboard: dict[str, Any], exposed: frozenset[str]) -> None:
+    referenced = {name for expr in _exprs(dashboard) for name in PROCESS_METRIC.findall(expr)}
+    assert referenced, "no process metric on the dashboard"
+    assert not sorted(referenced - exposed)
+
+
+def test_every_counter_queried_has_series_before_its_first_event(dashboard: dict[str, Any]) -> None:
+    """Labelled counters start at 0 for each known label value: a panel's rate() is 0 from
+    the start, not "no data" until the first cancel, warning or delivery."""
+    referenced = {name for expr in _exprs(dashboard) for name in METRIC.findall(expr) if name.endswith("_total")}
+    sampled = {sample.name for family in REGISTRY.collect() for sample in family.samples}
+    assert referenced
+    assert not sorted(referenced - sampled)
+
+
 def test_queries_filter_by_job_and_instance(dashboard: dict[str, Any]) -> None:
     for panel in _data_panels(dashboard):
         for target in panel["targets"]:
-            for selector in re.findall(r"clado_supervisor_[a-z_]+(\{[^}]*\})?", target["expr"]):
-                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (
-                    panel["title"],
-                    target["expr"],
-                )
+            for selector in re.findall(r"(?:clado_supervisor|process|python)_[a-z_]+(\{[^}]*\})?", target["expr"]):
+                where = (panel["title"], target["expr"])
+                assert 'job=~"$job"' in selector, where
+                assert 'instance=~"$instance"' in selector, where
 
 
 def test_rate_windows(dashboard: dict[str, Any]) -> None:
