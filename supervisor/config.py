@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -378,6 +379,13 @@ class HttpConfig(_Section):
         return self.enabled and not is_loopback(split_address(self.listen)[0])
 
 
+def _check_names(kind: str, names: Iterable[str]) -> None:
+    """Policy and budget names: they appear in reasons (`budget:<name>`), rules and labels."""
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
+            raise ValueError(f"invalid {kind} name {name!r} (letters, digits, _ and -; at most 64)")
+
+
 def split_address(value: str) -> tuple[str, int]:
     """Split "127.0.0.1:8787" / "[::1]:8787" / "0.0.0.0:0" into (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -427,9 +435,7 @@ class Config(_Section):
     @field_validator("policies")
     @classmethod
     def _policy_names(cls, policies: dict[str, PolicyConfig]) -> dict[str, PolicyConfig]:
-        for name in policies:
-            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
-                raise ValueError(f"invalid policy name {name!r} (letters, digits, _ and -; at most 64)")
+        _check_names("policy", policies)
         if "default" not in policies:
             raise ValueError("[policies.default] is required")
         if policies["default"].match is not None:
@@ -439,9 +445,7 @@ class Config(_Section):
     @field_validator("budgets")
     @classmethod
     def _budget_names(cls, budgets: dict[str, BudgetConfig]) -> dict[str, BudgetConfig]:
-        for name in budgets:
-            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
-                raise ValueError(f"invalid budget name {name!r} (letters, digits, _ and -; at most 64)")
+        _check_names("budget", budgets)
         return budgets
 
     def budgets_for(self, labels: dict[str, str]) -> list[str]:
