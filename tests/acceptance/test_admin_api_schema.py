@@ -87,6 +87,9 @@ def test_the_openapi_document_is_valid(daemon: RunningDaemon) -> None:
             "POST /v1/jobs/{job_id}/cancel",
             "POST /v1/jobs/{job_id}/continue",
             "POST /v1/submit",
+            "GET /v1/queue",
+            "GET /v1/queue/{id}",
+            "POST /v1/queue/{id}/cancel",
         ]
     )
     assert schema.iter_schema_warnings() == []
@@ -167,6 +170,9 @@ def test_schemathesis_finds_no_server_error(daemon: RunningDaemon, tmp_path: Pat
         "POST /v1/jobs/{job_id}/cancel",
         "POST /v1/jobs/{job_id}/continue",
         "POST /v1/submit",
+        "GET /v1/queue",
+        "GET /v1/queue/{id}",
+        "POST /v1/queue/{id}/cancel",
     }, output
     server_errors = {label: codes for label, codes in statuses.items() if any(code >= 500 for code in codes)}
     assert not server_errors, output
