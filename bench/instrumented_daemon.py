@@ -88,11 +88,11 @@ def _count(conn, cursor, statement, parameters, context, executemany):  # type: 
 
 def without_uvloop() -> None:
     """BENCH_NO_UVLOOP=1: the daemon on asyncio's own event loop even though uvloop is
-    installed, to measure what uvloop buys (`supervisor.service.wiring.loop_factory`, which
-    chooses the loop, is replaced from here: the supervisor is not edited)."""
-    from supervisor.service import wiring
+    installed, to measure what uvloop buys (`supervisor.adapters.eventloop.loop_factory`,
+    which chooses the loop, is replaced from here: the supervisor is not edited)."""
+    from supervisor.adapters import eventloop
 
-    wiring.loop_factory = lambda: None
+    eventloop.loop_factory = lambda: None
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def _reported() -> Iterator[None]:
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning known failures into one line and an exit code."""
-    from supervisor.service.wiring import run_loop
+    from supervisor.adapters.eventloop import run_loop
 
     with _reported():
         return run_loop(coro)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -33,23 +33,6 @@ T = TypeVar("T")
 
 class RuntimeFailure(Exception):
     """Something outside the user's input failed (database, API): exit 1."""
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (the `fast` extra), else asyncio's own."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run` on the loop `loop_factory` chooses: uvloop cuts the event loop's own
-    share of the CPU a poll costs (see bench/ and README's Performance section)."""
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(coro)
 
 
 def client_for(config: Config) -> CladoClient:
