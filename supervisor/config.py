@@ -15,7 +15,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -379,6 +379,12 @@ class HttpConfig(_Section):
         return self.enabled and not is_loopback(split_address(self.listen)[0])
 
 
+def labels_match(match: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
+    """The one label rule: a job matches when it carries every `match` label with its value
+    (no `match`: every job). Policies, budgets and label filters all use it."""
+    return all(labels.get(key) == value for key, value in (match or {}).items())
+
+
 def _check_names(kind: str, names: Iterable[str]) -> None:
     """Policy and budget names: they appear in reasons (`budget:<name>`), rules and labels."""
     for name in names:
@@ -453,7 +459,7 @@ class Config(_Section):
         return [
             name
             for name, budget in self.budgets.items()
-            if all(labels.get(key) == value for key, value in (budget.match or {}).items())
+            if labels_match(budget.match, labels)
         ]
 
     def resolve_policy(self, name: str) -> Policy:
@@ -479,11 +485,7 @@ class Config(_Section):
                 raise ConfigError(f"unknown policy {explicit!r} (known: {known})")
             return explicit
         for name, policy in self.policies.items():
-            if (
-                name != "default"
-                and policy.match
-                and all(labels.get(key) == value for key, value in policy.match.items())
-            ):
+            if name != "default" and policy.match and labels_match(policy.match, labels):
                 return name
         return "default"
 

@@ -20,7 +20,7 @@ from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
 from supervisor.app.errors import JobNotTracked, NotFound, Refused
 from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
-from supervisor.config import Config, ConfigError
+from supervisor.config import Config, ConfigError, labels_match
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, period_start, statuses
 from supervisor.core.job import Job
@@ -357,8 +357,7 @@ class Operations:
     async def jobs(self, state: str | None = None, labels: Mapping[str, str] | None = None) -> list[Job]:
         """The jobs in `state` (all if None) that carry every one of `labels`."""
         found = await self.store.list_jobs(inputs.state(state))
-        wanted = (labels or {}).items()
-        return [job for job in found if all(job.labels.get(key) == value for key, value in wanted)]
+        return [job for job in found if labels_match(labels, job.labels)]
 
     async def job(self, job_id: str) -> tuple[Job, list[dict[str, Any]]]:
         """A job and its events; JobNotTracked if unknown."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from supervisor.config import BudgetConfig, Config
+from supervisor.config import BudgetConfig, Config, labels_match
 
 
 def period_start(period: str, timezone: str, now: datetime) -> datetime | None:
@@ -75,7 +75,7 @@ class BudgetStatus:
 
 
 def matches(budget: BudgetConfig, labels: Mapping[str, str]) -> bool:
-    return all(labels.get(key) == value for key, value in (budget.match or {}).items())
+    return labels_match(budget.match, labels)
 
 
 def statuses(
