@@ -179,6 +179,11 @@ def next_check_at(
                 now + timedelta(seconds=(policy.max_credits * f - obs.credits) / obs.credits_per_s - lead * (f == 1.0))
                 for f in fractions[Reason.MAX_CREDITS]
             ]
+            # A rate measured over a few results is rough (one result more or less in a
+            # quarter second is 4/s): the job is looked at again by the time it should have
+            # doubled its count, so the rate is re-measured over ever longer windows before
+            # the limit is predicted from it.
+            candidates.append(now + max(PROBE_CAP, timedelta(seconds=obs.credits / obs.credits_per_s)))
         else:
             # Pending: probed from when it was first seen; running at a rate not known yet:
             # from when it was seen running (its first progress).

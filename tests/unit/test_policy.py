@@ -134,6 +134,9 @@ def test_warnings(observation: Observation, at: float, warn_at: tuple[float, ...
         (Policy(name="p", max_credits=100), obs(status="pending"), 400, 415),
         # no credit limit: nothing to probe for
         (Policy(name="p", max_runtime=s(1800)), obs(status="pending"), 0, 15),
+        # a rate measured over few results is re-measured by the time the count should double
+        (Policy(name="p", max_credits=100), obs(credits=2, rate=4), 1, 2),
+        (Policy(name="p", max_credits=100), obs(credits=20, rate=4), 1, 6),
         # cancel_lead: the limit's check comes the lead earlier
         (Policy(name="p", max_credits=100, cancel_lead=s(0.5)), obs(credits=50, rate=10), 7, 11.5),
         # a deadline already passed (observe mode) does not cause a tight loop
