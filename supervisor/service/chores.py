@@ -11,7 +11,7 @@ sum of its running jobs' rates (core.budgets.predict_crossing). When it falls be
 sweep, those jobs' polls are brought forward to just after it (a lease-less write of
 `next_check_at` only, never later than the job's own), and the sweep looks again right after
 those polls, so the budget is seen crossed a fraction of a second after it is, and the cancels
-are sent at once (`on_decided`: the runtime starts a tick) rather than at the next tick.
+are sent at once (`on_due`: the runtime starts a tick) rather than at the next tick.
 
 Which jobs a crossed budget cancels: every matching job still watching, newest first. Once
 the spend has reached the budget every further result is past it, so none may go on; the
@@ -52,12 +52,17 @@ from supervisor.service.effects import Effects
 
 log = structlog.get_logger("supervisor.enforcement")
 
-# A budget predicted to cross within this long has its running jobs' polls brought forward.
-_LOOKAHEAD = timedelta(seconds=2)
+# A budget predicted to cross within _LOOKAHEAD has its running jobs polled at once if their
+# last poll is older than _STALE (a fresh rate, measured over the seconds since), and within
+# _PULL, polled just after the crossing. The dispatcher claims a tick ahead, so polls brought
+# forward a second or more ahead are made on time.
+_LOOKAHEAD = timedelta(seconds=4)
+_PULL = timedelta(seconds=2)
+_STALE = timedelta(seconds=1)
 # Those polls are made this long after the predicted crossing (so that they see it), and the
 # budget is looked at again this long after them (their answers written).
-_POLL_AFTER = timedelta(milliseconds=50)
-_SETTLE = timedelta(milliseconds=150)
+_POLL_AFTER = timedelta(milliseconds=30)
+_SETTLE = timedelta(milliseconds=100)
 # One sweep looks again for at most this long, well within its one-second interval.
 _SWEEP_SPAN = timedelta(milliseconds=800)
 
@@ -74,8 +79,9 @@ class Enforcer:
         self._periods: dict[tuple[str, str], dict[str, Any]] = {}  # cache of budget_periods rows
         self.account_below_floor = False
         self.account_credits: int | None = None
-        # Told when cancels were decided, so that they are sent now rather than at the next tick.
-        self.on_decided: Callable[[], None] = lambda: None
+        # Told when jobs became due before the next tick (cancels decided, polls brought
+        # forward), so that a tick claims them now rather than up to a tick late.
+        self.on_due: Callable[[], None] = lambda: None
 
     # -- budgets ----------------------------------------------------------------------------
 
@@ -122,21 +128,33 @@ class Enforcer:
         return sorted(jobs, key=lambda job: (job.submitted_at, job.job_id), reverse=True)
 
     async def _poll_before_crossing(self, status: BudgetStatus, running: list[Job], now: datetime) -> datetime | None:
-        """The budget's predicted crossing, if it is near; its spending jobs are then polled
-        just after it (their next_check_at brought forward, never put back)."""
+        """The budget's predicted crossing, if it is near. Its spending jobs are then polled
+        just after it, and first, if their last poll is older than a refresh, at once: a rate
+        measured over the seconds since then is what the crossing is predicted from (their
+        next_check_at is brought forward, never put back)."""
         spenders = [Spender(job.credits_used, job.credits_per_s, job.last_polled_at) for job in running]
         crossing = predict_crossing(status, spenders, now)
         if crossing is None or crossing - now > _LOOKAHEAD:
             return None
-        at = max(crossing, now) + _POLL_AFTER
+        after = max(crossing, now) + _POLL_AFTER
+        refresh = crossing - now > _PULL
+
+        def when(job: Job) -> datetime:
+            if not refresh:
+                return after
+            stale = job.last_polled_at is None or now - job.last_polled_at > _STALE
+            return now if stale else job.next_check_at
+
         writes = [
             # Lease-less, fenced by the job still watching, and the lease of a poll in flight
             # kept: that poll writes its own next check, and the next sweep brings it forward again.
-            JobWrite(Change.of(job).set({"next_check_at": at}), lease_token=None, release=False)
+            JobWrite(Change.of(job).set({"next_check_at": when(job)}), lease_token=None, release=False)
             for job in running
-            if job.credits_per_s and job.next_check_at > at
+            if job.credits_per_s and job.next_check_at > when(job)
         ]
-        await self.store.apply_each(writes)
+        done = await self.store.apply_each(writes)
+        if any(ok and not refresh for ok in done):
+            self.on_due()
         return crossing
 
     async def _budget_events(self, config: Config, status: BudgetStatus, now: datetime) -> None:
@@ -234,7 +252,7 @@ class Enforcer:
         done = await self.store.apply_each(writes)
         self.effects.applied(write.change for write, ok in zip(writes, done, strict=True) if ok)
         if action == "cancel" and any(done):
-            self.on_decided()
+            self.on_due()
 
     @staticmethod
     def _detail(rule: str, job: Job, config: Config, facts: dict[str, Any]) -> dict[str, Any]:

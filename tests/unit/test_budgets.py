@@ -380,12 +380,12 @@ def spender(credits: int, rate: float | None, polled_ago: float | None = 0.0) ->
 @pytest.mark.parametrize(
     ("spent", "spenders", "expected_s"),
     [
-        # 3 jobs at 4/s: 60 of 90 spent, 12/s together -> 2.5 s
-        (60, [spender(20, 4), spender(20, 4), spender(20, 4)], 2.5),
+        # 3 jobs at 4/s: 60 of 90 spent, 12/s together; each half a result on (1.5) -> 2.375 s
+        (60, [spender(20, 4), spender(20, 4), spender(20, 4)], 28.5 / 12),
         # carried on from each job's last poll: one polled 1 s ago has spent ~4 more since
-        (60, [spender(20, 4, 1.0), spender(20, 4), spender(20, 4)], 26 / 12),
+        (60, [spender(20, 4, 1.0), spender(20, 4), spender(20, 4)], 24.5 / 12),
         # jobs with no measured rate (pending, just seen) add nothing
-        (60, [spender(20, 4), spender(0, None), spender(40, 0.0)], 7.5),
+        (60, [spender(20, 4), spender(0, None), spender(40, 0.0)], 29.5 / 4),
         # already reached, by polls or by the carry-on
         (90, [spender(90, 4)], 0.0),
         (88, [spender(88, 4, 1.0)], 0.0),
