@@ -725,7 +725,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         bound = PATH_TARGETS[p][1] - {"budget": BUDGET_CREDITS, "submit": PATH_LIMIT}.get(p, 0)
         ax.hlines(max(bound, 0.1), i - 0.45, i + 0.45, colors="red", linestyles="--", lw=1)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(PATHS)), [f"{p}\n({PATH_TARGETS[p][2]})" for p in PATHS], fontsize=7)
+    ax.set_xticks(range(len(PATHS)), list(PATHS))
     ax.set_ylabel("worst job or team past its limit, credits (log; 0 drawn at 0.1)")
     ax.set_title("The issue's paths (max; red: target)")
     ax.legend(fontsize=7)
