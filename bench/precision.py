@@ -17,6 +17,16 @@ tick and the 15 s cycle at every phase), each handed to its watcher as soon as i
 the daemons through the admin API (POST /v1/jobs), the naive poller, already running,
 through its stdin.
 
+The paths of issue 11, in the same run and beside the naive poller (`PATHS`), each job's
+limit `PATH_LIMIT` = 50 credits (the daemons' policy "fifty"; the naive poller is told 50):
+- pending: tracked while still `pending` (0.5-3 s in the queue), then 5 or 10 results/s;
+- steps: results 5 at a time, 10/s (the simulator's `step` knob);
+- budget: a team budget of 90 credits shared by 3 jobs at 4 results/s (for the naive
+  poller, the same rule: poll the 3 jobs every 15 s, cancel them all once they sum to 90);
+- submit: `submit --limit 500` (the daemons' POST /v1/submit; the naive user initiates
+  with limit 500 itself), 10 results/s;
+- late: 5 results/s, handed over 0.3-1.5 s after the job started.
+
 Figures, from the simulator's own record of each job (GET /_fake/jobs/{id}):
 - credit overshoot = final results - 100 (the job is billed for every result it produced
   before the cancel landed);
@@ -30,13 +40,17 @@ Figures, from the simulator's own record of each job (GET /_fake/jobs/{id}):
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import httpx
 
 from bench import common
 from bench.common import PY, REPO, Daemon, FakeApi
@@ -47,10 +61,26 @@ MAX_CREDITS = 100
 MAX_RUNTIME_S = 20
 RUNTIME_RATE = 0.5
 POLL_INTERVAL_S = 15
-POLICIES = f"""
+PATH_LIMIT = 50
+BUDGET_CREDITS = 90
+BUDGET_JOBS = 3
+PATHS = ("pending", "steps", "budget", "submit", "late")
+
+
+def _policies(groups: int) -> str:
+    """The daemons' limits: the classes' default, the paths' policy "fifty", and one team
+    budget per group of the budget path."""
+    budgets = "".join(
+        f'\n[budgets.team-{g}]\nmatch = {{ team = "g{g}" }}\nperiod = "day"\ncredits = {BUDGET_CREDITS}\n'
+        for g in range(groups)
+    )
+    return f"""
 [policies.default]
 max_credits = {MAX_CREDITS}
-"""
+
+[policies.fifty]
+max_credits = {PATH_LIMIT}
+{budgets}"""
 
 
 # The daemons compared with the naive poller, each on its own database and its own jobs:
@@ -63,6 +93,8 @@ WATCHERS = (*DAEMONS, "naive")
 
 def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
     per_class = 8 if quick else JOBS_PER_CLASS
+    per_path = 6 if quick else 12
+    groups = 2 if quick else 4
     started = time.monotonic()
     info = common.machine_info()
     work = common.workdir("precision")
@@ -79,7 +111,7 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
                     f"sqlite:///{work / f'precision-{index}.db'}",
                     listen=f"127.0.0.1:{port}",
                     supervisor={"poll_interval": f'"{POLL_INTERVAL_S}s"', **extra},
-                    policies=POLICIES,
+                    policies=_policies(groups),
                 )
             )
             common.cli(["migrate"], cwd=work, config=config)
@@ -105,7 +137,9 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         time.sleep(1.0)  # every watcher up (imports done) before the jobs exist
 
         classes = [(f"{rate}/s", {"rate": rate, "limit": 1000}) for rate in RATES]
-        classes.append(("runtime", {"rate": RUNTIME_RATE, "limit": 1000}))
+        # created_at as ISO 8601: bench/naive_poller.py reads no other shape of it (the
+        # simulator's default is the older docs' epoch seconds), and its runtime rule needs it.
+        classes.append(("runtime", {"rate": RUNTIME_RATE, "limit": 1000, "created_at": "iso"}))
         jobs: dict[str, dict[str, list[str]]] = {name: {w: [] for w in WATCHERS} for name, _ in classes}
         if naive.stdin is None:  # for the type checker: stdin=PIPE always gives one
             raise RuntimeError("the naive poller has no stdin")
@@ -130,14 +164,15 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
                     else:
                         daemons[watcher].track([job_id])
                 time.sleep(rng.uniform(0.0, 0.08))
+        paths, groups_of, naive_budget = _hand_over_paths(fake, daemons, naive.stdin, per_path, groups, rng)
         naive.stdin.write(json.dumps({"end": True}) + "\n")
         naive.stdin.flush()
         log(
-            f"  {len(classes)} classes x {per_class} jobs x {len(WATCHERS)} watchers made and handed over, "
-            "one at a time; waiting for every job to be cancelled"
+            f"  {len(classes)} classes x {per_class} jobs and {len(PATHS)} paths x {per_path} jobs "
+            f"x {len(WATCHERS)} watchers made and handed over; waiting for every job to stop"
         )
 
-        all_ids = [j for sides in jobs.values() for side in sides.values() for j in side]
+        all_ids = [j for sides in (*jobs.values(), *paths.values()) for side in sides.values() for j in side]
         # Status calls a job had had when its first cancel call was seen (sampled every
         # second; a daemon's confirmation poll comes confirm_interval = 2 s after it).
         calls_at_cancel: dict[str, int] = {}
@@ -145,7 +180,11 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
         deadline = time.monotonic() + 200  # 1 result/s reaches 100 at 100 s; naive cancels by 115 s
         while open_ids:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(open_ids)} job(s) never cancelled")
+                where = sorted(
+                    {f"{name}/{w}" for sides in (jobs, paths) for name, ws in sides.items() for w, ids in ws.items()
+                     if open_ids & set(ids)}
+                )  # fmt: skip
+                raise RuntimeError(f"{len(open_ids)} job(s) never stopped: {', '.join(where)}")
             time.sleep(1.0)
             for job_id in list(open_ids):
                 job = fake.job(job_id)
@@ -163,6 +202,7 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
             )
 
         common.wait_until(confirmed, timeout=30, what="the daemons to confirm every cancel", interval=1.0)
+        naive_budget.join(timeout=60)
         naive_out, _ = naive.communicate(timeout=260)
         naive_result = json.loads(naive_out)
         info_by_id = {j: fake.job(j) for j in all_ids}
@@ -223,6 +263,8 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
                 sup["status_calls_before_cancel"]["mean"] / nai["status_calls_before_cancel"]["mean"]
             )
 
+    path_results = _path_results(paths, groups_of, info_by_id)
+
     def total(watcher: str, key: str) -> float:
         return sum(results[n][watcher][key]["mean"] for n in results)
 
@@ -240,8 +282,12 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
             "database": "sqlite",
             "warn_at": [0.8],
             "daemons": DAEMONS,
+            "path_limit": PATH_LIMIT,
+            "jobs_per_path": per_path,
+            "budget": {"credits": BUDGET_CREDITS, "jobs": BUDGET_JOBS, "rate": 4, "groups": groups},
         },
         "classes": results,
+        "paths": path_results,
         "status_calls_ratio_overall": {w: total(w, "status_calls") / total("naive", "status_calls") for w in DAEMONS},
         "status_calls_before_cancel_ratio_overall": {
             w: total(w, "status_calls_before_cancel") / total("naive", "status_calls_before_cancel") for w in DAEMONS
@@ -257,6 +303,116 @@ def run(quick: bool = False, log: Any = print) -> dict[str, Any]:
     plot(result, common.RESULTS / f"{name}.png")
     log(render(result))
     return result
+
+
+def _hand_over_paths(
+    fake: FakeApi, daemons: dict[str, Daemon], naive: IO[str], per_path: int, groups: int, rng: random.Random
+) -> tuple[dict[str, dict[str, list[str]]], dict[str, list[list[str]]], threading.Thread]:
+    """Make the jobs of every path for every watcher and hand them over; return their ids
+    (path -> watcher -> ids), the budget path's groups per watcher, and the naive budget
+    watcher's thread."""
+    paths: dict[str, dict[str, list[str]]] = {name: {w: [] for w in WATCHERS} for name in PATHS}
+
+    def hand(watcher: str, path: str, job_id: str, **fields: Any) -> None:
+        paths[path][watcher].append(job_id)
+        if watcher == "naive":
+            naive.write(json.dumps({"job_id": job_id, "max_credits": PATH_LIMIT, "max_runtime": None}) + "\n")
+            naive.flush()
+        else:
+            daemons[watcher].track([job_id], policy="fifty", **fields)
+
+    for i in range(per_path):
+        rate, queued = (5, 10)[i % 2], rng.uniform(0.5, 3.0)
+        for watcher in rng.sample(WATCHERS, len(WATCHERS)):
+            hand(watcher, "pending", fake.bulk(1, rate=rate, queue_for=queued, limit=1000)[0])
+            hand(watcher, "steps", fake.bulk(1, rate=10, step=5, limit=1000)[0])
+            if watcher == "naive":
+                # The naive user asks the API for what they typed.
+                hand(watcher, "submit", fake.bulk(1, rate=10, limit=500)[0])
+            else:
+                answer = common.http_json(
+                    f"{daemons[watcher].admin_url}/v1/submit",
+                    {"query": "bench submit fake:rate=10", "limit": 500, "policy": "fifty"},
+                    token=common.ADMIN_TOKEN,
+                )
+                paths["submit"][watcher].append(answer["job_id"])
+    # late: every job made at once, each handed over at its own moment 0.3-1.5 s later
+    made = time.monotonic()
+    late = sorted(
+        (rng.uniform(0.3, 1.5), watcher, job_id)
+        for watcher in WATCHERS
+        for job_id in fake.bulk(per_path, rate=5, limit=1000)
+    )
+    for delay, watcher, job_id in late:
+        time.sleep(max(0.0, made + delay - time.monotonic()))
+        hand(watcher, "late", job_id)
+    # budget: groups of 3 jobs at 4/s, each group under its own team budget of 90
+    groups_of: dict[str, list[list[str]]] = {}
+    for watcher in WATCHERS:
+        groups_of[watcher] = [fake.bulk(BUDGET_JOBS, rate=4, limit=1000) for _ in range(groups)]
+        for g, ids in enumerate(groups_of[watcher]):
+            paths["budget"][watcher] += ids
+            if watcher != "naive":
+                daemons[watcher].track(ids, labels={"team": f"g{g}"})
+    naive_budget = threading.Thread(
+        target=_naive_budget, args=(fake.base_url, groups_of["naive"]), name="naive-budget", daemon=True
+    )
+    naive_budget.start()
+    return paths, groups_of, naive_budget
+
+
+def _naive_budget(base_url: str, groups: list[list[str]]) -> None:
+    """The naive rule for a team budget: poll the team's jobs every 15 s (one page of one
+    result, as the naive poller does) and cancel them all once their results sum to the budget."""
+    key = os.environ.get("CLADO_API_KEY") or common.API_KEY
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as client:
+        open_groups = list(groups)
+        start = time.monotonic()
+        k = 0
+        while open_groups and time.monotonic() - start < 240:
+            for ids in list(open_groups):
+                bodies = [
+                    client.get(f"/api/search/deep_research/{j}", params={"page": 1, "page_size": 1}).json() for j in ids
+                ]
+                spent = sum(int(body.get("total_results") or 0) for body in bodies)
+                if spent >= BUDGET_CREDITS or all(
+                    body.get("status") in ("completed", "error", "cancelled") for body in bodies
+                ):
+                    for j in ids:
+                        client.post(f"/api/search/deep_research/{j}/cancel")
+                    open_groups.remove(ids)
+            k += 1
+            time.sleep(max(0.0, start + k * POLL_INTERVAL_S - time.monotonic()))
+
+
+def _path_results(
+    paths: dict[str, dict[str, list[str]]], groups_of: dict[str, list[list[str]]], infos: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Per path and watcher: the figure the issue's table names (overshoot past 50, or a
+    budget group's total spend, or what a submission asked the API for), and status calls
+    per job with their ratio to the naive poller's."""
+    out: dict[str, Any] = {}
+    for path, sides in paths.items():
+        out[path] = {}
+        for watcher, ids in sides.items():
+            rows = [infos[j] for j in ids]
+            entry: dict[str, Any] = {
+                "jobs": len(ids),
+                "status_calls": common.summary([float(r["status_calls"]) for r in rows]),
+            }
+            if path == "budget":
+                spent = [float(sum(infos[j]["results"] for j in group)) for group in groups_of[watcher]]
+                entry["spent"] = common.summary(spent)
+            else:
+                entry["overshoot_credits"] = common.summary([float(r["results"] - PATH_LIMIT) for r in rows])
+            if path == "submit":
+                entry["asked_for"] = common.summary([float(r["limit"]) for r in rows])
+                entry["spent"] = common.summary([float(r["results"]) for r in rows])
+            out[path][watcher] = entry
+        naive_calls = out[path]["naive"]["status_calls"]["mean"]
+        for watcher in DAEMONS:
+            out[path][watcher]["status_calls_ratio"] = out[path][watcher]["status_calls"]["mean"] / naive_calls
+    return out
 
 
 def _ts(value: str | None) -> float | None:
@@ -296,7 +452,7 @@ def _breakdown(
 
 
 def _daemon_jobs(daemon: Daemon) -> list[dict[str, Any]]:
-    listed = common.http_json(f"{daemon.admin_url}/v1/jobs", token=common.ADMIN_TOKEN)
+    listed = common.http_json(f"{daemon.admin_url}/v1/jobs?limit=1000", token=common.ADMIN_TOKEN)
     return listed if isinstance(listed, list) else list(listed.get("jobs", []))
 
 
@@ -321,7 +477,33 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": f"status calls <= 1.5x naive ({name})", "value": ratio, "met": ratio <= 1.5})
     ratio = result["status_calls_ratio_overall"]["supervisor"]
     out.append({"target": "status calls <= 1.5x naive (all jobs)", "value": ratio, "met": ratio <= 1.5})
+    paths = result["paths"]
+    for path, (figure, bound, what) in PATH_TARGETS.items():
+        value = paths[path]["supervisor"][figure]["max"]
+        out.append({"target": f"{path}: {what}", "value": value, "met": value <= bound})
+    value = paths["submit"]["supervisor"]["spent"]["max"]
+    out.append({"target": "submit: spent <= 50", "value": value, "met": value <= PATH_LIMIT})
+    for path in PATHS:
+        ratio = paths[path]["supervisor"]["status_calls_ratio"]
+        out.append({"target": f"status calls <= 1.5x naive ({path})", "value": ratio, "met": ratio <= 1.5})
     return out
+
+
+# The issue's table: path -> (figure, its bound for every job or group, what it says).
+PATH_TARGETS = {
+    "pending": ("overshoot_credits", 3, "each overshoot <= 3"),
+    "steps": ("overshoot_credits", 8, "each overshoot <= 8"),
+    "budget": ("spent", 95, "each team spends <= 95 of 90"),
+    "submit": ("asked_for", PATH_LIMIT, "the API asked for <= 50"),
+    "late": ("overshoot_credits", 3, "each overshoot <= 3"),
+}
+PATH_FIGURE = {
+    "pending": "overshoot",
+    "steps": "overshoot",
+    "budget": "team spend",
+    "submit": "asked for",
+    "late": "overshoot",
+}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -402,6 +584,29 @@ def render(result: dict[str, Any]) -> str:
             ],
         ),
         "",
+        (
+            f"The issue's paths (limit {PATH_LIMIT} credits a job; budget {BUDGET_CREDITS} over "
+            f"{BUDGET_JOBS} jobs at 4/s; {result['setup']['jobs_per_path']} jobs a path and watcher)"
+        ),
+        common.table(
+            ["path", "watcher", "figure", "p50", "p95", "max", "status calls/job", "calls vs naive"],
+            [
+                [
+                    path,
+                    w,
+                    PATH_FIGURE[path],
+                    entry["p50"],
+                    entry["p95"],
+                    entry["max"],
+                    result["paths"][path][w]["status_calls"]["mean"],
+                    result["paths"][path][w].get("status_calls_ratio"),
+                ]
+                for path in PATHS
+                for w in WATCHERS
+                for entry in [result["paths"][path][w][PATH_TARGETS[path][0]]]
+            ],
+        ),
+        "",
         "Targets (supervisor with the shipped defaults)",
         common.table(
             ["target", "value", "met"],
@@ -420,7 +625,7 @@ def _pp(summary: dict[str, float] | None) -> str | None:
 def plot(result: dict[str, Any], path: Path) -> None:
     plt = common.plt()
     classes = result["classes"]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    fig, axes = plt.subplots(1, 4, figsize=(24, 5.5))
     names = [f"{r}/s" for r in RATES]
     x = list(range(len(names)))
     colors = {"supervisor": "#1f77b4", "supervisor tick 250ms": "#2ca02c", "naive": "#ff7f0e"}
@@ -504,6 +709,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(all_names)), all_names)
     ax.set_ylabel("status calls per job (mean)")
     ax.set_title("Cost: status calls per job (label: supervisor / naive)")
+    ax.legend(fontsize=7)
+
+    ax = axes[3]
+    paths = result["paths"]
+    for side in WATCHERS:
+        xs = [i + offsets[side] for i in range(len(PATHS))]
+        # Past each path's own bar: overshoot past 50, a team's spend past 90, asked past 50.
+        base = {"budget": BUDGET_CREDITS, "submit": PATH_LIMIT}
+        values = [max(paths[p][side][PATH_TARGETS[p][0]]["max"] - base.get(p, 0), 0.1) for p in PATHS]
+        ax.bar(xs, values, width, color=colors[side], label=side)
+        for xi, v in zip(xs, values, strict=True):
+            ax.annotate(f"{v:g}", (xi, v), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+    for i, p in enumerate(PATHS):
+        bound = PATH_TARGETS[p][1] - {"budget": BUDGET_CREDITS, "submit": PATH_LIMIT}.get(p, 0)
+        ax.hlines(max(bound, 0.1), i - 0.45, i + 0.45, colors="red", linestyles="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(PATHS)), list(PATHS))
+    ax.set_ylabel("worst job or team past its limit, credits (log; 0 drawn at 0.1)")
+    ax.set_title("The issue's paths (max; red: target)")
     ax.legend(fontsize=7)
 
     m = result["machine"]

@@ -255,6 +255,12 @@ class PolicyConfig(_Section):
     max_credits: Annotated[int, Field(gt=0, le=1_000_000_000)] | None = None
     warn_at: list[float] | None = None
     action: Action | None = None
+    # Off by default. When set, a credit limit's cancel is sent this long before the limit is
+    # predicted to be reached (set it to the cancel latency the bench or the decision logs
+    # show), so the billed total lands at the limit rather than just past it; the price is
+    # that a job whose rate drops, or that was about to complete, may be cancelled a few
+    # credits short of the limit.
+    cancel_lead: Duration | None = None
 
     @field_validator("match")
     @classmethod
@@ -456,11 +462,7 @@ class Config(_Section):
 
     def budgets_for(self, labels: dict[str, str]) -> list[str]:
         """Every budget whose match the labels satisfy (a budget without match: all jobs)."""
-        return [
-            name
-            for name, budget in self.budgets.items()
-            if labels_match(budget.match, labels)
-        ]
+        return [name for name, budget in self.budgets.items() if labels_match(budget.match, labels)]
 
     def resolve_policy(self, name: str) -> Policy:
         """The effective limits of a policy: its own keys over those of `default`."""
@@ -468,7 +470,7 @@ class Config(_Section):
         own = self.policies.get(name, base)
         merged = {
             key: getattr(own, key) if getattr(own, key) is not None else getattr(base, key)
-            for key in ("max_runtime", "max_queued", "stall_timeout", "max_credits")
+            for key in ("max_runtime", "max_queued", "stall_timeout", "max_credits", "cancel_lead")
         }
         return Policy(
             name=name if name in self.policies else "default",
@@ -502,6 +504,7 @@ class Policy(BaseModel):
     max_credits: int | None = None
     warn_at: tuple[float, ...] = ()
     action: Action = "cancel"
+    cancel_lead: timedelta | None = None  # see PolicyConfig.cancel_lead
 
 
 # Annotated: Config.policies refers to it (lazily) before this line, and mypy needs the type there.

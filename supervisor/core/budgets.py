@@ -172,3 +172,31 @@ def grant(
     if results < 1:
         raise AdmissionRefused(f"the job's max_credits ({max_credits}) allows no result at {per_result} credits each")
     return Grant(requested, results, results * per_result, tuple(clamped_by), tuple(reserving))
+
+
+@dataclass(frozen=True)
+class Spender:
+    """A running job a budget matches, as its last poll saw it."""
+
+    credits: int
+    credits_per_s: float | None
+    polled_at: datetime | None
+
+
+def predict_crossing(status: BudgetStatus, spenders: Iterable[Spender], now: datetime) -> datetime | None:
+    """When the budget's spend is predicted to reach its credits, taken as a whole: its spend
+    (as of each job's last poll) carried on to `now` at each running job's rate, then the sum
+    of their rates. A count is whole results: at a poll a job is on average half a result
+    further on than it showed, which is counted too (so the crossing is not predicted late).
+    `now` if that already reaches it; None if no job is measured spending."""
+    spenders = [s for s in spenders if s.credits_per_s and s.credits_per_s > 0]
+    if not spenders:
+        return now if status.exhausted else None
+    rate = sum(s.credits_per_s or 0.0 for s in spenders)
+    since_polls = sum(
+        (s.credits_per_s or 0.0) * max(0.0, (now - s.polled_at).total_seconds()) + 0.5 for s in spenders if s.polled_at
+    )
+    left = status.credits - status.usage.spent - since_polls
+    if left <= 0:
+        return now
+    return now + timedelta(seconds=left / rate)

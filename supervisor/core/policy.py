@@ -15,7 +15,16 @@ from supervisor.core.states import Reason
 
 # Never poll one job more often than this, however close it is to its credit limit.
 MIN_POLL_GAP = timedelta(milliseconds=50)
-PROBE_GAP = timedelta(seconds=1)
+# While a job is pending or its rate is unknown it is probed at gaps that double from when it
+# was first seen (pending) or first seen running: 0.25 s, 0.5 s, 1 s, then every second, so a
+# job that starts between two polls has its rate measured within a second or two of its first
+# results. A job pending for long is looked at less often (a tenth of its age, up to the poll
+# interval): its first results are then seen at most that late.
+PROBE_FIRST = timedelta(milliseconds=250)
+PROBE_CAP = timedelta(seconds=1)
+# Results may come in steps (5 at once, every half second): a poll that sees no growth only
+# lowers the rate once the pause is longer than a step this big would explain.
+STEP_CREDITS = 10
 
 
 def job_policy(config: Config, job: Job) -> Policy:
@@ -39,8 +48,9 @@ class Observation:
     credits: int
     started_at: datetime  # the API's created_at, else when the supervisor learned of the job
     last_progress_at: datetime  # last time the highest count seen grew (or the job started running)
-    credits_per_s: float | None  # observed rate; None until two polls saw it
+    credits_per_s: float | None  # observed rate; None until two polls of it running saw it grow
     warned: frozenset[str] = frozenset()
+    first_seen_at: datetime | None = None  # when the supervisor learned of it (else started_at)
 
 
 @dataclass(frozen=True)
@@ -49,9 +59,17 @@ class Breach:
     limit: str
     value: float  # seconds or credits
     threshold: float
+    predicted: float | None = None  # credits predicted within the cancel lead (cancel_lead only)
 
     def detail(self) -> dict[str, float | str]:
-        return {"limit": self.limit, "value": round(self.value, 3), "threshold": self.threshold}
+        detail: dict[str, float | str] = {
+            "limit": self.limit,
+            "value": round(self.value, 3),
+            "threshold": self.threshold,
+        }
+        if self.predicted is not None:
+            detail["predicted"] = round(self.predicted, 3)
+        return detail
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,8 @@ def evaluate(
         (Breach(name, name, value, limit) for name, value, limit in measures if value >= limit),
         None,
     )
+    if breach is None:
+        breach = _led_breach(obs, policy)
     warnings = tuple(
         Warning(f"{name}@{fraction:g}", name, fraction, value, limit)
         for name, value, limit in measures
@@ -107,6 +127,24 @@ def evaluate(
         if value >= fraction * limit and f"{name}@{fraction:g}" not in obs.warned
     )
     return Evaluation(breach, warnings, next_check_at(obs, policy, now, poll_interval, min_gap))
+
+
+def _led_breach(obs: Observation, policy: Policy) -> Breach | None:
+    """cancel_lead: the credit limit counts as reached once the observed rate says it will
+    be within the lead, so that the cancel lands when the limit does."""
+    lead, limit, rate = policy.cancel_lead, policy.max_credits, obs.credits_per_s
+    if not lead or limit is None or not rate or obs.remote_status == "pending":
+        return None
+    predicted = obs.credits + rate * lead.total_seconds()
+    if predicted < limit:
+        return None
+    return Breach(Reason.MAX_CREDITS, Reason.MAX_CREDITS, obs.credits, limit, predicted=predicted)
+
+
+def probe_gap(age: timedelta, poll_interval: timedelta) -> timedelta:
+    """The next gap of a job probed for its rate, `age` after the probing began (PROBE_FIRST)."""
+    cap = max(PROBE_CAP, age / 10)
+    return min(poll_interval, max(PROBE_FIRST, min(age, cap)))
 
 
 def next_check_at(
@@ -119,29 +157,38 @@ def next_check_at(
     """The regular poll, pulled earlier to the next deadline so limits do not wait for it.
 
     Time limits are exact deadlines. The credit limit is predicted from the observed rate:
-    the job is polled when it should reach the limit, so the overshoot is about one
-    result's worth of time rather than a whole poll interval's.
+    the job is polled when it should reach the limit (earlier by `cancel_lead`, if set), so
+    the overshoot is about one result's worth of time rather than a whole poll interval's.
+    Until the rate is known (a pending job, one just seen running) the job is probed.
     """
     candidates = [now + poll_interval]
     # Each limit is looked at when it is reached, and when each warning still to fire is.
     limits = (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS)
     fractions = {name: [1.0, *(f for f in policy.warn_at if f"{name}@{f:g}" not in obs.warned)] for name in limits}
+    pending = obs.remote_status == "pending"
     if policy.max_runtime is not None:
         candidates += [obs.started_at + policy.max_runtime * f for f in fractions[Reason.MAX_RUNTIME]]
-    if policy.max_queued is not None and obs.remote_status == "pending":
+    if policy.max_queued is not None and pending:
         candidates += [obs.started_at + policy.max_queued * f for f in fractions[Reason.MAX_QUEUED]]
-    if policy.stall_timeout is not None and obs.remote_status != "pending":
+    if policy.stall_timeout is not None and not pending:
         candidates += [obs.last_progress_at + policy.stall_timeout * f for f in fractions[Reason.STALL_TIMEOUT]]
-    if policy.max_credits is not None and obs.remote_status != "pending":
-        if obs.credits_per_s:
+    if policy.max_credits is not None:
+        if obs.credits_per_s and not pending:
+            lead = policy.cancel_lead.total_seconds() if policy.cancel_lead else 0.0
             candidates += [
-                now + timedelta(seconds=(policy.max_credits * f - obs.credits) / obs.credits_per_s)
+                now + timedelta(seconds=(policy.max_credits * f - obs.credits) / obs.credits_per_s - lead * (f == 1.0))
                 for f in fractions[Reason.MAX_CREDITS]
             ]
+            # A rate measured over a few results is rough (one result more or less in a
+            # quarter second is 4/s): the job is looked at again by the time it should have
+            # doubled its count, so the rate is re-measured over ever longer windows before
+            # the limit is predicted from it.
+            candidates.append(now + max(PROBE_CAP, timedelta(seconds=obs.credits / obs.credits_per_s)))
         else:
-            # Rate not known yet: probe at doubling gaps (1 s, 2 s, 4 s … since the start)
-            # so a fast job is measured before it can run far past its limit.
-            candidates.append(now + max(PROBE_GAP, now - obs.started_at))
+            # Pending: probed from when it was first seen; running at a rate not known yet:
+            # from when it was seen running (its first progress).
+            since = (obs.first_seen_at or obs.started_at) if pending else obs.last_progress_at
+            candidates.append(now + probe_gap(max(now - since, timedelta(0)), poll_interval))
     # A deadline already behind us (a breach being observed, not acted on) must not
     # make the job be polled in a tight loop.
     upcoming = [at for at in candidates if at > now]
@@ -150,18 +197,28 @@ def next_check_at(
 
 def observed_rate(
     previous_credits: int,
-    previous_at: datetime | None,
+    previous_progress_at: datetime | None,
     credits: int,
     now: datetime,
     previous_rate: float | None,
+    *,
+    running: bool,
 ) -> float | None:
-    """Credits per second between two polls, smoothed so one burst does not dominate."""
-    if previous_at is None:
+    """Credits per second of a running job, measured between the polls that saw its count
+    grow (not between two polls of one step of results), from the second look at it running
+    (`running`: the previous look saw it running too; a window that began while it was
+    pending would understate it). Quick to go up, half-way down, so a burst is polled for
+    early rather than missed; a long pause lowers it (see STEP_CREDITS)."""
+    if not running:
+        return None
+    if previous_progress_at is None:
         return previous_rate
-    seconds = (now - previous_at).total_seconds()
-    if seconds <= 0 or credits < previous_credits:
+    seconds = (now - previous_progress_at).total_seconds()
+    if seconds <= 0:
         return previous_rate
+    if credits <= previous_credits:
+        return None if previous_rate is None else min(previous_rate, STEP_CREDITS / seconds)
     rate = (credits - previous_credits) / seconds
-    if previous_rate is None:
+    if previous_rate is None or rate >= previous_rate:
         return rate
     return 0.5 * rate + 0.5 * previous_rate

@@ -5,12 +5,27 @@ A cancel they decide is a Change like any other (core.transitions.decide_cancel,
 `budget:<name>` or `account_floor`), committed here without a lease — fenced by the job
 still watching — and sent by the regular tick, through the same state machine; its
 effects (metrics, webhook, log line) are the ones a policy cancel has.
+
+A budget is also predicted as a whole: its crossing time from its spend carried on at the
+sum of its running jobs' rates (core.budgets.predict_crossing). When it falls before the next
+sweep, those jobs' polls are brought forward to just after it (a lease-less write of
+`next_check_at` only, never later than the job's own), and the sweep looks again right after
+those polls, so the budget is seen crossed a fraction of a second after it is, and the cancels
+are sent at once (`on_due`: the runtime starts a tick) rather than at the next tick.
+
+Which jobs a crossed budget cancels: every matching job still watching, newest first. Once
+the spend has reached the budget every further result is past it, so none may go on; the
+cancels are decided on the spend polls saw, never on the prediction, so a budget that was not
+reached cancels nothing (the prediction only moves polls); the order makes the decision rows,
+logs and webhooks the same on every run, and a job already being cancelled or finished is not
+decided again (each decision is fenced by the job still watching).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -21,13 +36,35 @@ from supervisor.adapters.store import JobWrite, Store
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
 from supervisor.core import transitions
-from supervisor.core.budgets import BudgetStatus, matches, period_start, statuses, thresholds_crossed
+from supervisor.core.budgets import (
+    BudgetStatus,
+    Spender,
+    matches,
+    period_start,
+    predict_crossing,
+    statuses,
+    thresholds_crossed,
+)
 from supervisor.core.job import Job
 from supervisor.core.states import Reason
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
 
 log = structlog.get_logger("supervisor.enforcement")
+
+# A budget predicted to cross within _LOOKAHEAD has its running jobs polled at once if their
+# last poll is older than _STALE (a fresh rate, measured over the seconds since), and within
+# _PULL, polled just after the crossing. The dispatcher claims a tick ahead, so polls brought
+# forward a second or more ahead are made on time.
+_LOOKAHEAD = timedelta(seconds=4)
+_PULL = timedelta(seconds=2)
+_STALE = timedelta(seconds=1)
+# Those polls are made this long after the predicted crossing (so that they see it), and the
+# budget is looked at again this long after them (their answers written).
+_POLL_AFTER = timedelta(milliseconds=30)
+_SETTLE = timedelta(milliseconds=100)
+# One sweep looks again for at most this long, well within its one-second interval.
+_SWEEP_SPAN = timedelta(milliseconds=800)
 
 
 class Enforcer:
@@ -42,6 +79,9 @@ class Enforcer:
         self._periods: dict[tuple[str, str], dict[str, Any]] = {}  # cache of budget_periods rows
         self.account_below_floor = False
         self.account_credits: int | None = None
+        # Told when jobs became due before the next tick (cancels decided, polls brought
+        # forward), so that a tick claims them now rather than up to a tick late.
+        self.on_due: Callable[[], None] = lambda: None
 
     # -- budgets ----------------------------------------------------------------------------
 
@@ -51,15 +91,72 @@ class Enforcer:
         metrics.budget_reasons(set(config.budgets))
         if not config.budgets:
             return []
+        started = self.clock()
+        result, again = await self._sweep(config)
+        # A budget due to cross before the next sweep: looked at again right after the polls
+        # brought forward to its crossing.
+        while again is not None and again <= started + _SWEEP_SPAN:
+            await asyncio.sleep(max(0.0, (again - self.clock()).total_seconds()))
+            result, again = await self._sweep(config)
+        return result
+
+    async def _sweep(self, config: Config) -> tuple[list[BudgetStatus], datetime | None]:
+        """Every budget's status, its events and cancels; and when to look again, if one is
+        predicted to cross before the next sweep."""
         now = self.clock()
         starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
         result = statuses(config, now, await self.store.usage(starts, now))
+        again: list[datetime] = []
         for status in result:
             metrics.budget_figures(status.name, status.usage.spent, status.usage.reserved, status.credits)
             await self._budget_events(config, status, now)
-            if status.exhausted and config.budgets[status.name].action in ("cancel", "observe"):
-                await self._stop_matching(config, status, now)
-        return result
+            if config.budgets[status.name].action not in ("cancel", "observe"):
+                continue
+            running = self._matching(config, status, await self.store.watching_since(status.period_start))
+            if status.exhausted:
+                await self._stop_matching(config, status, running, now)
+            else:
+                crossing = await self._poll_before_crossing(status, running, now)
+                if crossing is not None:
+                    again.append(crossing + _POLL_AFTER + _SETTLE)
+        return result, min(again, default=None)
+
+    @staticmethod
+    def _matching(config: Config, status: BudgetStatus, watching: list[Job]) -> list[Job]:
+        """The budget's running jobs, newest first (the order its cancels are decided in)."""
+        budget = config.budgets[status.name]
+        jobs = [job for job in watching if matches(budget, job.labels or {})]
+        return sorted(jobs, key=lambda job: (job.submitted_at, job.job_id), reverse=True)
+
+    async def _poll_before_crossing(self, status: BudgetStatus, running: list[Job], now: datetime) -> datetime | None:
+        """The budget's predicted crossing, if it is near. Its spending jobs are then polled
+        just after it, and first, if their last poll is older than a refresh, at once: a rate
+        measured over the seconds since then is what the crossing is predicted from (their
+        next_check_at is brought forward, never put back)."""
+        spenders = [Spender(job.credits_used, job.credits_per_s, job.last_polled_at) for job in running]
+        crossing = predict_crossing(status, spenders, now)
+        if crossing is None or crossing - now > _LOOKAHEAD:
+            return None
+        after = max(crossing, now) + _POLL_AFTER
+        refresh = crossing - now > _PULL
+
+        def when(job: Job) -> datetime:
+            if not refresh:
+                return after
+            stale = job.last_polled_at is None or now - job.last_polled_at > _STALE
+            return now if stale else job.next_check_at
+
+        writes = [
+            # Lease-less, fenced by the job still watching, and the lease of a poll in flight
+            # kept: that poll writes its own next check, and the next sweep brings it forward again.
+            JobWrite(Change.of(job).set({"next_check_at": when(job)}), lease_token=None, release=False)
+            for job in running
+            if job.credits_per_s and job.next_check_at > when(job)
+        ]
+        done = await self.store.apply_each(writes)
+        if any(ok and not refresh for ok in done):
+            self.on_due()
+        return crossing
 
     async def _budget_events(self, config: Config, status: BudgetStatus, now: datetime) -> None:
         budget = config.budgets[status.name]
@@ -85,18 +182,17 @@ class Enforcer:
             log.error("budget exhausted", budget=status.name, action=budget.action, **figures)
             self.webhooks.emit("budget_exhausted", budget=status.name, action=budget.action, **figures)
 
-    async def _stop_matching(self, config: Config, status: BudgetStatus, now: datetime) -> None:
+    async def _stop_matching(self, config: Config, status: BudgetStatus, candidates: list[Job], now: datetime) -> None:
         budget = config.budgets[status.name]
-        candidates = [
-            job for job in await self.store.watching_since(status.period_start) if matches(budget, job.labels or {})
-        ]
         if not candidates:
             return
         facts = {
             "spent": status.usage.spent, "budget_credits": status.credits,
             "period_start": status.period_start.isoformat() if status.period_start else None,
         }  # fmt: skip
-        await self._act(config, budget.action, candidates, f"budget:{status.name}", f"budgets.{status.name}", facts, now)
+        await self._act(
+            config, budget.action, candidates, f"budget:{status.name}", f"budgets.{status.name}", facts, now
+        )
 
     # -- the account floor --------------------------------------------------------------------
 
@@ -114,7 +210,12 @@ class Enforcer:
         metrics.ACCOUNT_CREDITS.set(credits)
         below = credits < account.min_credits
         if below and not self.account_below_floor:
-            log.error("account below its credit floor", credits=credits, min_credits=account.min_credits, action=account.action)
+            log.error(
+                "account below its credit floor",
+                credits=credits,
+                min_credits=account.min_credits,
+                action=account.action,
+            )
             self.webhooks.emit("account_floor", credits=credits, min_credits=account.min_credits, action=account.action)
         elif not below and self.account_below_floor:
             log.info("account back above its credit floor", credits=credits, min_credits=account.min_credits)
@@ -152,6 +253,8 @@ class Enforcer:
         writes = [write for write in writes if write.change.events]
         done = await self.store.apply_each(writes)
         self.effects.applied(write.change for write, ok in zip(writes, done, strict=True) if ok)
+        if action == "cancel" and any(done):
+            self.on_due()
 
     @staticmethod
     def _detail(rule: str, job: Job, config: Config, facts: dict[str, Any]) -> dict[str, Any]:

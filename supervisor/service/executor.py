@@ -13,6 +13,7 @@ unconfirmed one that may still spend. A look that finds one running again reopen
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -130,6 +131,7 @@ class JobHandler:
             last_progress_at=seen.last_progress_at or now,
             credits_per_s=seen.credits_per_s,
             warned=frozenset(seen.warned),
+            first_seen_at=seen.submitted_at,
         )
         verdict = evaluate(observation, policy, now, poll_interval=config.supervisor.poll_interval)
         change = self._warnings(change, verdict, config, now)
@@ -147,7 +149,14 @@ class JobHandler:
                     await self._send_cancel(decided.after)
                 return
             change = transitions.would_cancel(change, verdict.breach.reason, detail, now)
-        await self._write(change.set({"next_check_at": verdict.next_check_at}))
+        change = change.set({"next_check_at": verdict.next_check_at})
+        # The dispatcher claims at its ticks: a check due before the next one would wait for
+        # it (up to a tick: 10 credits at 10 results/s), so this handler keeps the lease and
+        # makes that check itself, on time.
+        soon = verdict.next_check_at - now < config.supervisor.tick_interval
+        if await self._write(change, release=not soon) and soon:
+            await asyncio.sleep(max(0.0, (verdict.next_check_at - self._clock()).total_seconds()))
+            await self._watch(change.after)
 
     def _observed(self, change: Change, status: JobStatus, now: datetime) -> Change:
         """What a status answer tells of the job: its progress, and an alert the first time
@@ -163,12 +172,16 @@ class JobHandler:
         credits = max(job.credits_used, status.result_count * self.config.api.credits_per_result)
         started_running = job.remote_status in (None, "pending") and status.status != "pending"
         progressed = credits > job.credits_used or started_running
+        # A rate is measured between two looks at the job running (see observed_rate).
+        running = not started_running and status.status != "pending"
         return {
             "remote_status": status.status,
             "credits_used": credits,
             "remote_created_at": status.created_at or job.remote_created_at,
             "last_progress_at": now if progressed or job.last_progress_at is None else job.last_progress_at,
-            "credits_per_s": observed_rate(job.credits_used, job.last_polled_at, credits, now, job.credits_per_s),
+            "credits_per_s": observed_rate(
+                job.credits_used, job.last_progress_at, credits, now, job.credits_per_s, running=running
+            ),
             "last_polled_at": now,
             "poll_errors": 0,
             "last_error": None,

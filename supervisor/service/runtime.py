@@ -138,6 +138,9 @@ class Daemon:
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
+        # A budget's cancels, and the polls brought forward to its crossing, are claimed at
+        # once, not at the next tick.
+        self.enforcer.on_due = lambda: self._spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
         self.elector.on_change(self.housekeeping.leadership_changed)
         self._reload_lock = asyncio.Lock()
         self._up = False  # started and serving: a SIGHUP before then is held

@@ -128,6 +128,7 @@ def _literal(name: str, value: object) -> object:
 
 _KNOB_PARSERS: dict[str, Callable[[str, object], object]] = {
     "rate": number,
+    "step": count,
     "queue_for": number,
     "process_for": number,
     "stall_after": count,
@@ -159,6 +160,7 @@ class Scenario:
 
     # -- progress
     rate: float = 1.0  # results per second once searching
+    step: int = 1  # results arrive this many at once (5: five every 5 / rate seconds)
     queue_for: float = 0.0  # time in `pending` before `searching`, at the start of every round
     process_for: float = 0.0  # time in `processing` after the last result, before `completed`
     stall_after: int | None = None  # results stop growing at this count; stays `searching`
@@ -291,7 +293,9 @@ class Job:
         searching_for = self.searched_for(elapsed)
         if searching_for <= 0:
             return self.base
-        return min(self.cap, self.base + int(searching_for * self.scenario.rate))
+        found = int(searching_for * self.scenario.rate)
+        step = max(1, self.scenario.step)
+        return min(self.cap, self.base + found // step * step)
 
     def state_at(self, elapsed: float) -> tuple[str, int]:
         """(status, results so far) at `elapsed` seconds after creation."""

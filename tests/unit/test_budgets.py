@@ -12,10 +12,12 @@ from supervisor.config import Config
 from supervisor.core.budgets import (
     AdmissionRefused,
     BudgetStatus,
+    Spender,
     Usage,
     grant,
     matches,
     period_start,
+    predict_crossing,
     statuses,
     thresholds_crossed,
 )
@@ -110,7 +112,10 @@ def test_period_start_properties_over_dst_weeks(zone: str, days: tuple[int, int,
         day = period_start("day", zone, now)
         week = period_start("week", zone, now)
         month = period_start("month", zone, now)
-        assert hour is not None and day is not None and week is not None and month is not None
+        assert hour is not None
+        assert day is not None
+        assert week is not None
+        assert month is not None
         for start in (hour, day, week, month):
             assert start <= now
         # The hour is the local wall-clock hour (Lord Howe's DST shift is 30 minutes, so one
@@ -360,3 +365,41 @@ def test_every_matching_budget_is_checked_and_every_reserving_one_returned() -> 
     # …and refuses once it has nothing left
     with pytest.raises(AdmissionRefused, match="'org'"):
         reserving(cfg, GROWTH, 60, [status(0, 0, name="team"), status(1000, 0, credits=1000, name="org")])
+
+
+# -- a budget's crossing, predicted as a whole ----------------------------------------------
+
+SWEPT = utc(2026, 3, 2, 12, 0, 0)
+
+
+def spender(credits: int, rate: float | None, polled_ago: float | None = 0.0) -> Spender:
+    polled = None if polled_ago is None else SWEPT - timedelta(seconds=polled_ago)
+    return Spender(credits, rate, polled)
+
+
+@pytest.mark.parametrize(
+    ("spent", "spenders", "expected_s"),
+    [
+        # 3 jobs at 4/s: 60 of 90 spent, 12/s together; each half a result on (1.5) -> 2.375 s
+        (60, [spender(20, 4), spender(20, 4), spender(20, 4)], 28.5 / 12),
+        # carried on from each job's last poll: one polled 1 s ago has spent ~4 more since
+        (60, [spender(20, 4, 1.0), spender(20, 4), spender(20, 4)], 24.5 / 12),
+        # jobs with no measured rate (pending, just seen) add nothing
+        (60, [spender(20, 4), spender(0, None), spender(40, 0.0)], 29.5 / 4),
+        # already reached, by polls or by the carry-on
+        (90, [spender(90, 4)], 0.0),
+        (88, [spender(88, 4, 1.0)], 0.0),
+    ],
+)
+def test_predict_crossing(spent: int, spenders: list[Spender], expected_s: float) -> None:
+    status = BudgetStatus("team", 90, "day", DAY, Usage(spent, 0), "cancel")
+    at = predict_crossing(status, spenders, SWEPT)
+    assert at is not None
+    assert abs((at - SWEPT).total_seconds() - expected_s) < 1e-5
+
+
+def test_no_crossing_is_predicted_without_a_spending_job() -> None:
+    status = BudgetStatus("team", 90, "day", DAY, Usage(10, 0), "cancel")
+    assert predict_crossing(status, [spender(10, None)], SWEPT) is None
+    exhausted = BudgetStatus("team", 90, "day", DAY, Usage(95, 0), "cancel")
+    assert predict_crossing(exhausted, [], SWEPT) == SWEPT

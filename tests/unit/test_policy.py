@@ -119,12 +119,26 @@ def test_warnings(observation: Observation, at: float, warn_at: tuple[float, ...
         # credits: polled when the observed rate says the limit is reached
         (Policy(name="p", max_credits=100), obs(credits=50, rate=10), 7, 12),
         (Policy(name="p", max_credits=100), obs(credits=99, rate=10), 7, 7.1),
-        # rate unknown: probe at doubling gaps since the start (1 s at least)
-        (Policy(name="p", max_credits=100), obs(credits=0), 0, 1),
-        (Policy(name="p", max_credits=100), obs(credits=3), 4, 8),
-        (Policy(name="p", max_credits=100), obs(credits=3), 12, 24),
-        # a pending job has no rate to predict from: the regular poll
-        (Policy(name="p", max_credits=100), obs(status="pending"), 0, 15),
+        # rate unknown while running: probed at doubling gaps from when it was seen running
+        # (its first progress): 0.25 s, 0.5 s, 1 s, then every second
+        (Policy(name="p", max_credits=100), obs(credits=0), 0, 0.25),
+        (Policy(name="p", max_credits=100), obs(credits=3, progress=4), 4.25, 4.5),
+        (Policy(name="p", max_credits=100), obs(credits=3, progress=4), 4.5, 5),
+        (Policy(name="p", max_credits=100), obs(credits=3, progress=4), 9, 10),
+        # pending: probed the same way from when it was first seen, a tenth of its age once
+        # it has been pending for long, never less often than the regular poll
+        (Policy(name="p", max_credits=100), obs(status="pending"), 0, 0.25),
+        (Policy(name="p", max_credits=100), obs(status="pending"), 0.5, 1),
+        (Policy(name="p", max_credits=100), obs(status="pending"), 6, 7),
+        (Policy(name="p", max_credits=100), obs(status="pending"), 40, 44),
+        (Policy(name="p", max_credits=100), obs(status="pending"), 400, 415),
+        # no credit limit: nothing to probe for
+        (Policy(name="p", max_runtime=s(1800)), obs(status="pending"), 0, 15),
+        # a rate measured over few results is re-measured by the time the count should double
+        (Policy(name="p", max_credits=100), obs(credits=2, rate=4), 1, 2),
+        (Policy(name="p", max_credits=100), obs(credits=20, rate=4), 1, 6),
+        # cancel_lead: the limit's check comes the lead earlier
+        (Policy(name="p", max_credits=100, cancel_lead=s(0.5)), obs(credits=50, rate=10), 7, 11.5),
         # a deadline already passed (observe mode) does not cause a tight loop
         (Policy(name="p", max_runtime=s(10)), obs(), 60, 75),
         # a warning still to fire is a deadline of its own; once fired it is not
@@ -145,25 +159,56 @@ def test_next_check_is_never_closer_than_the_minimum_gap() -> None:
 
 
 @pytest.mark.parametrize(
-    ("previous", "previous_at", "credits", "at", "previous_rate", "expected"),
+    ("previous", "progress_at", "credits", "at", "previous_rate", "running", "expected"),
     [
-        (0, None, 10, 5, None, None),  # one observation: no rate yet
-        (0, 0, 10, 5, None, 2.0),
-        (10, 5, 30, 10, 2.0, 3.0),  # smoothed: half the new rate, half the old
-        (10, 5, 10, 5, 2.0, 2.0),  # no time passed: keep the old rate
-        (10, 5, 4, 10, 2.0, 2.0),  # a count that went down is ignored
+        (0, 0, 10, 5, None, False, None),  # first look at it running: no rate yet
+        (0, None, 10, 5, 2.0, True, 2.0),
+        (0, 0, 10, 5, None, True, 2.0),  # measured from the last look that saw it grow
+        (10, 5, 30, 10, 2.0, True, 4.0),  # faster: taken at once
+        (10, 5, 20, 10, 4.0, True, 3.0),  # slower: half-way down
+        (10, 5, 10, 5, 2.0, True, 2.0),  # no time passed: keep the old rate
+        (10, 5, 4, 10, 2.0, True, 2.0),  # a count that went down is no progress; a short pause keeps it
+        (10, 5, 10, 5.4, 10.0, True, 10.0),  # between two steps of results: the rate stands
+        (10, 5, 10, 25, 10.0, True, 0.5),  # a long pause lowers it (STEP_CREDITS over the pause)
+        (10, 5, 10, 25, None, True, None),
     ],
 )
 def test_observed_rate(
     previous: int,
-    previous_at: float | None,
+    progress_at: float | None,
     credits: int,
     at: float,
     previous_rate: float | None,
+    running: bool,
     expected: float | None,
 ) -> None:
-    when = None if previous_at is None else T0 + s(previous_at)
-    assert observed_rate(previous, when, credits, T0 + s(at), previous_rate) == expected
+    when = None if progress_at is None else T0 + s(progress_at)
+    assert observed_rate(previous, when, credits, T0 + s(at), previous_rate, running=running) == expected
+
+
+def test_a_rate_over_steps_is_the_rate_of_the_steps() -> None:
+    """5 results at once every half second (10/s), looked at every 0.2 s: the rate is measured
+    between the looks that saw a step, never between two looks within one."""
+    rate, credits, progress_at = None, 5, T0
+    for tick in range(1, 16):
+        now = T0 + s(0.2 * tick)
+        seen = 5 + 5 * int(0.2 * tick / 0.5)
+        rate = observed_rate(credits, progress_at, seen, now, rate, running=True)
+        if seen > credits:
+            credits, progress_at = seen, now
+    assert rate is not None
+    assert 8 <= rate <= 13
+
+
+def test_cancel_lead_breaches_when_the_limit_is_due_within_it() -> None:
+    policy = Policy(name="p", max_credits=100, cancel_lead=s(0.5))
+    verdict = evaluate(obs(credits=96, rate=10), policy, T0 + s(10), poll_interval=POLL)
+    assert verdict.breach is not None
+    assert verdict.breach.reason == "max_credits"
+    assert verdict.breach.detail()["predicted"] == 101
+    assert evaluate(obs(credits=94, rate=10), policy, T0 + s(10), poll_interval=POLL).breach is None
+    # off by default: the limit itself
+    assert evaluate(obs(credits=96, rate=10), Policy(name="p", max_credits=100), T0, poll_interval=POLL).breach is None
 
 
 @pytest.mark.parametrize(
