@@ -74,6 +74,9 @@ class DemoJob:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Started by someone else's script and only tracked: nothing capped it at submit time.
     started_elsewhere: bool = False
+    # Once it has completed, someone else holding the key asks it for this many more results
+    # (the API's `continue`): the same job id runs and bills again.
+    continued_by_someone: int = 0
 
     def scaled_query(self, speed: float) -> str:
         knobs = []
@@ -110,6 +113,10 @@ JOBS: tuple[DemoJob, ...] = (
             {"rate": 10, "cancel_delay": 3}, State.CANCELLED, Reason.MAX_CREDITS, GROWTH, started_elsewhere=True),
     DemoJob("fails", "designers who code", 30,
             {"rate": 1, "fail_after": 6}, State.FAILED),
+    # Completes at 20, then someone continues it for 200 more: the supervisor sees it running
+    # again at its next re-check, reopens it and cancels it at its limit.
+    DemoJob("continued elsewhere", "growth marketers in Madrid", 20,
+            {"rate": 10}, State.CANCELLED, Reason.MAX_CREDITS, started_elsewhere=True, continued_by_someone=200),
     DemoJob("external cancel", "nurses in Ohio", 50,
             {"rate": 2, "external_cancel_after": 7}, State.CANCELLED, Reason.EXTERNAL),
     # It reaches the credit limit moments before finishing on its own: the cancel arrives too
@@ -295,11 +302,28 @@ class Tour:
         self.started = utcnow()
         self.finished = self.started
         self._seen_event = 0
+        self._continued: set[str] = set()  # jobs someone else has continued
         self._seen_update: dict[str, datetime] = {}
 
     @property
     def all_final(self) -> bool:
-        return len(self.rows) == len(self.kinds) and all(row.state in TERMINAL for row in self.rows)
+        waiting = [
+            job_id for job_id, kind in self.kinds.items() if kind.continued_by_someone and job_id not in self._continued
+        ]
+        return not waiting and len(self.rows) == len(self.kinds) and all(row.state in TERMINAL for row in self.rows)
+
+    def _continue_completed(self) -> None:
+        """Someone else's `continue` on the jobs built for it, once the supervisor saw them complete."""
+        for row in self.rows:
+            kind = self.kinds.get(row.job_id)
+            if (
+                kind
+                and kind.continued_by_someone
+                and row.state is State.COMPLETED
+                and row.job_id not in self._continued
+            ):
+                self._continued.add(row.job_id)
+                self.fake.continue_job(row.job_id, kind.continued_by_someone)
 
     async def run(self) -> None:
         store = await open_store(self.config)
@@ -344,6 +368,7 @@ class Tour:
         try:
             while True:
                 self.rows = await store.list_jobs()
+                self._continue_completed()
                 await self._print_new_events(store)
                 if live.is_started:
                     live.update(self._live_view())
@@ -447,6 +472,9 @@ def describe_event(event: Mapping[str, Any]) -> str:
             return (f"submitted, policy {detail.get('policy')}: asked the API for {detail['limit']} of "
                     f"{detail['requested_limit']} results, all its max_credits allows")  # fmt: skip
         return f"submitted, policy {detail.get('policy')}"
+    if kind == "reopened":
+        return (f"reopened: running again after it was {detail.get('was')} (someone continued it); "
+                f"its limits apply to its whole total, {detail.get('credits')} credits so far")  # fmt: skip
     if kind == "warning":
         return f"warning: {detail['fraction']:.0%} of {event['reason']} ({_measure(detail)})"
     if kind in ("poll_error", "cancel_error"):

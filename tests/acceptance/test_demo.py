@@ -31,15 +31,17 @@ def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: P
     assert result.stderr == ""  # the daemon's logs go to the log file, never to the terminal
 
     assert (
-        "6 runaways cancelled (budget:research-daily: 2, max_credits: 2, max_runtime: 1, stall_timeout: 1), "
+        "7 runaways cancelled (budget:research-daily: 2, max_credits: 3, max_runtime: 1, stall_timeout: 1), "
         "one cancel call each." in out
     )
     assert "1 cancelled by someone else (external)" in out
     assert "completed before the max_credits cancel landed (409" in out
-    assert "Every final state confirmed by a status poll: 13 of 13 jobs" in out
-    assert "matches the simulator's bill for 13 of 13" in out
+    assert "Every final state confirmed by a status poll: 14 of 14 jobs" in out
+    assert "matches the simulator's bill for 14 of 14" in out
     # Prevention first: the submissions over max_credits (500 and 300 asked, 60 each allowed).
     flowing = " ".join(out.split())  # the summary wraps at the terminal's width
+    # A completed job continued by someone else is reopened and stopped at its limit.
+    assert "reopened: running again after it was completed (someone continued it)" in flowing
     assert re.search(r"console http://127\.0\.0\.1:\d+/ui \(admin token [0-9a-f]{32}, this run only\)", flowing)
     assert "2 submission(s) capped at the source: the API was asked for 120 of the 800" in flowing
     observe = re.search(
@@ -60,9 +62,9 @@ def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: P
     [log] = list(tmp.iterdir())
     assert log.suffix == ".log" and str(log) in "".join(out.split())  # however the line wraps
     log_text = log.read_text()
-    # Every decision is logged alike, whoever made it: 4 runaways, the cancel that lost the
-    # race, and the 2 jobs the team budget stopped.
-    assert log_text.count('"cancelling runaway job"') == 7
+    # Every decision is logged alike, whoever made it: 4 runaways, the job someone continued,
+    # the cancel that lost the race, and the 2 jobs the team budget stopped.
+    assert log_text.count('"cancelling runaway job"') == 8
     assert "lk_" not in out + log_text
 
 
