@@ -134,10 +134,12 @@ def next_check_at(
         candidates += [obs.last_progress_at + policy.stall_timeout * f for f in fractions[Reason.STALL_TIMEOUT]]
     if policy.max_credits is not None and obs.remote_status != "pending":
         if obs.credits_per_s:
-            candidates += [
-                now + timedelta(seconds=(policy.max_credits * f - obs.credits) / obs.credits_per_s)
-                for f in fractions[Reason.MAX_CREDITS]
-            ]
+            for f in fractions[Reason.MAX_CREDITS]:
+                seconds = (policy.max_credits * f - obs.credits) / obs.credits_per_s
+                # Only one sooner than the regular poll can be the next check; a huge limit
+                # at a slow rate would be past the last date a datetime can hold.
+                if seconds < poll_interval.total_seconds():
+                    candidates.append(now + timedelta(seconds=seconds))
         else:
             # Rate not known yet: probe at doubling gaps (1 s, 2 s, 4 s … since the start)
             # so a fast job is measured before it can run far past its limit.
