@@ -467,8 +467,11 @@ def _guarded_protocol(max_connections: int, head_timeout: float) -> type[H11Prot
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            # IDLE: no whole request head yet (a slow loris, a half-open connection).
-            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return  # a request being answered: its body has BodyDeadline
+            # IDLE: no whole request head yet (a slow loris, a half-open connection);
+            # SEND_BODY: the rest of a body that was answered without being read.
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
                 return
             log.warning("admin API connection closed: no complete request in time", timeout_s=head_timeout)
             if self.conn.our_state is h11.IDLE:
