@@ -123,15 +123,24 @@ def _at_the_common_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
 
-def stalled_body(port: int) -> socket.socket:
+def stalled_body(port: int, token: str = TOKEN) -> socket.socket:
     """A request whose head is whole and whose body stops after its first byte."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     head = (
-        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
         "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
     )
     sock.sendall(head.encode())
     return sock
+
+
+def dribble(sock: socket.socket, stop: threading.Event) -> None:
+    """One more byte of the body a second (which defeats a keep-alive timeout), until stopped."""
+    while not stop.wait(1.0):
+        try:
+            sock.send(b" ")
+        except OSError:
+            return
 
 
 def answer_of(sock: socket.socket) -> bytes:
@@ -170,6 +179,9 @@ def test_slow_and_idle_connections_cannot_stop_enforcement(
     try:
         wait_for(lambda: healthz(port) == 200, timeout=60, what="the daemon's admin API")
         slow_body = stalled_body(port)
+        unread_body = stalled_body(port, token="not-the-token")  # answered 401 before its body
+        stop_dribbling = threading.Event()
+        threading.Thread(target=dribble, args=(unread_body, stop_dribbling), daemon=True).start()
         with Attack(port) as attack:
             wait_for(lambda: attack.opened >= SLOW_LORIS + HALF_OPEN, timeout=60, what="the attack to be in place")
             ids = [fake_api.create_job(rate=RATE, limit=1000) for _ in range(RUNAWAYS)]
@@ -188,6 +200,9 @@ def test_slow_and_idle_connections_cannot_stop_enforcement(
             head, _, body = answer_of(slow_body).partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 408 ")
             assert json.loads(body)["code"] == "request_timeout"
+            # The rest of a body answered without being read does not hold the connection.
+            assert answer_of(unread_body).startswith(b"HTTP/1.1 401 ")
+            stop_dribbling.set()
 
         for job_id in ids:
             job = fake_api.job(job_id)
