@@ -32,6 +32,12 @@ bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench
 
+# The memory soak (bench/soak.py): 5,000 jobs polled every 5 s for 30 minutes, the RSS slope
+# printed next to the simulator's; `make bench-soak QUICK=1` runs 5 minutes.
+.PHONY: bench-soak
+bench-soak: install
+	$(BIN)/python -m bench.soak $(if $(QUICK),--quick)
+
 # The linters alone (the `lint` extra), so `make lint` needs no test dependencies.
 $(LINT_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -86,6 +86,9 @@ def private_sqlite_file(url: str) -> None:
     os.close(os.open(database, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
 
 
+SQLITE_CACHED_STATEMENTS = 32
+
+
 def configure_sqlite(engine: Any) -> None:
     """WAL (readers never block the writer), a busy timeout for the CLI writing beside the
     daemon, and BEGIN IMMEDIATE so a write transaction takes the lock up front instead
@@ -185,6 +188,11 @@ class Store:
             }
         if self.is_sqlite:
             private_sqlite_file(url)
+            # sqlite3 keeps each connection's last 128 prepared statements (C memory that
+            # tracemalloc does not see), and every length of an IN list is a statement of
+            # its own: at 5,000 jobs, tens of KB each, they grew the daemon by ~7 MB/min.
+            # The fixed statements of a tick fit in a smaller cache; the IN variants churn.
+            options = {"connect_args": {"cached_statements": SQLITE_CACHED_STATEMENTS}}
         self.engine: AsyncEngine = create_async_engine(async_url(url), **options)
         if self.is_sqlite:
             configure_sqlite(self.engine.sync_engine)

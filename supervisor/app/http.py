@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
+import h11
 import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,8 +37,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from supervisor.adapters import metrics
+from supervisor.adapters import limits, metrics
 from supervisor.app import errors, inputs
 from supervisor.app.inputs import Body, CancelRequest, ContinueRequest, SubmitRequest, TrackRequest
 from supervisor.app.operations import Operations
@@ -449,6 +452,133 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+# Slow clients must not hold the admin API's connections (file descriptors the daemon needs
+# to enforce): a request's head must arrive within HEAD_TIMEOUT of the connection opening or
+# of the previous answer, and its body within BODY_TIMEOUT of its head. An idle keep-alive
+# connection is closed after KEEP_ALIVE. Heads are bounded in size (h11's incomplete-event
+# bound), bodies by http.max_body_bytes.
+HEAD_TIMEOUT = 10.0
+BODY_TIMEOUT = 10.0
+KEEP_ALIVE = 5
+MAX_HEAD_BYTES = 16 * 1024
+
+
+def _plain_answer(status: int, reason: str, text: str) -> bytes:
+    body = text.encode()
+    head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    return (head + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+_REFUSED = _plain_answer(503, "Service Unavailable", "too many connections to the admin API")
+_HEAD_TIMED_OUT = _plain_answer(408, "Request Timeout", "the request did not arrive in time")
+
+
+def _guarded_protocol(max_connections: int, head_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with two guards it lacks: connections beyond `max_connections`
+    are answered 503 and closed at once (uvicorn's own limit only answers complete requests,
+    so idle connections could pile up without bound), and a request head that is not whole
+    within `head_timeout` closes its connection (uvicorn has no header timeout)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("admin API connection refused: too many connections", limit=max_connections)
+                transport.write(_REFUSED)
+                transport.close()
+                return
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()  # the next request on this connection gets its own
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return  # a request being answered: its body has BodyDeadline
+            # IDLE: no whole request head yet (a slow loris, a half-open connection);
+            # SEND_BODY: the rest of a body that was answered without being read.
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                return
+            log.warning("admin API connection closed: no complete request in time", timeout_s=head_timeout)
+            if self.conn.our_state is h11.IDLE:
+                self.transport.write(_HEAD_TIMED_OUT)
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+class _BodyTimedOut(BaseException):
+    """Raised out of `receive` past the body deadline. A BaseException, so that no handler's
+    `except Exception` (the API's error translation, starlette's 500 page) takes it for a bug."""
+
+
+class RequestTimeout(errors.BadInput):
+    """A body too slow to arrive (the admin server's own answer, not a use case's)."""
+
+    status, code, title = 408, "request_timeout", "Request timeout"
+
+
+class BodyDeadline:
+    """ASGI middleware: a request body that is not whole within `seconds` of its head is
+    answered 408 (problem details) and its connection closed."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self._app = app
+        self._seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self._seconds
+        body_done = False
+        started = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # later receives wait for a disconnect: not the client's reading
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimedOut from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, timed_receive, tracked_send)
+        except _BodyTimedOut:
+            log.warning("admin API request closed: body not received in time", timeout_s=self._seconds)
+            if not started:
+                timed_out = error_response(RequestTimeout(f"send the body within {self._seconds:g} s"))
+                timed_out.headers["connection"] = "close"
+                await timed_out(scope, receive, send)
+
+
 class AdminServer:
     def __init__(self, api: AdminApi, listen: str) -> None:
         self._api = api
@@ -471,12 +601,21 @@ class AdminServer:
             sock.close()
             raise OSError(f"admin API cannot listen on {self._listen}: {exc.strerror}") from None
         self.port = sock.getsockname()[1]
+        # A share of the file descriptors (adapters/limits.py): the rest stay enforcement's.
+        max_connections = limits.admin_connection_bound()
         config = uvicorn.Config(
-            self._api.app(),
+            BodyDeadline(self._api.app(), BODY_TIMEOUT),
+            http=_guarded_protocol(max_connections, HEAD_TIMEOUT),
             log_config=None,
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            limit_concurrency=max_connections,  # requests beyond it: 503
+            # asyncio accepts up to `backlog` sockets in one go before any is looked at: this
+            # bounds the descriptors a burst of connections can take at once.
+            backlog=max_connections,
         )
         self._server = _QuietServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="admin-api")
@@ -485,7 +624,12 @@ class AdminServer:
                 self._task.result()
                 raise OSError("admin API stopped during startup")
             await asyncio.sleep(0.01)
-        log.info("admin API listening", address=f"{host}:{self.port}", auth=self._api.auth_enabled)
+        log.info(
+            "admin API listening",
+            address=f"{host}:{self.port}",
+            auth=self._api.auth_enabled,
+            max_connections=max_connections,
+        )
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:

@@ -175,15 +175,20 @@ def next_check_at(
     if policy.max_credits is not None:
         if obs.credits_per_s and not pending:
             lead = policy.cancel_lead.total_seconds() if policy.cancel_lead else 0.0
-            candidates += [
-                now + timedelta(seconds=(policy.max_credits * f - obs.credits) / obs.credits_per_s - lead * (f == 1.0))
-                for f in fractions[Reason.MAX_CREDITS]
-            ]
+            regular = poll_interval.total_seconds()
+            # Only a check sooner than the regular poll can be the next one; and a huge limit
+            # at a slow rate would be past the last date a datetime can hold.
+            for f in fractions[Reason.MAX_CREDITS]:
+                seconds = (policy.max_credits * f - obs.credits) / obs.credits_per_s - lead * (f == 1.0)
+                if seconds < regular:
+                    candidates.append(now + timedelta(seconds=seconds))
             # A rate measured over a few results is rough (one result more or less in a
             # quarter second is 4/s): the job is looked at again by the time it should have
             # doubled its count, so the rate is re-measured over ever longer windows before
             # the limit is predicted from it.
-            candidates.append(now + max(PROBE_CAP, timedelta(seconds=obs.credits / obs.credits_per_s)))
+            doubled = max(PROBE_CAP.total_seconds(), obs.credits / obs.credits_per_s)
+            if doubled < regular:
+                candidates.append(now + timedelta(seconds=doubled))
         else:
             # Pending: probed from when it was first seen; running at a rate not known yet:
             # from when it was seen running (its first progress).

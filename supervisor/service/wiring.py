@@ -5,22 +5,27 @@ daemon, the services beside it)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
-from supervisor.adapters import migrate
+from supervisor.adapters import limits, migrate
 from supervisor.adapters.clado import CladoClient
 from supervisor.adapters.dbwatch import DatabaseFault
 from supervisor.adapters.logs import configure_logging
+from supervisor.adapters.ratelimit_log import RepeatFilter
 from supervisor.adapters.secrets import api_key
 from supervisor.adapters.store import Store
 from supervisor.adapters.systemd import Notifier
 from supervisor.config import Config, ConfigError, load_config
 from supervisor.service.runtime import Daemon, Service
+
+log = structlog.get_logger("supervisor.wiring")
 
 # The services that run beside the daemon (the admin API), in two steps: prepared from the
 # config before the database is opened (so a missing secret fails fast), then built on the
@@ -73,6 +78,19 @@ def _db_error(exc: SQLAlchemyError) -> str:
     return str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
 
 
+def raise_fd_limit() -> None:
+    """Before any socket or file is opened: the soft descriptor limit up to the hard one, so
+    that connections to the admin API can never take the ones enforcement needs."""
+    fd = limits.raise_fd_limit()
+    bound = limits.admin_connection_bound(fd.soft)
+    if fd.error is not None:
+        log.warning("file descriptor limit not raised", soft=fd.soft, hard=fd.hard, error=fd.error)
+    elif fd.raised:
+        log.info("file descriptor limit raised", before=fd.before, soft=fd.soft, admin_connections=bound)
+    else:
+        log.info("file descriptor limit", soft=fd.soft, hard=fd.hard, admin_connections=bound)
+
+
 def _no_services(config: Config) -> Callable[[Daemon], Sequence[Service]]:
     return lambda daemon: ()
 
@@ -80,6 +98,11 @@ def _no_services(config: Config) -> Callable[[Daemon], Sequence[Service]]:
 async def run_daemon(config_path: Path, services: ServicesFor = _no_services) -> None:
     config = load_config(config_path)
     configure_logging(config.logging.format, config.logging.level)
+    # Lines a hostile client can cause at will (adapters/ratelimit_log.py), at most one per
+    # key per window, on the handler configure_logging installed.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatFilter())
+    raise_fd_limit()
     # SIGTERM/SIGINT during startup (migrations can take a while) mean "stop", exit 0, not
     # death by the default handler; the daemon installs its own handlers once it runs.
     started: list[Daemon] = []

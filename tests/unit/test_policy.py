@@ -152,6 +152,12 @@ def test_next_check(policy: Policy, observation: Observation, at: float, expecte
     assert next_check_at(observation, policy, T0 + s(at), POLL) == T0 + s(expected)
 
 
+def test_a_credit_limit_centuries_away_is_the_regular_poll() -> None:
+    # 1e9 credits at one result per 1,000 s: 31,000 years, past datetime's last year.
+    policy = Policy(name="p", max_credits=1_000_000_000)
+    assert next_check_at(obs(credits=3, rate=0.001), policy, T0, POLL) == T0 + POLL
+
+
 def test_next_check_is_never_closer_than_the_minimum_gap() -> None:
     policy = Policy(name="p", max_credits=100)
     now = T0 + s(5)
