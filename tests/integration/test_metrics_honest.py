@@ -113,19 +113,21 @@ async def test_a_fresh_daemon_exports_every_known_series_and_no_invented_one(
     # Nothing read, nothing to say: absent, where a plain Gauge would say 0 credits.
     assert P + "account_credits" not in samples
     assert "# TYPE clado_supervisor_account_credits gauge" in text  # the family is still described
-    # At 0 from the start: every reason, limit, state, outcome.
+    # A series from the start for every reason, limit, state, outcome. (The registry is the
+    # process's: counters other tests in this process moved keep their counts; a fresh
+    # process starts them at 0.)
     reasons = (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS,
                Reason.ACCOUNT_FLOOR, Reason.MANUAL, Reason.EXTERNAL)  # fmt: skip
     for reason in reasons:
-        assert value(samples, "cancels_total", reason=reason) == 0, reason
+        assert value(samples, "cancels_total", reason=reason) is not None, reason
     for limit in reasons[:4]:
-        assert value(samples, "warnings_total", limit=limit) == 0, limit
-        assert value(samples, "would_cancel_total", reason=limit) == 0, limit
+        assert value(samples, "warnings_total", limit=limit) is not None, limit
+        assert value(samples, "would_cancel_total", reason=limit) is not None, limit
     for state in State:
-        assert value(samples, "transitions_total", state=state.value) == 0, state
-        assert value(samples, "jobs", state=state.value) == 0, state
+        assert value(samples, "transitions_total", state=state.value) is not None, state
+        assert value(samples, "jobs", state=state.value) == 0, state  # this daemon's own, empty database
     for outcome in ("delivered", "failed", "dropped"):
-        assert value(samples, "webhook_deliveries_total", outcome=outcome) == 0
+        assert value(samples, "webhook_deliveries_total", outcome=outcome) is not None
     for outcome in ("success", "failure"):
         assert value(samples, "config_reloads_total", outcome=outcome) is not None
     # Every metric the shipped dashboard and alert rules query has a series, but for the
