@@ -103,6 +103,13 @@ def _piped() -> bool:
     return not sys.stdout.isatty()
 
 
+def _say_clamped(asked: str, requested: int, clamped_by: Sequence[str]) -> None:
+    """One stderr line when the API was asked for less than requested (submit, continue)."""
+    if clamped_by:
+        rules = " and ".join(clamped_by)
+        click.echo(f"asked the API for {asked}, not {requested}: that is what {rules} allow(s)", err=True)
+
+
 def _print_json(data: View | list[Any] | Mapping[str, Any]) -> None:
     click.echo(json.dumps(data if isinstance(data, list | Mapping) else data.to_json(), indent=2))
 
@@ -369,9 +376,7 @@ def submit(
         click.echo(f"queued ({result.reason or 'waiting'}){when}: `{PROG} queue show {result.id}`", err=True)
         click.echo(result.id)
         return
-    if result.clamped_by:
-        click.echo(f"asked the API for {result.limit} results, not {result.requested_limit}: that is what "
-                   f"{' and '.join(result.clamped_by)} allow(s)", err=True)  # fmt: skip
+    _say_clamped(f"{result.limit} results", result.requested_limit, result.clamped_by)
     click.echo(result.job_id)
 
 
@@ -638,9 +643,7 @@ def continue_command(config: Config, job_id: str, additional: int, as_json: bool
     if as_json:
         _print_json(result)
         return
-    if result.clamped_by:
-        click.echo(f"asked the API for {result.additional} more results, not {result.requested}: that is what "
-                   f"{' and '.join(result.clamped_by)} allow(s)", err=True)  # fmt: skip
+    _say_clamped(f"{result.additional} more results", result.requested, result.clamped_by)
     click.echo(f"{job_id}: {result.state} (asked for {result.additional} more results)")
 
 
