@@ -69,146 +69,109 @@ class OptionalGauge:
         yield family
 
 
-JOBS = Gauge(_P + "jobs", "Supervised jobs by state.", ["state"], registry=REGISTRY)
-CANCELS = Counter(_P + "cancels_total", "Cancel decisions by reason.", ["reason"], registry=REGISTRY)
-WOULD_CANCEL = Counter(
-    _P + "would_cancel_total",
-    "Cancel decisions recorded but not acted on (observe mode, dry run).",
-    ["reason"],
-    registry=REGISTRY,
+# Every metric has the prefix and lives in REGISTRY; a declaration names the rest: the
+# name's tail, its help, its labels (and a histogram's buckets).
+
+
+def _counter(name: str, documentation: str, *labels: str) -> Counter:
+    return Counter(_P + name, documentation, labels, registry=REGISTRY)
+
+
+def _gauge(name: str, documentation: str, *labels: str) -> Gauge:
+    return Gauge(_P + name, documentation, labels, registry=REGISTRY)
+
+
+def _histogram(name: str, documentation: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+    return Histogram(_P + name, documentation, labels, buckets=buckets, registry=REGISTRY)
+
+
+JOBS = _gauge("jobs", "Supervised jobs by state.", "state")
+CANCELS = _counter("cancels_total", "Cancel decisions by reason.", "reason")
+WOULD_CANCEL = _counter(
+    "would_cancel_total", "Cancel decisions recorded but not acted on (observe mode, dry run).", "reason"
 )
-WARNINGS = Counter(_P + "warnings_total", "Limit warnings fired, by limit.", ["limit"], registry=REGISTRY)
-TRANSITIONS = Counter(_P + "transitions_total", "State transitions, by target state.", ["state"], registry=REGISTRY)
-API_REQUESTS = Counter(
-    _P + "api_requests_total",
-    "Clado API requests by endpoint and HTTP status (or error kind).",
-    ["endpoint", "status"],
-    registry=REGISTRY,
+WARNINGS = _counter("warnings_total", "Limit warnings fired, by limit.", "limit")
+TRANSITIONS = _counter("transitions_total", "State transitions, by target state.", "state")
+API_REQUESTS = _counter(
+    "api_requests_total", "Clado API requests by endpoint and HTTP status (or error kind).", "endpoint", "status"
 )
-API_LATENCY = Histogram(
-    _P + "api_request_duration_seconds",
+API_LATENCY = _histogram(
+    "api_request_duration_seconds",
     "Clado API request latency.",
-    ["endpoint"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-    registry=REGISTRY,
+    (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    "endpoint",
 )
-API_RETRIES = Counter(
-    _P + "api_retries_total", "Clado API calls retried, by endpoint.", ["endpoint"], registry=REGISTRY
-)
-API_UNKNOWN_STATUS = Counter(_P + "api_unknown_status_total", "Undocumented job statuses seen.", registry=REGISTRY)
-JOB_ALERTS = Counter(
-    _P + "job_alerts_total",
+API_RETRIES = _counter("api_retries_total", "Clado API calls retried, by endpoint.", "endpoint")
+API_UNKNOWN_STATUS = _counter("api_unknown_status_total", "Undocumented job statuses seen.")
+JOB_ALERTS = _counter(
+    "job_alerts_total",
     "Once-per-job alerts (unknown_status, unreadable_body, cancel_refused, cancel_ignored, reopened), by kind.",
-    ["kind"],
-    registry=REGISTRY,
+    "kind",
 )
-API_MISCONFIGURED = Gauge(
-    _P + "api_misconfigured",
-    "1 while every job's status answers 404 and the credits endpoint too (a wrong base_url path).",
-    registry=REGISTRY,
+API_MISCONFIGURED = _gauge(
+    "api_misconfigured", "1 while every job's status answers 404 and the credits endpoint too (a wrong base_url path)."
 )
-TICK_DURATION = Histogram(
-    _P + "tick_duration_seconds",
+TICK_DURATION = _histogram(
+    "tick_duration_seconds",
     "Time a scheduler tick takes to claim and dispatch due jobs.",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-    registry=REGISTRY,
+    (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-TICK_JOBS = Histogram(
-    _P + "tick_jobs_claimed",
-    "Jobs claimed per tick.",
-    buckets=(0, 1, 10, 50, 100, 250, 500, 1000, 2500),
-    registry=REGISTRY,
-)
-POLL_LAG = Histogram(
-    _P + "poll_lag_seconds",
+TICK_JOBS = _histogram("tick_jobs_claimed", "Jobs claimed per tick.", (0, 1, 10, 50, 100, 250, 500, 1000, 2500))
+POLL_LAG = _histogram(
+    "poll_lag_seconds",
     "How late a job was handled against its due time.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 15, 60),
-    registry=REGISTRY,
+    (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 15, 60),
 )
-CREDIT_OVERSHOOT = Histogram(
-    _P + "credit_overshoot_credits",
+CREDIT_OVERSHOOT = _histogram(
+    "credit_overshoot_credits",
     "Credits charged beyond max_credits by jobs cancelled for it.",
-    buckets=(0, 1, 2, 3, 5, 10, 20, 50, 100, 500),
-    registry=REGISTRY,
+    (0, 1, 2, 3, 5, 10, 20, 50, 100, 500),
 )
-CONFIRMATION = Histogram(
-    _P + "confirmation_seconds",
+CONFIRMATION = _histogram(
+    "confirmation_seconds",
     "From the cancel decision to the confirmed final state.",
-    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 600),
-    registry=REGISTRY,
+    (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 600),
 )
-DB_WRITE_BATCH = Histogram(
-    _P + "db_write_batch_size",
-    "Job writes applied per database transaction.",
-    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
-    registry=REGISTRY,
+DB_WRITE_BATCH = _histogram(
+    "db_write_batch_size", "Job writes applied per database transaction.", (1, 2, 5, 10, 25, 50, 100, 250, 500)
 )
-LEASES_LOST = Counter(
-    _P + "lease_lost_writes_total",
-    "Writes dropped because the job's lease was lost (fencing).",
-    registry=REGISTRY,
+LEASES_LOST = _counter("lease_lost_writes_total", "Writes dropped because the job's lease was lost (fencing).")
+LAST_TICK = _gauge("last_tick_timestamp_seconds", "When the last tick completed.")
+WEBHOOKS = _counter(
+    "webhook_deliveries_total", "Webhook deliveries by outcome (delivered, failed, dropped).", "outcome"
 )
-LAST_TICK = Gauge(_P + "last_tick_timestamp_seconds", "When the last tick completed.", registry=REGISTRY)
-WEBHOOKS = Counter(
-    _P + "webhook_deliveries_total",
-    "Webhook deliveries by outcome (delivered, failed, dropped).",
-    ["outcome"],
-    registry=REGISTRY,
+BUDGET_SPENT = _gauge("budget_spent_credits", "Credits spent in the current period, per budget.", "budget")
+BUDGET_RESERVED = _gauge(
+    "budget_reserved_credits", "Credits reserved (not yet spent) in the current period, per budget.", "budget"
 )
-BUDGET_SPENT = Gauge(
-    _P + "budget_spent_credits", "Credits spent in the current period, per budget.", ["budget"], registry=REGISTRY
-)
-BUDGET_RESERVED = Gauge(
-    _P + "budget_reserved_credits",
-    "Credits reserved (not yet spent) in the current period, per budget.",
-    ["budget"],
-    registry=REGISTRY,
-)
-BUDGET_LIMIT = Gauge(_P + "budget_limit_credits", "The budget's credits per period.", ["budget"], registry=REGISTRY)
+BUDGET_LIMIT = _gauge("budget_limit_credits", "The budget's credits per period.", "budget")
 ACCOUNT_CREDITS = OptionalGauge(
     _P + "account_credits",
     "Remaining account credits at the leader's last check (absent: no [account], not read yet, or not the leader).",
     registry=REGISTRY,
 )
-LEADER = Gauge(
-    _P + "leader", "1 while this replica is the leader (runs the singleton chores), else 0.", registry=REGISTRY
-)
-CLAIM_LIMIT = Gauge(
-    _P + "claim_limit",
-    "Jobs this replica lets itself hold at once (adapts to how fast it handles them).",
-    registry=REGISTRY,
-)
-POLL_LAG_P99 = Gauge(
-    _P + "poll_lag_p99_seconds", "Poll lag p99 over the last 10 s window of this replica's polls.", registry=REGISTRY
-)
-FALLING_BEHIND = Gauge(
-    _P + "falling_behind",
+LEADER = _gauge("leader", "1 while this replica is the leader (runs the singleton chores), else 0.")
+CLAIM_LIMIT = _gauge("claim_limit", "Jobs this replica lets itself hold at once (adapts to how fast it handles them).")
+POLL_LAG_P99 = _gauge("poll_lag_p99_seconds", "Poll lag p99 over the last 10 s window of this replica's polls.")
+FALLING_BEHIND = _gauge(
+    "falling_behind",
     "1 while this replica's poll lag p99 has stayed above one poll interval (see the warning), else 0.",
-    registry=REGISTRY,
 )
-TASK_FAILURES = Counter(
-    _P + "task_failures_total",
+TASK_FAILURES = _counter(
+    "task_failures_total",
     "Failed runs of recurring work (claim, chores, leader renewal, lease extension), by operation.",
-    ["operation"],
-    registry=REGISTRY,
+    "operation",
 )
-CONFIG_RELOADS = Counter(
-    _P + "config_reloads_total",
-    "Config reloads (SIGHUP) by outcome: success or failure.",
-    ["outcome"],
-    registry=REGISTRY,
-)
-QUEUE_DEPTH = Gauge(
-    _P + "queue_depth", "Submissions queued (waiting for a budget, the account floor or the rate).", registry=REGISTRY
-)
-QUEUE_WAIT = Histogram(
-    _P + "queue_wait_seconds",
+CONFIG_RELOADS = _counter("config_reloads_total", "Config reloads (SIGHUP) by outcome: success or failure.", "outcome")
+QUEUE_DEPTH = _gauge("queue_depth", "Submissions queued (waiting for a budget, the account floor or the rate).")
+QUEUE_WAIT = _histogram(
+    "queue_wait_seconds",
     "Time a queued submission waited before its initiate was sent.",
-    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400),
-    registry=REGISTRY,
+    (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400),
 )
 
 
+_BUDGET_GAUGES = (BUDGET_SPENT, BUDGET_RESERVED, BUDGET_LIMIT)
 _budgets_shown: set[str] = set()  # the budgets with series now
 
 
@@ -222,7 +185,7 @@ def budget_figures(name: str, spent: float, reserved: float, credits: float) -> 
 def forget_budgets(keep: set[str]) -> None:
     """Drop the series of budgets no longer configured (a reload removed them)."""
     for name in _budgets_shown - keep:
-        for gauge in (BUDGET_SPENT, BUDGET_RESERVED, BUDGET_LIMIT):
+        for gauge in _BUDGET_GAUGES:
             gauge.remove(name)
         _budgets_shown.discard(name)
 
@@ -230,7 +193,7 @@ def forget_budgets(keep: set[str]) -> None:
 def clear_leader_gauges() -> None:
     """What only the leader measures, gone from a replica that does not lead (at start, and
     when it loses leadership): a stale copy would be summed or maxed with the new leader's."""
-    for gauge in (JOBS, BUDGET_SPENT, BUDGET_RESERVED, BUDGET_LIMIT):
+    for gauge in (JOBS, *_BUDGET_GAUGES):
         gauge.clear()
     _budgets_shown.clear()
     ACCOUNT_CREDITS.clear()
