@@ -136,7 +136,7 @@ _DB_DOWN = "the database is not reachable; try again later"
 # (`check-config` loads no database driver; the modules that raise these need not be loaded);
 # tests/unit/test_app_errors.py resolves every name, so a moved class fails a test.
 RULES: Mapping[str, Rule] = {
-    "supervisor.config.ConfigError": Rule(BadInput),
+    "supervisor.config.errors.ConfigError": Rule(BadInput),
     "supervisor.adapters.clado.errors.InvalidJobId": Rule(BadInput),
     "supervisor.core.budgets.AdmissionRefused": Rule(Refused, "submission refused: {}", "{}"),
     "supervisor.adapters.clado.errors.ApiKeyRejected": Rule(
