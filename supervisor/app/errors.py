@@ -136,17 +136,17 @@ _DB_DOWN = "the database is not reachable; try again later"
 # (`check-config` loads no database driver; the modules that raise these need not be loaded);
 # tests/unit/test_app_errors.py resolves every name, so a moved class fails a test.
 RULES: Mapping[str, Rule] = {
-    "supervisor.config.ConfigError": Rule(BadInput),
-    "supervisor.adapters.clado.InvalidJobId": Rule(BadInput),
+    "supervisor.config.errors.ConfigError": Rule(BadInput),
+    "supervisor.adapters.clado.errors.InvalidJobId": Rule(BadInput),
     "supervisor.core.budgets.AdmissionRefused": Rule(Refused, "submission refused: {}", "{}"),
-    "supervisor.adapters.clado.ApiKeyRejected": Rule(
+    "supervisor.adapters.clado.errors.ApiKeyRejected": Rule(
         UpstreamKeyRejected, "Clado API: {}", "the Clado API rejected the API key"
     ),
-    "supervisor.adapters.clado.OutOfCredits": Rule(UpstreamOutOfCredits, "Clado API: {}", "{}"),
-    "supervisor.adapters.clado.RequestRejected": Rule(
+    "supervisor.adapters.clado.errors.OutOfCredits": Rule(UpstreamOutOfCredits, "Clado API: {}", "{}"),
+    "supervisor.adapters.clado.errors.RequestRejected": Rule(
         UpstreamRejected, "Clado API: {}", "the Clado API rejected the request: {}"
     ),
-    "supervisor.adapters.clado.CladoError": Rule(UpstreamFailed, "Clado API: {}", "{}"),
+    "supervisor.adapters.clado.errors.CladoError": Rule(UpstreamFailed, "Clado API: {}", "{}"),
     "supervisor.service.wiring.RuntimeFailure": Rule(Unavailable),
     "supervisor.adapters.migrate.SchemaUnknown": Rule(Unavailable, "database: {}"),
     "sqlalchemy.exc.OperationalError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),
