@@ -54,6 +54,12 @@ class MethodNotAllowed(BadInput):
     status, code, title = 405, "method_not_allowed", "Method not allowed"
 
 
+class RequestTimeout(BadInput):
+    """A body too slow to arrive (the admin server's own answer, not a use case's)."""
+
+    status, code, title = 408, "request_timeout", "Request timeout"
+
+
 class Unauthorized(SupervisorError):
     exit_code, status, code, title = 2, 401, "unauthorized", "Unauthorized"
 
