@@ -22,16 +22,17 @@ from supervisor.app.errors import JobNotTracked, NotFound, Refused
 from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
 from supervisor.config import Config, ConfigError, labels_match
 from supervisor.core import transitions
-from supervisor.core.budgets import AdmissionRefused, Grant, grant, period_start, statuses
+from supervisor.core.budgets import AdmissionRefused, Grant, grant, statuses
 from supervisor.core.job import Job
 from supervisor.core.policy import job_policy
+from supervisor.core.queueing import RATE_WINDOW, new_submission, period_starts, plan
+from supervisor.core.queueing import STATES as SUBMISSION_STATES
 from supervisor.core.states import Reason, State
 from supervisor.core.transitions import Change
 from supervisor.service import wiring
 from supervisor.service.effects import Effects
 from supervisor.service.executor import JobHandler
-from supervisor.service.queue import INITIATE_HOLD, RATE_WINDOW, Initiator, new_submission, plan
-from supervisor.service.queue import STATES as SUBMISSION_STATES
+from supervisor.service.queue import INITIATE_HOLD, Initiator
 from supervisor.service.runtime import Daemon, Service
 from supervisor.service.wiring import client_for, open_store
 
@@ -189,9 +190,8 @@ class Operations:
             plan, self.config, now=now, account_credits=account_credits, only=fresh["id"], queue=queueing,
             held_until=now + timedelta(seconds=self.client.held_off_for) if self.client.held_off_for else None,
         )  # fmt: skip
-        starts = {period_start(b.period, b.timezone, now) for b in self.config.budgets.values()}
         chosen = await self.store.take_submission(
-            now, starts, now - RATE_WINDOW, decide, ttl=INITIATE_HOLD, fresh=fresh
+            now, period_starts(self.config, now), now - RATE_WINDOW, decide, ttl=INITIATE_HOLD, fresh=fresh
         )
         if chosen is None:
             log.info("submission queued", submission_id=fresh["id"], reason=fresh["reason"])
@@ -295,7 +295,7 @@ class Operations:
         if not self.config.budgets:
             return grant(self.config, labels, requested, (), max_credits=max_credits), None
         now = utcnow()
-        starts = {period_start(b.period, b.timezone, now) for b in self.config.budgets.values()}
+        starts = period_starts(self.config, now)
         decided: list[Grant] = []
 
         def decide(usage: Any) -> int | None:
