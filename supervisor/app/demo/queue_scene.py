@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from supervisor.app.demo.scenes import HOURS_BUDGET_JOB, OPS_BUDGET, QUEUED_JOB
+from supervisor.app.demo.scenes import HOURS_BUDGET_JOB, OPS_BUDGET, QUEUED_JOB, DemoClock
 from supervisor.app.demo.view import progress_line
 from supervisor.app.operations import Operations
 from supervisor.app.views import QueueItemView
@@ -23,7 +23,10 @@ WAITING = ("queued", "initiating")  # still on its way to a job
 
 
 class QueueScene:
-    def __init__(self) -> None:
+    """The scene's state as the tour steps it: what was queued, and the job it became."""
+
+    def __init__(self, clock: DemoClock) -> None:
+        self.clock = clock
         self.item: QueueItemView | None = None  # the submission, as last read
         self.budget: BudgetStatus | None = None  # the ops budget when it was queued
         self.job_id: str | None = None
@@ -42,7 +45,7 @@ class QueueScene:
             self.item = await ops.queue_item(self.item.id)
             if self.item.state == STARTED and self.item.job_id:
                 self._tracked(tour, self.item.job_id)
-                at = self.item.initiated_at or tour.clock.now()
+                at = self.item.initiated_at or self.clock.now()
                 waited = (at - self.item.created_at).total_seconds()
                 line = progress_line(tour.started, at, self.item.job_id, QUEUED_JOB.kind)
                 line.append(f"started at {at:%H:%M:%S} UTC, as the hour turned, after {waited:.1f}s in the queue; "
@@ -55,7 +58,7 @@ class QueueScene:
         if spender is None or spender.state is not State.COMPLETED:
             return []
         labels = {"scenario": QUEUED_JOB.kind.replace(" ", "-"), **QUEUED_JOB.labels}
-        now = tour.clock.now()
+        now = self.clock.now()
         usage = await ops.store.usage(period_starts(ops.config, now), now)
         self.budget = next(s for s in statuses(ops.config, now, usage) if s.name == OPS_BUDGET)
         result = await ops.submit(QUEUED_JOB.scaled_query(tour.speed), limit=QUEUED_JOB.limit, labels=labels,
@@ -100,5 +103,8 @@ class QueueScene:
         if self.item is None:
             return ["nothing was queued: the ops job never completed its hour's budget"]
         if self.job_id is None:
-            return [f"the queued submission ended {self.item.state} ({self.item.reason}), never started"]
+            ended = "was still" if self.item.state in WAITING else "ended"
+            return [f"the queued submission {ended} {self.item.state} ({self.item.reason}), never started"]
+        if self.item.initiated_at is not None and self.item.initiated_at < self.clock.hour_turns_at:
+            return ["the queued submission started before the hour turned, while its budget was spent"]
         return []

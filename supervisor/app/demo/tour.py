@@ -42,7 +42,7 @@ class Tour:
         self.kinds: dict[str, DemoJob] = {}  # job id → what it was built to do
         self.rows: list[Job] = []
         self.sim: dict[str, dict[str, Any]] = {}  # job id → the simulator's view of it
-        self.queue_scene = QueueScene()
+        self.queue_scene = QueueScene(clock)
         self.started = clock.now()
         self.finished = self.started
         self._seen_event: dict[str, int] = {}  # job id → the last of its events printed
