@@ -22,16 +22,17 @@ from supervisor.app.errors import JobNotTracked, NotFound, Refused
 from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
 from supervisor.config import Config, ConfigError, labels_match
 from supervisor.core import transitions
-from supervisor.core.budgets import AdmissionRefused, Grant, grant, period_start, statuses
+from supervisor.core.budgets import AdmissionRefused, Grant, grant, statuses
 from supervisor.core.job import Job
 from supervisor.core.policy import job_policy
+from supervisor.core.queueing import RATE_WINDOW, new_submission, period_starts, plan
+from supervisor.core.queueing import STATES as SUBMISSION_STATES
 from supervisor.core.states import Reason, State
 from supervisor.core.transitions import Change
 from supervisor.service import wiring
 from supervisor.service.effects import Effects
 from supervisor.service.executor import JobHandler
-from supervisor.service.queue import INITIATE_HOLD, RATE_WINDOW, Initiator, new_submission, plan
-from supervisor.service.queue import STATES as SUBMISSION_STATES
+from supervisor.service.queue import INITIATE_HOLD, Initiator
 from supervisor.service.runtime import Daemon, Service
 from supervisor.service.wiring import client_for, open_store
 
@@ -88,7 +89,7 @@ class Operations:
     ) -> None:
         self.config = config
         self.store = store
-        self.clock = clock  # submissions are timed by it (their pacing, their expiry)
+        self.clock = clock  # everything it records is timed by it (submissions: their pacing, their expiry)
         self._client = client
         self._owns_client = client is None
         # In the daemon (admin API) its own effects: its metrics and webhook queues. For a
@@ -144,7 +145,7 @@ class Operations:
             )
             for job_id in job_ids
         ]
-        added, existing = await self.store.add_jobs(new_jobs, utcnow())
+        added, existing = await self.store.add_jobs(new_jobs, self.clock())
         return TrackResult(added=added, already_tracked=existing)
 
     async def submit(
@@ -189,9 +190,8 @@ class Operations:
             plan, self.config, now=now, account_credits=account_credits, only=fresh["id"], queue=queueing,
             held_until=now + timedelta(seconds=self.client.held_off_for) if self.client.held_off_for else None,
         )  # fmt: skip
-        starts = {period_start(b.period, b.timezone, now) for b in self.config.budgets.values()}
         chosen = await self.store.take_submission(
-            now, starts, now - RATE_WINDOW, decide, ttl=INITIATE_HOLD, fresh=fresh
+            now, period_starts(self.config, now), now - RATE_WINDOW, decide, ttl=INITIATE_HOLD, fresh=fresh
         )
         if chosen is None:
             log.info("submission queued", submission_id=fresh["id"], reason=fresh["reason"])
@@ -272,7 +272,7 @@ class Operations:
             if admission_id is not None and not exc.maybe_sent:
                 await self.store.drop_admission(admission_id)
             raise
-        now = utcnow()
+        now = self.clock()
         values = {
             "result_limit": (job.result_limit or job.credits_used) + granted.results,
             "reserved_credits": granted.credits if admission_id is not None else None,
@@ -294,8 +294,8 @@ class Operations:
         take the last of a budget."""
         if not self.config.budgets:
             return grant(self.config, labels, requested, (), max_credits=max_credits), None
-        now = utcnow()
-        starts = {period_start(b.period, b.timezone, now) for b in self.config.budgets.values()}
+        now = self.clock()
+        starts = period_starts(self.config, now)
         decided: list[Grant] = []
 
         def decide(usage: Any) -> int | None:
@@ -328,7 +328,7 @@ class Operations:
         job = await self.store.get_job(job_id)
         if job is None or job.state is not State.WATCHING:
             return job
-        now = utcnow()
+        now = self.clock()
         facts = {"note": note} if note else {}
         detail = transitions.decision_detail("manual", job.credits_used, self.config.config_hash, **facts)
         change = transitions.decide_cancel(Change.of(job), Reason.MANUAL, detail, now)
@@ -338,7 +338,7 @@ class Operations:
                 now, horizon=timedelta(0), limit=1, lease_ttl=self.config.supervisor.lease_ttl, job_id=job_id
             )
             if claimed:  # else the daemon claimed it first and sends the cancel itself
-                handler = JobHandler(lambda: self.config, self.client, self._write, utcnow, self.effects)
+                handler = JobHandler(lambda: self.config, self.client, self._write, self.clock, self.effects)
                 await handler.handle(claimed[0])
         return await self.store.get_job(job_id)
 

@@ -34,6 +34,16 @@ def period_start(period: str, timezone: str, now: datetime) -> datetime | None:
     return start.replace(tzinfo=ZoneInfo(timezone)).astimezone(UTC)
 
 
+def next_period_start(period: str, timezone: str, now: datetime) -> datetime | None:
+    """When the period after the one containing `now` starts (None: a total budget never resets)."""
+    start = period_start(period, timezone, now)
+    if start is None:
+        return None
+    # Past the end of any period of this kind, then aligned back (DST-safe, months of any length).
+    step = {"hour": timedelta(minutes=90), "day": timedelta(hours=36), "week": timedelta(days=8)}
+    return period_start(period, timezone, start + step.get(period, timedelta(days=32)))
+
+
 @dataclass(frozen=True)
 class Usage:
     spent: int = 0

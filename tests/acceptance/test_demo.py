@@ -35,9 +35,22 @@ def test_demo_runs_with_no_setup_and_reports_what_the_supervisor_did(tmp_path: P
         "one cancel call each." in out
     )
     assert "1 cancelled by someone else (external)" in out
-    assert "completed before the max_credits cancel landed (409" in out
-    assert "Every final state confirmed by a status poll: 14 of 14 jobs" in out
-    assert "matches the simulator's bill for 14 of 14" in out
+    # A cancel that lost the race is answered as the API does: 200, success: false.
+    assert "completed before the max_credits cancel landed (the API answered success: false" in out
+    assert "Every final state confirmed by a status poll: 16 of 16 jobs" in out
+    assert "matches the simulator's bill for 16 of 16" in out
+    # A submission queued behind the spent hourly budget, started by the daemon when the hour turns.
+    queued = re.search(r"queued for the hour queued: budget ops-hourly spent 30/30 this hour, starts at 12:00:00", out)
+    started = re.search(
+        r"queued for the hour started at 12:00:\d\d UTC, as the hour turned, after [\d.]+s in the queue; "
+        r"the daemon tracks job ([0-9a-f]{8})",
+        out,
+    )
+    assert queued is not None and started is not None, out
+    assert queued.start() < started.start()
+    assert re.search(rf"{started.group(1)} queued for the hour default completed", out), out  # tracked to the end
+    assert re.search(r"1 submission waited in the queue behind budget ops-hourly \(spent 30/30 this hour\); "
+                     r"the daemon started it when the hour turned, [\d.]+s later\.", out), out  # fmt: skip
     # Prevention first: the submissions over max_credits (500 and 300 asked, 60 each allowed).
     flowing = " ".join(out.split())  # the summary wraps at the terminal's width
     # A completed job continued by someone else is reopened and stopped at its limit.

@@ -14,6 +14,8 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from supervisor.adapters.store import NewJob, utcnow
+from supervisor.app.operations import Operations
+from supervisor.app.views import QueueItemView
 from supervisor.core.states import State
 
 from .conftest import TOKEN, LiveConsole
@@ -150,4 +152,27 @@ def test_screenshots(browser: Any, live: LiveConsole, fake_server: Any, tmp_path
     browser.save_screenshot(str(out / "console-job.png"))
     for name in ("console-overview.png", "console-job.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
+    assert csp_violations(browser) == []
+
+
+def test_a_queued_submission_cancelled_from_the_queue_page(browser: Any, live: LiveConsole, fake_server: Any) -> None:
+    ops = Operations(live.daemon.config, live.daemon.store, live.daemon.client)
+    # A minute's worth of initiates (initiate_per_minute 5): the next submission waits for a slot.
+    for n in range(5):
+        live.call(ops.submit(f"holders {n} fake:rate=0.1", limit=5, labels={}, queue=False))
+    waiting = live.call(ops.submit("engineers in Porto", limit=5, labels={"team": "growth"}, queue=True, priority=2))
+    assert isinstance(waiting, QueueItemView)
+    assert (waiting.state, waiting.reason) == ("queued", "initiate_rate")
+
+    log_in(browser, live, "/queue")
+    row = browser.find_element(By.ID, f"submission-{waiting.id}")
+    assert "the initiate rate: its next slot" in row.text
+    assert "team=growth" in row.text
+    assert "engineers in Porto" in row.text
+    row.find_element(By.CSS_SELECTOR, "button.cancel-queued").click()
+    wait(browser).until(expected_conditions.alert_is_present()).accept()  # "Cancel queued submission …?"
+    wait(browser).until(lambda b: "cancelled" in b.find_element(By.ID, f"submission-{waiting.id}").text)
+    assert not browser.find_element(By.ID, f"submission-{waiting.id}").find_elements(By.CSS_SELECTOR, "button")
+    assert live.call(ops.queue_item(waiting.id)).state == "cancelled"
+    assert len(fake_server.fake.requests("initiate")) == 5  # it never started
     assert csp_violations(browser) == []

@@ -25,8 +25,11 @@ from fakeserver import FakeServer
 from supervisor.adapters.store import NewJob, utcnow
 from supervisor.app.console.queries import PAGE_SIZE
 from supervisor.app.http import AdminApi, AdminServer
+from supervisor.app.operations import Operations
 from supervisor.app.report import build_report
+from supervisor.app.views import QueueItemView, SubmitResult
 from supervisor.config import Config
+from supervisor.core.budgets import next_period_start
 from supervisor.core.states import TERMINAL, State
 from supervisor.service.runtime import Daemon
 
@@ -343,3 +346,78 @@ async def test_csv_cells_are_never_formulas(console: Console) -> None:
     text = (await console.page("/ui/report.csv")).text
     assert "'=cmd=@SUM(A1)" in text
     assert "\n=cmd" not in text
+
+
+# -- the queue -----------------------------------------------------------------------------
+
+QUEUE_BUDGET = """
+[budgets.queued-monthly]
+match = { team = "queued" }
+period = "month"
+credits = 10
+action = "block"
+reserve = true
+"""
+
+
+def queue_row(html: str, submission_id: str) -> str:
+    match = re.search(rf'<tr id="submission-{submission_id}">(.*?)</tr>', html, re.DOTALL)
+    assert match, f"submission {submission_id} is not on the queue page"
+    return " ".join(match.group(1).split())
+
+
+async def test_the_queue_page_shows_why_each_waits_and_cancels_a_queued_one(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+) -> None:
+    path = tmp_path / "supervisor.toml"
+    path.write_text(config_text(fake_server.base_url, sqlite_url, policies=POLICIES + QUEUE_BUDGET), encoding="utf-8")
+    config = load(path)
+    async with console_of(config, TOKEN) as console:
+        ops = Operations(config, console.daemon.store, console.daemon.client)
+        team = {"team": "queued"}
+        # The month's whole budget reserved by a slow job: the next submission waits for next month.
+        holder = await ops.submit("holders fake:rate=0.1", limit=10, labels=team)
+        assert isinstance(holder, SubmitResult)
+        waiting = await ops.submit("engineers in Porto", limit=5, labels=team, queue=True, priority=3)
+        assert isinstance(waiting, QueueItemView)
+        assert waiting.state == "queued"
+
+        await console.login()
+        page = await console.page("/ui/queue")
+        assert 'href="/ui/queue" aria-current="page"' in page.text
+        row = queue_row(page.text, waiting.id)
+        assert "engineers in Porto" in row
+        assert "queued" in row
+        assert '<td class="num">3</td>' in row  # its priority
+        assert "team=queued" in row
+        assert "budget queued-monthly: its next period" in row
+        next_month = next_period_start("month", "UTC", utcnow())
+        assert next_month is not None
+        assert next_month.strftime("%Y-%m-%d %H:%M:%S UTC") in row  # the expected start
+        assert re.search(r'<td class="num" title="submitted [^"]+">\d+s</td>', row)  # its age
+        assert f'action="/ui/queue/{waiting.id}/cancel"' in row
+
+        # A cancel without the page's CSRF token changes nothing.
+        refused = await console.http.post(f"/ui/queue/{waiting.id}/cancel", data={"csrf": "forged"})
+        assert refused.status_code == 403
+        assert (await ops.queue_item(waiting.id)).state == "queued"
+
+        done = await console.post_form("/ui/queue", f"/ui/queue/{waiting.id}/cancel")
+        assert done.status_code == 303
+        assert done.headers["location"] == "/ui/queue"
+        assert (await ops.queue_item(waiting.id)).state == "cancelled"  # as `queue cancel` leaves it
+        row = queue_row((await console.page("/ui/queue")).text, waiting.id)
+        assert "cancelled" in row
+        assert "/cancel" not in row  # only a queued submission can be cancelled
+
+        # Cancelling it again (a stale page) is idempotent, as `queue cancel` is.
+        again = await console.post_form("/ui/queue", f"/ui/queue/{waiting.id}/cancel")
+        assert again.status_code == 303
+        assert (await ops.queue_item(waiting.id)).state == "cancelled"
+
+        # A started one is refused with the reason, as `queue cancel` refuses it.
+        started = [item for item in await ops.queue(["started"]) if item.job_id == holder.job_id]
+        assert len(started) == 1
+        refused = await console.post_form("/ui/queue", f"/ui/queue/{started[0].id}/cancel")
+        assert refused.status_code == 409
+        assert "only a queued or orphaned one can be cancelled" in refused.text

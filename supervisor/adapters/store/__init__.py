@@ -33,7 +33,7 @@ from supervisor.adapters.store.database import (
 from supervisor.adapters.store.jobs import Jobs, JobWrite, NewJob
 from supervisor.adapters.store.leases import Leases
 from supervisor.adapters.store.reads import JobReads
-from supervisor.adapters.store.submissions import SubmissionPlan, Submissions, Waiting
+from supervisor.adapters.store.submissions import Submissions
 
 
 class Store(Jobs, Leases, JobReads, Budgets, Submissions):
@@ -44,8 +44,6 @@ __all__ = [
     "JobWrite",
     "NewJob",
     "Store",
-    "SubmissionPlan",
-    "Waiting",
     "async_url",
     "database_unavailable",
     "db_error_text",

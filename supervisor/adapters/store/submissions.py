@@ -8,8 +8,7 @@ transaction, before any call is made, so no two processes initiate the same subm
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,32 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from supervisor.adapters.store.budgets import UsageByStart, reserve, serialize_admissions, settle_admission, usage_in
 from supervisor.adapters.store.database import Database, aware
 from supervisor.adapters.tables import submissions
+from supervisor.core.queueing import SubmissionPlan
 
 # The queued submissions one scheduling decision looks at (the head of the queue).
 QUEUE_SCAN = 500
 
 # The queue's order: priority, then age (the id breaks ties).
 QUEUE_ORDER = (submissions.c.priority.desc(), submissions.c.created_at, submissions.c.id)
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """Why a queued submission waits, and when it may start (None: not known)."""
-
-    reason: str
-    expected_at: datetime | None
-
-
-@dataclass(frozen=True)
-class SubmissionPlan:
-    """A scheduling decision: the submission to initiate now (or None), the results to ask
-    for, the credits to reserve (None: no reserving budget), and why the others wait."""
-
-    chosen: str | None = None
-    results: int = 0
-    reserve: int | None = None
-    clamped_by: tuple[str, ...] = ()
-    waiting: Mapping[str, Waiting] = field(default_factory=dict)
 
 
 class Submissions(Database):

@@ -2,7 +2,7 @@
 CLI and the admin API (so the three never disagree), with their input rules.
 
 Every page reads a bounded amount: the jobs table one page at a time (Store.jobs_page), the
-overview the counts, the running jobs and today's report.
+overview the counts, the running jobs and today's report, the queue what `queue list` lists.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from supervisor.app import inputs
 from supervisor.app.errors import BadInput
 from supervisor.app.operations import Operations
 from supervisor.app.report import PERIODS, report_view
-from supervisor.app.views import JobView, ReportView
+from supervisor.app.views import JobView, QueueItemView, ReportView
 from supervisor.config import Config
 from supervisor.core.states import State
 
@@ -131,3 +131,36 @@ def report_csv_rows(report: ReportView) -> list[tuple[str, str, str]]:
         figures: Mapping[str, int] = getattr(report, section)
         rows += [(section, key, str(value)) for key, value in figures.items()]
     return rows
+
+
+# What a queued submission waits for, in words (core/queueing.py names the reasons).
+WAITING_FOR = {
+    "initiate_rate": "the initiate rate: its next slot",
+    "account_floor": "the account floor: credits to be added",
+    "behind_earlier": "an earlier submission of its budget",
+    "never_fits": "nothing: it is larger than a budget's whole period",
+}
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    item: QueueItemView
+    why: str  # what a queued one waits for, in words; for the others their reason as recorded
+    age_s: float  # since it was submitted
+
+
+def waiting_for(reason: str | None) -> str:
+    if reason is None:
+        return "its turn"
+    if reason.startswith("budget:"):
+        return f"budget {reason.removeprefix('budget:')}: its next period"
+    return WAITING_FOR.get(reason, reason)
+
+
+async def queue_rows(ops: Operations, now: datetime) -> list[QueueRow]:
+    """Every submission, in the queue's order, as `queue list` lists them."""
+    return [
+        QueueRow(item, waiting_for(item.reason) if item.state == "queued" else item.reason or "",
+                 max(0.0, (now - item.created_at).total_seconds()))
+        for item in await ops.queue()
+    ]  # fmt: skip

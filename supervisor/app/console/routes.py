@@ -26,11 +26,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from supervisor.adapters.store import utcnow
 from supervisor.app import errors, inputs
 from supervisor.app.console import charts, queries
+from supervisor.app.console.headers import SecurityHeaders
 from supervisor.app.console.session import LOGIN_COOKIE, LOGIN_TTL, SESSION_COOKIE, SESSION_TTL, Session, Signer
 from supervisor.app.operations import Operations
 from supervisor.app.views import JobDetailView, iso
@@ -42,17 +42,6 @@ HERE = Path(__file__).parent
 PREFIX = "/ui"
 REFRESH_S = 5  # the overview re-reads itself this often (static/console.js)
 MAX_FORM_BYTES = 64 * 1024
-
-SECURITY_HEADERS = {
-    "content-security-policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
-    "cache-control": "no-store",
-}
 
 Page = Callable[[Request, "Visit"], Awaitable[Response]]
 
@@ -74,25 +63,16 @@ def _field(form: dict[str, list[str]], name: str) -> str:
     return (form.get(name) or [""])[0]
 
 
-class _SecurityHeaders:
-    """The console's headers on every answer it gives, pages, errors and static files alike."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.decode().lower() not in SECURITY_HEADERS]
-                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
-
-
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
+
+
+def _age(seconds: float) -> str:
+    """42s, 7m, 3h, 2d: how long ago, to the unit that reads best."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def _safe_next(target: str | None) -> str:
@@ -123,6 +103,7 @@ class Console:
             loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True)
         )
         self._templates.filters["when"] = _when
+        self._templates.filters["age"] = _age
         self._templates.globals.update(prefix=PREFIX, states=[s.value for s in State], quote=quote)
 
     def routes(self) -> list[BaseRoute]:
@@ -133,6 +114,8 @@ class Console:
             ("/jobs/{job_id}", self.job, "GET"),
             ("/jobs/{job_id}/cancel", self.cancel, "POST"),
             ("/jobs/{job_id}/continue", self.continue_job, "POST"),
+            ("/queue", self.queue, "GET"),
+            ("/queue/{submission_id}/cancel", self.cancel_queued, "POST"),
             ("/report", self.report, "GET"),
             ("/report.csv", self.report_csv, "GET"),
             ("/logout", self.logout, "POST"),
@@ -152,7 +135,7 @@ class Console:
         app.router.redirect_slashes = False
         return [
             Route(PREFIX, lambda request: RedirectResponse(f"{PREFIX}/", 308)),
-            Mount(PREFIX, app=_SecurityHeaders(app)),
+            Mount(PREFIX, app=SecurityHeaders(app)),
         ]
 
     # -- the gate -----------------------------------------------------------------------
@@ -343,6 +326,15 @@ class Console:
         # Through admission, as `clado-supervisor continue` and POST /v1/jobs/{id}/continue.
         await self._ops().continue_job(job_id, additional)
         return RedirectResponse(f"{PREFIX}/jobs/{quote(job_id)}", 303)
+
+    async def queue(self, request: Request, visit: Visit) -> Response:
+        rows = await queries.queue_rows(self._ops(), self._clock())
+        return self._render(request, "queue.html", visit=visit, rows=rows, page="queue")
+
+    async def cancel_queued(self, request: Request, visit: Visit) -> Response:
+        # The same operation as `clado-supervisor queue cancel` and POST /v1/queue/{id}/cancel.
+        await self._ops().cancel_queued(request.path_params["submission_id"])
+        return RedirectResponse(f"{PREFIX}/queue", 303)
 
     async def report(self, request: Request, visit: Visit) -> Response:
         which = queries.period(request.query_params.get("period"))
