@@ -15,13 +15,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, insert, pool, select, update
+from sqlalchemy import create_engine, func, insert, pool, select, text, update
 from structlog.testing import capture_logs
 
 from conftest import config_text, eventually, load, running_daemon, wait_until
 from fakeserver import FakeServer
 from supervisor.adapters import migrate
 from supervisor.adapters.store import JobWrite, NewJob, Store, sync_url, utcnow
+from supervisor.adapters.store.budgets import serialize_admissions
 from supervisor.adapters.tables import job_events, jobs, metadata
 from supervisor.core import transitions
 from supervisor.core.budgets import period_start
@@ -404,6 +405,40 @@ async def test_slow_api_calls_keep_their_lease_and_cancel_once(
     assert {states[j] for j in good} == {"completed"}
     assert [fake.job_info(j)["cancel_calls"] for j in runaways] == [1, 1, 1]
     assert not [e for e in logs if e["event"].startswith("job handling timed out")]
+
+
+async def test_a_reservation_passes_to_its_job_only_under_the_admission_lock(pg_db: str) -> None:
+    """An admitter reads jobs, then admissions, in two statements; on PostgreSQL (READ
+    COMMITTED) a submit recording its job in between would be in neither, and the admitter
+    would let the budget overfill (seen: 7 queued submissions started where 6 fit). So the
+    move from admission to job waits for any admission in progress."""
+    store = Store(pg_db)
+    try:
+        now = utcnow()
+        growth = {"team": "growth"}
+        admission = await store.admit(growth, now, lambda usage: 20, [None], timedelta(minutes=10))
+        async with store.engine.connect() as admitter:
+            await admitter.begin()
+            await serialize_admissions(admitter)  # an admission in progress, between its reads
+            move = asyncio.create_task(
+                store.add_jobs([NewJob("g1", "default", growth, reserved_credits=20)], now, admission_id=admission)
+            )
+
+            async def blocked_or_done() -> bool:
+                async with store.engine.connect() as probe:
+                    waiting = await probe.scalar(
+                        text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                    )
+                return move.done() or bool(waiting)
+
+            await eventually(blocked_or_done, what="the job's insert to wait for the lock (or finish)")
+            assert not move.done(), "the reservation moved while an admission was reading usage"
+            await admitter.rollback()
+        await move
+        usage = (await store.usage([None], now))[None]
+        assert sum(u.spent + u.reserved for _, u in usage) == 20  # counted once: as the job's
+    finally:
+        await store.close()
 
 
 # -- every store statement runs on both backends --------------------------------------------

@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from supervisor.adapters.store.budgets import settle_admission
+from supervisor.adapters.store.budgets import serialize_admissions, settle_admission
 from supervisor.adapters.store.database import Database, chunks
 from supervisor.adapters.store.leases import NO_LEASE
 from supervisor.adapters.store.submissions import start_submission
@@ -78,6 +78,11 @@ class Jobs(Database):
         transaction too: a submission and its job are never both counted or both missing."""
         ids = [job.job_id for job in new_jobs]
         async with self.engine.begin() as conn:
+            if admission_id is not None:
+                # The reservation moves from admissions to jobs: under the admission lock, or an
+                # admitter reading the two tables in two statements (PostgreSQL's READ COMMITTED)
+                # could see it in neither and let a budget overfill.
+                await serialize_admissions(conn)
             await settle_admission(conn, admission_id, None)
             if submission_id is not None:
                 await start_submission(conn, submission_id, ids[0], now)
