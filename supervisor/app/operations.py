@@ -275,7 +275,8 @@ class Operations:
         now = self.clock()
         values = {
             "result_limit": (job.result_limit or job.credits_used) + granted.results,
-            "reserved_credits": granted.credits if admission_id is not None else None,
+            # The job's whole total, as for a new job: usage counts reserved minus spent.
+            "reserved_credits": job.credits_used + granted.credits if admission_id is not None else None,
         }
         change = transitions.reopen(Change.of(job).set(values), now)
         if await self.store.apply_each([JobWrite(change, lease_token=None)]) == [True]:

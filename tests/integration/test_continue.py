@@ -67,3 +67,41 @@ async def test_only_a_completed_job_can_be_continued(tmp_path: Path, fake_server
         with pytest.raises(Refused, match="only a completed job can be continued"):
             await ops.continue_job(running, 10)
     assert fake.job_info(running)["continue_calls"] == 0
+
+
+RESERVING_BUDGET = """
+[budgets.growth]
+match = { team = "growth" }
+period = "total"
+credits = 1000
+reserve = true
+"""
+
+
+async def test_a_continued_job_holds_its_whole_new_total_against_a_reserving_budget(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+) -> None:
+    """The reservation is the job's total (spent so far + the batch granted), as for a new job:
+    held as the new batch alone, the credits already spent ate it and the budget saw none of
+    the batch coming (20 spent + 30 granted counted 30, not 50)."""
+    fake = fake_server.fake
+    job_id = fake.create_job(limit=20, rate=10)
+    config = make_config(tmp_path, fake_server, sqlite_url, policies=POLICIES, extra=RESERVING_BUDGET)
+    growth = {"team": "growth"}
+
+    async def held() -> int:
+        usage = (await daemon.store.usage([None], utcnow()))[None]
+        return sum(u.spent + u.reserved for labels, u in usage if labels == growth)
+
+    async with running_daemon(config) as daemon:
+        await daemon.store.add_jobs([NewJob(job_id, "default", growth)], utcnow())
+        await wait_terminal(daemon, job_id)
+        assert await held() == 20
+        async with operations_on(config) as ops:
+            result = await ops.continue_job(job_id, 100)
+            assert result.additional == 30
+            # Whatever the new batch has spent yet, the budget holds the whole total.
+            assert await held() == 50
+            second = (await wait_terminal(daemon, job_id))[job_id]
+        assert second.credits_used == 50
+        assert await held() == 50
