@@ -335,6 +335,7 @@ class Daemon:
             poll_interval=config.supervisor.poll_interval.total_seconds(),
             tick_interval=tick,
             dry_run=config.supervisor.dry_run,
+            transport=config.api.transport,
             config_hash=config.config_hash,
         )
 
