@@ -53,11 +53,11 @@ from supervisor.core.states import ACTIVE
 from supervisor.service.chores import Enforcer
 from supervisor.service.dispatcher import Dispatcher
 from supervisor.service.effects import Effects
-from supervisor.service.elector import Elector
+from supervisor.service.elector import LEADER_RENEWALS, Elector
 from supervisor.service.executor import JobHandler
 from supervisor.service.held_signals import take_held_reload
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
-from supervisor.service.leases import LeaseKeeper
+from supervisor.service.leases import LEASE_RENEWALS, LeaseKeeper
 from supervisor.service.queue import Scheduler
 
 log = structlog.get_logger("supervisor.daemon")
@@ -302,12 +302,13 @@ class Daemon:
 
         every(self.dispatcher.tick, tick, "tick", next_run_time=now)
         # Leases of jobs handled for long (slow API, a burst): extended every lease_ttl / 4.
-        every(self.leases.keep, config.supervisor.lease_ttl.total_seconds() / 4, "leases", misfire_grace_time=None)
+        lease_every = config.supervisor.lease_ttl.total_seconds() / LEASE_RENEWALS
+        every(self.leases.keep, lease_every, "leases", misfire_grace_time=None)
         # Leadership of the singleton chores: taken or renewed every leader_ttl / 3.
         # However late the loop runs it (no misfire skip): a skipped renewal costs leadership.
         every(
             self.elector.elect,
-            config.supervisor.leader_ttl.total_seconds() / 3,
+            config.supervisor.leader_ttl.total_seconds() / LEADER_RENEWALS,
             "leader",
             next_run_time=now,
             misfire_grace_time=None,
