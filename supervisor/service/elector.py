@@ -33,7 +33,9 @@ class Elector:
         self._store = store
         self._clock = clock
         self._stopping = stopping
-        self._backoff = Backoff("leader renewal", first=1.0, cap=renewal_cap(config().supervisor.leader_ttl, LEADER_RENEWALS))
+        self._backoff = Backoff(
+            "leader renewal", first=1.0, cap=renewal_cap(config().supervisor.leader_ttl, LEADER_RENEWALS)
+        )
         self._until = 0.0  # monotonic: leadership is ours until then without renewal
         self._was_leader = False
         self._on_change: Callable[[bool], None] = lambda leader: None

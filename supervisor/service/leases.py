@@ -58,7 +58,9 @@ class LeaseKeeper:
         self._clock = clock
         self._inflight = inflight
         self._stopping = stopping
-        self._backoff = Backoff("lease extension", first=1.0, cap=renewal_cap(config().supervisor.lease_ttl, LEASE_RENEWALS))
+        self._backoff = Backoff(
+            "lease extension", first=1.0, cap=renewal_cap(config().supervisor.lease_ttl, LEASE_RENEWALS)
+        )
 
     async def keep(self) -> None:
         """Extend the leases of jobs still being handled once a fifth of their lease is
