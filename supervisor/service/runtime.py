@@ -123,6 +123,7 @@ class Daemon:
             self._stopping,
             inflight=lambda: len(self.dispatcher.inflight),
             spawn=self._spawn,
+            lag_note=lambda: self.dispatcher.lag.note,
         )
         self.dispatcher = Dispatcher(
             current,
@@ -138,6 +139,8 @@ class Daemon:
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
+        # One STATUS= line: the housekeeping's summary, the lag watch's note after it.
+        self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at
         # once, not at the next tick.
         self.enforcer.on_due = lambda: self._spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
@@ -257,7 +260,7 @@ class Daemon:
 
     @notifier.setter
     def notifier(self, notifier: Notifier) -> None:
-        self._notifier = self.dispatcher.notifier = self.housekeeping.notifier = notifier
+        self._notifier = self.dispatcher.notifier = self.housekeeping.notifier = self.dispatcher.lag.notifier = notifier
 
     @property
     def is_leader(self) -> bool:
