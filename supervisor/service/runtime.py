@@ -96,7 +96,6 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._runs = Runs(self._stopping)  # scheduled and spawned runs of the services now going
-        self._spawn = self._runs.spawn
         current = self.current_config
         # A flush that hangs (a database gone silent) gives up within a lease (PostgreSQL;
         # SQLite's own busy timeout bounds its flushes, see guards.db_timeout).
@@ -117,7 +116,7 @@ class Daemon:
             clock,
             self._stopping,
             inflight=lambda: len(self.dispatcher.inflight),
-            spawn=self._spawn,
+            spawn=self._runs.spawn,
             lag_note=lambda: self.dispatcher.lag.note,
         )
         self.dispatcher = Dispatcher(
@@ -138,7 +137,7 @@ class Daemon:
         self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at
         # once, not at the next tick.
-        self.enforcer.on_due = lambda: self._spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
+        self.enforcer.on_due = lambda: self._runs.spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
         self.elector.on_change(self.housekeeping.leadership_changed)
         self._reloader = Reloader(store, clock, current, self._adopt)
         self._up = False  # started and serving: a SIGHUP before then is held
@@ -173,7 +172,7 @@ class Daemon:
         async def reload() -> None:
             await self.reload_config()
 
-        self._spawn(reload, "config-reload")
+        self._runs.spawn(reload, "config-reload")
 
     async def reload_config(self) -> bool:
         """Adopt the config file's new content, or refuse it and keep the running config
