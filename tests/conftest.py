@@ -9,21 +9,44 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
+import httpx
 import pytest
+from httpx_aiohttp import AiohttpTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fakeserver import FakeServer
 from supervisor.adapters import migrate
-from supervisor.adapters.clado import CladoClient
+from supervisor.adapters.clado import CladoClient, TransportName
 from supervisor.adapters.store import Store
 from supervisor.config import Config, load_config
 from supervisor.service.runtime import Daemon
 
 API_KEY = "lk_test_4f1c2e9a7b"
 REPO = Path(__file__).resolve().parents[1]
+
+# The API transport every config the harness builds names ([api] transport), so one switch
+# runs the daemon's suites on either: `make test-httpx` sets it (see the Makefile).
+TRANSPORT_ENV = "CLADO_SUPERVISOR_TEST_TRANSPORT"
+TRANSPORTS: tuple[TransportName, ...] = get_args(TransportName)
+
+
+def chosen_transport() -> TransportName:
+    """The transport chosen for this session: $CLADO_SUPERVISOR_TEST_TRANSPORT, else the default."""
+    name = os.environ.get(TRANSPORT_ENV, "aiohttp")
+    if name not in TRANSPORTS:
+        raise pytest.UsageError(f"{TRANSPORT_ENV}={name!r}: use one of {', '.join(TRANSPORTS)}")
+    return cast(TransportName, name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen_transport()  # an unknown name stops the session before any test runs
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"API transport under test: {chosen_transport()} (${TRANSPORT_ENV})"
 
 
 @pytest.fixture
@@ -70,6 +93,7 @@ def config_text(
 base_url = "{base_url}"
 timeout = "2s"
 max_retries = 2
+transport = "{chosen_transport()}"
 
 [database]
 url = "{db_url}"
@@ -134,7 +158,9 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
         max_retries=config.api.max_retries,
         backoff_initial=0.05,
         backoff_max=0.5,
+        transport=config.api.transport,
     )
+    assert_on_transport(client, config.api.transport)
     daemon = Daemon(config, store, client)
     daemon.start()
     try:
@@ -143,6 +169,15 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
         await daemon.stop()
         await client.aclose()
         await store.close()
+
+
+def assert_on_transport(client: CladoClient, name: TransportName) -> None:
+    """The client really sends through `name` (httpx's own transport is an AsyncHTTPTransport,
+    httpx-aiohttp's an AiohttpTransport): a harness that sets the switch but a daemon that does
+    not follow it fails here, not silently on the default."""
+    kind = {"aiohttp": AiohttpTransport, "httpx": httpx.AsyncHTTPTransport}[name]
+    under = client._http._transport
+    assert isinstance(under, kind), f"the client sends through {type(under).__name__}, not the {name} transport"
 
 
 async def wait_until(

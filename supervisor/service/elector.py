@@ -14,12 +14,15 @@ import structlog
 from supervisor.adapters import metrics
 from supervisor.adapters.store import Store, db_error_text
 from supervisor.config import Config
+from supervisor.core.backoff import renewal_cap
 from supervisor.service.guards import Backoff, db_timeout
 
 log = structlog.get_logger("supervisor.daemon")
 
 # The leader row's name: one leader for all singleton chores.
 LEADER_ROLE = "chores"
+# Leadership is taken or renewed this many times per leader_ttl (the daemon schedules it).
+LEADER_RENEWALS = 3
 
 
 class Elector:
@@ -30,8 +33,9 @@ class Elector:
         self._store = store
         self._clock = clock
         self._stopping = stopping
-        ttl = config().supervisor.leader_ttl.total_seconds()
-        self._backoff = Backoff("leader renewal", first=1.0, cap=max(1.0, ttl / 3))
+        self._backoff = Backoff(
+            "leader renewal", first=1.0, cap=renewal_cap(config().supervisor.leader_ttl, LEADER_RENEWALS)
+        )
         self._until = 0.0  # monotonic: leadership is ours until then without renewal
         self._was_leader = False
         self._on_change: Callable[[bool], None] = lambda leader: None

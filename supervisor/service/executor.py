@@ -9,6 +9,9 @@ sends again (the API answers 409 if it had landed).
 Some terminal jobs are still looked at, read-only (states.RECHECKED, until the row's
 `recheck_until`): a completed job anyone may continue, a lost one that may come back, an
 unconfirmed one that may still spend. A look that finds one running again reopens it.
+
+The poll itself, what a failed one means (backoff, misses earning `lost`, the all-404 check)
+and when a job is looked at next are polling.py's.
 """
 
 from __future__ import annotations
@@ -21,16 +24,7 @@ from typing import Any
 import structlog
 
 from supervisor.adapters import failpoints
-from supervisor.adapters.clado import (
-    ApiKeyRejected,
-    CladoClient,
-    CladoError,
-    CreditsUnavailable,
-    JobNotFound,
-    JobStatus,
-    RequestRejected,
-    UnreadableBody,
-)
+from supervisor.adapters.clado import ApiKeyRejected, CladoClient, CladoError, JobNotFound, JobStatus, RequestRejected
 from supervisor.adapters.store import JobWrite
 from supervisor.config import Config
 from supervisor.core import transitions
@@ -40,30 +34,21 @@ from supervisor.core.policy import Evaluation, Observation, evaluate, job_policy
 from supervisor.core.states import RECHECKED, State
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
+from supervisor.service.polling import (
+    AUTH_RETRY,
+    Poller,
+    error_backoff,
+    next_recheck,
+    recheck_window,
+    unconfirmed_watch,
+)
 
 log = structlog.get_logger("supervisor.handler")
 
 Write = Callable[[JobWrite], Awaitable[bool]]
 
-# While the API is unreachable a job is retried at growing gaps, up to its poll interval.
-_ERROR_BACKOFF_FIRST = 1.0
-_ERROR_BACKOFF_CAP = 60.0
-# While the API key is rejected nobody polls; jobs are looked at again after this.
-_AUTH_RETRY = timedelta(seconds=30)
-# `lost` is earned: this many 404s (or 403s) in a row, the 404s spread over at least this
-# many poll intervals (30 s at the default 15 s), so a blip of a proxy loses no job.
-_MISS_POLLS = 3
-_NOT_FOUND_GRACE_POLLS = 2
-# A completed or lost job is looked at this often (in poll intervals) within the reopen window.
-_RECHECK_POLLS = 4
-# An unconfirmed job is polled until the API says final; one that stops answering is given
-# up after this long without a running status.
-_UNCONFIRMED_WATCH = timedelta(days=1)
 # A cancel the job does not heed is sent again at growing gaps, up to this many poll intervals.
 _RESEND_CAP_POLLS = 4
-# Distinct jobs whose status answered 404 with no status answered in between: enough to ask
-# whether every request 404s (a wrong base_url path) before anything is marked lost.
-_ALL_NOT_FOUND_JOBS = 3
 
 
 class JobHandler:
@@ -81,15 +66,17 @@ class JobHandler:
         self._clock = clock
         self._effects = effects
         self._on_phase: Callable[[str, str], None] = lambda job_id, phase: None
-        # Jobs whose status answered 404 since the last status that answered at all.
-        self._not_found_streak: set[str] = set()
-        # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
-        # lost for it. /readyz reads this (through the dispatcher).
-        self.api_misconfigured = False
+        self.poller = Poller(config, client, self._write, clock, effects)
 
     @property
     def config(self) -> Config:
         return self._config()
+
+    @property
+    def api_misconfigured(self) -> bool:
+        """Every request 404s, the credits endpoint too (/readyz reads this, through the
+        dispatcher): the base_url is wrong, so no job is lost for it."""
+        return self.poller.api_misconfigured
 
     def on_phase(self, callback: Callable[[str, str], None]) -> None:
         """Tell the daemon when a job enters the cancel phase (shutdown lets it finish)."""
@@ -108,7 +95,7 @@ class JobHandler:
     # -- watching -----------------------------------------------------------------------
 
     async def _watch(self, job: Job) -> None:
-        status = await self._poll(job)
+        status = await self.poller.status(job)
         if status is None:
             return
         now = self._clock()
@@ -214,24 +201,28 @@ class JobHandler:
         try:
             result = await self.client.cancel(job.job_id)
         except JobNotFound as exc:
-            if self.api_misconfigured or await self._check_api_path(job):
+            if self.api_misconfigured or await self.poller.check_api_path(job):
                 # Every request 404s: the job is not lost, the URL is wrong; the decision stands.
                 now = self._clock()
                 retry = self.config.supervisor.poll_interval
                 await self._write(transitions.cancel_not_sent(change, f"HTTP 404: {exc}", now, now + retry))
                 return
             now = self._clock()
-            await self._write(transitions.lose(change, {"cancel": "HTTP 404"}, now, **self._recheck_window(now)))
+            await self._write(
+                transitions.lose(change, {"cancel": "HTTP 404"}, now, **recheck_window(self.config.supervisor, now))
+            )
             return
         except RequestRejected as exc:
             # 400/403: the API will not take this cancel, however often it is sent.
             bound.error("cancel refused by the API", error=str(exc))
             now = self._clock()
-            await self._write(transitions.give_up(change, {"cancel": str(exc)}, now, **self._unconfirmed_watch(now)))
+            await self._write(
+                transitions.give_up(change, {"cancel": str(exc)}, now, **unconfirmed_watch(self.config.supervisor, now))
+            )
             return
         except CladoError as exc:  # API down, throttled, key rejected: the decision stands, retry
             now = self._clock()
-            retry = _AUTH_RETRY if isinstance(exc, ApiKeyRejected) else self._backoff(change.after.cancel_attempts)
+            retry = AUTH_RETRY if isinstance(exc, ApiKeyRejected) else error_backoff(change.after.cancel_attempts)
             bound.warning("cancel not sent yet; will retry", error=str(exc), retry_in=retry.total_seconds())
             await self._write(transitions.cancel_not_sent(change, str(exc), now, now + retry))
             return
@@ -252,7 +243,7 @@ class JobHandler:
     # -- confirming ---------------------------------------------------------------------
 
     async def _confirm(self, job: Job) -> None:
-        status = await self._poll(job)
+        status = await self.poller.status(job)
         if status is None:
             return
         now = self._clock()
@@ -270,7 +261,9 @@ class JobHandler:
                 remote_status=status.status, credits=seen.credits_used,
             )  # fmt: skip
             detail = {"remote_status": status.status, "cancel": job.cancel_answer}
-            await self._write(transitions.give_up(change, detail, now, **self._unconfirmed_watch(now)))
+            await self._write(
+                transitions.give_up(change, detail, now, **unconfirmed_watch(self.config.supervisor, now))
+            )
             return
         # Still running after its cancel was answered: refused ("only pending jobs can be
         # cancelled"), or taken and not heeded while the count still grows.
@@ -296,7 +289,7 @@ class JobHandler:
         """A read-only look at a completed, lost or unconfirmed job: its spend is recorded,
         a job running again is reopened (completed, lost) and watched, a final status ends
         an unconfirmed or lost job."""
-        status = await self._poll(job)
+        status = await self.poller.status(job)
         if status is None:
             return
         now = self._clock()
@@ -305,7 +298,7 @@ class JobHandler:
             if status.is_final:
                 await self._write(self._finish(change, status.status, now))
             else:
-                await self._write(change.set(self._unconfirmed_watch(now)))
+                await self._write(change.set(unconfirmed_watch(self.config.supervisor, now)))
             return
         if not status.is_final:
             await self._enforce(transitions.reopen(change, now), status, now)
@@ -313,125 +306,12 @@ class JobHandler:
         if job.state is State.LOST:
             await self._write(self._finish(change, status.status, now))
             return
-        await self._write(change.set(self._next_recheck(job, now)))
-
-    def _next_recheck(self, job: Job, now: datetime) -> dict[str, Any]:
-        """The next look at a completed or lost job, or none once its window is over."""
-        until = job.recheck_until
-        if until is None or now >= until:
-            return {"recheck_until": None}
-        return {"next_check_at": min(now + self.config.supervisor.poll_interval * _RECHECK_POLLS, until)}
-
-    def _recheck_window(self, now: datetime) -> dict[str, Any]:
-        """How a job that completed or was lost now is looked at again: for the reopen window."""
-        window = self.config.supervisor.reopen_window
-        if not window:
-            return {}
-        return {"recheck_until": now + window, "next_check_at": now + self.config.supervisor.poll_interval}
-
-    def _unconfirmed_watch(self, now: datetime) -> dict[str, Any]:
-        return {"recheck_until": now + _UNCONFIRMED_WATCH, "next_check_at": now + self.config.supervisor.poll_interval}
+        await self._write(change.set(next_recheck(self.config.supervisor, job, now)))
 
     def _finish(self, change: Change, remote_status: str, now: datetime) -> Change:
-        return transitions.finish(change, remote_status, now, **self._recheck_window(now))
+        return transitions.finish(change, remote_status, now, **recheck_window(self.config.supervisor, now))
 
     # -- shared -------------------------------------------------------------------------
-
-    async def _poll(self, job: Job) -> JobStatus | None:
-        """The job's status, or None after recording why it could not be had."""
-        try:
-            status = await self.client.status(job.job_id)
-        except JobNotFound as exc:
-            await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
-        except RequestRejected as exc:
-            if exc.status_code == 403:
-                await self._missed(job, transitions.FORBIDDEN, str(exc))
-            else:
-                await self._poll_failed(job, exc)
-        except ApiKeyRejected as exc:
-            now = self._clock()
-            await self._write(
-                Change.of(job).set({"last_error": str(exc), "next_check_at": now + _AUTH_RETRY, "updated_at": now})
-            )
-        except CladoError as exc:
-            await self._poll_failed(job, exc)
-        else:
-            self._not_found_streak.clear()
-            if self.api_misconfigured:
-                self.api_misconfigured = False
-                self._effects.api_misconfigured(False, job_id=job.job_id)
-            return status
-        return None
-
-    async def _poll_failed(self, job: Job, exc: CladoError) -> None:
-        now = self._clock()
-        settings = self.config.supervisor
-        errors = job.poll_errors + 1
-        retry = min(self._backoff(errors), settings.poll_interval)
-        if job.state is State.CONFIRMING:
-            retry = min(retry, settings.confirm_interval)
-        log.warning(
-            "status poll failed", job_id=job.job_id, state=job.state.value,
-            error=str(exc), errors=errors, retry_in=retry.total_seconds(),
-        )  # fmt: skip
-        values = {"poll_errors": errors, "last_error": str(exc), "next_check_at": now + retry, "updated_at": now}
-        events = [transitions.Event("poll_error", now, detail={"error": str(exc)})] if errors == 1 else []
-        change = Change.of(job).set(values, *events)
-        if isinstance(exc, UnreadableBody):
-            # Not a zero: the job keeps its last credits, and someone is told the API changed.
-            change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
-        await self._write(change)
-
-    async def _missed(self, job: Job, kind: str, error: str) -> None:
-        """A 404 or 403 on status: counted; the job is lost once that is earned, never while
-        every request 404s (a wrong base_url)."""
-        settings = self.config.supervisor
-        if kind == transitions.NOT_FOUND:
-            self._not_found_streak.add(job.job_id)
-            if len(self._not_found_streak) >= _ALL_NOT_FOUND_JOBS and not self.api_misconfigured:
-                await self._check_api_path(job)
-        now = self._clock()
-        if kind == transitions.NOT_FOUND and self.api_misconfigured:
-            # Not the job's fault: nothing counts towards its loss while the API path is wrong.
-            await self._write(
-                Change.of(job).set(
-                    {"last_error": error, "next_check_at": now + settings.poll_interval, "updated_at": now}
-                )
-            )
-            return
-        change = transitions.missed(Change.of(job), kind, error, now, now + settings.poll_interval)
-        if job.state in (State.COMPLETED, State.LOST):
-            # Already over: looked at again within its window, in case it comes back.
-            await self._write(change.set(self._next_recheck(job, now)))
-            return
-        grace = settings.poll_interval * _NOT_FOUND_GRACE_POLLS if kind == transitions.NOT_FOUND else timedelta(0)
-        if not transitions.loss_earned(change.after, now, polls=_MISS_POLLS, grace=grace):
-            await self._write(change)
-            return
-        if kind == transitions.NOT_FOUND and await self._check_api_path(job):
-            await self._write(change.set({"next_check_at": now + settings.poll_interval}))
-            return
-        facts = change.after
-        since = facts.miss_since.isoformat() if facts.miss_since else None
-        detail = {"lost": kind, "status": error, "polls": facts.miss_count, "since": since}
-        await self._write(transitions.lose(change, detail, now, **self._recheck_window(now)))
-
-    async def _check_api_path(self, job: Job) -> bool:
-        """Whether every request answers 404 (the credits endpoint too): a wrong base_url path,
-        not lost jobs. Said once when it begins; any status answered ends it (`_poll`)."""
-        try:
-            await self.client.account()
-        except CreditsUnavailable:
-            misconfigured = True
-        except CladoError:
-            return self.api_misconfigured  # cannot tell now: keep what was known
-        else:
-            misconfigured = False
-            self._not_found_streak.clear()
-        if misconfigured and not self.api_misconfigured:
-            self._effects.api_misconfigured(True, job_id=job.job_id)
-        self.api_misconfigured = misconfigured
-        return misconfigured
 
     async def _write(self, change: Change, *, release: bool = True) -> bool:
         """Apply the change under this job's lease; its effects follow only if it was applied."""
@@ -439,7 +319,3 @@ class JobHandler:
             return False
         self._effects.applied([change])
         return True
-
-    @staticmethod
-    def _backoff(attempt: int) -> timedelta:
-        return timedelta(seconds=delay(attempt, _ERROR_BACKOFF_FIRST, _ERROR_BACKOFF_CAP))

@@ -1,6 +1,7 @@
 """The singleton chores, run by the leader only (elector.py): budget sweeps and the account
 floor (their rules are the Enforcer's, chores.py), retention, and the jobs-by-state gauges
-with the systemd status line. Each is bounded, catches its own errors and backs off."""
+with the systemd status line (the lag watch's note after it: lag.py). Each is bounded,
+catches its own errors and backs off."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from supervisor.core.states import ACTIVE, State
 from supervisor.service.chores import Enforcer
 from supervisor.service.elector import Elector
 from supervisor.service.guards import Backoff, db_timeout
+from supervisor.service.lag import status_line
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -46,6 +48,7 @@ class Housekeeping:
         *,
         inflight: Callable[[], int],
         spawn: Spawn,
+        lag_note: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._config = config
         self._store = store
@@ -56,6 +59,9 @@ class Housekeeping:
         self._stopping = stopping
         self._inflight = inflight
         self._spawn = spawn  # the runtime's: shutdown waits for what is started this way
+        self._lag_note = lag_note  # the lag watch's, said after the summary on STATUS=
+        # The latest summary (what `systemd-notify READY=1` said until the first refresh).
+        self.summary = "supervising"
         self._backoffs = {
             name: Backoff(f"chore {name}", first=first, cap=CHORE_BACKOFF_CAP)
             for name, first in (("sweep_budgets", 1.0), ("check_account", 1.0), ("retention", 1.0), ("summary", 5.0))
@@ -102,7 +108,7 @@ class Housekeeping:
         """The jobs-by-state gauges (leader only: one query for the whole fleet) and the
         systemd status line."""
         if not self._elector.notice():
-            self.notifier.status(f"supervising; {self._inflight()} job(s) in flight (not the leader)")
+            self._show(f"supervising; {self._inflight()} job(s) in flight (not the leader)")
             return
         backoff = self._backoffs["summary"]
         if not backoff.ready():
@@ -119,7 +125,12 @@ class Housekeeping:
         for state in State:
             metrics.JOBS.labels(state.value).set(counts.get(state.value, 0))
         active = sum(counts.get(state.value, 0) for state in ACTIVE)
-        self.notifier.status(f"supervising {active} active job(s); {self._inflight()} in flight (leader)")
+        self._show(f"supervising {active} active job(s); {self._inflight()} in flight (leader)")
+
+    def _show(self, summary: str) -> None:
+        """The new summary on systemd's STATUS=, with the lag watch's note (if any) after it."""
+        self.summary = summary
+        self.notifier.status(status_line(summary, self._lag_note()))
 
     # -- internals ----------------------------------------------------------------------
 

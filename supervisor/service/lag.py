@@ -7,7 +7,11 @@ of a window cover a span of due times, and `polls / span` is how many the schedu
 per second (a span shorter than the window means the backlog grew). When the p99 stays above
 one poll interval for `SUSTAIN` (or a poll interval, if longer) the replica is falling
 behind: a warning with the numbers and the knobs to turn (at most every `LOG_EVERY`), the
-gauges, and systemd's STATUS= line; once a window is back under it, one line says so.
+gauges, and a note on systemd's STATUS= line; once a window is back under it, one line says so.
+
+STATUS= is shared: the housekeeping's summary ("supervising 3 active job(s); …") comes first
+and the lag note after it (`status_line`), whichever of the two changed, so that neither
+hides the other.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class LagWindow:
     asked_per_s: float
 
 
+def status_line(summary: str, note: str | None) -> str:
+    """systemd's STATUS=: the daemon's summary, then the lag note while there is one."""
+    return "; ".join(part for part in (summary, note) if part)
+
+
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
@@ -54,7 +63,8 @@ def _p99(values: list[float]) -> float:
 class LagWatch:
     def __init__(self, notifier: Notifier, poll_interval: Callable[[], float]) -> None:
         """`poll_interval` is read at each window (the current config's, after a reload)."""
-        self._notifier = notifier
+        self.notifier = notifier
+        self._summary: Callable[[], str] = lambda: ""
         self._poll_interval = poll_interval
         self._start: float | None = None
         self._lags: list[float] = []
@@ -65,6 +75,12 @@ class LagWatch:
         self._warned_at: float | None = None
         self.falling_behind = False
         self.last: LagWindow | None = None
+        # What STATUS= says after the summary while this replica falls behind, else None.
+        self.note: str | None = None
+
+    def beside(self, summary: Callable[[], str]) -> None:
+        """Put the note after `summary` (the housekeeping's latest) on STATUS=."""
+        self._summary = summary
 
     def observe(self, due: datetime, now: datetime) -> None:
         """A poll that was due at `due` starts at `now` (the daemon's clock)."""
@@ -99,8 +115,9 @@ class LagWatch:
             if self.falling_behind:
                 self.falling_behind = False
                 metrics.FALLING_BEHIND.set(0)
+                self.note = None
                 log.info("polls are on time again", lag_p99_s=round(window.p99, 3), threshold_s=interval)
-                self._notifier.status("supervising; polls on time again")
+                self.notifier.status(status_line(self._summary(), "polls on time again"))
             return
         if self._behind_since is None:
             self._behind_since = at - elapsed
@@ -109,10 +126,11 @@ class LagWatch:
         self.falling_behind = True
         metrics.FALLING_BEHIND.set(1)
         asked = "a burst" if math.isinf(window.asked_per_s) else f"~{window.asked_per_s:.0f}/s"
-        self._notifier.status(
+        self.note = (
             f"falling behind: lag p99 {window.p99:.1f}s > poll interval {interval:g}s; "
             f"polls {window.done_per_s:.0f}/s done, {asked} asked"
         )
+        self.notifier.status(status_line(self._summary(), self.note))
         if self._warned_at is None or at - self._warned_at >= LOG_EVERY:
             self._warned_at = at
             log.warning(

@@ -18,6 +18,7 @@ import structlog
 
 from supervisor.adapters.store import Store
 from supervisor.config import Config
+from supervisor.core.backoff import renewal_cap
 from supervisor.service.guards import Backoff, db_timeout
 
 log = structlog.get_logger("supervisor.daemon")
@@ -27,6 +28,8 @@ MAX_HANDLING = 120.0
 # Handling stops this fraction of a lease after the lease was taken or last extended,
 # leaving the rest for the final commit and the clocks' differences.
 LEASE_USE = 0.8
+# The keeper runs this many times per lease_ttl (the daemon schedules it).
+LEASE_RENEWALS = 4
 
 
 @dataclass
@@ -55,8 +58,9 @@ class LeaseKeeper:
         self._clock = clock
         self._inflight = inflight
         self._stopping = stopping
-        ttl = config().supervisor.lease_ttl.total_seconds()
-        self._backoff = Backoff("lease extension", first=1.0, cap=max(1.0, ttl / 4))
+        self._backoff = Backoff(
+            "lease extension", first=1.0, cap=renewal_cap(config().supervisor.lease_ttl, LEASE_RENEWALS)
+        )
 
     async def keep(self) -> None:
         """Extend the leases of jobs still being handled once a fifth of their lease is

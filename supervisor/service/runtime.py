@@ -9,16 +9,16 @@ The services:
 - housekeeping.py: those chores (budgets, account floor, retention, summary gauges).
 
 APScheduler runs with the memory job store (never shared between processes: replicas
-coordinate through the jobs table), coalesce=True and max_instances=1. A database outage
-is survived: every service backs off exponentially and logs sparsely (guards.py), a
-handler whose write fails has sent nothing, and its job is claimed again once its lease
-has expired.
+coordinate through the jobs table), coalesce=True and max_instances=1; every run, scheduled
+or spawned, is one stop() waits for (runs.py). A database outage is survived: every
+service backs off exponentially and logs sparsely (guards.py), a handler whose write fails
+has sent nothing, and its job is claimed again once its lease has expired.
 
 Every service reads the config through `current_config` when it uses it, so a reload
 reaches all of them at once; `_adopt` is the one place the current config changes, and
-`reload_config` the one way a new file gets there: read bounded, validated whole, compared
-with the running config, and refused (the running config kept, one error line, a metric)
-rather than adopted when it would quietly weaken enforcement.
+`reload_config` the one way a new file gets there (reload.py: read bounded, validated whole,
+compared with the running config, and refused rather than adopted when it would quietly
+weaken enforcement).
 
 The database is watched (adapters/dbwatch.py): a SQLite file deleted or replaced under the
 daemon, or a schema revision this version does not know, makes the daemon unready
@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
@@ -41,33 +41,27 @@ from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from supervisor.adapters import metrics
 from supervisor.adapters.clado import CladoClient
 from supervisor.adapters.dbwatch import DatabaseFault, DatabaseWatch
 from supervisor.adapters.store import Store, db_error_text, utcnow
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.adapters.writer import BatchWriter
-from supervisor.config import Config, ConfigError, changed_keys, load_config
-from supervisor.core.states import ACTIVE
+from supervisor.config import Config
 from supervisor.service.chores import Enforcer
 from supervisor.service.dispatcher import Dispatcher
 from supervisor.service.effects import Effects
-from supervisor.service.elector import Elector
+from supervisor.service.elector import LEADER_RENEWALS, Elector
 from supervisor.service.executor import JobHandler
 from supervisor.service.held_signals import take_held_reload
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
-from supervisor.service.leases import LeaseKeeper
+from supervisor.service.leases import LEASE_RENEWALS, LeaseKeeper
 from supervisor.service.queue import Scheduler
+from supervisor.service.reload import Reloader
+from supervisor.service.runs import Runs
 
 log = structlog.get_logger("supervisor.daemon")
 
-# Sections and [supervisor] keys a reload cannot apply: they shaped what was built at start
-# (the client, the store, the hooks, the admin API, the scheduler's intervals).
-RESTART_SECTIONS = ("database", "api", "notify", "http")
-RESTART_KEYS = ("tick_interval", "lease_ttl", "leader_ttl")
-# A reload reads a small local file: longer than this means a hung filesystem.
-RELOAD_READ_TIMEOUT = 5.0
 # How often the database is checked for a deleted/replaced file or an unknown schema, and how
 # long the daemon stays up (unready, enforcing nothing) once it found one: long enough for
 # /readyz and the log to say why, short enough that systemd restarts it soon.
@@ -101,7 +95,7 @@ class Daemon:
         self._notifier = notifier or Notifier({})
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
-        self._running: set[asyncio.Task[object]] = set()  # scheduler jobs and spawned chores running now
+        self._runs = Runs(self._stopping)  # scheduled and spawned runs of the services now going
         current = self.current_config
         # A flush that hangs (a database gone silent) gives up within a lease (PostgreSQL;
         # SQLite's own busy timeout bounds its flushes, see guards.db_timeout).
@@ -122,7 +116,8 @@ class Daemon:
             clock,
             self._stopping,
             inflight=lambda: len(self.dispatcher.inflight),
-            spawn=self._spawn,
+            spawn=self._runs.spawn,
+            lag_note=lambda: self.dispatcher.lag.note,
         )
         self.dispatcher = Dispatcher(
             current,
@@ -138,11 +133,13 @@ class Daemon:
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
+        # One STATUS= line: the housekeeping's summary, the lag watch's note after it.
+        self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at
         # once, not at the next tick.
-        self.enforcer.on_due = lambda: self._spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
+        self.enforcer.on_due = lambda: self._runs.spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
         self.elector.on_change(self.housekeeping.leadership_changed)
-        self._reload_lock = asyncio.Lock()
+        self._reloader = Reloader(store, clock, current, self._adopt)
         self._up = False  # started and serving: a SIGHUP before then is held
         self._reload_held = False
         self.database_watch = DatabaseWatch(store.url)
@@ -175,79 +172,14 @@ class Daemon:
         async def reload() -> None:
             await self.reload_config()
 
-        self._spawn(reload, "config-reload")
+        self._runs.spawn(reload, "config-reload")
 
     async def reload_config(self) -> bool:
-        """Adopt the config file's new content for every job's next evaluation and every
-        service's next run, or refuse it and keep the running config. Returns whether the
-        new config is now in force. Refused: a file that cannot be read in time, is not a
-        regular file, is too large, invalid or empty, and one that removes a policy or
-        budget still used by running jobs or open reservations (unless it sets
-        `supervisor.allow_orphaning = true`)."""
+        """Adopt the config file's new content, or refuse it and keep the running config
+        (reload.py). Returns whether the new config is now in force."""
         if self.config_path is None:
             return False
-        async with self._reload_lock:
-            old = self._config
-            problem: str | None = None
-            try:
-                async with asyncio.timeout(RELOAD_READ_TIMEOUT):
-                    new = await asyncio.to_thread(load_config, self.config_path, require_settings=True)
-                await self._refuse_orphaning(old, new)
-            except TimeoutError:
-                problem = f"{self.config_path}: not read within {RELOAD_READ_TIMEOUT:g} s"
-            except ConfigError as exc:
-                problem = str(exc)
-            if problem is not None:
-                metrics.CONFIG_RELOADS.labels("failure").inc()
-                # The wording and the `error` key are what operators' alerts already match.
-                log.error("config reload failed; keeping the previous config", error=problem)
-                return False
-            for section in RESTART_SECTIONS:
-                if getattr(new, section) != getattr(old, section):
-                    log.warning("config change needs a restart to take effect", section=section)
-            for key in RESTART_KEYS:
-                if getattr(new.supervisor, key) != getattr(old.supervisor, key):
-                    log.warning("config change needs a restart to take effect", key=f"supervisor.{key}")
-            self._adopt(new)
-            metrics.CONFIG_RELOADS.labels("success").inc()
-            log.info("config reloaded", changed=changed_keys(old, new), config_hash=new.config_hash)
-            return True
-
-    async def _refuse_orphaning(self, old: Config, new: Config) -> None:
-        """ConfigError when `new` removes a policy that running jobs are on, or a budget
-        that running jobs or open reservations count against: those jobs would silently
-        be judged by other limits (a removed policy falls back to `default`)."""
-        policies = [name for name in old.policies if name not in new.policies]
-        budgets = [name for name in old.budgets if name not in new.budgets]
-        if not (policies or budgets) or new.supervisor.allow_orphaning:
-            return
-        source = new.source
-        try:
-            running = [job for state in ACTIVE for job in await self.store.list_jobs(state.value)]
-            reserved = [
-                labels
-                for rows in (await self.store.usage([None], self.clock())).values()
-                for labels, usage in rows
-                if usage.reserved > 0
-            ] if budgets else []  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - whatever failed, unchecked means refused
-            raise ConfigError(
-                f"{source}: cannot check that no running job uses a removed policy or budget "
-                f"(database: {db_error_text(exc)})"
-            ) from None
-        escape = "set supervisor.allow_orphaning = true to remove it anyway"
-        for name in policies:
-            users = sum(job.policy == name for job in running)
-            if users:
-                raise ConfigError(f"{source}: policies.{name}: removed, but {users} running job(s) use it ({escape})")
-        for name in budgets:
-            users = sum(name in old.budgets_for(dict(job.labels)) for job in running)
-            holds = sum(name in old.budgets_for(labels) for labels in reserved)
-            if users or holds:
-                raise ConfigError(
-                    f"{source}: budgets.{name}: removed, but {users} running job(s) and {holds} open "
-                    f"reservation(s) count against it ({escape})"
-                )
+        return await self._reloader.reload(self.config_path)
 
     # -- what the admin API and the tests read ----------------------------------------------
 
@@ -257,7 +189,7 @@ class Daemon:
 
     @notifier.setter
     def notifier(self, notifier: Notifier) -> None:
-        self._notifier = self.dispatcher.notifier = self.housekeeping.notifier = notifier
+        self._notifier = self.dispatcher.notifier = self.housekeeping.notifier = self.dispatcher.lag.notifier = notifier
 
     @property
     def is_leader(self) -> bool:
@@ -298,16 +230,17 @@ class Daemon:
         scheduler.add_listener(self._on_scheduler_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
 
         def every(body: Callable[[], Awaitable[object]], seconds: float, job_id: str, **options: object) -> None:
-            scheduler.add_job(self._scheduled(body), "interval", seconds=seconds, id=job_id, **options)
+            scheduler.add_job(self._runs.tracked(body), "interval", seconds=seconds, id=job_id, **options)
 
         every(self.dispatcher.tick, tick, "tick", next_run_time=now)
         # Leases of jobs handled for long (slow API, a burst): extended every lease_ttl / 4.
-        every(self.leases.keep, config.supervisor.lease_ttl.total_seconds() / 4, "leases", misfire_grace_time=None)
+        lease_every = config.supervisor.lease_ttl.total_seconds() / LEASE_RENEWALS
+        every(self.leases.keep, lease_every, "leases", misfire_grace_time=None)
         # Leadership of the singleton chores: taken or renewed every leader_ttl / 3.
         # However late the loop runs it (no misfire skip): a skipped renewal costs leadership.
         every(
             self.elector.elect,
-            config.supervisor.leader_ttl.total_seconds() / 3,
+            config.supervisor.leader_ttl.total_seconds() / LEADER_RENEWALS,
             "leader",
             next_run_time=now,
             misfire_grace_time=None,
@@ -335,6 +268,7 @@ class Daemon:
             poll_interval=config.supervisor.poll_interval.total_seconds(),
             tick_interval=tick,
             dry_run=config.supervisor.dry_run,
+            transport=config.api.transport,
             config_hash=config.config_hash,
         )
 
@@ -351,11 +285,7 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
         # Runs already started (a claim, a renewal, a chore) finish: each is short and bounded
         # (on SQLite by its busy timeout: a write cancelled there would keep its lock).
-        if self._running:
-            _, late = await asyncio.wait(set(self._running), timeout=40 if self.store.is_sqlite else 5)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self._runs.finish(40 if self.store.is_sqlite else 5)
         inflight = self.dispatcher.inflight
         for item in inflight.values():
             if item.phase != "cancel":
@@ -444,33 +374,7 @@ class Daemon:
         self.database_failed.set()
         asyncio.get_running_loop().call_later(self.database_grace, self.request_stop)
 
-    # -- running the services -------------------------------------------------------------
-
-    def _scheduled(self, body: Callable[[], Awaitable[object]]) -> Callable[[], Coroutine[Any, Any, None]]:
-        """A run of a service that stop() can wait for (and, late, cancel quietly)."""
-
-        async def run() -> None:
-            task = asyncio.current_task()
-            if task is None:  # pragma: no cover - a coroutine awaited here always runs in a task
-                raise RuntimeError("a scheduled run outside a task")
-            self._running.add(task)
-            try:
-                await body()
-            except asyncio.CancelledError:
-                if not self._stopping.is_set():
-                    raise
-            finally:
-                self._running.discard(task)
-
-        # APScheduler names a job after these in its log lines ("Dispatcher.tick …").
-        run.__name__, run.__qualname__ = body.__name__, body.__qualname__
-        return run
-
-    def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
-        """Run `body` now, outside the schedule (a chore catching up), as stop() can wait for."""
-        task = asyncio.create_task(self._scheduled(body)(), name=name)
-        self._running.add(task)  # also while it waits for its first step
-        task.add_done_callback(self._running.discard)
+    # -- the scheduler's own troubles ------------------------------------------------------
 
     def _on_scheduler_event(self, event: JobExecutionEvent) -> None:
         if event.code == EVENT_JOB_MISSED:

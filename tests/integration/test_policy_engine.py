@@ -82,7 +82,7 @@ async def operations_on(config: Config) -> AsyncIterator[Operations]:
     """Operations (what `submit` runs) on the test database, with its own store and client."""
     await asyncio.to_thread(migrate.upgrade, config.database.url)
     store = Store(config.database.url)
-    client = CladoClient(config.api.base_url, API_KEY, timeout=2.0, max_retries=0)
+    client = CladoClient(config.api.base_url, API_KEY, timeout=2.0, max_retries=0, transport=config.api.transport)
     try:
         yield Operations(config, store, client)
     finally:

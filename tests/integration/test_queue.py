@@ -67,7 +67,8 @@ def clocked_client(config: Config, clock: ManualClock) -> CladoClient:
 
     return CladoClient(
         config.api.base_url, API_KEY, timeout=2.0, max_retries=0,
-        initiate_wait=config.api.initiate_wait.total_seconds(), clock=clock, sleep=sleep,
+        initiate_wait=config.api.initiate_wait.total_seconds(), transport=config.api.transport,
+        clock=clock, sleep=sleep,
     )  # fmt: skip
 
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
-from supervisor.core.backoff import delay
+from supervisor.core.backoff import delay, renewal_cap
 
 
 @pytest.mark.parametrize(
@@ -19,3 +21,17 @@ from supervisor.core.backoff import delay
 )
 def test_delay_doubles_from_first_up_to_cap(attempt: int, first: float, cap: float, expected: float) -> None:
     assert delay(attempt, first, cap) == expected
+
+
+@pytest.mark.parametrize(
+    ("ttl", "renewals", "expected"),
+    [
+        (timedelta(seconds=30), 3, 10.0),  # one renewal interval: the next renewal is still in time
+        (timedelta(seconds=10), 4, 2.5),
+        (timedelta(seconds=2), 4, 1.0),  # never under a second
+    ],
+)
+def test_renewal_cap_is_one_renewal_interval_and_at_least_a_second(
+    ttl: timedelta, renewals: int, expected: float
+) -> None:
+    assert renewal_cap(ttl, renewals) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -9,6 +10,7 @@ from structlog.testing import capture_logs
 
 from supervisor.adapters import metrics
 from supervisor.adapters.systemd import Notifier
+from supervisor.service.housekeeping import Housekeeping
 from supervisor.service.lag import LagWatch
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -107,3 +109,52 @@ def test_the_threshold_follows_the_current_poll_interval(notifier: StatusLines) 
     with capture_logs() as logs:
         run(watch, 200, asked=100, done=100, start=(0, 20))
     assert [e for e in logs if e["log_level"] == "warning"] == []
+
+
+class Leader:
+    """The elector as the summary sees it: this replica leads."""
+
+    is_leader = True
+
+    def notice(self) -> bool:
+        return True
+
+
+class Counts:
+    """The store as the summary sees it: three jobs being watched."""
+
+    is_sqlite = True
+
+    async def count_by_state(self) -> dict[str, int]:
+        return {"watching": 3}
+
+
+async def test_status_carries_the_summary_and_the_lag_note_whichever_changed_last(notifier: StatusLines) -> None:
+    watch = LagWatch(notifier, lambda: INTERVAL)
+    chores = Housekeeping(
+        lambda: None,  # type: ignore[arg-type,return-value]  # the summary reads no config
+        Counts(),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]  # no enforcer: the summary enforces nothing
+        Leader(),  # type: ignore[arg-type]
+        notifier,
+        lambda: T0,
+        asyncio.Event(),
+        inflight=lambda: 1,
+        spawn=lambda body, name: None,
+        lag_note=lambda: watch.note,
+    )
+    watch.beside(lambda: chores.summary)
+    summary = "supervising 3 active job(s); 1 in flight (leader)"
+    await chores.refresh_summary()
+    assert notifier.lines[-1] == summary
+
+    position = run(watch, 120, asked=667, done=400, start=(0, 0))  # the lag watch's turn
+    assert notifier.lines[-1].startswith(f"{summary}; falling behind: lag p99")
+    await chores.refresh_summary()  # the summary's turn: the note stays
+    assert notifier.lines[-1].startswith(f"{summary}; falling behind: lag p99")
+    assert "400/s done" in notifier.lines[-1]
+
+    run(watch, 30, asked=100, done=100, start=(position[1], position[1]))  # on time again
+    assert notifier.lines[-1] == f"{summary}; polls on time again"
+    await chores.refresh_summary()
+    assert notifier.lines[-1] == summary

@@ -1,0 +1,207 @@
+"""A job's status from the API, or the record of why there is none; and when a job is looked
+at next.
+
+A failed poll is retried at growing gaps, up to the poll interval. A 404 or 403 counts
+towards `lost`, which is earned: that many misses in a row, the 404s spread over a few poll
+intervals, so a blip of a proxy loses no job; and never while every request 404s, the
+credits endpoint too (a wrong base_url path: `api_misconfigured`, which /readyz reports).
+A rejected API key stops polling for a while (the client itself backs off its requests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from supervisor.adapters.clado import (
+    ApiKeyRejected,
+    CladoClient,
+    CladoError,
+    CreditsUnavailable,
+    JobNotFound,
+    JobStatus,
+    RequestRejected,
+    UnreadableBody,
+)
+from supervisor.config import Config, SupervisorConfig
+from supervisor.core import transitions
+from supervisor.core.backoff import delay
+from supervisor.core.job import Job
+from supervisor.core.states import State
+from supervisor.core.transitions import Change
+from supervisor.service.effects import Effects
+
+log = structlog.get_logger("supervisor.handler")
+
+# Applies a change under the job's lease (and its effects once applied): the handler's.
+Write = Callable[[Change], Awaitable[bool]]
+
+# While the API is unreachable a job is retried at growing gaps, up to its poll interval.
+_ERROR_BACKOFF_FIRST = 1.0
+_ERROR_BACKOFF_CAP = 60.0
+# While the API key is rejected nobody polls; jobs are looked at again after this.
+AUTH_RETRY = timedelta(seconds=30)
+# `lost` is earned: this many 404s (or 403s) in a row, the 404s spread over at least this
+# many poll intervals (30 s at the default 15 s), so a blip of a proxy loses no job.
+_MISS_POLLS = 3
+_NOT_FOUND_GRACE_POLLS = 2
+# A completed or lost job is looked at this often (in poll intervals) within the reopen window.
+_RECHECK_POLLS = 4
+# An unconfirmed job is polled until the API says final; one that stops answering is given
+# up after this long without a running status.
+_UNCONFIRMED_WATCH = timedelta(days=1)
+# Distinct jobs whose status answered 404 with no status answered in between: enough to ask
+# whether every request 404s (a wrong base_url path) before anything is marked lost.
+_ALL_NOT_FOUND_JOBS = 3
+
+
+# -- when a job is looked at next -------------------------------------------------------
+
+
+def error_backoff(attempt: int) -> timedelta:
+    """The gap after the `attempt`-th failure in a row to reach the API for a job."""
+    return timedelta(seconds=delay(attempt, _ERROR_BACKOFF_FIRST, _ERROR_BACKOFF_CAP))
+
+
+def recheck_window(settings: SupervisorConfig, now: datetime) -> dict[str, Any]:
+    """How a job that completed or was lost now is looked at again: for the reopen window."""
+    window = settings.reopen_window
+    if not window:
+        return {}
+    return {"recheck_until": now + window, "next_check_at": now + settings.poll_interval}
+
+
+def next_recheck(settings: SupervisorConfig, job: Job, now: datetime) -> dict[str, Any]:
+    """The next look at a completed or lost job, or none once its window is over."""
+    until = job.recheck_until
+    if until is None or now >= until:
+        return {"recheck_until": None}
+    return {"next_check_at": min(now + settings.poll_interval * _RECHECK_POLLS, until)}
+
+
+def unconfirmed_watch(settings: SupervisorConfig, now: datetime) -> dict[str, Any]:
+    """How a job whose cancel could not be confirmed is polled: until final, for a day."""
+    return {"recheck_until": now + _UNCONFIRMED_WATCH, "next_check_at": now + settings.poll_interval}
+
+
+# -- the poll ---------------------------------------------------------------------------
+
+
+class Poller:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        client: CladoClient,
+        write: Write,
+        clock: Callable[[], datetime],
+        effects: Effects,
+    ) -> None:
+        self._config = config
+        self._client = client
+        self._write = write
+        self._clock = clock
+        self._effects = effects
+        # Jobs whose status answered 404 since the last status that answered at all.
+        self._not_found_streak: set[str] = set()
+        # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
+        # lost for it.
+        self.api_misconfigured = False
+
+    async def status(self, job: Job) -> JobStatus | None:
+        """The job's status, or None after recording why it could not be had."""
+        try:
+            status = await self._client.status(job.job_id)
+        except JobNotFound as exc:
+            await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
+        except RequestRejected as exc:
+            if exc.status_code == 403:
+                await self._missed(job, transitions.FORBIDDEN, str(exc))
+            else:
+                await self._failed(job, exc)
+        except ApiKeyRejected as exc:
+            now = self._clock()
+            await self._write(
+                Change.of(job).set({"last_error": str(exc), "next_check_at": now + AUTH_RETRY, "updated_at": now})
+            )
+        except CladoError as exc:
+            await self._failed(job, exc)
+        else:
+            self._not_found_streak.clear()
+            if self.api_misconfigured:
+                self.api_misconfigured = False
+                self._effects.api_misconfigured(False, job_id=job.job_id)
+            return status
+        return None
+
+    async def check_api_path(self, job: Job) -> bool:
+        """Whether every request answers 404 (the credits endpoint too): a wrong base_url path,
+        not lost jobs. Said once when it begins; any status answered ends it (`status`)."""
+        try:
+            await self._client.account()
+        except CreditsUnavailable:
+            misconfigured = True
+        except CladoError:
+            return self.api_misconfigured  # cannot tell now: keep what was known
+        else:
+            misconfigured = False
+            self._not_found_streak.clear()
+        if misconfigured and not self.api_misconfigured:
+            self._effects.api_misconfigured(True, job_id=job.job_id)
+        self.api_misconfigured = misconfigured
+        return misconfigured
+
+    async def _failed(self, job: Job, exc: CladoError) -> None:
+        now = self._clock()
+        settings = self._config().supervisor
+        errors = job.poll_errors + 1
+        retry = min(error_backoff(errors), settings.poll_interval)
+        if job.state is State.CONFIRMING:
+            retry = min(retry, settings.confirm_interval)
+        log.warning(
+            "status poll failed", job_id=job.job_id, state=job.state.value,
+            error=str(exc), errors=errors, retry_in=retry.total_seconds(),
+        )  # fmt: skip
+        values = {"poll_errors": errors, "last_error": str(exc), "next_check_at": now + retry, "updated_at": now}
+        events = [transitions.Event("poll_error", now, detail={"error": str(exc)})] if errors == 1 else []
+        change = Change.of(job).set(values, *events)
+        if isinstance(exc, UnreadableBody):
+            # Not a zero: the job keeps its last credits, and someone is told the API changed.
+            change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
+        await self._write(change)
+
+    async def _missed(self, job: Job, kind: str, error: str) -> None:
+        """A 404 or 403 on status: counted; the job is lost once that is earned, never while
+        every request 404s (a wrong base_url)."""
+        settings = self._config().supervisor
+        if kind == transitions.NOT_FOUND:
+            self._not_found_streak.add(job.job_id)
+            if len(self._not_found_streak) >= _ALL_NOT_FOUND_JOBS and not self.api_misconfigured:
+                await self.check_api_path(job)
+        now = self._clock()
+        if kind == transitions.NOT_FOUND and self.api_misconfigured:
+            # Not the job's fault: nothing counts towards its loss while the API path is wrong.
+            await self._write(
+                Change.of(job).set(
+                    {"last_error": error, "next_check_at": now + settings.poll_interval, "updated_at": now}
+                )
+            )
+            return
+        change = transitions.missed(Change.of(job), kind, error, now, now + settings.poll_interval)
+        if job.state in (State.COMPLETED, State.LOST):
+            # Already over: looked at again within its window, in case it comes back.
+            await self._write(change.set(next_recheck(settings, job, now)))
+            return
+        grace = settings.poll_interval * _NOT_FOUND_GRACE_POLLS if kind == transitions.NOT_FOUND else timedelta(0)
+        if not transitions.loss_earned(change.after, now, polls=_MISS_POLLS, grace=grace):
+            await self._write(change)
+            return
+        if kind == transitions.NOT_FOUND and await self.check_api_path(job):
+            await self._write(change.set({"next_check_at": now + settings.poll_interval}))
+            return
+        facts = change.after
+        since = facts.miss_since.isoformat() if facts.miss_since else None
+        detail = {"lost": kind, "status": error, "polls": facts.miss_count, "since": since}
+        await self._write(transitions.lose(change, detail, now, **recheck_window(settings, now)))
