@@ -200,6 +200,7 @@ class Enforcer:
         account = config.account
         if account is None:  # removed by a reload: no floor, so no figure either
             metrics.ACCOUNT_CREDITS.clear()
+            self.account_credits, self.account_below_floor = None, False
             return
         try:
             credits = await self.client.credits()

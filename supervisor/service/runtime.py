@@ -161,7 +161,26 @@ class Daemon:
 
     def _adopt(self, new: Config) -> None:
         """The one place the current config changes."""
-        self._config = new
+        old, self._config = self._config, new
+        if self._scheduler is not None and new.account != old.account:
+            self._schedule_account(new)
+
+    def _every(self, body: Callable[[], Awaitable[object]], seconds: float, job_id: str, **options: object) -> None:
+        assert self._scheduler is not None  # noqa: S101 - only called once start() built it
+        self._scheduler.add_job(self._runs.tracked(body), "interval", seconds=seconds, id=job_id, **options)
+
+    def _schedule_account(self, config: Config) -> None:
+        """The account floor's chore at [account] check_interval, none without [account]; in
+        step with reloads, so a floor added by a reload is enforced and a removed one forgotten."""
+        assert self._scheduler is not None  # noqa: S101 - only called once start() built it
+        if self._scheduler.get_job("account") is not None:
+            self._scheduler.remove_job("account")
+        if config.account is None:
+            self._runs.spawn(self.housekeeping.check_account, "account")  # clears its figure
+            return
+        now = datetime.now().astimezone()
+        self._every(self.housekeeping.check_account, config.account.check_interval.total_seconds(), "account",
+                    next_run_time=now)  # fmt: skip
 
     def reload(self) -> None:
         """SIGHUP: start a reload (`reload_config`) beside the loop, which never waits on
@@ -228,10 +247,7 @@ class Daemon:
             timezone="UTC",
         )
         scheduler.add_listener(self._on_scheduler_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
-
-        def every(body: Callable[[], Awaitable[object]], seconds: float, job_id: str, **options: object) -> None:
-            scheduler.add_job(self._runs.tracked(body), "interval", seconds=seconds, id=job_id, **options)
-
+        every = self._every
         every(self.dispatcher.tick, tick, "tick", next_run_time=now)
         # Leases of jobs handled for long (slow API, a burst): extended every lease_ttl / 4.
         lease_every = config.supervisor.lease_ttl.total_seconds() / LEASE_RENEWALS
@@ -250,12 +266,7 @@ class Daemon:
         # every few minutes.
         every(self.housekeeping.sweep_budgets, max(1.0, tick), "budgets")
         if config.account is not None:
-            every(
-                self.housekeeping.check_account,
-                config.account.check_interval.total_seconds(),
-                "account",
-                next_run_time=now,
-            )
+            self._schedule_account(config)
         every(self.housekeeping.retention, RETENTION_EVERY, "retention")
         # The queue (every replica: each start is claimed in one transaction): the drain every
         # tick or second, the orphan sweep and the submissions' webhooks every few seconds.

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from conftest import config_text, load, wait_until
+from conftest import config_text, eventually, load, wait_until
 from fakeserver import FakeServer
 from supervisor.adapters.store import NewJob, utcnow
 from supervisor.config import Config
@@ -140,3 +140,46 @@ async def test_sighup_brings_a_new_batch_size_to_the_dispatcher(
             assert daemon.config.supervisor.batch_size == 1
     assert any(e["event"] == "config reloaded" for e in logs)
     assert not [e for e in logs if e["event"] == "config change needs a restart to take effect"]
+
+
+async def test_sighup_brings_an_account_floor_into_force_and_takes_it_away(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+) -> None:
+    """The floor's chore is scheduled at start only when [account] is there: a reload that
+    adds one must start it (else the new floor is silently never checked), and one that
+    removes it must stop it and forget the figure."""
+    fake = fake_server.fake
+    fake.set_account_credits(50)
+    job_id = fake.create_job(limit=500, rate=1)
+    path = tmp_path / "supervisor.toml"
+    floor = '[account]\nmin_credits = 80\ncheck_interval = "1s"\naction = "cancel"\n'
+    path.write_text(config_text(fake_server.base_url, sqlite_url))
+    async with signalled_daemon(load(path), path) as daemon:
+        await daemon.store.add_jobs([NewJob(job_id, "default")], utcnow())
+
+        async def polled() -> bool:
+            job = await daemon.store.get_job(job_id)
+            return job is not None and job.last_polled_at is not None
+
+        await wait_until(daemon, polled, what="the job polled")
+        assert daemon.enforcer.account_credits is None  # no floor: the account is not read
+
+        path.write_text(config_text(fake_server.base_url, sqlite_url, extra=floor))
+        sighup()
+
+        async def cancelled() -> Any:
+            job = await daemon.store.get_job(job_id)
+            return job if job is not None and job.state == "cancelled" else None
+
+        job = await wait_until(daemon, cancelled, what="the job cancelled by the reloaded floor")
+        assert job.cancel_reason == "account_floor"
+        assert daemon.enforcer.account_credits is not None and daemon.enforcer.account_credits < 80
+
+        path.write_text(config_text(fake_server.base_url, sqlite_url))
+        sighup()
+
+        async def forgotten() -> bool:
+            return daemon.config.account is None and daemon.enforcer.account_credits is None
+
+        await eventually(forgotten, what="the removed floor's figure forgotten")  # no job write signals it
+        assert daemon._scheduler is not None and daemon._scheduler.get_job("account") is None
