@@ -14,7 +14,6 @@ import structlog
 from supervisor.adapters import metrics
 from supervisor.adapters.store import Store, db_error_text
 from supervisor.config import Config
-from supervisor.core.backoff import renewal_cap
 from supervisor.service.guards import Backoff, db_timeout
 
 log = structlog.get_logger("supervisor.daemon")
@@ -33,9 +32,7 @@ class Elector:
         self._store = store
         self._clock = clock
         self._stopping = stopping
-        self._backoff = Backoff(
-            "leader renewal", first=1.0, cap=renewal_cap(config().supervisor.leader_ttl, LEADER_RENEWALS)
-        )
+        self._backoff = Backoff.renewing("leader renewal", config().supervisor.leader_ttl, LEADER_RENEWALS)
         self._until = 0.0  # monotonic: leadership is ours until then without renewal
         self._was_leader = False
         self._on_change: Callable[[bool], None] = lambda leader: None

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from datetime import timedelta
 
 import structlog
 
 from supervisor.adapters import metrics
 from supervisor.adapters.store import Store, database_unavailable, db_error_text
-from supervisor.core.backoff import delay
+from supervisor.core.backoff import delay, renewal_cap
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -30,6 +31,12 @@ class Backoff:
         self._retry_at = 0.0
         self._since = 0.0
         self._logged_at = -math.inf
+
+    @classmethod
+    def renewing(cls, what: str, ttl: timedelta, renewals: int) -> Backoff:
+        """For renewing something that lasts `ttl`, `renewals` times within it (a lease,
+        leadership): from a second up to one renewal interval (`renewal_cap`)."""
+        return cls(what, first=1.0, cap=renewal_cap(ttl, renewals))
 
     def ready(self) -> bool:
         return time.monotonic() >= self._retry_at

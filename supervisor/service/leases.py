@@ -18,7 +18,6 @@ import structlog
 
 from supervisor.adapters.store import Store
 from supervisor.config import Config
-from supervisor.core.backoff import renewal_cap
 from supervisor.service.guards import Backoff, db_timeout
 
 log = structlog.get_logger("supervisor.daemon")
@@ -58,9 +57,7 @@ class LeaseKeeper:
         self._clock = clock
         self._inflight = inflight
         self._stopping = stopping
-        self._backoff = Backoff(
-            "lease extension", first=1.0, cap=renewal_cap(config().supervisor.lease_ttl, LEASE_RENEWALS)
-        )
+        self._backoff = Backoff.renewing("lease extension", config().supervisor.lease_ttl, LEASE_RENEWALS)
 
     async def keep(self) -> None:
         """Extend the leases of jobs still being handled once a fifth of their lease is

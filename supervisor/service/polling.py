@@ -11,6 +11,7 @@ A rejected API key stops polling for a while (the client itself backs off its re
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -90,25 +91,20 @@ def unconfirmed_watch(settings: SupervisorConfig, now: datetime) -> dict[str, An
 # -- the poll ---------------------------------------------------------------------------
 
 
+@dataclass
 class Poller:
-    def __init__(
-        self,
-        config: Callable[[], Config],
-        client: CladoClient,
-        write: Write,
-        clock: Callable[[], datetime],
-        effects: Effects,
-    ) -> None:
-        self._config = config
-        self._client = client
-        self._write = write
-        self._clock = clock
-        self._effects = effects
-        # Jobs whose status answered 404 since the last status that answered at all.
-        self._not_found_streak: set[str] = set()
-        # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
-        # lost for it.
-        self.api_misconfigured = False
+    """The handler's poll (built by JobHandler with the handler's own tools)."""
+
+    _config: Callable[[], Config]
+    _client: CladoClient
+    _write: Write
+    _clock: Callable[[], datetime]
+    _effects: Effects
+    # Jobs whose status answered 404 since the last status that answered at all.
+    _not_found_streak: set[str] = field(default_factory=set)
+    # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
+    # lost for it.
+    api_misconfigured: bool = False
 
     async def status(self, job: Job) -> JobStatus | None:
         """The job's status, or None after recording why it could not be had."""
