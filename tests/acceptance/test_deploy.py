@@ -42,7 +42,7 @@ STATE_DIR = "/var/lib/clado-supervisor"
 SECRET_PATH = "/run/secrets/clado_api_key"
 # The commands of stage 1 and stage 2, run below exactly as the Dockerfile runs them.
 STAGE1_BUILD = "pip wheel --no-cache-dir --no-deps -w /dist ."
-STAGE2_INSTALL = 'pip install --no-cache-dir --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[postgres]"'
+STAGE2_INSTALL = 'pip install --no-cache-dir --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[postgres,fast]"'
 STAGE2_CONSTRAINTS = "--mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt"
 
 
