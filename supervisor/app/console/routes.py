@@ -365,7 +365,7 @@ class Console:
 
 
 class _CsrfRefused(errors.SupervisorError):
-    exit_code, status, code = 2, 403, "csrf_refused"
+    exit_code, status, code, title = 2, 403, "csrf_refused", "CSRF token refused"
 
 
 def console_routes(
