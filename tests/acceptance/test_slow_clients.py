@@ -180,6 +180,10 @@ def test_slow_and_idle_connections_cannot_stop_enforcement(
         wait_for(lambda: healthz(port) == 200, timeout=60, what="the daemon's admin API")
         slow_body = stalled_body(port)
         unread_body = stalled_body(port, token="not-the-token")  # answered 401 before its body
+        # Their heads are parsed (the app has the requests) before the attack fills the
+        # connection cap: a request on a connection opened after them is answered only once
+        # the server's loop has read theirs (a head read late would get uvicorn's own 503).
+        assert healthz(port) == 200
         stop_dribbling = threading.Event()
         threading.Thread(target=dribble, args=(unread_body, stop_dribbling), daemon=True).start()
         with Attack(port) as attack:
