@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -24,7 +25,8 @@ WAIT_S = 30
 
 
 def wait(browser: Any) -> WebDriverWait[Any]:
-    return WebDriverWait(browser, WAIT_S, poll_frequency=0.2)
+    # A figure console.js swapped in place between being found and being read: read again.
+    return WebDriverWait(browser, WAIT_S, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def log_in(browser: Any, live: LiveConsole, path: str = "/") -> None:
@@ -50,7 +52,14 @@ def csp_violations(browser: Any) -> list[str]:
 
 
 def text(browser: Any, element_id: str) -> str:
-    return str(browser.find_element(By.ID, element_id).text.strip())
+    """The element's text as the page shows it now. console.js swaps the figures in place:
+    an element found just before a swap is stale when read, so it is found again."""
+    for _ in range(5):
+        try:
+            return str(browser.find_element(By.ID, element_id).text.strip())
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"#{element_id} was replaced five times in a row while being read")
 
 
 def test_without_a_session_the_console_asks_for_the_token(browser: Any, live: LiveConsole, fake_server: Any) -> None:
