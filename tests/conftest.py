@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -178,6 +179,18 @@ def assert_on_transport(client: CladoClient, name: TransportName) -> None:
     kind = {"aiohttp": AiohttpTransport, "httpx": httpx.AsyncHTTPTransport}[name]
     under = client._http._transport
     assert isinstance(under, kind), f"the client sends through {type(under).__name__}, not the {name} transport"
+
+
+def wait_for(predicate: Any, *, timeout: float = 30, what: str = "condition", interval: float = 0.1) -> Any:
+    """Poll another process's observable state until `predicate()` is truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 async def wait_until(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import API_KEY, config_text
+from conftest import wait_for as wait_for  # re-exported: acceptance tests take their helpers from here
 from fakeserver import free_port
 
 PY = sys.executable
@@ -132,18 +133,6 @@ class DaemonProcess:
             return self.proc.wait(timeout)
         finally:
             self._log.close()
-
-
-def wait_for(predicate: Any, *, timeout: float = 30, what: str = "condition", interval: float = 0.1) -> Any:
-    """Poll another process's observable state until `predicate()` is truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture

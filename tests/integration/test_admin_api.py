@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import config_text, load, running_daemon
+from conftest import config_text, eventually, load, running_daemon, wait_until
 from fakeserver import FakeServer
 from supervisor.adapters.store import NewJob, utcnow
 from supervisor.app.http import AdminApi, AdminServer
@@ -87,52 +87,6 @@ async def admin_api(config: Config, token: str | None) -> AsyncIterator[Admin]:
                 yield Admin(daemon, http, server.port)
         finally:
             await server.stop()
-
-
-async def wait_until(
-    daemon: Daemon,
-    predicate: Callable[[], Awaitable[Any]],
-    *,
-    timeout: float = 30.0,
-    what: str = "condition",
-) -> Any:
-    """Like conftest's `wait_until` (re-check after each batch the daemon writes), without its
-    lost wakeup: there the flush to wait for is chosen only after the predicate has run, so a
-    flush that lands while the predicate awaits its reads is missed, and if it was the daemon's
-    last write (every job terminal) the wait times out. Here the waiter is in place first."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                flushed = asyncio.ensure_future(daemon.writer.next_flush())
-                await asyncio.sleep(0)  # the waiter takes hold of the current flush event
-                try:
-                    result = await predicate()
-                    if result:
-                        return result
-                    await flushed
-                finally:
-                    flushed.cancel()
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]],
-    *,
-    timeout: float = 20.0,
-    what: str = "condition",
-) -> Any:
-    """Re-ask an HTTP-observable condition until it holds (bounded); for things that no
-    daemon write signals (readiness, metric refreshes)."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                result = await check()
-                if result:
-                    return result
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 JSON = {"Content-Type": "application/json"}

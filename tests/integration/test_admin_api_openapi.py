@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import jsonschema_rs  # schemathesis's own validator, so no new test dependency
 import pytest
-from test_admin_api import TOKEN, admin_api, eventually, write_config
+from test_admin_api import TOKEN, admin_api, write_config
 
+from conftest import eventually
 from fakeserver import FakeServer
 from supervisor.config import Config
 

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import config_text, eventually, load, running_daemon
+from conftest import config_text, eventually, load, running_daemon, wait_for
 from fakeserver import FakeServer, free_port
 from supervisor import __version__
 from supervisor.app.http import AdminApi, AdminServer
@@ -211,17 +210,6 @@ class Replica:
         self.proc.wait(60)
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """Re-scrape until `check` holds: a scrape of another process is the only signal."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @contextmanager
 def replicas() -> Iterator[list[Replica]]:
     """The replicas a test starts, each stopped (resumed first, if paused) at the end."""
@@ -252,18 +240,22 @@ def test_a_replica_that_loses_leadership_shows_none_of_the_leaders_figures(
     with replicas() as started:
         first = Replica(tmp_path / "a", text)
         started.append(first)
-        wait_for(lambda: leads(first), "the first replica to lead")  # and to have migrated the database
+        # The first to lead has also migrated the database.
+        wait_for(lambda: leads(first), what="the first replica to lead", timeout=60)
         second = Replica(tmp_path / "b", text)
         started.append(second)
-        follower = wait_for(lambda: second.scrape() if "supervisor started" in second.messages() else None,
-                            "the second replica to start")  # fmt: skip
+        follower = wait_for(
+            lambda: second.scrape() if "supervisor started" in second.messages() else None,
+            what="the second replica to start",
+            timeout=60,
+        )
         # A follower shows none of it: absent, not 0 (sums and maxima over replicas stay right).
         assert value(follower, "leader") == 0
         assert P + "account_credits" not in follower
         assert not any(P + name in follower for name in ("jobs", *BUDGET_GAUGES))
 
         first.proc.send_signal(signal.SIGSTOP)
-        taken = wait_for(lambda: leads(second), "the second replica to take over")
+        taken = wait_for(lambda: leads(second), what="the second replica to take over", timeout=60)
         assert value(taken, "account_credits") == 4321
         first.proc.send_signal(signal.SIGCONT)
 
@@ -271,7 +263,7 @@ def test_a_replica_that_loses_leadership_shows_none_of_the_leaders_figures(
             samples = first.scrape()
             return samples if samples is not None and value(samples, "leader") == 0 else None
 
-        old = wait_for(stepped_down, "the first replica to notice it lost leadership")
+        old = wait_for(stepped_down, what="the first replica to notice it lost leadership", timeout=60)
         assert "lost leadership" in first.messages()
         assert P + "account_credits" not in old
         for name in ("jobs", *BUDGET_GAUGES):

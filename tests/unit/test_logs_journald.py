@@ -17,15 +17,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import structlog
 
-from conftest import config_text
+from conftest import config_text, wait_for
 from fakeserver import FakeServer
 from supervisor.adapters.logs import configure_logging
 
@@ -50,17 +48,6 @@ def journald_entries(raw: str) -> list[tuple[int, str]]:
 def stream_id(path: Path) -> str:
     found = os.stat(path)
     return f"{found.st_dev}:{found.st_ino}"
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """Re-read a subprocess's log file until `check` holds: the file is the only signal."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -97,10 +84,20 @@ def test_the_daemon_under_journald_ranks_its_lines(tmp_path: Path) -> None:
                 def messages() -> list[str]:
                     return [json.loads(text)["message"] for _, text in journald_entries(log_path.read_text())]
 
-                wait_for(lambda: "job cancelled" in messages(), "the runaway's cancel to be confirmed")
+                wait_for(
+                    lambda: "job cancelled" in messages(),
+                    what="the runaway's cancel to be confirmed",
+                    timeout=60,
+                    interval=0.05,
+                )
                 config.write_text("[supervisor\n")  # not TOML: the reload is refused
                 daemon.send_signal(signal.SIGHUP)
-                wait_for(lambda: any(m.startswith("config reload failed") for m in messages()), "the refused reload")
+                wait_for(
+                    lambda: any(m.startswith("config reload failed") for m in messages()),
+                    what="the refused reload",
+                    timeout=60,
+                    interval=0.05,
+                )
             finally:
                 daemon.send_signal(signal.SIGTERM)
                 assert daemon.wait(60) == 0
