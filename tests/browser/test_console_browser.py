@@ -70,7 +70,8 @@ def test_without_a_session_the_console_asks_for_the_token(browser: Any, live: Li
     assert not browser.find_elements(By.ID, "job-state")  # nothing of the job is shown
     browser.find_element(By.ID, "token").send_keys("not-the-token")
     browser.find_element(By.ID, "login").click()
-    assert "That is not the admin token." in browser.page_source
+    # The refusal is the login page again: wait for the new page, the old one is still shown.
+    wait(browser).until(lambda b: "That is not the admin token." in b.page_source)
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "login").click()
     wait(browser).until(lambda b: b.current_url.endswith(f"/ui/jobs/{job_id}"))  # back where it was going
