@@ -9,9 +9,11 @@ effects (metrics, webhook, log line) are the ones a policy cancel has.
 A budget is also predicted as a whole: its crossing time from its spend carried on at the
 sum of its running jobs' rates (core.budgets.predict_crossing). When it falls before the next
 sweep, those jobs' polls are brought forward to just after it (a lease-less write of
-`next_check_at` only, never later than the job's own), and the sweep looks again right after
-those polls, so the budget is seen crossed a fraction of a second after it is, and the cancels
-are sent at once (`on_due`: the runtime starts a tick) rather than at the next tick.
+`next_check_at` only, never later than the job's own), and the sweep looks again as soon as
+those polls' answers are recorded (told by the effects step; at most _SETTLE after them, for
+polls another replica makes), so the budget is seen crossed a few milliseconds after those
+polls, and the cancels are sent at once (`on_due`: the runtime starts a tick) rather than at
+the next tick.
 
 Which jobs a crossed budget cancels: every matching job still watching, newest first. Once
 the spend has reached the budget every further result is past it, so none may go on; the
@@ -24,6 +26,7 @@ decided again (each decision is fenced by the job still watching).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -60,7 +63,8 @@ _LOOKAHEAD = timedelta(seconds=4)
 _PULL = timedelta(seconds=2)
 _STALE = timedelta(seconds=1)
 # Those polls are made this long after the predicted crossing (so that they see it), and the
-# budget is looked at again this long after them (their answers written).
+# budget is looked at again once their answers are recorded, or this long after them if this
+# replica does not see them all recorded by then.
 _POLL_AFTER = timedelta(milliseconds=30)
 _SETTLE = timedelta(milliseconds=100)
 # One sweep looks again for at most this long, well within its one-second interval.
@@ -82,6 +86,17 @@ class Enforcer:
         # Told when jobs became due before the next tick (cancels decided, polls brought
         # forward), so that a tick claims them now rather than up to a tick late.
         self.on_due: Callable[[], None] = lambda: None
+        # The jobs whose polls, brought forward to a crossing, the sweep waits for (see recorded).
+        self._awaited: set[str] = set()
+        self._all_recorded = asyncio.Event()
+
+    def recorded(self, change: Change) -> None:
+        """A job's change was committed (the effects step tells of every one): once the polls
+        brought forward to a crossing are all in, the sweep looks again at once."""
+        if change.job.job_id in self._awaited:
+            self._awaited.discard(change.job.job_id)
+            if not self._awaited:
+                self._all_recorded.set()
 
     # -- budgets ----------------------------------------------------------------------------
 
@@ -92,17 +107,28 @@ class Enforcer:
         if not config.budgets:
             return []
         started = self.clock()
-        result, again = await self._sweep(config)
-        # A budget due to cross before the next sweep: looked at again right after the polls
-        # brought forward to its crossing.
-        while again is not None and again <= started + _SWEEP_SPAN:
-            await asyncio.sleep(max(0.0, (again - self.clock()).total_seconds()))
-            result, again = await self._sweep(config)
+        result, polls_at = await self._sweep(config)
+        # A budget due to cross before the next sweep: looked at again once the polls brought
+        # forward to its crossing are recorded.
+        while polls_at is not None and polls_at + _SETTLE <= started + _SWEEP_SPAN:
+            await self._until_recorded(polls_at + _SETTLE)
+            result, polls_at = await self._sweep(config)
         return result
 
+    async def _until_recorded(self, deadline: datetime) -> None:
+        """Until the polls the last sweep waits for are recorded, or the deadline."""
+        timeout = max(0.0, (deadline - self.clock()).total_seconds())
+        if not self._awaited:
+            await asyncio.sleep(timeout)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_recorded.wait(), timeout)
+
     async def _sweep(self, config: Config) -> tuple[list[BudgetStatus], datetime | None]:
-        """Every budget's status, its events and cancels; and when to look again, if one is
-        predicted to cross before the next sweep."""
+        """Every budget's status, its events and cancels; and, if one is predicted to cross
+        before the next sweep, when the polls brought forward to its crossing are made."""
+        self._awaited = set()
+        self._all_recorded.clear()
         now = self.clock()
         starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
         result = statuses(config, now, await self.store.usage(starts, now))
@@ -116,9 +142,9 @@ class Enforcer:
             if status.exhausted:
                 await self._stop_matching(config, status, running, now)
             else:
-                crossing = await self._poll_before_crossing(status, running, now)
-                if crossing is not None:
-                    again.append(crossing + _POLL_AFTER + _SETTLE)
+                polls_at = await self._poll_before_crossing(status, running, now)
+                if polls_at is not None:
+                    again.append(polls_at)
         return result, min(again, default=None)
 
     @staticmethod
@@ -129,10 +155,11 @@ class Enforcer:
         return sorted(jobs, key=lambda job: (job.submitted_at, job.job_id), reverse=True)
 
     async def _poll_before_crossing(self, status: BudgetStatus, running: list[Job], now: datetime) -> datetime | None:
-        """The budget's predicted crossing, if it is near. Its spending jobs are then polled
-        just after it, and first, if their last poll is older than a refresh, at once: a rate
-        measured over the seconds since then is what the crossing is predicted from (their
-        next_check_at is brought forward, never put back)."""
+        """If the budget's predicted crossing is near, its spending jobs are polled just after
+        it (returned: when), or first, if their last poll is older than a refresh, at once (a
+        rate measured over the seconds since then is what the crossing is predicted from).
+        Their next_check_at is brought forward, never put back; the polls due by then are
+        the ones the sweep waits for."""
         spenders = [Spender(job.credits_used, job.credits_per_s, job.last_polled_at) for job in running]
         crossing = predict_crossing(status, spenders, now)
         if crossing is None or crossing - now > _LOOKAHEAD:
@@ -154,9 +181,18 @@ class Enforcer:
             if job.credits_per_s and job.next_check_at > when(job)
         ]
         done = await self.store.apply_each(writes)
-        if any(ok and not refresh for ok in done):
+        if refresh:
+            return None  # the crossing is seconds away: the next sweeps predict it again
+        moved = {write.change.job.job_id for write, ok in zip(writes, done, strict=True) if ok}
+        awaited = {
+            job.job_id for job in running if job.credits_per_s and (job.job_id in moved or job.next_check_at <= after)
+        }
+        if awaited - self._awaited:
+            self._awaited |= awaited
+            self._all_recorded.clear()
+        if moved:
             self.on_due()
-        return crossing
+        return after
 
     async def _budget_events(self, config: Config, status: BudgetStatus, now: datetime) -> None:
         budget = config.budgets[status.name]

@@ -45,11 +45,15 @@ class Effects:
     def __init__(self, config: Callable[[], Config], webhooks: Webhooks | None = None) -> None:
         self._config = config
         self._webhooks = webhooks
+        # Told of every applied Change once its effects are out (the budget enforcer waits
+        # for the answers of the polls it brought forward to a crossing).
+        self.on_applied: Callable[[Change], None] = lambda change: None
 
     def applied(self, changes: Iterable[Change]) -> None:
         for change in changes:
             for event in change.events:
                 self._event(change, event)
+            self.on_applied(change)
 
     def _event(self, change: Change, event: Event) -> None:
         job = change.after

@@ -138,6 +138,8 @@ class Daemon:
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at
         # once, not at the next tick.
         self.enforcer.on_due = lambda: self._runs.spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
+        # The polls brought forward to a budget's crossing: looked at again once they are recorded.
+        self.effects.on_applied = self.enforcer.recorded
         self.elector.on_change(self.housekeeping.leadership_changed)
         self._reloader = Reloader(store, clock, current, self._adopt)
         self._up = False  # started and serving: a SIGHUP before then is held

@@ -10,13 +10,16 @@ the simulator's count, never for a fixed time.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from test_policy_engine import make_config, track, wait_terminal
 
 from conftest import eventually, running_daemon
 from fakeserver import FakeServer
 from supervisor.core.states import State
+from supervisor.service import chores
 
 # The shipped defaults (the test config's short intervals put back), so the figures are a
 # new user's.
@@ -80,6 +83,31 @@ async def test_a_team_budget_shared_by_running_jobs_is_stopped_at_its_limit(
     assert {row.cancel_reason for row in rows.values()} == {"budget:team"}
     spent = sum(fake_server.fake.job_info(job_id)["results"] for job_id in jobs)
     assert 90 <= spent <= 95, spent
+
+
+async def test_a_budget_is_looked_at_again_as_soon_as_the_polls_at_its_crossing_are_recorded(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fallback for polls another replica makes, set too long to matter: only the answers
+    # of the polls brought forward to the crossing can bring the sweep back in time.
+    monkeypatch.setattr(chores, "_SETTLE", timedelta(seconds=30))
+    monkeypatch.setattr(chores, "_SWEEP_SPAN", timedelta(seconds=60))
+    budget = '[budgets.team]\nmatch = { team = "x" }\nperiod = "day"\ncredits = 60\naction = "cancel"\n'
+    config = make_config(
+        tmp_path,
+        fake_server,
+        sqlite_url,
+        policies='[policies.default]\nmax_runtime = "30m"\nmax_credits = 200',
+        supervisor=DEFAULTS,
+        extra=budget,
+    )
+    jobs = fake_server.fake.create_jobs(2, limit=1000, rate=5)
+    async with running_daemon(config) as daemon:
+        await track(daemon, *jobs, labels={"team": "x"})
+        rows = await wait_terminal(daemon, *jobs, timeout=25)
+    assert {row.cancel_reason for row in rows.values()} == {"budget:team"}
+    spent = sum(fake_server.fake.job_info(job_id)["results"] for job_id in jobs)
+    assert 60 <= spent <= 65, spent
 
 
 async def test_jobs_tracked_a_moment_after_they_start_are_stopped_at_their_limit(
