@@ -64,10 +64,12 @@ async def test_results_in_steps_are_measured_over_the_steps(
     assert all(0 <= o <= 8 for o in over), over
 
 
-async def test_a_team_budget_shared_by_running_jobs_is_stopped_at_its_limit(
-    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
-) -> None:
-    budget = '[budgets.team]\nmatch = { team = "x" }\nperiod = "day"\ncredits = 90\naction = "cancel"\n'
+async def team_budget_spend(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str, *, credits: int, jobs: int, rate: float, timeout: float
+) -> int:
+    """Credits spent by `jobs` running jobs of one team (`rate` results a second each) whose
+    day budget of `credits` cancels them; each must have been cancelled by that budget."""
+    budget = f'[budgets.team]\nmatch = {{ team = "x" }}\nperiod = "day"\ncredits = {credits}\naction = "cancel"\n'
     config = make_config(
         tmp_path,
         fake_server,
@@ -76,12 +78,18 @@ async def test_a_team_budget_shared_by_running_jobs_is_stopped_at_its_limit(
         supervisor=DEFAULTS,
         extra=budget,
     )
-    jobs = fake_server.fake.create_jobs(3, limit=1000, rate=4)
+    job_ids = fake_server.fake.create_jobs(jobs, limit=1000, rate=rate)
     async with running_daemon(config) as daemon:
-        await track(daemon, *jobs, labels={"team": "x"})
-        rows = await wait_terminal(daemon, *jobs, timeout=60)
+        await track(daemon, *job_ids, labels={"team": "x"})
+        rows = await wait_terminal(daemon, *job_ids, timeout=timeout)
     assert {row.cancel_reason for row in rows.values()} == {"budget:team"}
-    spent = sum(fake_server.fake.job_info(job_id)["results"] for job_id in jobs)
+    return sum(fake_server.fake.job_info(job_id)["results"] for job_id in job_ids)
+
+
+async def test_a_team_budget_shared_by_running_jobs_is_stopped_at_its_limit(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+) -> None:
+    spent = await team_budget_spend(tmp_path, fake_server, sqlite_url, credits=90, jobs=3, rate=4, timeout=60)
     assert 90 <= spent <= 95, spent
 
 
@@ -89,24 +97,10 @@ async def test_a_budget_is_looked_at_again_as_soon_as_the_polls_at_its_crossing_
     tmp_path: Path, fake_server: FakeServer, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The fallback for polls another replica makes, set too long to matter: only the answers
-    # of the polls brought forward to the crossing can bring the sweep back in time.
+    # of the polls brought forward to the crossing can bring the sweep back in time (25 s).
     monkeypatch.setattr(chores, "_SETTLE", timedelta(seconds=30))
     monkeypatch.setattr(chores, "_SWEEP_SPAN", timedelta(seconds=60))
-    budget = '[budgets.team]\nmatch = { team = "x" }\nperiod = "day"\ncredits = 60\naction = "cancel"\n'
-    config = make_config(
-        tmp_path,
-        fake_server,
-        sqlite_url,
-        policies='[policies.default]\nmax_runtime = "30m"\nmax_credits = 200',
-        supervisor=DEFAULTS,
-        extra=budget,
-    )
-    jobs = fake_server.fake.create_jobs(2, limit=1000, rate=5)
-    async with running_daemon(config) as daemon:
-        await track(daemon, *jobs, labels={"team": "x"})
-        rows = await wait_terminal(daemon, *jobs, timeout=25)
-    assert {row.cancel_reason for row in rows.values()} == {"budget:team"}
-    spent = sum(fake_server.fake.job_info(job_id)["results"] for job_id in jobs)
+    spent = await team_budget_spend(tmp_path, fake_server, sqlite_url, credits=60, jobs=2, rate=5, timeout=25)
     assert 60 <= spent <= 65, spent
 
 
