@@ -72,8 +72,9 @@ warn_at = []
 # know yet (README, "When a job is polled") until two polls have seen its count grow: at this
 # rate, within about 10 s, after which the job is polled every 15 s: the steady state the
 # targets are about. A job that shows no result for minutes stays probed that long (at gaps
-# of a tenth of its age): 10,000 of those tracked at once ask for more polls than a replica
-# makes for about two minutes (measured at 0.01/s: README, Performance).
+# of a tenth of its age, until that reaches the poll interval at 150 s): 10,000 of those
+# tracked at once ask for more polls than a replica makes (measured at 0.01/s: README,
+# Performance).
 JOB_KNOBS = {"rate": 0.2, "limit": 1000}
 TARGET_POLLS_10K = 10_000 / 15
 # supervisor.batch_size / tick_interval at their defaults (1,000 and 1 s): a replica claims
