@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from supervisor.adapters.store.budgets import Budgets
 from supervisor.adapters.store.database import (
+    SqliteFileUnwritable,
     async_url,
     database_unavailable,
     db_error_text,
@@ -43,6 +44,7 @@ class Store(Jobs, Leases, JobReads, Budgets, Submissions):
 __all__ = [
     "JobWrite",
     "NewJob",
+    "SqliteFileUnwritable",
     "Store",
     "async_url",
     "database_unavailable",
