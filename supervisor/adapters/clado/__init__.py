@@ -23,7 +23,7 @@ from supervisor.adapters.clado.errors import (
     UnreadableBody,
 )
 from supervisor.adapters.clado.session import MAX_BODY
-from supervisor.adapters.clado.shapes import CancelResult, Credits, JobStatus, validate_job_id
+from supervisor.adapters.clado.shapes import CancelResult, Credits, JobStatus, ResultsPage, validate_job_id
 from supervisor.adapters.clado.transport import TransportName, make_transport
 from supervisor.adapters.clado.transport import _unsent_or_not as _unsent_or_not  # for its test
 
@@ -42,6 +42,7 @@ __all__ = [
     "OutOfCredits",
     "RateLimited",
     "RequestRejected",
+    "ResultsPage",
     "TransportName",
     "UnreadableBody",
     "make_transport",
