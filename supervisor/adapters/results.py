@@ -103,7 +103,6 @@ class ResultsFile:
             raise ResultsFileError(f"{self.path}: cannot open for writing: {exc.strerror}") from None
         self._fd = fd
         try:
-            os.fchmod(fd, FILE_MODE)  # an existing file too: what it holds is private
             with os.fdopen(os.dup(fd), "rb") as existing:
                 content = existing.read()
             if self.format == "jsonl":
@@ -117,6 +116,7 @@ class ResultsFile:
                             f"{self.path}: its first line is not a results header: not a file to continue"
                         )
                 self.count = max(0, records - 1)
+            os.fchmod(fd, FILE_MODE)  # an existing file too: what it holds is private
             os.ftruncate(fd, end)
             os.lseek(fd, end, os.SEEK_SET)
         except OSError as exc:

@@ -143,9 +143,11 @@ async def test_a_jsonl_record_cut_short_is_cut_off_and_written_again(tmp_path: P
 async def test_a_file_that_is_not_results_is_refused_untouched(tmp_path: Path) -> None:
     out = tmp_path / "notes.jsonl"
     out.write_text("my notes\nmore\n")
+    out.chmod(0o644)
     with pytest.raises(ResultsFileError, match="line 1 is not JSON"):
         await save(people(0, 3), out)
     assert out.read_text() == "my notes\nmore\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
     with pytest.raises(ResultsFileError, match="cannot open for writing"):
         await save(people(0, 3), tmp_path)  # a directory
 
