@@ -10,6 +10,7 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
 import structlog.testing
 from test_policy_engine import make_config, track
 
@@ -31,6 +32,11 @@ keep_results = "{kept}"
 """
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
 def lines(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -41,11 +47,11 @@ async def kept_event(daemon: Daemon, job_id: str) -> dict[str, object] | None:
 
 
 async def test_a_cancelled_job_s_partial_results_land_in_its_directory_owner_only_once_final(
-    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+    tmp_path: Path, fake_server: FakeServer, db_url: str
 ) -> None:
     fake = fake_server.fake
     kept = tmp_path / "kept"  # not there yet: the daemon creates it, owner-only
-    config = make_config(tmp_path, fake_server, sqlite_url, policies=POLICIES.format(kept=kept))
+    config = make_config(tmp_path, fake_server, db_url, policies=POLICIES.format(kept=kept))
     runaway = fake.create_job(limit=1000, rate=40)  # cancelled at 20 credits: its results are billed
     small = fake.create_job(limit=5, rate=40)  # completes under its limit: nothing to keep
     elsewhere = fake.create_job(limit=1000, rate=40)  # cancelled, but its policy keeps nothing
