@@ -176,14 +176,21 @@ async def save_results(client: CladoClient, job_id: str, target: ResultsFile) ->
     start = await asyncio.to_thread(target.open)
     written = 0
     last = None
+    writing: asyncio.Future[None] | None = None
     try:
         async for page in client.results(job_id, start=start):
             if page.results:
-                await asyncio.to_thread(target.append, page.results)
+                writing = asyncio.ensure_future(asyncio.to_thread(target.append, page.results))
+                await writing
                 written += len(page.results)
             last = page
     finally:
-        target.close()
+        # Cancelled (a timeout, shutdown) while a thread writes: the file is closed once that
+        # write is done, never under it (its descriptor could be reused by another file).
+        if writing is not None and not writing.done():
+            writing.add_done_callback(lambda _: target.close())
+        else:
+            target.close()
     return Saved(
         written=written,
         total=target.count,

@@ -23,7 +23,7 @@ from datetime import datetime
 import structlog
 
 from supervisor.adapters.clado import CladoClient
-from supervisor.adapters.results import ResultsFile, save_results
+from supervisor.adapters.results import ResultsFile, Saved, save_results
 from supervisor.adapters.store import Store, db_error_text
 from supervisor.config import Config
 from supervisor.core.backoff import delay
@@ -100,8 +100,9 @@ class ResultsKeeper:
         path = os.path.join(directory, f"{job.job_id}.jsonl")
         try:
             await asyncio.to_thread(os.makedirs, directory, 0o700, True)
-            async with asyncio.timeout(EXPORT_TIMEOUT):
-                saved = await save_results(self._client, job.job_id, ResultsFile("jsonl", path=path))
+            saved = await self._export(job.job_id, path)
+            if saved is None:  # the daemon is stopping: the next start continues the file
+                return
             if not saved.complete:  # the page bound: the next run continues the file
                 log.info("results partly kept; continuing at the next run", job_id=job.job_id, path=path)
                 return
@@ -112,6 +113,24 @@ class ResultsKeeper:
         self._failures.pop(job.job_id, None)
         if recorded:
             log.info("results kept", job_id=job.job_id, path=path, results=saved.total)
+
+    async def _export(self, job_id: str, path: str) -> Saved | None:
+        """The job's results into `path`, within EXPORT_TIMEOUT; None when the daemon began
+        stopping meanwhile (shutdown does not wait for an export: it is resumable)."""
+        export = asyncio.ensure_future(save_results(self._client, job_id, ResultsFile("jsonl", path=path)))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({export, stopping}, timeout=EXPORT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not export.done():
+                export.cancel()
+                await asyncio.gather(export, return_exceptions=True)
+        if export.cancelled():
+            if self._stopping.is_set():
+                return None
+            raise TimeoutError
+        return export.result()
 
     def _failed(self, job_id: str, path: str, exc: BaseException) -> None:
         count = self._failures.get(job_id, (0, 0.0))[0] + 1

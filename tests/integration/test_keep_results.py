@@ -6,9 +6,12 @@ continues a file cut short, and what it records names the file and the count, ne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -122,3 +125,42 @@ async def test_a_restarted_daemon_writes_the_results_not_yet_written_and_continu
         await eventually(lambda: daemon.is_leader, what="leadership")  # the keeper's runs are the leader's
         await daemon.keeper.keep()
     assert fake.request_count("status", job_id=first) == status_calls
+
+
+class StuckResults:
+    """A client whose results never come (an API that hangs on the pages): `entered` is set
+    once the keeper is waiting on them."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def results(self, job_id: str, *, start: int = 0) -> AsyncIterator[Any]:
+        self.entered.set()
+        await asyncio.Event().wait()
+        yield  # pragma: no cover - never reached
+
+
+async def test_an_export_that_hangs_holds_up_no_poll_and_no_cancel(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+) -> None:
+    fake = fake_server.fake
+    kept = tmp_path / "kept"
+    config = make_config(tmp_path, fake_server, sqlite_url, policies=POLICIES.format(kept=kept))
+    first, later = fake.create_job(limit=1000, rate=40), fake.create_job(limit=1000, rate=40)
+    stuck = StuckResults()
+    async with running_daemon(config) as daemon:
+        daemon.keeper._client = stuck  # type: ignore[assignment]
+        await daemon.store.add_jobs([NewJob(first, "kept", {"team": "keep"})], utcnow())
+        await eventually(stuck.entered.wait, timeout=60, what="the keeper waiting on the first job's results")
+        # While that export hangs, a new runaway is polled, cancelled at its limit and confirmed.
+        await daemon.store.add_jobs([NewJob(later, "kept", {"team": "keep"})], utcnow())
+
+        async def cancelled() -> bool:
+            job = await daemon.store.get_job(later)
+            return job is not None and job.state == State.CANCELLED
+
+        await eventually(cancelled, timeout=60, what="the later job cancelled and confirmed")
+        assert fake.job_info(later)["results"] >= 20
+        # ... all while the keeper was still stuck on the first job (one job at a time).
+        assert await kept_event(daemon, first) is None
+        assert [(item.name, item.stat().st_size) for item in kept.iterdir()] == [(f"{first}.jsonl", 0)]
