@@ -53,10 +53,14 @@ def test_results_as_json_lines_to_a_private_file_and_to_stdout(workdir: Path, fa
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert status_calls(fake_api) - before == 3  # 100 a page
 
+    # To stdout, with every log line on (debug): the results go where they were asked for,
+    # never into a log line.
+    config = workdir / "supervisor.toml"
+    config.write_text(config.read_text().replace('level = "info"', 'level = "debug"'))
     piped = cli("jobs", "results", job_id, cwd=workdir)
     assert piped.returncode == 0, piped.stderr
     assert [json.loads(line) for line in piped.stdout.splitlines()] == [person(job_id, i) for i in range(250)]
-    assert "linkedin" not in piped.stderr  # results go where they were asked for, never to the log
+    assert "linkedin" not in piped.stderr and "Hooli" not in piped.stderr
 
 
 def test_results_as_csv(workdir: Path, fake_api: FakeApiProcess) -> None:
