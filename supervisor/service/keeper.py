@@ -79,9 +79,11 @@ class ResultsKeeper:
             return
         # A job on a policy the config no longer has is on `default`'s limits (resolve_policy).
         others = "default" in keeping
+        now = self._monotonic()
+        waiting = [job_id for job_id, (_, again_at) in self._failures.items() if now < again_at]
         try:
             due = await self._store.results_to_keep(
-                set(config.policies) - keeping if others else keeping, others=others, limit=KEEP_BATCH
+                set(config.policies) - keeping if others else keeping, others=others, limit=KEEP_BATCH, excluded=waiting
             )
         except Exception as exc:  # noqa: BLE001 - a chore never dies: the next run tries again
             log.warning("could not read the jobs whose results are due", error=db_error_text(exc))
@@ -89,9 +91,7 @@ class ResultsKeeper:
         for job in due:
             if not self._running():
                 return
-            failed = self._failures.get(job.job_id)
-            if failed is None or self._monotonic() >= failed[1]:
-                await self._keep(config, job)
+            await self._keep(config, job)
 
     async def _keep(self, config: Config, job: Job) -> None:
         directory = config.resolve_policy(job.policy).keep_results

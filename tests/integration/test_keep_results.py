@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,36 @@ async def test_an_export_that_hangs_holds_up_no_poll_and_no_cancel(
         # ... all while the keeper was still stuck on the first job (one job at a time).
         assert await kept_event(daemon, first) is None
         assert [(item.name, item.stat().st_size) for item in kept.iterdir()] == [(f"{first}.jsonl", 0)]
+
+
+async def test_a_directory_that_refuses_the_file_is_logged_with_the_path_and_kept_once_it_accepts(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+) -> None:
+    fake = fake_server.fake
+    kept = tmp_path / "kept"
+    kept.mkdir(mode=0o700)
+    # Immutable: refused even to root, who ignores permission bits (the tests run as root here).
+    if subprocess.run(["chattr", "+i", str(kept)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not available here, and as root no permission bit refuses a write")
+    config = make_config(tmp_path, fake_server, sqlite_url, policies=POLICIES.format(kept=kept))
+    job_id = fake.create_job(limit=1000, rate=40)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running_daemon(config) as daemon:
+                await daemon.store.add_jobs([NewJob(job_id, "kept", {"team": "keep"})], utcnow())
+
+                def refused() -> list[dict[str, Any]]:
+                    return [line for line in logs if line["event"] == "could not keep results"]
+
+                [line] = await eventually(refused, timeout=60, what="the refusal logged")
+                assert await kept_event(daemon, job_id) is None
+    finally:
+        subprocess.run(["chattr", "-i", str(kept)], check=True)
+    path = kept / f"{job_id}.jsonl"
+    assert line["job_id"] == job_id and line["path"] == str(path)
+    assert "Operation not permitted" in line["error"] and line["retry_in"] == 30
+    assert not any("linkedin.com" in str(value) for entry in logs for value in entry.values())
+    # The directory accepts it again: the next daemon writes it at once.
+    async with running_daemon(config) as daemon:
+        await eventually(lambda: kept_event(daemon, job_id), timeout=60, what="the results kept")
+    assert lines(path) == [person(job_id, index) for index in range(fake.job_info(job_id)["results"])]

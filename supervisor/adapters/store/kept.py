@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
-from supervisor.adapters.store.database import Database
+from supervisor.adapters.store.database import IN_LIST, Database
 from supervisor.adapters.tables import job_events, jobs, kept_results
 from supervisor.core.job import Job
 from supervisor.core.states import State
@@ -21,10 +21,13 @@ _FINAL = (State.CANCELLED.value, State.COMPLETED.value, State.FAILED.value)
 
 
 class KeptResults(Database):
-    async def results_to_keep(self, policies: Collection[str], *, others: bool, limit: int) -> list[Job]:
+    async def results_to_keep(
+        self, policies: Collection[str], *, others: bool, limit: int, excluded: Collection[str] = ()
+    ) -> list[Job]:
         """Jobs the supervisor decided to cancel, final, whose results are not written yet,
         oldest decision first: those on `policies`, or with `others` those on any policy but
-        `policies` (the default keeps results, so a policy without the key does too)."""
+        `policies` (the default keeps results, so a policy without the key does too); not
+        the `excluded` ones (waiting to be tried again), so they never crowd out the rest."""
         on_policy = jobs.c.policy.not_in(policies) if others else jobs.c.policy.in_(policies)
         query = (
             select(jobs)
@@ -34,6 +37,7 @@ class KeptResults(Database):
             .where(jobs.c.final_status.is_not(None))
             .where(jobs.c.state.in_(_FINAL))
             .where(on_policy)
+            .where(jobs.c.job_id.not_in(list(excluded)[:IN_LIST]))
             .order_by(jobs.c.cancel_requested_at, jobs.c.job_id)
             .limit(limit)
         )
