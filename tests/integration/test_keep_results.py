@@ -167,6 +167,10 @@ async def test_an_export_that_hangs_holds_up_no_poll_and_no_cancel(
         assert [(item.name, item.stat().st_size) for item in kept.iterdir()] == [(f"{first}.jsonl", 0)]
 
 
+def chattr(flag: str, path: Path) -> bool:
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True, check=False).returncode == 0
+
+
 async def test_a_directory_that_refuses_the_file_is_logged_with_the_path_and_kept_once_it_accepts(
     tmp_path: Path, fake_server: FakeServer, sqlite_url: str
 ) -> None:
@@ -174,7 +178,7 @@ async def test_a_directory_that_refuses_the_file_is_logged_with_the_path_and_kep
     kept = tmp_path / "kept"
     kept.mkdir(mode=0o700)
     # Immutable: refused even to root, who ignores permission bits (the tests run as root here).
-    if subprocess.run(["chattr", "+i", str(kept)], capture_output=True, check=False).returncode != 0:
+    if not await asyncio.to_thread(chattr, "+i", kept):
         pytest.skip("chattr +i is not available here, and as root no permission bit refuses a write")
     config = make_config(tmp_path, fake_server, sqlite_url, policies=POLICIES.format(kept=kept))
     job_id = fake.create_job(limit=1000, rate=40)
@@ -189,7 +193,7 @@ async def test_a_directory_that_refuses_the_file_is_logged_with_the_path_and_kep
                 [line] = await eventually(refused, timeout=60, what="the refusal logged")
                 assert await kept_event(daemon, job_id) is None
     finally:
-        subprocess.run(["chattr", "-i", str(kept)], check=True)
+        assert await asyncio.to_thread(chattr, "-i", kept)
     path = kept / f"{job_id}.jsonl"
     assert line["job_id"] == job_id and line["path"] == str(path)
     assert "Operation not permitted" in line["error"] and line["retry_in"] == 30
