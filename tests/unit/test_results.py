@@ -15,7 +15,7 @@ import httpx
 import pytest
 from test_clado import JOB, STATUS_PATH, Recorder, client_for, ok
 
-from supervisor.adapters.clado import ResultsPage, UnreadableBody
+from supervisor.adapters.clado import BodyTooLarge, ResultsPage, UnreadableBody
 from supervisor.adapters.results import ResultsFile, ResultsFileError, save_results
 
 
@@ -85,6 +85,24 @@ async def test_paging_stops_at_the_page_bound_and_says_there_is_more() -> None:
     assert handler.calls == 3
     assert sum(len(page.results) for page in found) == 300
     assert found[-1].more and not found[-1].is_final
+
+
+async def test_a_page_over_the_body_bound_is_asked_for_again_at_half_the_size() -> None:
+    handler = Recorder(paged(250))
+    async with client_for(handler, max_body=1500) as client:  # 12 of these results fit, 25 do not
+        found = [page async for page in client.results(JOB, start=30)]
+    assert [result for page in found for result in page.results] == people(30, 250)
+    sizes = [int(request.url.params["page_size"]) for request in handler.requests]
+    assert sizes[0] == 100 and sizes[-1] == 12 and sorted(set(sizes), reverse=True) == [100, 50, 25, 12]
+    assert all(size == 12 for size in sizes[sizes.index(12) :])  # once it fits, it stays at that size
+
+
+async def test_a_single_result_over_the_body_bound_is_an_error_not_a_loop() -> None:
+    handler = Recorder(paged(3))
+    with pytest.raises(BodyTooLarge, match="over 50 bytes"):
+        async with client_for(handler, max_body=50) as client:
+            [page async for page in client.results(JOB)]
+    assert handler.requests[-1].url.params["page_size"] == "1"
 
 
 async def test_a_page_without_a_results_list_is_unreadable_and_never_logged() -> None:

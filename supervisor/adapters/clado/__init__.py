@@ -13,6 +13,7 @@ from supervisor.adapters.clado.client import CladoClient
 from supervisor.adapters.clado.errors import (
     ApiKeyRejected,
     ApiUnavailable,
+    BodyTooLarge,
     CladoError,
     CreditsUnavailable,
     InvalidJobId,
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_BODY",
     "ApiKeyRejected",
     "ApiUnavailable",
+    "BodyTooLarge",
     "CancelResult",
     "CladoClient",
     "CladoError",

@@ -21,7 +21,7 @@ import httpx
 import structlog
 
 from supervisor.adapters import metrics
-from supervisor.adapters.clado.errors import CreditsUnavailable, JobNotFound, unreadable
+from supervisor.adapters.clado.errors import BodyTooLarge, CreditsUnavailable, JobNotFound, unreadable
 from supervisor.adapters.clado.session import MAX_BODY, SUCCESS, Session, Wait
 from supervisor.adapters.clado.shapes import (
     COUNT_FIELDS,
@@ -214,29 +214,33 @@ class CladoClient:
         """The job's results from the `start`-th on (0-based), a page of up to 100 at a time,
         each page's `results` only those not yet seen. Stops after the last page, or after
         `max_pages` pages with `more` still true on the last one yielded (the caller says
-        there is more: it continues from where it got to). Each page is retried like a poll.
+        there is more: it continues from where it got to). Each page is retried like a poll;
+        a page over the body bound is asked for again at half the size (results are big
+        objects, and the bound is the client's), down to one result a page.
         The results are the customer's data: nothing here logs them."""
         path = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}"
-        page_size = RESULTS_PAGE_SIZE
-        page, skip = divmod(start, page_size)
-        for _ in range(max_pages):
-            page += 1
+        at, size, pages = start, RESULTS_PAGE_SIZE, 0
+        while pages < max_pages:
+            page, skip = divmod(at, size)
 
-            async def call(wait: Wait, page: int = page) -> ResultsPage:
-                _, body = await self._session.request("GET", path, wait, params={"page": page, "page_size": page_size})
-                return results_page(body, page_size)
+            async def call(wait: Wait, page: int = page + 1, size: int = size) -> ResultsPage:
+                _, body = await self._session.request("GET", path, wait, params={"page": page, "page_size": size})
+                return results_page(body, size)
 
-            found = await self._session.retrying(call, endpoint="status")
-            yield ResultsPage(
-                status=found.status,
-                recognized=found.recognized,
-                results=found.results[skip:],
-                count=found.count,
-                more=found.more and len(found.results) > skip,
-            )
-            if not found.more or len(found.results) <= skip:
+            try:
+                found = await self._session.retrying(call, endpoint="status")
+            except BodyTooLarge:
+                if size == 1:
+                    raise
+                size //= 2
+                continue
+            pages += 1
+            fresh = found.results[skip:]
+            more = found.more and bool(fresh)
+            yield ResultsPage(found.status, found.recognized, fresh, found.count, more)
+            if not more:
                 return
-            skip = 0
+            at += len(fresh)
 
     async def cancel(self, job_id: str) -> CancelResult:
         path = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}/cancel"
