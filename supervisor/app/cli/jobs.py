@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
@@ -311,9 +311,10 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
 @with_config
 def jobs_results(config: Config, job_id: str, fmt: str, output: str | None) -> None:
     """Write a job's results (billed, cancelled jobs' partial ones too), read 100 a page."""
-    from supervisor.adapters.results import ResultsFile
+    from supervisor.adapters.results import Format, ResultsFile
 
-    target = ResultsFile(fmt, path=output) if output else ResultsFile(fmt, stream=sys.stdout)  # type: ignore[arg-type]
+    chosen = cast(Format, fmt)  # click.Choice gave one of Format's values
+    target = ResultsFile(chosen, path=output) if output else ResultsFile(chosen, stream=sys.stdout)
     saved = call_app(config, lambda ops: ops.results(job_id, target), job_ids=[job_id])
     where = output or "stdout"
     kept = f" ({saved.total} in the file)" if output else ""
