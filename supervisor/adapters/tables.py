@@ -141,6 +141,19 @@ job_events = Table(
 )
 
 
+# A cancelled job whose results the daemon wrote to its policy's keep_results directory:
+# written after the file is (a crash between the two rewrites nothing: the file is continued
+# where it ends), so a restarted daemon writes exactly the ones not yet written.
+kept_results = Table(
+    "kept_results",
+    metadata,
+    Column("job_id", String(128), ForeignKey("jobs.job_id", ondelete="CASCADE"), primary_key=True),
+    Column("kept_at", UTCDateTime, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("results", Integer, nullable=False),
+)
+
+
 # A submission between its admission check and its job row: its reservation counts against
 # the budgets until the job is recorded (or the admission expires, if the submitter died).
 admissions = Table(

@@ -154,7 +154,13 @@ RULES: Mapping[str, Rule] = {
     ),
     "supervisor.adapters.clado.errors.CladoError": Rule(UpstreamFailed, "Clado API: {}", "{}"),
     "supervisor.service.wiring.RuntimeFailure": Rule(Unavailable),
+    "supervisor.adapters.results.ResultsFileError": Rule(
+        Unavailable, "results: {}", "the results file cannot be written"
+    ),
     "supervisor.adapters.migrate.SchemaUnknown": Rule(Unavailable, "database: {}"),
+    "supervisor.adapters.store.database.SqliteFileUnwritable": Rule(
+        DatabaseUnavailable, "database: {}", "the database file cannot be written"
+    ),
     "sqlalchemy.exc.OperationalError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),
     "sqlalchemy.exc.InterfaceError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),
     "sqlalchemy.exc.TimeoutError": Rule(DatabaseUnavailable, "database: {}", _DB_DOWN),  # the pool's

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from supervisor.adapters.clado import CladoClient, CladoError, RateLimited, validate_job_id
+from supervisor.adapters.results import ResultsFile, Saved, save_results
 from supervisor.adapters.secrets import admin_token
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
@@ -354,6 +355,12 @@ class Operations:
         if job is None:
             raise JobNotTracked(job_id)
         return job
+
+    async def results(self, job_id: str, target: ResultsFile) -> Saved:
+        """A job's results into `target` (continued where a file ends), whether it is tracked
+        or not: any job the API key can read."""
+        validate_job_id(job_id)
+        return await save_results(self.client, job_id, target)
 
     async def jobs(self, state: str | None = None, labels: Mapping[str, str] | None = None) -> list[Job]:
         """The jobs in `state` (all if None) that carry every one of `labels`."""

@@ -43,6 +43,7 @@ def load_config(path: str | os.PathLike[str], *, require_settings: bool = False)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {first_error(exc)}") from None
     _check_database_path(path, config.database.url)
+    _check_keep_results(path, config)
     config._source = str(path)
     config._hash = hashlib.sha256(raw).hexdigest()[:12]
     return config
@@ -117,3 +118,18 @@ def _check_database_path(path: Path, url: str) -> None:
     folder = Path(file_part).expanduser().absolute().parent
     if not folder.is_dir():
         raise ConfigError(f"{path}: database.url: directory {str(folder)!r} does not exist")
+
+
+def _check_keep_results(path: Path, config: Config) -> None:
+    """A results directory that is a file, or whose parent is missing, would only fail once a
+    cancelled job's paid-for results were due: said now. A missing directory is created
+    (0700) by the daemon."""
+    for name, policy in config.policies.items():
+        if policy.keep_results is None:
+            continue
+        folder = policy.keep_results.absolute()
+        key = f"{path}: policies.{name}.keep_results"
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{key}: {str(folder)!r} is not a directory")
+        if not folder.exists() and not folder.parent.is_dir():
+            raise ConfigError(f"{key}: directory {str(folder.parent)!r} does not exist")

@@ -28,6 +28,7 @@ from supervisor.config.values import (
     check_labels,
     check_names,
     checked_match,
+    directory_path,
     file_path,
     fractions,
     is_loopback,
@@ -153,6 +154,9 @@ class PolicyConfig(_Section):
     # that a job whose rate drops, or that was about to complete, may be cancelled a few
     # credits short of the limit.
     cancel_lead: Duration | None = None
+    # A directory: every job this policy's supervisor cancels has its results (billed,
+    # partial ones too) written there as <job_id>.jsonl once the job is final (keeper.py).
+    keep_results: Annotated[Path, BeforeValidator(directory_path)] | None = None
 
     @field_validator("match")
     @classmethod
@@ -312,7 +316,7 @@ class Config(_Section):
         own = self.policies.get(name, base)
         merged = {
             key: getattr(own, key) if getattr(own, key) is not None else getattr(base, key)
-            for key in ("max_runtime", "max_queued", "stall_timeout", "max_credits", "cancel_lead")
+            for key in ("max_runtime", "max_queued", "stall_timeout", "max_credits", "cancel_lead", "keep_results")
         }
         return Policy(
             name=name if name in self.policies else "default",
@@ -347,6 +351,7 @@ class Policy(BaseModel):
     warn_at: tuple[float, ...] = ()
     action: Action = "cancel"
     cancel_lead: timedelta | None = None  # see PolicyConfig.cancel_lead
+    keep_results: Path | None = None  # see PolicyConfig.keep_results
 
 
 # Annotated: Config.policies refers to it (lazily) before this line, and mypy needs the type there.

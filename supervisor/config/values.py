@@ -158,6 +158,14 @@ def split_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def directory_path(value: Any) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a directory path string, got {toml_spelling(value)}")
+    if "\x00" in value:
+        raise ValueError("must be a directory path string, got one with a NUL character")
+    return Path(value)
+
+
 def file_path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError(f"must be a file path string, got {toml_spelling(value)}")

@@ -55,6 +55,7 @@ from supervisor.service.elector import LEADER_RENEWALS, Elector
 from supervisor.service.executor import JobHandler
 from supervisor.service.held_signals import take_held_reload
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
+from supervisor.service.keeper import KEEP_EVERY, ResultsKeeper
 from supervisor.service.leases import LEASE_RENEWALS, LeaseKeeper
 from supervisor.service.queue import Scheduler
 from supervisor.service.reload import Reloader
@@ -132,6 +133,7 @@ class Daemon:
         )
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
+        self.keeper = ResultsKeeper(current, store, client, self.elector, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
         # One STATUS= line: the housekeeping's summary, the lag watch's note after it.
         self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
@@ -270,6 +272,9 @@ class Daemon:
         if config.account is not None:
             self._schedule_account(config)
         every(self.housekeeping.retention, RETENTION_EVERY, "retention")
+        # Cancelled jobs' results into their policy's keep_results directory (leader only):
+        # a run of its own, so a slow export never holds up a tick.
+        every(self.keeper.keep, KEEP_EVERY, "keep_results")
         # The queue (every replica: each start is claimed in one transaction): the drain every
         # tick or second, the orphan sweep and the submissions' webhooks every few seconds.
         every(self.queue.drain, max(1.0, tick), "queue", next_run_time=now)

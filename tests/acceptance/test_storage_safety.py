@@ -4,10 +4,12 @@ what to do, and what the supervisor writes to disk is readable by its owner only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,41 @@ def test_database_files_are_owner_only_and_a_webhook_password_stays_out_of_the_l
     assert "hunter2-pw" not in log_text
     assert "t0ps3cret" not in log_text
     assert json.loads(cli("jobs", "list", "--json", cwd=tmp_path).stdout)[0]["cancel_reason"] == "max_credits"
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """`path` made immutable (chattr +i): a write is refused even to root, who ignores
+    permission bits (the tests run as root here), as on a read-only mount."""
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"chattr +i is not available here ({made.stderr.strip() or made.returncode}), and as root no "
+                    "permission bit refuses a write")  # fmt: skip
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("refusing", ["file", "directory"])
+def test_a_database_that_refuses_writes_is_one_line_for_every_command_and_no_initiate(
+    workdir: Path, fake_api: FakeApiProcess, refusing: str
+) -> None:
+    assert cli("migrate", cwd=workdir).returncode == 0
+    database = workdir / "supervisor.db"
+    for companion in ("supervisor.db-wal", "supervisor.db-shm"):  # left by no one: migrate closed them
+        assert not (workdir / companion).exists()
+    if refusing == "file":
+        expected = f"{PREFIX}database: cannot open the SQLite file {database} for writing: Operation not permitted"
+    else:
+        expected = (
+            f"{PREFIX}database: cannot write beside the SQLite file {database}: its directory {workdir} refuses new "
+            "files (SQLite creates its -wal and -shm files there)"
+        )
+    commands = (["submit", "engineers in Berlin"], ["track", "8a9c1f5e-3b7d-4e21-9f60-2d4b8c7a1e53"], ["jobs", "list"])
+    with immutable(database if refusing == "file" else workdir):
+        for command in commands:
+            one_line_error(cli(*command, cwd=workdir), expected, 1)
+    assert fake_api.get("/_fake/stats")["initiate"] == 0
+    # Writable again, the same database works: nothing was half-written.
+    assert cli("jobs", "list", "--json", cwd=workdir).stdout.strip() == "[]"

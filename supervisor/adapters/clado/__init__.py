@@ -13,6 +13,7 @@ from supervisor.adapters.clado.client import CladoClient
 from supervisor.adapters.clado.errors import (
     ApiKeyRejected,
     ApiUnavailable,
+    BodyTooLarge,
     CladoError,
     CreditsUnavailable,
     InvalidJobId,
@@ -23,7 +24,7 @@ from supervisor.adapters.clado.errors import (
     UnreadableBody,
 )
 from supervisor.adapters.clado.session import MAX_BODY
-from supervisor.adapters.clado.shapes import CancelResult, Credits, JobStatus, validate_job_id
+from supervisor.adapters.clado.shapes import CancelResult, Credits, JobStatus, ResultsPage, validate_job_id
 from supervisor.adapters.clado.transport import TransportName, make_transport
 from supervisor.adapters.clado.transport import _unsent_or_not as _unsent_or_not  # for its test
 
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_BODY",
     "ApiKeyRejected",
     "ApiUnavailable",
+    "BodyTooLarge",
     "CancelResult",
     "CladoClient",
     "CladoError",
@@ -42,6 +44,7 @@ __all__ = [
     "OutOfCredits",
     "RateLimited",
     "RequestRejected",
+    "ResultsPage",
     "TransportName",
     "UnreadableBody",
     "make_transport",

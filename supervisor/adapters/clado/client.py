@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, Self
 from urllib.parse import quote
@@ -21,20 +21,23 @@ import httpx
 import structlog
 
 from supervisor.adapters import metrics
-from supervisor.adapters.clado.errors import CreditsUnavailable, JobNotFound, unreadable
+from supervisor.adapters.clado.errors import BodyTooLarge, CreditsUnavailable, JobNotFound, unreadable
 from supervisor.adapters.clado.session import MAX_BODY, SUCCESS, Session, Wait
 from supervisor.adapters.clado.shapes import (
     COUNT_FIELDS,
     JOB_ID,
+    RESULTS_PAGE_SIZE,
     CancelResult,
     Credits,
     JobStatus,
+    ResultsPage,
     clean,
     created_at,
     field_count,
     instant,
     page_is_partial,
     remote_status,
+    results_page,
     shown,
     validate_job_id,
 )
@@ -42,6 +45,9 @@ from supervisor.adapters.clado.transport import TransportName, limits, make_tran
 
 log = structlog.get_logger("supervisor.clado")
 
+# A job's results are read at most this many pages at a time (10,000 results at 100 a page,
+# ten times what the docs say one job can reach): an API that never says "last page" stops here.
+RESULTS_MAX_PAGES = 100
 # Results-only status bodies: how far the page probe may go (2**40 results is absurd).
 _PROBE_MAX_PAGE = 2**40
 _WARN_ONCE_KEYS = 1024
@@ -201,6 +207,40 @@ class CladoClient:
             )
 
         return await self._session.retrying(call, endpoint="status")
+
+    async def results(
+        self, job_id: str, *, start: int = 0, max_pages: int = RESULTS_MAX_PAGES
+    ) -> AsyncIterator[ResultsPage]:
+        """The job's results from the `start`-th on (0-based), a page of up to 100 at a time,
+        each page's `results` only those not yet seen. Stops after the last page, or after
+        `max_pages` pages with `more` still true on the last one yielded (the caller says
+        there is more: it continues from where it got to). Each page is retried like a poll;
+        a page over the body bound is asked for again at half the size (results are big
+        objects, and the bound is the client's), down to one result a page.
+        The results are the customer's data: nothing here logs them."""
+        path = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}"
+        at, size, pages = start, RESULTS_PAGE_SIZE, 0
+        while pages < max_pages:
+            page, skip = divmod(at, size)
+
+            async def call(wait: Wait, page: int = page + 1, size: int = size) -> ResultsPage:
+                _, body = await self._session.request("GET", path, wait, params={"page": page, "page_size": size})
+                return results_page(body, size)
+
+            try:
+                found = await self._session.retrying(call, endpoint="status")
+            except BodyTooLarge:
+                if size == 1:
+                    raise
+                size //= 2
+                continue
+            pages += 1
+            fresh = found.results[skip:]
+            more = found.more and bool(fresh)
+            yield ResultsPage(found.status, found.recognized, fresh, found.count, more)
+            if not more:
+                return
+            at += len(fresh)
 
     async def cancel(self, job_id: str) -> CancelResult:
         path = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}/cancel"

@@ -49,6 +49,10 @@ class UnreadableBody(ApiUnavailable):
     may have changed under us). Retried like any transient failure first."""
 
 
+class BodyTooLarge(UnreadableBody):
+    """An answer over the client's body bound (refused unread): a smaller page may fit."""
+
+
 class RateLimited(ApiUnavailable):
     """The client is held off by the API's rate limit for longer than this call may wait."""
 

@@ -41,6 +41,7 @@ import structlog
 from supervisor.adapters import metrics
 from supervisor.adapters.clado.errors import (
     ApiKeyRejected,
+    BodyTooLarge,
     CladoError,
     JobNotFound,
     OutOfCredits,
@@ -247,7 +248,9 @@ class Session:
                 raise OutOfCredits(message or "out of credits")
             raise RequestRejected(code, message)
         if too_large:
-            raise unreadable(f"API answered HTTP {code} with a body over {self._max_body} bytes (refused unread)")
+            raise Transient(
+                f"API answered HTTP {code} with a body over {self._max_body} bytes (refused unread)", error=BodyTooLarge
+            )
         if empty_ok and not content.strip():
             return code, {}
         body = json_or_none(content)

@@ -125,6 +125,45 @@ def page_is_partial(body: dict[str, Any], page_size: int) -> bool:
     return has_next is not False and len(results) >= page_size
 
 
+# The largest page the status endpoint serves (page_size 1-100): reading a job's results
+# takes the fewest requests at it.
+RESULTS_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class ResultsPage:
+    """One page of a job's results, as `results_page` read it."""
+
+    status: str
+    recognized: bool
+    results: list[Any]  # the API's result objects, as they came: the customer's data
+    count: int | None  # the job's result count, when the body says it
+    more: bool  # a later page may hold more results
+
+    @property
+    def is_final(self) -> bool:
+        return self.recognized and self.status in FINAL_STATUSES
+
+
+def results_page(body: dict[str, Any], page_size: int) -> ResultsPage:
+    """A status body asked for with `page` and `page_size`, read as a page of results.
+
+    A page with more results than asked for is an API that ignores `page_size`: it is every
+    result, and no later page is asked for (it would repeat them). A body without
+    `pagination` (the docs promise it with `page`) and a full page may have a next one."""
+    status, recognized = remote_status(body)
+    results = body.get("results")
+    if not isinstance(results, list):
+        raise unreadable("status body has no results list")
+    if len(results) > page_size:
+        more = False
+    elif isinstance(body.get("pagination"), dict):
+        more = page_is_partial(body, page_size)
+    else:
+        more = len(results) == page_size
+    return ResultsPage(status=status, recognized=recognized, results=results, count=field_count(body), more=more)
+
+
 def _epoch_seconds(value: Any) -> float | None:
     """Seconds since the epoch from an instant in any shape the docs show, or None.
 

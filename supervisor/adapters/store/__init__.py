@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from supervisor.adapters.store.budgets import Budgets
 from supervisor.adapters.store.database import (
+    SqliteFileUnwritable,
     async_url,
     database_unavailable,
     db_error_text,
@@ -31,18 +32,20 @@ from supervisor.adapters.store.database import (
     utcnow,
 )
 from supervisor.adapters.store.jobs import Jobs, JobWrite, NewJob
+from supervisor.adapters.store.kept import KeptResults
 from supervisor.adapters.store.leases import Leases
 from supervisor.adapters.store.reads import JobReads
 from supervisor.adapters.store.submissions import Submissions
 
 
-class Store(Jobs, Leases, JobReads, Budgets, Submissions):
+class Store(Jobs, Leases, JobReads, Budgets, Submissions, KeptResults):
     """The database of one process: open it with a URL (and an owner for its leases)."""
 
 
 __all__ = [
     "JobWrite",
     "NewJob",
+    "SqliteFileUnwritable",
     "Store",
     "async_url",
     "database_unavailable",

@@ -46,15 +46,44 @@ def sync_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+class SqliteFileUnwritable(Exception):
+    """The SQLite file (or the directory its -wal, -shm and lock files go in) refuses writes:
+    an immutable file, a read-only mount, no write permission. Every command needs to write
+    (a read takes WAL's shared memory, and commands migrate), so this ends it with one line."""
+
+
+# SQLite's companions of the database file, created beside it (WAL, its index, our lock).
+_COMPANIONS = ("-wal", "-shm", ".migrate-lock")
+
+
 def private_sqlite_file(url: str) -> None:
     """Create a SQLite database file readable by its owner only (0600), before SQLite would
     create it 0644: it holds job queries and labels. SQLite gives its -wal and -shm files
-    the database file's mode. An existing file is left as it is."""
+    the database file's mode. An existing file is left as it is.
+
+    Checked writable here, file and directory, before any command acts (a submit must not
+    initiate a job it cannot record): SqliteFileUnwritable names the file and the problem."""
     parsed = make_url(url)
     database = parsed.database or ""
     if parsed.get_backend_name() != "sqlite" or not database or database.startswith((":memory:", "file:")):
         return
-    os.close(os.open(database, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    path = os.path.abspath(database)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise SqliteFileUnwritable(f"cannot open the SQLite file {path} for writing: {exc.strerror}") from None
+    # access() sees what a write would meet (a read-only mount, an immutable flag, the
+    # permission bits) without creating anything.
+    directory = os.path.dirname(path)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SqliteFileUnwritable(
+            f"cannot write beside the SQLite file {path}: its directory {directory} refuses new files "
+            "(SQLite creates its -wal and -shm files there)"
+        )
+    for suffix in _COMPANIONS:
+        companion = path + suffix
+        if os.path.exists(companion) and not os.access(companion, os.W_OK):
+            raise SqliteFileUnwritable(f"cannot open {companion} (beside the SQLite file) for writing")
 
 
 SQLITE_CACHED_STATEMENTS = 32

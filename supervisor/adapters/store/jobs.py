@@ -22,7 +22,7 @@ from supervisor.adapters.store.budgets import serialize_admissions, settle_admis
 from supervisor.adapters.store.database import Database, chunks
 from supervisor.adapters.store.leases import NO_LEASE
 from supervisor.adapters.store.submissions import start_submission
-from supervisor.adapters.tables import job_events, jobs
+from supervisor.adapters.tables import job_events, jobs, kept_results
 from supervisor.core.states import TERMINAL, State
 from supervisor.core.transitions import Change, Event
 
@@ -168,6 +168,7 @@ class Jobs(Database):
                 # Events go explicitly (ON DELETE CASCADE would take them too, but SQLite
                 # only honours it on connections with foreign_keys=ON).
                 await conn.execute(delete(job_events).where(job_events.c.job_id.in_(ids)))
+                await conn.execute(delete(kept_results).where(kept_results.c.job_id.in_(ids)))
                 result = await conn.execute(
                     delete(jobs).where(jobs.c.job_id.in_(ids)).where(jobs.c.state.in_(terminal))
                 )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
@@ -295,3 +296,30 @@ def jobs_show(config: Config, job_id: str, as_json: bool) -> None:
             json.dumps(event["detail"]) if event["detail"] else "",
         )
     out.print(table)
+
+
+@jobs.command("results")
+@click.argument("job_id")
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+    help="JSON lines (one result a line, as the API gave it) or CSV (a header, then one result a row).",
+)  # fmt: skip
+@click.option(
+    "--output", type=click.Path(dir_okay=False), metavar="PATH",
+    help="Write here (created 0600); an existing file is continued where it ends. Default: stdout.",
+)  # fmt: skip
+@with_config
+def jobs_results(config: Config, job_id: str, fmt: str, output: str | None) -> None:
+    """Write a job's results (billed, cancelled jobs' partial ones too), read 100 a page."""
+    from supervisor.adapters.results import Format, ResultsFile
+
+    chosen = cast(Format, fmt)  # click.Choice gave one of Format's values
+    target = ResultsFile(chosen, path=output) if output else ResultsFile(chosen, stream=sys.stdout)
+    saved = call_app(config, lambda ops: ops.results(job_id, target), job_ids=[job_id])
+    where = output or "stdout"
+    kept = f" ({saved.total} in the file)" if output else ""
+    click.echo(f"{saved.written} result(s) written to {where}{kept}; job {saved.status or 'unknown'}", err=True)
+    if not saved.complete:
+        click.echo(f"stopped at the page bound: run it again with --output {output or 'PATH'} to continue", err=True)
+    elif not saved.final:
+        click.echo("the job is still running: run it again with the same --output later for the rest", err=True)
