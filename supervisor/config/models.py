@@ -137,6 +137,9 @@ class SupervisorConfig(_Section):
 
 
 Action = Literal["cancel", "observe"]
+# What a job whose spend cannot be read (`blind`) gets: an alert only (the default), or,
+# once it has been blind for blind_grace, a cancel with reason `blind` (fail closed).
+OnBlind = Literal["alert", "cancel"]
 
 
 class PolicyConfig(_Section):
@@ -153,6 +156,8 @@ class PolicyConfig(_Section):
     # that a job whose rate drops, or that was about to complete, may be cancelled a few
     # credits short of the limit.
     cancel_lead: Duration | None = None
+    on_blind: OnBlind | None = None  # default "alert"
+    blind_grace: Duration | None = None  # default 2 × supervisor.poll_interval
 
     @field_validator("match")
     @classmethod
@@ -178,6 +183,10 @@ class BudgetConfig(_Section):
     warn_at: list[float] = Field(default_factory=list)
     action: Literal["cancel", "block", "observe"] = "cancel"
     reserve: bool = False
+    # With cancel, a job this budget covers is cancelled once blind for its policy's
+    # blind_grace, whatever its policy's own on_blind says (a budget cannot hold a spend it
+    # cannot read).
+    on_blind: OnBlind = "alert"
 
     _labels = field_validator("match")(classmethod(lambda cls, v: checked_match(v)))
     _warn = field_validator("warn_at")(classmethod(lambda cls, v: fractions(v)))
@@ -196,7 +205,7 @@ WEBHOOK_EVENTS = (
     "warning", "cancel_requested", "cancelled", "unconfirmed", "budget_warning",
     "budget_exhausted", "account_floor", "api_key_rejected",
     "lost", "reopened", "cancel_refused", "cancel_ignored", "api_misconfigured",
-    "queued", "orphaned", "expired",
+    "queued", "orphaned", "expired", "job_blind", "job_blind_cleared", "api_drift",
 )  # fmt: skip
 
 
@@ -312,12 +321,13 @@ class Config(_Section):
         own = self.policies.get(name, base)
         merged = {
             key: getattr(own, key) if getattr(own, key) is not None else getattr(base, key)
-            for key in ("max_runtime", "max_queued", "stall_timeout", "max_credits", "cancel_lead")
+            for key in ("max_runtime", "max_queued", "stall_timeout", "max_credits", "cancel_lead", "blind_grace")
         }
         return Policy(
             name=name if name in self.policies else "default",
             warn_at=tuple(own.warn_at if own.warn_at is not None else (base.warn_at or ())),
             action=own.action or base.action or "cancel",
+            on_blind=own.on_blind or base.on_blind or "alert",
             **merged,
         )
 
@@ -347,6 +357,8 @@ class Policy(BaseModel):
     warn_at: tuple[float, ...] = ()
     action: Action = "cancel"
     cancel_lead: timedelta | None = None  # see PolicyConfig.cancel_lead
+    on_blind: OnBlind = "alert"
+    blind_grace: timedelta | None = None  # None: 2 × supervisor.poll_interval (core.policy.job_policy)
 
 
 # Annotated: Config.policies refers to it (lazily) before this line, and mypy needs the type there.

@@ -6,11 +6,13 @@ towards `lost`, which is earned: that many misses in a row, the 404s spread over
 intervals, so a blip of a proxy loses no job; and never while every request 404s, the
 credits endpoint too (a wrong base_url path: `api_misconfigured`, which /readyz reports).
 A rejected API key stops polling for a while (the client itself backs off its requests).
+An answer whose spend cannot be read (no status, not JSON, a 403) also counts towards `blind`
+(core.transitions.unreadable_answer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +26,7 @@ from supervisor.adapters.clado import (
     CreditsUnavailable,
     JobNotFound,
     JobStatus,
+    NoStatus,
     RequestRejected,
     UnreadableBody,
 )
@@ -36,9 +39,6 @@ from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
 
 log = structlog.get_logger("supervisor.handler")
-
-# Applies a change under the job's lease (and its effects once applied): the handler's.
-Write = Callable[[Change], Awaitable[bool]]
 
 # While the API is unreachable a job is retried at growing gaps, up to its poll interval.
 _ERROR_BACKOFF_FIRST = 1.0
@@ -97,7 +97,6 @@ class Poller:
 
     _config: Callable[[], Config]
     _client: CladoClient
-    _write: Write
     _clock: Callable[[], datetime]
     _effects: Effects
     # Jobs whose status answered 404 since the last status that answered at all.
@@ -106,31 +105,27 @@ class Poller:
     # lost for it.
     api_misconfigured: bool = False
 
-    async def status(self, job: Job) -> JobStatus | None:
-        """The job's status, or None after recording why it could not be had."""
+    async def status(self, job: Job) -> JobStatus | Change:
+        """The job's status, or the Change (not written yet: the handler adds what can still
+        be enforced without a status) that records why it could not be had."""
         try:
-            status = await self._client.status(job.job_id)
+            status = await self._client.status(job.job_id, recover=transitions.recovery_due(job))
         except JobNotFound as exc:
-            await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
+            return await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
         except RequestRejected as exc:
             if exc.status_code == 403:
-                await self._missed(job, transitions.FORBIDDEN, str(exc))
-            else:
-                await self._failed(job, exc)
+                return await self._missed(job, transitions.FORBIDDEN, str(exc))
+            return self._failed(job, exc)
         except ApiKeyRejected as exc:
             now = self._clock()
-            await self._write(
-                Change.of(job).set({"last_error": str(exc), "next_check_at": now + AUTH_RETRY, "updated_at": now})
-            )
+            return Change.of(job).set({"last_error": str(exc), "next_check_at": now + AUTH_RETRY, "updated_at": now})
         except CladoError as exc:
-            await self._failed(job, exc)
-        else:
-            self._not_found_streak.clear()
-            if self.api_misconfigured:
-                self.api_misconfigured = False
-                self._effects.api_misconfigured(False, job_id=job.job_id)
-            return status
-        return None
+            return self._failed(job, exc)
+        self._not_found_streak.clear()
+        if self.api_misconfigured:
+            self.api_misconfigured = False
+            self._effects.api_misconfigured(False, job_id=job.job_id)
+        return status
 
     async def check_api_path(self, job: Job) -> bool:
         """Whether every request answers 404 (the credits endpoint too): a wrong base_url path,
@@ -149,7 +144,7 @@ class Poller:
         self.api_misconfigured = misconfigured
         return misconfigured
 
-    async def _failed(self, job: Job, exc: CladoError) -> None:
+    def _failed(self, job: Job, exc: CladoError) -> Change:
         now = self._clock()
         settings = self._config().supervisor
         errors = job.poll_errors + 1
@@ -166,9 +161,11 @@ class Poller:
         if isinstance(exc, UnreadableBody):
             # Not a zero: the job keeps its last credits, and someone is told the API changed.
             change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
-        await self._write(change)
+            why = transitions.NO_STATUS if isinstance(exc, NoStatus) else transitions.UNPARSEABLE
+            change = transitions.unreadable_answer(change, why, {"error": str(exc)}, now)
+        return change
 
-    async def _missed(self, job: Job, kind: str, error: str) -> None:
+    async def _missed(self, job: Job, kind: str, error: str) -> Change:
         """A 404 or 403 on status: counted; the job is lost once that is earned, never while
         every request 404s (a wrong base_url)."""
         settings = self._config().supervisor
@@ -179,25 +176,22 @@ class Poller:
         now = self._clock()
         if kind == transitions.NOT_FOUND and self.api_misconfigured:
             # Not the job's fault: nothing counts towards its loss while the API path is wrong.
-            await self._write(
-                Change.of(job).set(
-                    {"last_error": error, "next_check_at": now + settings.poll_interval, "updated_at": now}
-                )
+            return Change.of(job).set(
+                {"last_error": error, "next_check_at": now + settings.poll_interval, "updated_at": now}
             )
-            return
         change = transitions.missed(Change.of(job), kind, error, now, now + settings.poll_interval)
+        if kind == transitions.FORBIDDEN:
+            # A 403 hides the spend, not the job: it counts towards `blind` as well as `lost`.
+            change = transitions.unreadable_answer(change, transitions.FORBIDDEN, {"error": error}, now)
         if job.state in (State.COMPLETED, State.LOST):
             # Already over: looked at again within its window, in case it comes back.
-            await self._write(change.set(next_recheck(settings, job, now)))
-            return
+            return change.set(next_recheck(settings, job, now))
         grace = settings.poll_interval * _NOT_FOUND_GRACE_POLLS if kind == transitions.NOT_FOUND else timedelta(0)
         if not transitions.loss_earned(change.after, now, polls=_MISS_POLLS, grace=grace):
-            await self._write(change)
-            return
+            return change
         if kind == transitions.NOT_FOUND and await self.check_api_path(job):
-            await self._write(change.set({"next_check_at": now + settings.poll_interval}))
-            return
+            return change.set({"next_check_at": now + settings.poll_interval})
         facts = change.after
         since = facts.miss_since.isoformat() if facts.miss_since else None
         detail = {"lost": kind, "status": error, "polls": facts.miss_count, "since": since}
-        await self._write(transitions.lose(change, detail, now, **recheck_window(settings, now)))
+        return transitions.lose(change, detail, now, **recheck_window(settings, now))

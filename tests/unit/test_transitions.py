@@ -44,6 +44,8 @@ MOVES = {
 # (move, state it starts from) → the state it ends in, or None where the move is forbidden.
 TABLE: dict[tuple[str, State], State | None] = {
     ("decide_cancel", State.WATCHING): State.CANCELLING,
+    # A lost job's deadline (or blind grace) is still acted on: its cancel is attempted.
+    ("decide_cancel", State.LOST): State.CANCELLING,
     ("cancel_sent", State.CANCELLING): State.CONFIRMING,
     ("cancel_refused", State.CANCELLING): State.CONFIRMING,
     ("cancel_not_sent", State.CANCELLING): State.CANCELLING,

@@ -49,6 +49,10 @@ class UnreadableBody(ApiUnavailable):
     may have changed under us). Retried like any transient failure first."""
 
 
+class NoStatus(UnreadableBody):
+    """A status answer that is JSON but carries no readable `status` field."""
+
+
 class RateLimited(ApiUnavailable):
     """The client is held off by the API's rate limit for longer than this call may wait."""
 
@@ -78,6 +82,6 @@ class Transient(Exception):
         self.error = error
 
 
-def unreadable(reason: str) -> Transient:
-    """An answer the docs do not describe: retried, then an `UnreadableBody`."""
-    return Transient(reason, error=UnreadableBody)
+def unreadable(reason: str, error: type[UnreadableBody] = UnreadableBody) -> Transient:
+    """An answer the docs do not describe: retried, then an `UnreadableBody` (or `error`)."""
+    return Transient(reason, error=error)
