@@ -111,6 +111,14 @@ JOB_ALERTS = _counter(
 API_MISCONFIGURED = _gauge(
     "api_misconfigured", "1 while every job's status answers 404 and the credits endpoint too (a wrong base_url path)."
 )
+API_DRIFT = _gauge(
+    "api_drift",
+    "1 while job after job's status answer is unreadable (no count, no status, 403, unparseable) with none readable"
+    " in between: the API's shape changed or a proxy rewrites it.",
+)
+JOBS_BLIND = _gauge(
+    "jobs_blind", "Jobs whose spend cannot be read (blind), by reason; counted by the leader.", "reason"
+)
 TICK_DURATION = _histogram(
     "tick_duration_seconds",
     "Time a scheduler tick takes to claim and dispatch due jobs.",
@@ -193,7 +201,7 @@ def forget_budgets(keep: set[str]) -> None:
 def clear_leader_gauges() -> None:
     """What only the leader measures, gone from a replica that does not lead (at start, and
     when it loses leadership): a stale copy would be summed or maxed with the new leader's."""
-    for gauge in (JOBS, *_BUDGET_GAUGES):
+    for gauge in (JOBS, JOBS_BLIND, *_BUDGET_GAUGES):
         gauge.clear()
     _budgets_shown.clear()
     ACCOUNT_CREDITS.clear()

@@ -80,6 +80,11 @@ class JobHandler:
         dispatcher): the base_url is wrong, so no job is lost for it."""
         return self.poller.api_misconfigured
 
+    @property
+    def api_drift(self) -> bool:
+        """Job after job's status answer is unreadable, none readable in between."""
+        return self.poller.api_drift
+
     def on_phase(self, callback: Callable[[str, str], None]) -> None:
         """Tell the daemon when a job enters the cancel phase (shutdown lets it finish)."""
         self._on_phase = callback

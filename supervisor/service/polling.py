@@ -57,6 +57,10 @@ _UNCONFIRMED_WATCH = timedelta(days=1)
 # Distinct jobs whose status answered 404 with no status answered in between: enough to ask
 # whether every request 404s (a wrong base_url path) before anything is marked lost.
 _ALL_NOT_FOUND_JOBS = 3
+# The same idea for answers whose spend cannot be read (no count, no status, 403, not
+# parseable): this many distinct jobs in a row, none readable in between, is api_drift. More
+# than for 404s, since a few jobs of one odd shape must not sound the whole-API alarm.
+_DRIFT_JOBS = 10
 
 
 # -- when a job is looked at next -------------------------------------------------------
@@ -104,16 +108,23 @@ class Poller:
     # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
     # lost for it.
     api_misconfigured: bool = False
+    # Jobs whose answer was unreadable since the last readable one; api_drift once enough.
+    _unreadable_streak: set[str] = field(default_factory=set)
+    api_drift: bool = False
 
     async def status(self, job: Job) -> JobStatus | Change:
         """The job's status, or the Change (not written yet: the handler adds what can still
         be enforced without a status) that records why it could not be had."""
+        # While the whole API drifts no alternative count is asked for, nor an unreadable
+        # answer retried: the drift must not raise the request rate.
+        recover = transitions.recovery_due(job) and not self.api_drift
         try:
-            status = await self._client.status(job.job_id, recover=transitions.recovery_due(job))
+            status = await self._client.status(job.job_id, recover=recover, retry_unreadable=not self.api_drift)
         except JobNotFound as exc:
             return await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
         except RequestRejected as exc:
             if exc.status_code == 403:
+                self._unreadable(job)
                 return await self._missed(job, transitions.FORBIDDEN, str(exc))
             return self._failed(job, exc)
         except ApiKeyRejected as exc:
@@ -125,7 +136,21 @@ class Poller:
         if self.api_misconfigured:
             self.api_misconfigured = False
             self._effects.api_misconfigured(False, job_id=job.job_id)
+        if status.count_source is None:
+            self._unreadable(job)
+        else:
+            self._unreadable_streak.clear()
+            if self.api_drift:
+                self.api_drift = False
+                self._effects.api_drift(False, job_id=job.job_id)
         return status
+
+    def _unreadable(self, job: Job) -> None:
+        """One more job whose answer could not be read: api_drift once enough in a row."""
+        self._unreadable_streak.add(job.job_id)
+        if len(self._unreadable_streak) >= _DRIFT_JOBS and not self.api_drift:
+            self.api_drift = True
+            self._effects.api_drift(True, jobs=len(self._unreadable_streak), at=self._clock())
 
     async def check_api_path(self, job: Job) -> bool:
         """Whether every request answers 404 (the credits endpoint too): a wrong base_url path,
@@ -160,6 +185,9 @@ class Poller:
         change = Change.of(job).set(values, *events)
         if isinstance(exc, UnreadableBody):
             # Not a zero: the job keeps its last credits, and someone is told the API changed.
+            # Already retried by the client: looked at again at the regular poll, not sooner.
+            self._unreadable(job)
+            change = change.set({"next_check_at": now + settings.poll_interval})
             change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
             why = transitions.NO_STATUS if isinstance(exc, NoStatus) else transitions.UNPARSEABLE
             change = transitions.unreadable_answer(change, why, {"error": str(exc)}, now)

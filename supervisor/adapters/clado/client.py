@@ -186,12 +186,14 @@ class CladoClient:
 
         return await self._session.retrying(call, endpoint="initiate", idempotent=False)
 
-    async def status(self, job_id: str, *, recover: bool = True) -> JobStatus:
+    async def status(self, job_id: str, *, recover: bool = True, retry_unreadable: bool = True) -> JobStatus:
         """The job's status and count. An answer with no count field and no `pagination`
         (whose `results` length would be one page's, not the job's) is counted by the
         documented alternatives when `recover` (the caller does so every few polls): the
         unpaged answer, a walk of pages of 100, a count field of another form; else its
-        `result_count` is None (`count_source` says which gave the count)."""
+        `result_count` is None (`count_source` says which gave the count). Without
+        `retry_unreadable` an unreadable answer fails at once (the API drifts: a retry would
+        only add requests)."""
         path = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}"
 
         async def call(wait: Wait) -> JobStatus:
@@ -212,7 +214,7 @@ class CladoClient:
                 count_source=source if count is not None else None,
             )
 
-        return await self._session.retrying(call, endpoint="status")
+        return await self._session.retrying(call, endpoint="status", retry_unreadable=retry_unreadable)
 
     async def cancel(self, job_id: str) -> CancelResult:
         path = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}/cancel"

@@ -48,6 +48,7 @@ from supervisor.adapters.clado.errors import (
     RateLimited,
     RequestRejected,
     Transient,
+    UnreadableBody,
     unreadable,
 )
 from supervisor.adapters.clado.shapes import (
@@ -141,7 +142,14 @@ class Session:
         """Seconds the client still holds every request off for the API's rate limit."""
         return max(0.0, self._held_until - self._clock())
 
-    async def retrying(self, call: Callable[[Wait], Awaitable[T]], *, endpoint: str, idempotent: bool = True) -> T:
+    async def retrying(
+        self,
+        call: Callable[[Wait], Awaitable[T]],
+        *,
+        endpoint: str,
+        idempotent: bool = True,
+        retry_unreadable: bool = True,
+    ) -> T:
         """`call` until it returns, retrying what `Transient` says may be retried. A plain
         loop, not a retry library's: it runs on every poll, and the first attempt (almost
         every call's only one) then costs nothing beyond the call itself."""
@@ -161,6 +169,8 @@ class Session:
             # A throttled initiate started nothing: it waits for as long as initiate_wait
             # allows (the hold-off raises RateLimited once it cannot), not max_retries.
             if attempt > self._max_retries and (idempotent or not failure.throttled):
+                raise failure.error(str(failure)) from None
+            if not retry_unreadable and issubclass(failure.error, UnreadableBody):
                 raise failure.error(str(failure)) from None
             metrics.API_RETRIES.labels(endpoint).inc()
             self.retries += 1
