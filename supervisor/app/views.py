@@ -81,6 +81,10 @@ class _JobFields(View):
     would_cancel_reason: str | None
     would_cancel_at: Timestamp | None
     last_error: str | None
+    # Why the job's spend cannot be read (no_count | no_status | forbidden | unparseable), or
+    # null: a flag on the job, whatever its state.
+    blind: str | None
+    blind_since: Timestamp | None
 
 
 class JobView(_JobFields):
@@ -114,6 +118,8 @@ def _job_fields(config: Config, job: Job) -> dict[str, Any]:
         "would_cancel_reason": job.would_cancel_reason,
         "would_cancel_at": job.would_cancel_at,
         "last_error": job.last_error,
+        "blind": job.blind_reason,
+        "blind_since": job.blind_since,
     }
 
 

@@ -115,11 +115,18 @@ class JobHandler:
         has its deadlines. Its breach is decided and the cancel sent as for any other; else it
         is looked at again by its next deadline (a lost job's re-checking lasts until then)."""
         job = change.after
+        now = self._clock()
+        settings = self.config.supervisor
+        acked = job.cancel_acked_at
+        if job.state is State.CONFIRMING and acked is not None and now >= acked + settings.confirm_timeout:
+            # No status to confirm with, for confirm_timeout: the job may still spend.
+            detail = {"remote_status": job.remote_status, "cancel": job.cancel_answer, "error": job.last_error}
+            await self._write(transitions.give_up(change, detail, now, **unconfirmed_watch(settings, now)))
+            return
         watched = job.state is State.WATCHING or (job.state is State.LOST and job.cancel_requested_at is None)
         if not watched:
             await self._write(change)
             return
-        now = self._clock()
         policy = job_policy(self.config, job)
         # The failed poll's own retry is the regular next look; a deadline before it wins.
         retry = max(job.next_check_at - now, MIN_POLL_GAP)

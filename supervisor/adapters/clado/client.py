@@ -22,7 +22,7 @@ import httpx
 import structlog
 
 from supervisor.adapters import metrics
-from supervisor.adapters.clado.errors import CreditsUnavailable, JobNotFound, Transient, unreadable
+from supervisor.adapters.clado.errors import CreditsUnavailable, JobNotFound, RequestRejected, Transient, unreadable
 from supervisor.adapters.clado.session import MAX_BODY, SUCCESS, Session, Wait
 from supervisor.adapters.clado.shapes import (
     JOB_ID,
@@ -304,8 +304,8 @@ class CladoClient:
         for source, alternative in (("unpaged", self._count_unpaged), ("page_walk", self._count_by_walk)):
             try:
                 count = await alternative(path, wait)
-            except Transient:
-                count = None  # this alternative failed now; the next is tried
+            except (Transient, RequestRejected):
+                count = None  # not allowed, or failed now: the next is tried
             if count is not None:
                 return count, source
         other = other_count(body)
