@@ -47,6 +47,8 @@ class LimitsView(View):
     stall_timeout_s: float | None
     max_credits: int | None
     action: str
+    on_blind: str  # "alert" | "cancel" (the policy's, or "cancel" from a budget covering the job)
+    blind_grace_s: float | None
 
     @classmethod
     def of(cls, policy: Policy) -> LimitsView:
@@ -56,6 +58,8 @@ class LimitsView(View):
             stall_timeout_s=policy.stall_timeout.total_seconds() if policy.stall_timeout else None,
             max_credits=policy.max_credits,
             action=policy.action,
+            on_blind=policy.on_blind,
+            blind_grace_s=policy.blind_grace.total_seconds() if policy.blind_grace else None,
         )
 
 
