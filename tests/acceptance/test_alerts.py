@@ -163,6 +163,35 @@ def test_each_alert_fires_on_its_series_and_not_otherwise(tmp_path: Path) -> Non
                 {"eval_time": "15m", "alertname": "CladoSupervisorApiKeyRejected", "exp_alerts": []},
             ],
         },
+        {  # 3 jobs blind for lack of a count, for longer than the rule's 5 minutes; none forbidden.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'clado_supervisor_jobs_blind{reason="no_count",instance="a"}', "values": "3x10"},
+                {"series": 'clado_supervisor_jobs_blind{reason="forbidden",instance="a"}', "values": "0x10"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "2m", "alertname": "CladoSupervisorJobsBlind", "exp_alerts": []},  # pending (for: 5m)
+                {"eval_time": "8m", "alertname": "CladoSupervisorJobsBlind", "exp_alerts": [
+                    _case("CladoSupervisorJobsBlind", "3 job(s) blind (no_count): their spend cannot be read",
+                          severity="warning", reason="no_count"),
+                ]},
+            ],
+        },
+        {  # a: drift from the third minute; b: none.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'clado_supervisor_api_drift{instance="a"}', "values": "0 0 1 1"},
+                {"series": 'clado_supervisor_api_drift{instance="b"}', "values": "0 0 0 0"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "CladoSupervisorApiDrift", "exp_alerts": []},
+                {"eval_time": "3m", "alertname": "CladoSupervisorApiDrift", "exp_alerts": [
+                    _case("CladoSupervisorApiDrift",
+                          "The Clado API's status answers are unreadable for job after job (a)",
+                          severity="critical", instance="a"),
+                ]},
+            ],
+        },
     ]  # fmt: skip
     covered = {case["alertname"] for test in tests for case in test["alert_rule_test"] if case["exp_alerts"]}
     assert covered == ALERTS
