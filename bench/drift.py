@@ -153,7 +153,7 @@ def run(quick: bool = False, log: Any = print, jobs: int | None = None, window: 
             ],
         )
     )
-    path = common.write_json("drift-quick" if quick else "drift", result)
+    path = common.write_json("drift-quick.json" if quick else "drift.json", result)
     log(f"drift: results in {path}")
     return result
 

@@ -11,7 +11,7 @@ which order, not how fast: a loaded 2-core machine must not break them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,6 @@ async def job_of(daemon: Daemon, job_id: str) -> Job:
 
 async def events_of(daemon: Daemon, job_id: str) -> list[dict[str, Any]]:
     return list(await daemon.store.events(job_id))
-
-
-def sim_time(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -121,6 +117,7 @@ async def test_a_blind_jobs_runtime_limit_is_cancelled_at_its_deadline(
     # taken: the simulator's job is cancelled.
     assert info["cancel_call_times"], "the cancel was never sent"
     assert info["cancel_call_times"][0] >= info["created_at_ts"] + 4
+    print(f"\n{shape}: cancel sent {info['cancel_call_times'][0] - info['created_at_ts'] - 4:.3f} s after the deadline")
     assert info["status"] == "cancelled"
     decided = [e for e in events if e["to_state"] == "cancelling"]
     assert decided[0]["reason"] == "max_runtime"
@@ -161,6 +158,8 @@ async def test_on_blind_cancel_cancels_a_job_still_blind_after_its_grace(
     assert decision["detail"]["rule"] == "policies.default.on_blind"
     # Not before the grace: decided at least blind_grace after the job went blind.
     assert decision["at"] - blind["at"] >= timedelta(seconds=2)
+    waited = (decision["at"] - blind["at"]).total_seconds()
+    print(f"\n{shape}: blind → cancel decided after {waited:.3f} s (grace 2 s, poll 1 s)")
     assert fake.job_info(job_id)["cancel_calls"] >= 1
     assert reason == blind["reason"]
 
@@ -222,6 +221,7 @@ async def test_the_count_is_recovered_and_the_credit_limit_cancels(
     assert job.count_source == source
     # Overshoot at most 3 + what one extra poll costs (10 results/s, 1 s polls).
     assert 40 <= info["results"] <= 40 + 3 + 10
+    print(f"\n{source}: {info['results']} results billed against max_credits = 40")
     if source != "field":
         said = [e["detail"]["source"] for e in events if e["kind"] == "count_source"]
         assert said == [source]
