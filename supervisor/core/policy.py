@@ -161,6 +161,21 @@ def _led_breach(obs: Observation, policy: Policy) -> Breach | None:
     return Breach(Reason.MAX_CREDITS, Reason.MAX_CREDITS, obs.credits, limit, predicted=predicted)
 
 
+def next_deadline(obs: Observation, policy: Policy, now: datetime) -> datetime | None:
+    """The next limit that needs no count: the end of max_runtime, of max_queued (pending),
+    of blind_grace (on_blind = "cancel"); None when none is ahead. What keeps a lost job
+    looked at until then (its cancel is attempted at it)."""
+    ends = []
+    if policy.max_runtime is not None:
+        ends.append(obs.started_at + policy.max_runtime)
+    if policy.max_queued is not None and obs.remote_status == "pending":
+        ends.append(obs.started_at + policy.max_queued)
+    if policy.on_blind == "cancel" and obs.blind_since is not None and policy.blind_grace is not None:
+        ends.append(obs.blind_since + policy.blind_grace)
+    ahead = [end for end in ends if end > now]
+    return min(ahead) if ahead else None
+
+
 def probe_gap(age: timedelta, poll_interval: timedelta) -> timedelta:
     """The next gap of a job probed for its rate, `age` after the probing began (PROBE_FIRST)."""
     cap = max(PROBE_CAP, age / 10)

@@ -30,7 +30,16 @@ from supervisor.config import Config, Policy
 from supervisor.core import transitions
 from supervisor.core.backoff import delay
 from supervisor.core.job import Job
-from supervisor.core.policy import MIN_POLL_GAP, Breach, Evaluation, Observation, evaluate, job_policy, observed_rate
+from supervisor.core.policy import (
+    MIN_POLL_GAP,
+    Breach,
+    Evaluation,
+    Observation,
+    evaluate,
+    job_policy,
+    next_deadline,
+    observed_rate,
+)
 from supervisor.core.states import RECHECKED, Reason, State
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
@@ -128,16 +137,20 @@ class JobHandler:
             await self._write(change)
             return
         policy = job_policy(self.config, job)
+        observation = self._observation(job, now, unread=True)
         # The failed poll's own retry is the regular next look; a deadline before it wins.
         retry = max(job.next_check_at - now, MIN_POLL_GAP)
-        verdict = evaluate(self._observation(job, now, unread=True), policy, now, poll_interval=retry)
+        verdict = evaluate(observation, policy, now, poll_interval=retry)
         if (breach := verdict.breach) is not None:
             if await self._breached(change, breach, policy, now):
                 return
             change = transitions.would_cancel(change, breach.reason, self._detail(change, breach, policy), now)
-        upcoming = {"next_check_at": verdict.next_check_at}
-        if job.state is State.LOST and (job.recheck_until is None or job.recheck_until < verdict.next_check_at):
-            upcoming["recheck_until"] = verdict.next_check_at  # still claimed when its deadline comes
+        upcoming: dict[str, Any] = {"next_check_at": verdict.next_check_at}
+        deadline = next_deadline(observation, policy, now)
+        if job.state is State.LOST and deadline is not None:
+            # Still claimed when its deadline comes, past the reopen window if need be.
+            upcoming["recheck_until"] = max(deadline, job.recheck_until or deadline)
+            upcoming["next_check_at"] = min(verdict.next_check_at, deadline)
         await self._write(change.set(upcoming))
 
     def _observation(self, job: Job, now: datetime, *, unread: bool) -> Observation:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from supervisor.config import Policy
-from supervisor.core.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, observed_rate
+from supervisor.core.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, next_deadline, observed_rate
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 POLL = timedelta(seconds=15)
@@ -298,3 +298,19 @@ def test_blind_breaches(observation: Observation, policy: Policy, at: float, rea
 )
 def test_blind_next_check(observation: Observation, policy: Policy, at: float, expected: float) -> None:
     assert next_check_at(observation, policy, T0 + s(at), POLL) == T0 + s(expected)
+
+
+@pytest.mark.parametrize(
+    ("observation", "policy", "at", "expected"),
+    [
+        (unread(), FULL, 100, 1800),  # max_runtime's end
+        (unread(status="pending"), FULL, 100, 600),  # max_queued's, while pending
+        (unread(blind_since=100), BLIND_CANCEL, 110, 130),  # blind_grace's, with on_blind = "cancel"
+        (unread(blind_since=100), FULL, 110, 1800),  # on_blind = "alert": no blind deadline
+        (unread(), FULL, 1800, None),  # all behind
+        (unread(), Policy(name="p", max_credits=5), 10, None),  # no time limit at all
+    ],
+)
+def test_next_deadline(observation: Observation, policy: Policy, at: float, expected: float | None) -> None:
+    found = next_deadline(observation, policy, T0 + s(at))
+    assert found == (None if expected is None else T0 + s(expected))
