@@ -173,7 +173,10 @@ class Poller:
         now = self._clock()
         settings = self._config().supervisor
         errors = job.poll_errors + 1
-        retry = min(error_backoff(errors), settings.poll_interval)
+        unreadable = isinstance(exc, UnreadableBody)
+        # An unreadable answer was already retried by the client and does not get better in
+        # a second: looked at again at the regular poll (a drift must not raise the rate).
+        retry = settings.poll_interval if unreadable else min(error_backoff(errors), settings.poll_interval)
         if job.state is State.CONFIRMING:
             retry = min(retry, settings.confirm_interval)
         log.warning(
@@ -183,11 +186,9 @@ class Poller:
         values = {"poll_errors": errors, "last_error": str(exc), "next_check_at": now + retry, "updated_at": now}
         events = [transitions.Event("poll_error", now, detail={"error": str(exc)})] if errors == 1 else []
         change = Change.of(job).set(values, *events)
-        if isinstance(exc, UnreadableBody):
+        if unreadable:
             # Not a zero: the job keeps its last credits, and someone is told the API changed.
-            # Already retried by the client: looked at again at the regular poll, not sooner.
             self._unreadable(job)
-            change = change.set({"next_check_at": now + settings.poll_interval})
             change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
             why = transitions.NO_STATUS if isinstance(exc, NoStatus) else transitions.UNPARSEABLE
             change = transitions.unreadable_answer(change, why, {"error": str(exc)}, now)
