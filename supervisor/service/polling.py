@@ -150,7 +150,8 @@ class Poller:
         self._unreadable_streak.add(job.job_id)
         if len(self._unreadable_streak) >= _DRIFT_JOBS and not self.api_drift:
             self.api_drift = True
-            self._effects.api_drift(True, jobs=len(self._unreadable_streak), at=self._clock())
+            # Named after the job whose answer tipped it, as api_misconfigured is.
+            self._effects.api_drift(True, job_id=job.job_id, jobs=len(self._unreadable_streak), at=self._clock())
 
     async def check_api_path(self, job: Job) -> bool:
         """Whether every request answers 404 (the credits endpoint too): a wrong base_url path,
