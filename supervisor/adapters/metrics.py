@@ -105,11 +105,20 @@ API_RETRIES = _counter("api_retries_total", "Clado API calls retried, by endpoin
 API_UNKNOWN_STATUS = _counter("api_unknown_status_total", "Undocumented job statuses seen.")
 JOB_ALERTS = _counter(
     "job_alerts_total",
-    "Once-per-job alerts (unknown_status, unreadable_body, cancel_refused, cancel_ignored, reopened), by kind.",
+    "Once-per-job alerts (unknown_status, unreadable_body, cancel_refused, cancel_ignored, reopened, job_blind),"
+    " by kind.",
     "kind",
 )
 API_MISCONFIGURED = _gauge(
     "api_misconfigured", "1 while every job's status answers 404 and the credits endpoint too (a wrong base_url path)."
+)
+API_DRIFT = _gauge(
+    "api_drift",
+    "1 while job after job's status answer is unreadable (no count, no status, 403, unparseable) with none readable"
+    " in between: the API's shape changed or a proxy rewrites it.",
+)
+JOBS_BLIND = _gauge(
+    "jobs_blind", "Jobs whose spend cannot be read (blind), by reason; counted by the leader.", "reason"
 )
 TICK_DURATION = _histogram(
     "tick_duration_seconds",
@@ -193,7 +202,7 @@ def forget_budgets(keep: set[str]) -> None:
 def clear_leader_gauges() -> None:
     """What only the leader measures, gone from a replica that does not lead (at start, and
     when it loses leadership): a stale copy would be summed or maxed with the new leader's."""
-    for gauge in (JOBS, *_BUDGET_GAUGES):
+    for gauge in (JOBS, JOBS_BLIND, *_BUDGET_GAUGES):
         gauge.clear()
     _budgets_shown.clear()
     ACCOUNT_CREDITS.clear()
@@ -204,9 +213,9 @@ def clear_leader_gauges() -> None:
 # Reasons a policy, the account floor, a person or the API ends a job for; budget reasons
 # (`budget:<name>`) are added per configured budget by the budget sweep (`budget_reasons`).
 _LIMITS = (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS)
-_CANCEL_REASONS = (*_LIMITS, Reason.ACCOUNT_FLOOR, Reason.MANUAL, Reason.EXTERNAL)
+_CANCEL_REASONS = (*_LIMITS, Reason.BLIND, Reason.ACCOUNT_FLOOR, Reason.MANUAL, Reason.EXTERNAL)
 _ENDPOINTS = ("status", "cancel", "credits", "initiate", "continue")
-_ALERT_KINDS = ("unknown_status", "unreadable_body", "cancel_refused", "cancel_ignored", "reopened")
+_ALERT_KINDS = ("unknown_status", "unreadable_body", "cancel_refused", "cancel_ignored", "reopened", "job_blind")
 
 
 def budget_reasons(names: set[str]) -> None:
@@ -219,7 +228,7 @@ def budget_reasons(names: set[str]) -> None:
 def _preinitialise() -> None:
     for reason in _CANCEL_REASONS:
         CANCELS.labels(reason)
-    for reason in (*_LIMITS, Reason.ACCOUNT_FLOOR):
+    for reason in (*_LIMITS, Reason.BLIND, Reason.ACCOUNT_FLOOR):
         WOULD_CANCEL.labels(reason)
     for limit in _LIMITS:
         WARNINGS.labels(limit)

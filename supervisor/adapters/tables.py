@@ -108,6 +108,12 @@ jobs = Table(
     Column("miss_since", UTCDateTime),
     Column("cancel_answer", String(16)),  # the last cancel call's answer: "accepted" | "refused"
     Column("cancel_resend_at", UTCDateTime),  # when a cancel the job ignores is sent again
+    # Status answers in a row whose spend could not be read, and, once that made the job
+    # blind, why and since when (see core.transitions.unreadable_answer).
+    Column("unreadable_count", Integer, nullable=False, default=0),
+    Column("blind_reason", String(16)),  # "no_count" | "no_status" | "forbidden" | "unparseable"
+    Column("blind_since", UTCDateTime),
+    Column("count_source", String(32)),  # where the last count came from: "field", "unpaged", …
     Index("ix_jobs_state_next_check_at", "state", "next_check_at"),
     # Claims of re-checked jobs scan only them (see migration 0004).
     Index(

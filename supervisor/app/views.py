@@ -47,6 +47,8 @@ class LimitsView(View):
     stall_timeout_s: float | None
     max_credits: int | None
     action: str
+    on_blind: str  # "alert" | "cancel" (the policy's, or "cancel" from a budget covering the job)
+    blind_grace_s: float | None
 
     @classmethod
     def of(cls, policy: Policy) -> LimitsView:
@@ -56,6 +58,8 @@ class LimitsView(View):
             stall_timeout_s=policy.stall_timeout.total_seconds() if policy.stall_timeout else None,
             max_credits=policy.max_credits,
             action=policy.action,
+            on_blind=policy.on_blind,
+            blind_grace_s=policy.blind_grace.total_seconds() if policy.blind_grace else None,
         )
 
 
@@ -81,6 +85,10 @@ class _JobFields(View):
     would_cancel_reason: str | None
     would_cancel_at: Timestamp | None
     last_error: str | None
+    # Why the job's spend cannot be read (no_count | no_status | forbidden | unparseable), or
+    # null: a flag on the job, whatever its state.
+    blind: str | None
+    blind_since: Timestamp | None
 
 
 class JobView(_JobFields):
@@ -114,6 +122,8 @@ def _job_fields(config: Config, job: Job) -> dict[str, Any]:
         "would_cancel_reason": job.would_cancel_reason,
         "would_cancel_at": job.would_cancel_at,
         "last_error": job.last_error,
+        "blind": job.blind_reason,
+        "blind_since": job.blind_since,
     }
 
 

@@ -138,6 +138,9 @@ class SupervisorConfig(_Section):
 
 
 Action = Literal["cancel", "observe"]
+# What a job whose spend cannot be read (`blind`) gets: an alert only (the default), or,
+# once it has been blind for blind_grace, a cancel with reason `blind` (fail closed).
+OnBlind = Literal["alert", "cancel"]
 
 
 class PolicyConfig(_Section):
@@ -157,6 +160,8 @@ class PolicyConfig(_Section):
     # A directory: every job this policy's supervisor cancels has its results (billed,
     # partial ones too) written there as <job_id>.jsonl once the job is final (keeper.py).
     keep_results: Annotated[Path, BeforeValidator(directory_path)] | None = None
+    on_blind: OnBlind | None = None  # default "alert"
+    blind_grace: Duration | None = None  # default 2 × supervisor.poll_interval
 
     @field_validator("match")
     @classmethod
@@ -182,6 +187,10 @@ class BudgetConfig(_Section):
     warn_at: list[float] = Field(default_factory=list)
     action: Literal["cancel", "block", "observe"] = "cancel"
     reserve: bool = False
+    # With cancel, a job this budget covers is cancelled once blind for its policy's
+    # blind_grace, whatever its policy's own on_blind says (a budget cannot hold a spend it
+    # cannot read).
+    on_blind: OnBlind = "alert"
 
     _labels = field_validator("match")(classmethod(lambda cls, v: checked_match(v)))
     _warn = field_validator("warn_at")(classmethod(lambda cls, v: fractions(v)))
@@ -200,7 +209,7 @@ WEBHOOK_EVENTS = (
     "warning", "cancel_requested", "cancelled", "unconfirmed", "budget_warning",
     "budget_exhausted", "account_floor", "api_key_rejected",
     "lost", "reopened", "cancel_refused", "cancel_ignored", "api_misconfigured",
-    "queued", "orphaned", "expired",
+    "queued", "orphaned", "expired", "job_blind", "job_blind_cleared", "api_drift",
 )  # fmt: skip
 
 
@@ -316,12 +325,21 @@ class Config(_Section):
         own = self.policies.get(name, base)
         merged = {
             key: getattr(own, key) if getattr(own, key) is not None else getattr(base, key)
-            for key in ("max_runtime", "max_queued", "stall_timeout", "max_credits", "cancel_lead", "keep_results")
+            for key in (
+                "max_runtime",
+                "max_queued",
+                "stall_timeout",
+                "max_credits",
+                "cancel_lead",
+                "keep_results",
+                "blind_grace",
+            )
         }
         return Policy(
             name=name if name in self.policies else "default",
             warn_at=tuple(own.warn_at if own.warn_at is not None else (base.warn_at or ())),
             action=own.action or base.action or "cancel",
+            on_blind=own.on_blind or base.on_blind or "alert",
             **merged,
         )
 
@@ -352,6 +370,8 @@ class Policy(BaseModel):
     action: Action = "cancel"
     cancel_lead: timedelta | None = None  # see PolicyConfig.cancel_lead
     keep_results: Path | None = None  # see PolicyConfig.keep_results
+    on_blind: OnBlind = "alert"
+    blind_grace: timedelta | None = None  # None: 2 × supervisor.poll_interval (core.policy.job_policy)
 
 
 # Annotated: Config.policies refers to it (lazily) before this line, and mypy needs the type there.

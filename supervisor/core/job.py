@@ -71,6 +71,10 @@ class Job:
     miss_since: datetime | None
     cancel_answer: str | None  # the last cancel call's answer: "accepted" | "refused"
     cancel_resend_at: datetime | None  # when a cancel the job does not heed is sent again
+    unreadable_count: int  # status answers in a row whose spend could not be read
+    blind_reason: str | None  # set once that run made the job blind (core.transitions)
+    blind_since: datetime | None
+    count_source: str | None  # where the last count came from: "field", "unpaged", "page_walk", …
 
     @classmethod
     def from_row(cls, row: Row) -> Job:
@@ -111,6 +115,8 @@ def _typed(values: Mapping[str, Any]) -> dict[str, Any]:
         typed["warned"] = tuple(typed["warned"] or ())
     if "miss_count" in typed:
         typed["miss_count"] = typed["miss_count"] or 0
+    if "unreadable_count" in typed:
+        typed["unreadable_count"] = typed["unreadable_count"] or 0
     return typed
 
 

@@ -27,14 +27,26 @@ PROBE_CAP = timedelta(seconds=1)
 STEP_CREDITS = 10
 
 
+# A blind job is cancelled (on_blind = "cancel") once blind this many poll intervals, unless
+# its policy sets blind_grace.
+BLIND_GRACE_POLLS = 2
+
+
 def job_policy(config: Config, job: Job) -> Policy:
-    """The job's policy from the current config, with its per-job overrides."""
+    """The job's policy from the current config, with its per-job overrides; its blind_grace
+    resolved, and on_blind = "cancel" when a budget that covers the job says so."""
     policy = config.resolve_policy(job.policy)
     overrides: dict[str, object] = {}
     if job.max_runtime_s is not None:
         overrides["max_runtime"] = timedelta(seconds=job.max_runtime_s)
     if job.max_credits is not None:
         overrides["max_credits"] = job.max_credits
+    if policy.blind_grace is None:
+        overrides["blind_grace"] = config.supervisor.poll_interval * BLIND_GRACE_POLLS
+    if policy.on_blind != "cancel" and any(
+        config.budgets[name].on_blind == "cancel" for name in config.budgets_for(dict(job.labels))
+    ):
+        overrides["on_blind"] = "cancel"
     return policy.model_copy(update=overrides) if overrides else policy
 
 
@@ -51,6 +63,10 @@ class Observation:
     credits_per_s: float | None  # observed rate; None until two polls of it running saw it grow
     warned: frozenset[str] = frozenset()
     first_seen_at: datetime | None = None  # when the supervisor learned of it (else started_at)
+    # The last answer told no count (or no answer was had): the credits are the last known,
+    # so no credit prediction and no stall can be judged from them.
+    unread: bool = False
+    blind_since: datetime | None = None  # see core.transitions.unreadable_answer
 
 
 @dataclass(frozen=True)
@@ -98,9 +114,12 @@ def _measures(obs: Observation, policy: Policy, now: datetime) -> list[tuple[str
         measures.append((Reason.MAX_RUNTIME, elapsed, policy.max_runtime.total_seconds()))
     if policy.max_queued is not None and obs.remote_status == "pending":
         measures.append((Reason.MAX_QUEUED, elapsed, policy.max_queued.total_seconds()))
-    if policy.stall_timeout is not None and obs.remote_status != "pending":
+    if policy.stall_timeout is not None and obs.remote_status != "pending" and not obs.unread:
         idle = (now - obs.last_progress_at).total_seconds()
         measures.append((Reason.STALL_TIMEOUT, idle, policy.stall_timeout.total_seconds()))
+    if policy.on_blind == "cancel" and obs.blind_since is not None and policy.blind_grace is not None:
+        blind = (now - obs.blind_since).total_seconds()
+        measures.append((Reason.BLIND, blind, policy.blind_grace.total_seconds()))
     return measures
 
 
@@ -123,6 +142,7 @@ def evaluate(
     warnings = tuple(
         Warning(f"{name}@{fraction:g}", name, fraction, value, limit)
         for name, value, limit in measures
+        if name != Reason.BLIND  # blind has its own alert (job_blind)
         for fraction in policy.warn_at
         if value >= fraction * limit and f"{name}@{fraction:g}" not in obs.warned
     )
@@ -133,12 +153,27 @@ def _led_breach(obs: Observation, policy: Policy) -> Breach | None:
     """cancel_lead: the credit limit counts as reached once the observed rate says it will
     be within the lead, so that the cancel lands when the limit does."""
     lead, limit, rate = policy.cancel_lead, policy.max_credits, obs.credits_per_s
-    if not lead or limit is None or not rate or obs.remote_status == "pending":
+    if not lead or limit is None or not rate or obs.remote_status == "pending" or obs.unread:
         return None
     predicted = obs.credits + rate * lead.total_seconds()
     if predicted < limit:
         return None
     return Breach(Reason.MAX_CREDITS, Reason.MAX_CREDITS, obs.credits, limit, predicted=predicted)
+
+
+def next_deadline(obs: Observation, policy: Policy, now: datetime) -> datetime | None:
+    """The next limit that needs no count: the end of max_runtime, of max_queued (pending),
+    of blind_grace (on_blind = "cancel"); None when none is ahead. What keeps a lost job
+    looked at until then (its cancel is attempted at it)."""
+    ends = []
+    if policy.max_runtime is not None:
+        ends.append(obs.started_at + policy.max_runtime)
+    if policy.max_queued is not None and obs.remote_status == "pending":
+        ends.append(obs.started_at + policy.max_queued)
+    if policy.on_blind == "cancel" and obs.blind_since is not None and policy.blind_grace is not None:
+        ends.append(obs.blind_since + policy.blind_grace)
+    ahead = [end for end in ends if end > now]
+    return min(ahead) if ahead else None
 
 
 def probe_gap(age: timedelta, poll_interval: timedelta) -> timedelta:
@@ -170,9 +205,13 @@ def next_check_at(
         candidates += [obs.started_at + policy.max_runtime * f for f in fractions[Reason.MAX_RUNTIME]]
     if policy.max_queued is not None and pending:
         candidates += [obs.started_at + policy.max_queued * f for f in fractions[Reason.MAX_QUEUED]]
-    if policy.stall_timeout is not None and not pending:
+    if policy.stall_timeout is not None and not pending and not obs.unread:
         candidates += [obs.last_progress_at + policy.stall_timeout * f for f in fractions[Reason.STALL_TIMEOUT]]
-    if policy.max_credits is not None:
+    if policy.on_blind == "cancel" and obs.blind_since is not None and policy.blind_grace is not None:
+        candidates.append(obs.blind_since + policy.blind_grace)
+    # An unread count is no rate to predict from, nor a reason to probe faster than the poll:
+    # a drift that blinds every job must not raise the request rate.
+    if policy.max_credits is not None and not obs.unread:
         if obs.credits_per_s and not pending:
             lead = policy.cancel_lead.total_seconds() if policy.cancel_lead else 0.0
             regular = poll_interval.total_seconds()

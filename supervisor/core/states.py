@@ -10,6 +10,8 @@ not for spending, so some terminal jobs are still looked at (RECHECKED, read-onl
     lost ──found again──▶ watching ("reopened") | its final state
     unconfirmed ──the API says final──▶ cancelled | completed | failed
 and a cancel the API refuses while the job runs is sent again: confirming ──▶ cancelling.
+A lost job whose deadline comes (or, with on_blind = "cancel", its blind grace ends) is still
+sent the cancel: lost ──▶ cancelling.
 
 Pure: no I/O and no clock. The daemon asks `check_transition` before every write so an
 impossible move is a bug caught at once, not a corrupt row.
@@ -45,7 +47,9 @@ _ALLOWED: dict[State, frozenset[State]] = {
     # Back to cancelling: the cancel was refused, or taken and not heeded, so it is sent again.
     State.CONFIRMING: _FINAL | {State.CANCELLING, State.LOST, State.UNCONFIRMED},
     State.COMPLETED: frozenset({State.WATCHING}),  # continued by someone: reopened
-    State.LOST: _FINAL | {State.WATCHING},  # found again
+    # Found again; or its deadline (or its blind grace) reached while it is lost: the cancel
+    # is still attempted, since a 403 on status does not mean the cancel is refused too.
+    State.LOST: _FINAL | {State.WATCHING, State.CANCELLING},
     State.UNCONFIRMED: _FINAL | {State.LOST},  # the API finally says
 }
 
@@ -59,6 +63,7 @@ class Reason:
     MAX_CREDITS = "max_credits"
     ACCOUNT_FLOOR = "account_floor"
     MANUAL = "manual"
+    BLIND = "blind"  # on_blind = "cancel": the job's spend stayed unreadable past blind_grace
     EXTERNAL = "external"
 
 

@@ -34,6 +34,23 @@ UNREADABLE_BODY = "unreadable_body"  # an answer with no readable count: the job
 CANCEL_REFUSED = "cancel_refused"  # 409 / success:false while the status still says running
 CANCEL_IGNORED = "cancel_ignored"  # the cancel was taken, and the job runs and spends on
 
+# A job whose spend cannot be read is `blind` (a flag on the job, not a state): set after
+# BLIND_AFTER status answers in a row with no readable count, no readable status, a 403 or a
+# body that cannot be parsed; cleared by the first answer that tells the count again.
+JOB_BLIND = "job_blind"
+JOB_BLIND_CLEARED = "job_blind_cleared"
+BLIND_AFTER = 3
+NO_COUNT = "no_count"  # a status answer, but no count field and no alternative gave one
+NO_STATUS = "no_status"  # an answer with no readable status field
+UNPARSEABLE = "unparseable"  # not JSON, not an object, or too large with no count before `results`
+BLIND_REASONS = (NO_COUNT, NO_STATUS, FORBIDDEN, UNPARSEABLE)
+# An answer with no count is counted by the client's alternatives (more requests) on the
+# first such answer of a run and then every RECOVER_EVERY-th, not on every poll.
+RECOVER_EVERY = 3
+# Where a job's count comes from changed (its count fields, or one of the client's
+# alternatives): an event says which, so a reader knows what the credits rest on.
+COUNT_SOURCE = "count_source"
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -100,8 +117,10 @@ def decision_detail(rule: str, credits: int, config_hash: str, **facts: Any) -> 
 
 
 def decide_cancel(change: Change, reason: str, detail: Mapping[str, Any], now: datetime) -> Change:
-    """watching → cancelling: the decision, committed before the cancel call is sent."""
-    _only_from(change, State.WATCHING, "a cancel decision")
+    """watching → cancelling: the decision, committed before the cancel call is sent. Also
+    lost → cancelling: a lost job's deadline (or blind grace) is still acted on."""
+    if change.after.state not in (State.WATCHING, State.LOST):
+        raise IllegalTransition(f"a cancel decision for a job in {change.after.state}")
     credits = change.after.credits_used
     return _move(
         change, State.CANCELLING, now, reason=reason, detail=detail,
@@ -139,6 +158,48 @@ def alert_once(change: Change, kind: str, detail: Mapping[str, Any], now: dateti
     if kind in job.warned:
         return change
     return change.set({"warned": [*job.warned, kind]}, Event(kind, now, detail=detail))
+
+
+def unreadable_answer(change: Change, reason: str, detail: Mapping[str, Any], now: datetime) -> Change:
+    """One more status answer whose spend cannot be read (`reason`, one of BLIND_REASONS).
+    The BLIND_AFTER-th in a row makes the job blind: a `job_blind` event, once, until
+    `sighted` clears it. The job keeps its last credits: unread is not zero."""
+    job = change.after
+    count = job.unreadable_count + 1
+    if job.blind_reason is not None or count < BLIND_AFTER:
+        return change.set({"unreadable_count": count})
+    facts = {**detail, "answers": count}
+    return change.set(
+        {"unreadable_count": count, "blind_reason": reason, "blind_since": now},
+        Event(JOB_BLIND, now, reason=reason, detail=facts),
+    )
+
+
+def recovery_due(job: Job) -> bool:
+    """Whether this poll may try the alternatives for a count (see RECOVER_EVERY)."""
+    return job.unreadable_count % RECOVER_EVERY == 0
+
+
+def sighted(change: Change, now: datetime, count_source: str) -> Change:
+    """A status answer told the job's count (from `count_source`): the run of unreadable
+    answers ends, a blind job is no longer blind (`job_blind_cleared`), and a count read
+    from somewhere new is said once (`count_source`)."""
+    job = change.after
+    values: dict[str, Any] = {}
+    events: list[Event] = []
+    if job.unreadable_count:
+        values["unreadable_count"] = 0
+    if job.blind_reason is not None:
+        since = job.blind_since.isoformat() if job.blind_since else None
+        values.update(blind_reason=None, blind_since=None)
+        events.append(Event(JOB_BLIND_CLEARED, now, reason=job.blind_reason, detail={"since": since}))
+    if count_source != job.count_source:
+        values["count_source"] = count_source
+        # The count fields are the documented way: only a move away from (or back to) them
+        # is worth a line in the job's history, not the first poll of every job.
+        if job.count_source is not None or count_source != "field":
+            events.append(Event(COUNT_SOURCE, now, detail={"source": count_source, "was": job.count_source}))
+    return change.set(values, *events) if values else change
 
 
 # -- the cancel call and its confirmation -------------------------------------------------

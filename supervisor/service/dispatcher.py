@@ -134,6 +134,11 @@ class Dispatcher:
         no job is marked lost meanwhile; /readyz reports not ready."""
         return self._handler.api_misconfigured
 
+    @property
+    def api_drift(self) -> bool:
+        """Job after job's status answer is unreadable (api_drift): /readyz reports not ready."""
+        return self._handler.api_drift
+
     def set_phase(self, job_id: str, phase: str) -> None:
         """The handler's report of where a job's handling is (a started cancel is let
         finish on shutdown)."""

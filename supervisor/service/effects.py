@@ -8,6 +8,7 @@ floor or a person is logged, counted and announced the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -21,6 +22,22 @@ from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.core.transitions import Change, Event
 
 log = structlog.get_logger("supervisor.handler")
+
+# Whole-API problems: their gauge, the line when one starts, the line when it ends.
+API_MISCONFIGURED = "api_misconfigured"
+API_DRIFT = "api_drift"
+_API_PROBLEMS = {
+    API_MISCONFIGURED: (
+        metrics.API_MISCONFIGURED,
+        "every API request answers 404: check api.base_url; no job is marked lost meanwhile",
+        "the API answers again; 404s count towards lost jobs again",
+    ),
+    API_DRIFT: (
+        metrics.API_DRIFT,
+        "job after job's status answer is unreadable (api_drift): the API changed or a proxy rewrites it",
+        "status answers readable again: api_drift is over",
+    ),
+}
 
 # Webhook events sent when a job reaches these states.
 _ANNOUNCED = {State.CANCELLED: "cancelled", State.UNCONFIRMED: "unconfirmed", State.LOST: "lost"}
@@ -48,6 +65,10 @@ class Effects:
         # Told of every applied Change once its effects are out (the budget enforcer waits
         # for the answers of the polls it brought forward to a crossing).
         self.on_applied: Callable[[Change], None] = lambda change: None
+        # api_drift (see `api_drift`): while it lasts, and since when (its jobs' webhooks
+        # are not sent, nor the blind_cleared of a job that went blind in it).
+        self.drifting = False
+        self._drift_since: datetime | None = None
 
     def applied(self, changes: Iterable[Change]) -> None:
         for change in changes:
@@ -79,18 +100,59 @@ class Effects:
             webhook = _ALERTS[event.kind]
             if webhook is not None:
                 self._emit(webhook, **fields, state=job.state.value, credits=job.credits_used, detail=detail)
+        elif event.kind in (transitions.JOB_BLIND, transitions.JOB_BLIND_CLEARED):
+            self._blind(change, event, fields)
+        elif event.kind == transitions.COUNT_SOURCE:
+            log.info("job's count read from another source", **fields, **dict(event.detail or {}))
         elif event.kind == "transition" and event.to_state is not None:
             self._transition(change, event, event.to_state, fields)
 
     def api_misconfigured(self, misconfigured: bool, **facts: Any) -> None:
         """Every status poll answers 404, and the credits endpoint too: the base_url is wrong,
         so no job is marked lost; said once when it starts and once when it ends."""
-        metrics.API_MISCONFIGURED.set(1 if misconfigured else 0)
-        if misconfigured:
-            log.error("every API request answers 404: check api.base_url; no job is marked lost meanwhile", **facts)
-            self._emit("api_misconfigured", **facts)
+        self._api_problem(API_MISCONFIGURED, misconfigured, **facts)
+
+    def api_drift(self, drifting: bool, **facts: Any) -> None:
+        """Status answers whose spend cannot be read for job after job, none readable in
+        between (a proxy rewriting bodies, an API change, a key that lost its read scope):
+        one alarm for the whole API, said once when it starts and once when it ends; the
+        jobs it blinds meanwhile send no webhook each."""
+        if drifting and not self.drifting:
+            self._drift_since = facts.get("at")
+        self.drifting = drifting
+        self._api_problem(API_DRIFT, drifting, **{k: v for k, v in facts.items() if k != "at"})
+
+    def _api_problem(self, kind: str, active: bool, **facts: Any) -> None:
+        """A whole-API problem (API_PROBLEMS): its gauge, an error line and a webhook when it
+        starts, an info line when it ends."""
+        gauge, started, ended = _API_PROBLEMS[kind]
+        gauge.set(1 if active else 0)
+        if active:
+            log.error(started, **facts)
+            self._emit(kind, **facts)
         else:
-            log.info("the API answers again; 404s count towards lost jobs again", **facts)
+            log.info(ended, **facts)
+
+    def _blind(self, change: Change, event: Event, fields: dict[str, Any]) -> None:
+        """A job turned blind, or readable again: an error line (info once cleared) and its
+        webhook, unless the whole API drifts (api_drift is the one alarm then)."""
+        job = change.after
+        detail = dict(event.detail or {})
+        facts = {**fields, "reason": event.reason, "state": job.state.value, "credits": job.credits_used}
+        if event.kind == transitions.JOB_BLIND:
+            log.error("job's spend cannot be read: it is blind; its deadlines still act", **facts, **detail)
+            metrics.JOB_ALERTS.labels(event.kind).inc()
+            announce = not self.drifting
+        else:
+            log.info("job's spend can be read again: no longer blind", **facts, **detail)
+            # Its job_blind was not announced if it began during the drift.
+            since = detail.get("since")
+            began = datetime.fromisoformat(since) if isinstance(since, str) else None
+            announce = not self.drifting and not (
+                self._drift_since is not None and began is not None and began >= self._drift_since
+            )
+        if announce:
+            self._emit(event.kind, **facts, detail=detail)
 
     def _transition(self, change: Change, event: Event, target: State, fields: dict[str, Any]) -> None:
         job = change.after

@@ -26,12 +26,21 @@ import structlog
 from supervisor.adapters import failpoints
 from supervisor.adapters.clado import ApiKeyRejected, CladoClient, CladoError, JobNotFound, JobStatus, RequestRejected
 from supervisor.adapters.store import JobWrite
-from supervisor.config import Config
+from supervisor.config import Config, Policy
 from supervisor.core import transitions
 from supervisor.core.backoff import delay
 from supervisor.core.job import Job
-from supervisor.core.policy import Evaluation, Observation, evaluate, job_policy, observed_rate
-from supervisor.core.states import RECHECKED, State
+from supervisor.core.policy import (
+    MIN_POLL_GAP,
+    Breach,
+    Evaluation,
+    Observation,
+    evaluate,
+    job_policy,
+    next_deadline,
+    observed_rate,
+)
+from supervisor.core.states import RECHECKED, Reason, State
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
 from supervisor.service.polling import (
@@ -49,6 +58,8 @@ Write = Callable[[JobWrite], Awaitable[bool]]
 
 # A cancel the job does not heed is sent again at growing gaps, up to this many poll intervals.
 _RESEND_CAP_POLLS = 4
+# The remote status of a job never seen answered: not `pending` (no max_queued from nothing).
+_UNKNOWN_STATUS = "unknown"
 
 
 class JobHandler:
@@ -66,7 +77,7 @@ class JobHandler:
         self._clock = clock
         self._effects = effects
         self._on_phase: Callable[[str, str], None] = lambda job_id, phase: None
-        self.poller = Poller(config, client, self._write, clock, effects)
+        self.poller = Poller(config, client, clock, effects)
 
     @property
     def config(self) -> Config:
@@ -77,6 +88,11 @@ class JobHandler:
         """Every request 404s, the credits endpoint too (/readyz reads this, through the
         dispatcher): the base_url is wrong, so no job is lost for it."""
         return self.poller.api_misconfigured
+
+    @property
+    def api_drift(self) -> bool:
+        """Job after job's status answer is unreadable, none readable in between."""
+        return self.poller.api_drift
 
     def on_phase(self, callback: Callable[[str, str], None]) -> None:
         """Tell the daemon when a job enters the cancel phase (shutdown lets it finish)."""
@@ -94,8 +110,64 @@ class JobHandler:
 
     # -- watching -----------------------------------------------------------------------
 
+    async def _poll(self, job: Job) -> JobStatus | None:
+        """The job's status; or None once what a failed poll means is written, with the limits
+        that need no status (runtime, queued, blind grace) still enforced."""
+        outcome = await self.poller.status(job)
+        if isinstance(outcome, JobStatus):
+            return outcome
+        await self._unseen(outcome)
+        return None
+
+    async def _unseen(self, change: Change) -> None:
+        """A poll that gave no status: a watching job, or one lost while it was watched, still
+        has its deadlines. Its breach is decided and the cancel sent as for any other; else it
+        is looked at again by its next deadline (a lost job's re-checking lasts until then)."""
+        job = change.after
+        now = self._clock()
+        settings = self.config.supervisor
+        acked = job.cancel_acked_at
+        if job.state is State.CONFIRMING and acked is not None and now >= acked + settings.confirm_timeout:
+            # No status to confirm with, for confirm_timeout: the job may still spend.
+            detail = {"remote_status": job.remote_status, "cancel": job.cancel_answer, "error": job.last_error}
+            await self._write(transitions.give_up(change, detail, now, **unconfirmed_watch(settings, now)))
+            return
+        watched = job.state is State.WATCHING or (job.state is State.LOST and job.cancel_requested_at is None)
+        if not watched:
+            await self._write(change)
+            return
+        policy = job_policy(self.config, job)
+        observation = self._observation(job, now, unread=True)
+        # The failed poll's own retry is the regular next look; a deadline before it wins.
+        retry = max(job.next_check_at - now, MIN_POLL_GAP)
+        verdict = evaluate(observation, policy, now, poll_interval=retry)
+        if (breach := verdict.breach) is not None:
+            if await self._breached(change, breach, policy, now):
+                return
+            change = transitions.would_cancel(change, breach.reason, self._detail(change, breach, policy), now)
+        upcoming: dict[str, Any] = {"next_check_at": verdict.next_check_at}
+        deadline = next_deadline(observation, policy, now)
+        if job.state is State.LOST and deadline is not None:
+            # Still claimed when its deadline comes, past the reopen window if need be.
+            upcoming["recheck_until"] = max(deadline, job.recheck_until or deadline)
+            upcoming["next_check_at"] = min(verdict.next_check_at, deadline)
+        await self._write(change.set(upcoming))
+
+    def _observation(self, job: Job, now: datetime, *, unread: bool) -> Observation:
+        return Observation(
+            remote_status=job.remote_status or _UNKNOWN_STATUS,
+            credits=job.credits_used,
+            started_at=job.started_at,
+            last_progress_at=job.last_progress_at or now,
+            credits_per_s=job.credits_per_s,
+            warned=frozenset(job.warned),
+            first_seen_at=job.submitted_at,
+            unread=unread,
+            blind_since=job.blind_since,
+        )
+
     async def _watch(self, job: Job) -> None:
-        status = await self.poller.status(job)
+        status = await self._poll(job)
         if status is None:
             return
         now = self._clock()
@@ -111,31 +183,13 @@ class JobHandler:
         job = change.job
         policy = job_policy(config, job)
         seen = change.after
-        observation = Observation(
-            remote_status=seen.remote_status or status.status,
-            credits=seen.credits_used,
-            started_at=seen.started_at,
-            last_progress_at=seen.last_progress_at or now,
-            credits_per_s=seen.credits_per_s,
-            warned=frozenset(seen.warned),
-            first_seen_at=seen.submitted_at,
-        )
+        observation = self._observation(seen, now, unread=status.result_count is None)
         verdict = evaluate(observation, policy, now, poll_interval=config.supervisor.poll_interval)
         change = self._warnings(change, verdict, config, now)
-        if verdict.breach is not None:
-            detail = transitions.decision_detail(
-                f"policies.{policy.name}.{verdict.breach.limit}", seen.credits_used, config.config_hash,
-                **verdict.breach.detail(),
-            )  # fmt: skip
-            if policy.action == "cancel" and not config.supervisor.dry_run:
-                decided = transitions.decide_cancel(change, verdict.breach.reason, detail, now)
-                self._on_phase(job.job_id, "cancel")
-                # Keep the lease: this handler sends the cancel right after the commit.
-                if await self._write(decided, release=False):
-                    failpoints.hit(failpoints.AFTER_CANCEL_DECISION)
-                    await self._send_cancel(decided.after)
+        if (breach := verdict.breach) is not None:
+            if await self._breached(change, breach, policy, now):
                 return
-            change = transitions.would_cancel(change, verdict.breach.reason, detail, now)
+            change = transitions.would_cancel(change, breach.reason, self._detail(change, breach, policy), now)
         change = change.set({"next_check_at": verdict.next_check_at})
         # The dispatcher claims at its ticks: a check due before the next one would wait for
         # it (up to a tick: 10 credits at 10 results/s), so this handler keeps the lease and
@@ -145,10 +199,34 @@ class JobHandler:
             await asyncio.sleep(max(0.0, (verdict.next_check_at - self._clock()).total_seconds()))
             await self._watch(change.after)
 
+    async def _breached(self, change: Change, breach: Breach, policy: Policy, now: datetime) -> bool:
+        """A breach decided (written before the call) and its cancel sent: True. False when
+        the policy only observes or this is a dry run (the caller records `would_cancel`)."""
+        if policy.action != "cancel" or self.config.supervisor.dry_run:
+            return False
+        decided = transitions.decide_cancel(change, breach.reason, self._detail(change, breach, policy), now)
+        self._on_phase(change.job_id, "cancel")
+        # Keep the lease: this handler sends the cancel right after the commit.
+        if await self._write(decided, release=False):
+            failpoints.hit(failpoints.AFTER_CANCEL_DECISION)
+            await self._send_cancel(decided.after)
+        return True
+
+    def _detail(self, change: Change, breach: Breach, policy: Policy) -> dict[str, Any]:
+        # A blind cancel follows on_blind (the policy's, or a covering budget's).
+        key = "on_blind" if breach.reason == Reason.BLIND else breach.limit
+        return transitions.decision_detail(
+            f"policies.{policy.name}.{key}", change.after.credits_used, self.config.config_hash, **breach.detail()
+        )
+
     def _observed(self, change: Change, status: JobStatus, now: datetime) -> Change:
         """What a status answer tells of the job: its progress, and an alert the first time
         its status is outside the documented list."""
         change = change.set(self._progress(change.after, status, now))
+        if status.count_source is None:
+            change = transitions.unreadable_answer(change, transitions.NO_COUNT, {"remote_status": status.status}, now)
+        else:
+            change = transitions.sighted(change, now, status.count_source)
         if not status.recognized:
             change = transitions.alert_once(change, transitions.UNKNOWN_STATUS, {"status": status.status}, now)
         return change
@@ -156,6 +234,13 @@ class JobHandler:
     def _progress(self, job: Job, status: JobStatus, now: datetime) -> dict[str, Any]:
         # Billing never refunds: the record keeps the highest count seen, and only a count
         # above it is progress (a count flickering 50/49/50 is a stall, not progress).
+        if status.result_count is None:
+            # No count: the job keeps its last credits, progress and rate (unread is not zero).
+            return {
+                "remote_status": status.status, "remote_created_at": status.created_at or job.remote_created_at,
+                "last_polled_at": now, "poll_errors": 0, "last_error": None,
+                "miss_kind": None, "miss_count": 0, "miss_since": None, "updated_at": now,
+            }  # fmt: skip
         credits = max(job.credits_used, status.result_count * self.config.api.credits_per_result)
         started_running = job.remote_status in (None, "pending") and status.status != "pending"
         progressed = credits > job.credits_used or started_running
@@ -216,6 +301,11 @@ class JobHandler:
             # 400/403: the API will not take this cancel, however often it is sent.
             bound.error("cancel refused by the API", error=str(exc))
             now = self._clock()
+            if exc.status_code == 403 and job.miss_kind == transitions.FORBIDDEN:
+                # Sent at the deadline of a job lost to 403s: it ends lost, as it was.
+                recheck = recheck_window(self.config.supervisor, now)
+                await self._write(transitions.lose(change, {"cancel": str(exc)}, now, **recheck))
+                return
             await self._write(
                 transitions.give_up(change, {"cancel": str(exc)}, now, **unconfirmed_watch(self.config.supervisor, now))
             )
@@ -243,7 +333,7 @@ class JobHandler:
     # -- confirming ---------------------------------------------------------------------
 
     async def _confirm(self, job: Job) -> None:
-        status = await self.poller.status(job)
+        status = await self._poll(job)
         if status is None:
             return
         now = self._clock()
@@ -289,7 +379,7 @@ class JobHandler:
         """A read-only look at a completed, lost or unconfirmed job: its spend is recorded,
         a job running again is reopened (completed, lost) and watched, a final status ends
         an unconfirmed or lost job."""
-        status = await self.poller.status(job)
+        status = await self._poll(job)
         if status is None:
             return
         now = self._clock()

@@ -18,6 +18,7 @@ from supervisor.adapters.systemd import Notifier
 from supervisor.config import Config
 from supervisor.core.budgets import period_start
 from supervisor.core.states import ACTIVE, State
+from supervisor.core.transitions import BLIND_REASONS
 from supervisor.service.chores import Enforcer
 from supervisor.service.elector import Elector
 from supervisor.service.guards import Backoff, db_timeout
@@ -49,6 +50,7 @@ class Housekeeping:
         inflight: Callable[[], int],
         spawn: Spawn,
         lag_note: Callable[[], str | None] = lambda: None,
+        api_drift: Callable[[], bool] = lambda: False,
     ) -> None:
         self._config = config
         self._store = store
@@ -60,6 +62,7 @@ class Housekeeping:
         self._inflight = inflight
         self._spawn = spawn  # the runtime's: shutdown waits for what is started this way
         self._lag_note = lag_note  # the lag watch's, said after the summary on STATUS=
+        self._api_drift = api_drift  # this replica's poller's: said on STATUS= too
         # The latest summary (what `systemd-notify READY=1` said until the first refresh).
         self.summary = "supervising"
         self._backoffs = {
@@ -116,6 +119,7 @@ class Housekeeping:
         try:
             async with db_timeout(self._store, 10):
                 counts = await self._store.count_by_state()
+                blind = await self._store.count_blind()
         except Exception as exc:  # noqa: BLE001 - a chore never dies: it backs off and says why
             backoff.failed(exc)
             return
@@ -124,11 +128,18 @@ class Housekeeping:
             return
         for state in State:
             metrics.JOBS.labels(state.value).set(counts.get(state.value, 0))
+        for reason in BLIND_REASONS:
+            metrics.JOBS_BLIND.labels(reason).set(blind.get(reason, 0))
         active = sum(counts.get(state.value, 0) for state in ACTIVE)
-        self._show(f"supervising {active} active job(s); {self._inflight()} in flight (leader)")
+        summary = f"supervising {active} active job(s); {self._inflight()} in flight (leader)"
+        if sum(blind.values()):
+            summary += f"; {sum(blind.values())} blind"
+        self._show(summary)
 
     def _show(self, summary: str) -> None:
         """The new summary on systemd's STATUS=, with the lag watch's note (if any) after it."""
+        if self._api_drift():
+            summary += "; API DRIFT: status answers unreadable, jobs blind"
         self.summary = summary
         self.notifier.status(status_line(summary, self._lag_note()))
 

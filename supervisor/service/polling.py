@@ -6,11 +6,13 @@ towards `lost`, which is earned: that many misses in a row, the 404s spread over
 intervals, so a blip of a proxy loses no job; and never while every request 404s, the
 credits endpoint too (a wrong base_url path: `api_misconfigured`, which /readyz reports).
 A rejected API key stops polling for a while (the client itself backs off its requests).
+An answer whose spend cannot be read (no status, not JSON, a 403) also counts towards `blind`
+(core.transitions.unreadable_answer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +26,7 @@ from supervisor.adapters.clado import (
     CreditsUnavailable,
     JobNotFound,
     JobStatus,
+    NoStatus,
     RequestRejected,
     UnreadableBody,
 )
@@ -36,9 +39,6 @@ from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
 
 log = structlog.get_logger("supervisor.handler")
-
-# Applies a change under the job's lease (and its effects once applied): the handler's.
-Write = Callable[[Change], Awaitable[bool]]
 
 # While the API is unreachable a job is retried at growing gaps, up to its poll interval.
 _ERROR_BACKOFF_FIRST = 1.0
@@ -57,6 +57,10 @@ _UNCONFIRMED_WATCH = timedelta(days=1)
 # Distinct jobs whose status answered 404 with no status answered in between: enough to ask
 # whether every request 404s (a wrong base_url path) before anything is marked lost.
 _ALL_NOT_FOUND_JOBS = 3
+# The same idea for answers whose spend cannot be read (no count, no status, 403, not
+# parseable): this many distinct jobs in a row, none readable in between, is api_drift. More
+# than for 404s, since a few jobs of one odd shape must not sound the whole-API alarm.
+_DRIFT_JOBS = 10
 
 
 # -- when a job is looked at next -------------------------------------------------------
@@ -97,7 +101,6 @@ class Poller:
 
     _config: Callable[[], Config]
     _client: CladoClient
-    _write: Write
     _clock: Callable[[], datetime]
     _effects: Effects
     # Jobs whose status answered 404 since the last status that answered at all.
@@ -105,32 +108,50 @@ class Poller:
     # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
     # lost for it.
     api_misconfigured: bool = False
+    # Jobs whose answer was unreadable since the last readable one; api_drift once enough.
+    _unreadable_streak: set[str] = field(default_factory=set)
+    api_drift: bool = False
 
-    async def status(self, job: Job) -> JobStatus | None:
-        """The job's status, or None after recording why it could not be had."""
+    async def status(self, job: Job) -> JobStatus | Change:
+        """The job's status, or the Change (not written yet: the handler adds what can still
+        be enforced without a status) that records why it could not be had."""
+        # While the whole API drifts no alternative count is asked for, nor an unreadable
+        # answer retried: the drift must not raise the request rate.
+        recover = transitions.recovery_due(job) and not self.api_drift
         try:
-            status = await self._client.status(job.job_id)
+            status = await self._client.status(job.job_id, recover=recover, retry_unreadable=not self.api_drift)
         except JobNotFound as exc:
-            await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
+            return await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
         except RequestRejected as exc:
             if exc.status_code == 403:
-                await self._missed(job, transitions.FORBIDDEN, str(exc))
-            else:
-                await self._failed(job, exc)
+                self._unreadable(job)
+                return await self._missed(job, transitions.FORBIDDEN, str(exc))
+            return self._failed(job, exc)
         except ApiKeyRejected as exc:
             now = self._clock()
-            await self._write(
-                Change.of(job).set({"last_error": str(exc), "next_check_at": now + AUTH_RETRY, "updated_at": now})
-            )
+            return Change.of(job).set({"last_error": str(exc), "next_check_at": now + AUTH_RETRY, "updated_at": now})
         except CladoError as exc:
-            await self._failed(job, exc)
+            return self._failed(job, exc)
+        self._not_found_streak.clear()
+        if self.api_misconfigured:
+            self.api_misconfigured = False
+            self._effects.api_misconfigured(False, job_id=job.job_id)
+        if status.count_source is None:
+            self._unreadable(job)
         else:
-            self._not_found_streak.clear()
-            if self.api_misconfigured:
-                self.api_misconfigured = False
-                self._effects.api_misconfigured(False, job_id=job.job_id)
-            return status
-        return None
+            self._unreadable_streak.clear()
+            if self.api_drift:
+                self.api_drift = False
+                self._effects.api_drift(False, job_id=job.job_id)
+        return status
+
+    def _unreadable(self, job: Job) -> None:
+        """One more job whose answer could not be read: api_drift once enough in a row."""
+        self._unreadable_streak.add(job.job_id)
+        if len(self._unreadable_streak) >= _DRIFT_JOBS and not self.api_drift:
+            self.api_drift = True
+            # Named after the job whose answer tipped it, as api_misconfigured is.
+            self._effects.api_drift(True, job_id=job.job_id, jobs=len(self._unreadable_streak), at=self._clock())
 
     async def check_api_path(self, job: Job) -> bool:
         """Whether every request answers 404 (the credits endpoint too): a wrong base_url path,
@@ -149,11 +170,14 @@ class Poller:
         self.api_misconfigured = misconfigured
         return misconfigured
 
-    async def _failed(self, job: Job, exc: CladoError) -> None:
+    def _failed(self, job: Job, exc: CladoError) -> Change:
         now = self._clock()
         settings = self._config().supervisor
         errors = job.poll_errors + 1
-        retry = min(error_backoff(errors), settings.poll_interval)
+        unreadable = isinstance(exc, UnreadableBody)
+        # An unreadable answer was already retried by the client and does not get better in
+        # a second: looked at again at the regular poll (a drift must not raise the rate).
+        retry = settings.poll_interval if unreadable else min(error_backoff(errors), settings.poll_interval)
         if job.state is State.CONFIRMING:
             retry = min(retry, settings.confirm_interval)
         log.warning(
@@ -163,12 +187,15 @@ class Poller:
         values = {"poll_errors": errors, "last_error": str(exc), "next_check_at": now + retry, "updated_at": now}
         events = [transitions.Event("poll_error", now, detail={"error": str(exc)})] if errors == 1 else []
         change = Change.of(job).set(values, *events)
-        if isinstance(exc, UnreadableBody):
+        if unreadable:
             # Not a zero: the job keeps its last credits, and someone is told the API changed.
+            self._unreadable(job)
             change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
-        await self._write(change)
+            why = transitions.NO_STATUS if isinstance(exc, NoStatus) else transitions.UNPARSEABLE
+            change = transitions.unreadable_answer(change, why, {"error": str(exc)}, now)
+        return change
 
-    async def _missed(self, job: Job, kind: str, error: str) -> None:
+    async def _missed(self, job: Job, kind: str, error: str) -> Change:
         """A 404 or 403 on status: counted; the job is lost once that is earned, never while
         every request 404s (a wrong base_url)."""
         settings = self._config().supervisor
@@ -179,25 +206,22 @@ class Poller:
         now = self._clock()
         if kind == transitions.NOT_FOUND and self.api_misconfigured:
             # Not the job's fault: nothing counts towards its loss while the API path is wrong.
-            await self._write(
-                Change.of(job).set(
-                    {"last_error": error, "next_check_at": now + settings.poll_interval, "updated_at": now}
-                )
+            return Change.of(job).set(
+                {"last_error": error, "next_check_at": now + settings.poll_interval, "updated_at": now}
             )
-            return
         change = transitions.missed(Change.of(job), kind, error, now, now + settings.poll_interval)
+        if kind == transitions.FORBIDDEN:
+            # A 403 hides the spend, not the job: it counts towards `blind` as well as `lost`.
+            change = transitions.unreadable_answer(change, transitions.FORBIDDEN, {"error": error}, now)
         if job.state in (State.COMPLETED, State.LOST):
             # Already over: looked at again within its window, in case it comes back.
-            await self._write(change.set(next_recheck(settings, job, now)))
-            return
+            return change.set(next_recheck(settings, job, now))
         grace = settings.poll_interval * _NOT_FOUND_GRACE_POLLS if kind == transitions.NOT_FOUND else timedelta(0)
         if not transitions.loss_earned(change.after, now, polls=_MISS_POLLS, grace=grace):
-            await self._write(change)
-            return
+            return change
         if kind == transitions.NOT_FOUND and await self.check_api_path(job):
-            await self._write(change.set({"next_check_at": now + settings.poll_interval}))
-            return
+            return change.set({"next_check_at": now + settings.poll_interval})
         facts = change.after
         since = facts.miss_since.isoformat() if facts.miss_since else None
         detail = {"lost": kind, "status": error, "polls": facts.miss_count, "since": since}
-        await self._write(transitions.lose(change, detail, now, **recheck_window(settings, now)))
+        return transitions.lose(change, detail, now, **recheck_window(settings, now))

@@ -119,6 +119,7 @@ class Daemon:
             inflight=lambda: len(self.dispatcher.inflight),
             spawn=self._runs.spawn,
             lag_note=lambda: self.dispatcher.lag.note,
+            api_drift=lambda: self.dispatcher.api_drift,
         )
         self.dispatcher = Dispatcher(
             current,
@@ -226,6 +227,8 @@ class Daemon:
             found.append(f"database: {self.database_problem}")
         if self.dispatcher.api_misconfigured:
             found.append("api: every job answers 404 and so does /api/credits: check api.base_url")
+        if self.dispatcher.api_drift:
+            found.append("api: job after job's status answer is unreadable (api_drift): jobs are blind")
         return found
 
     @property

@@ -61,6 +61,17 @@ async def _bulk(request: Request) -> Response:
     return JSONResponse({"job_ids": job_ids})
 
 
+async def _reshape(request: Request) -> Response:
+    """Change scenario knobs of every existing job (an API whose answers change shape under
+    running jobs): `{"hide_status": true}`."""
+    try:
+        knobs = await json_object(request, empty_ok=False)
+        _fake(request).reshape(**knobs)
+    except (TypeError, ValueError) as exc:
+        return detail(400, str(exc))
+    return JSONResponse({"reshaped": knobs})
+
+
 async def _job(request: Request) -> Response:
     try:
         return JSONResponse(_fake(request).job_info(request.path_params["job_id"]))
@@ -139,6 +150,7 @@ async def _reset(request: Request) -> Response:
 CONTROL_ROUTES = [
     Route("/_fake/jobs", _create, methods=["POST"]),
     Route("/_fake/jobs/bulk", _bulk, methods=["POST"]),
+    Route("/_fake/reshape", _reshape, methods=["POST"]),
     Route("/_fake/jobs/{job_id}", _job, methods=["GET"]),
     Route("/_fake/stats", _stats, methods=["GET"]),
     Route("/_fake/requests", _requests, methods=["GET"]),

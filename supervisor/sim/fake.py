@@ -195,6 +195,17 @@ class FakeClado:
                 self._fault_rng = random.Random(seed)  # noqa: S311
             return dataclasses.asdict(self._faults)
 
+    def reshape(self, job_ids: Iterable[str] | None = None, **knobs: object) -> None:
+        """Change the given scenario knobs of existing jobs (all of them by default), as an
+        API whose answers change shape under running jobs (a proxy rewriting bodies, a new
+        version): `reshape(hide_status=True)`. Their progress so far is kept."""
+        parsed = Scenario.from_knobs(knobs)
+        changed = {name: getattr(parsed, name) for name in knobs}
+        with self._lock:
+            for job_id in self._jobs if job_ids is None else job_ids:
+                job = self._jobs[job_id]
+                job.scenario = dataclasses.replace(job.scenario, **changed)
+
     def set_limits(self, **knobs: object) -> dict[str, Any]:
         """Change the rate limits (see :class:`Limits`; ``tier="paid_50"`` names one); returns all."""
         with self._lock:
@@ -338,6 +349,10 @@ class FakeClado:
             return NOT_FOUND
         if job.forbidden(job.elapsed(now)):
             return FORBIDDEN
+        if page is None and not job.scenario.unpaged:
+            return 400, {"detail": "page is required"}
+        if page is not None and page_size > job.scenario.max_page_size:
+            return 400, {"detail": f"page_size must be at most {job.scenario.max_page_size}"}
         if job.scenario.flicker and results and job.status_calls % 2 == 0:
             results -= 1  # what is shown, not what is billed
         # Built outside the lock: an unpaged body of a large job is the one expensive thing here.

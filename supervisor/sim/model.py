@@ -48,7 +48,11 @@ DEFAULT_ADDITIONAL = 30  # the documented default of additionalLimit / additiona
 # docs show: `total_results` and `final_results_count`, and `pagination.total_results` when paged.
 # `total` is the older docs' single field; `string` is the default shape with digit strings;
 # `results_only` has no count at all (the client must count `results`).
-COUNT_FIELDS = ("total_results", "final_results_count_only", "pagination_only", "results_only", "total", "string")
+# `none` is an API that drifted: no count field and no `pagination` either (`results` holds the
+# asked-for rows only, so its length is one page's, never the job's count).
+COUNT_FIELDS = (
+    "total_results", "final_results_count_only", "pagination_only", "results_only", "total", "string", "none",
+)  # fmt: skip
 # How a status body carries `created_at`. The older docs show integer epoch seconds (1678886400),
 # the newer ones none at all; the rest are shapes a client is told to accept.
 CREATED_AT_FORMATS = ("epoch_s", "epoch_ms", "epoch_s_string", "iso", "absent")
@@ -150,6 +154,9 @@ _KNOB_PARSERS: dict[str, Callable[[str, object], object]] = {
     "running_status": _status_name,
     "bloat_mb": number,
     "flicker": flag,
+    "hide_status": flag,
+    "unpaged": flag,
+    "max_page_size": count,
 }
 KNOBS = frozenset(_KNOB_PARSERS)
 
@@ -185,6 +192,10 @@ class Scenario:
     running_status: str | None = None  # e.g. "in_progress": said instead of searching/processing
     bloat_mb: float = 0.0  # pads every status body to about this many MiB
     flicker: bool = False  # every other status answer shows one result fewer (a count that goes down)
+    hide_status: bool = False  # no `status` field in the status body (an API that drifted)
+    # -- what the status endpoint still allows (an answer with no count is counted by them)
+    unpaged: bool = True  # False: a status call without `page` is answered 400 "page is required"
+    max_page_size: int = MAX_PAGE_SIZE  # a larger page_size is answered 400
 
     @classmethod
     def from_knobs(cls, knobs: Mapping[str, object]) -> Scenario:
@@ -382,6 +393,8 @@ def status_body(job: Job, status: str, results: int, page: int | None, page_size
     s = job.scenario
     shown = s.running_status if s.running_status and status in (SEARCHING, PROCESSING) else status
     body: dict[str, Any] = {"job_id": job.job_id, "status": shown, "message": MESSAGES[status]}
+    if s.hide_status:
+        del body["status"]
     counted: int | str = str(results) if s.count_field == "string" else results
     if s.count_field in ("total_results", "string"):
         body["total_results"] = counted
@@ -392,7 +405,7 @@ def status_body(job: Job, status: str, results: int, page: int | None, page_size
     start = 0 if page is None else (page - 1) * page_size
     stop = results if page is None else min(results, start + page_size)
     body["results"] = [person(job.job_id, i) for i in range(start, stop)]
-    if page is not None:
+    if page is not None and s.count_field != "none":
         pagination: dict[str, Any] = {"page": page, "page_size": page_size}
         if s.count_field in ("total_results", "string", "pagination_only"):
             pagination["total_results"] = counted

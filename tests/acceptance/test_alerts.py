@@ -26,7 +26,8 @@ from .conftest import DaemonProcess, FakeApiProcess, cli, wait_for
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "alerts.yaml"
 ALERTS = {
     "CladoSupervisorApiKeyRejected", "CladoSupervisorUnconfirmedCancels", "CladoSupervisorBudgetExhausted",
-    "CladoSupervisorPollLag", "CladoSupervisorNoTick", "CladoSupervisorApiErrors",
+    "CladoSupervisorPollLag", "CladoSupervisorNoTick", "CladoSupervisorApiErrors", "CladoSupervisorJobsBlind",
+    "CladoSupervisorApiDrift",
 }  # fmt: skip
 
 
@@ -49,7 +50,7 @@ def rules() -> dict[str, dict[str, Any]]:
 def test_the_rules_pass_promtool_check() -> None:
     result = run(promtool(), "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
     assert set(rules()) == ALERTS
 
 
@@ -161,6 +162,35 @@ def test_each_alert_fires_on_its_series_and_not_otherwise(tmp_path: Path) -> Non
                           severity="warning", instance="a"),
                 ]},
                 {"eval_time": "15m", "alertname": "CladoSupervisorApiKeyRejected", "exp_alerts": []},
+            ],
+        },
+        {  # 3 jobs blind for lack of a count, for longer than the rule's 5 minutes; none forbidden.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'clado_supervisor_jobs_blind{reason="no_count",instance="a"}', "values": "3x10"},
+                {"series": 'clado_supervisor_jobs_blind{reason="forbidden",instance="a"}', "values": "0x10"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "2m", "alertname": "CladoSupervisorJobsBlind", "exp_alerts": []},  # pending (for: 5m)
+                {"eval_time": "8m", "alertname": "CladoSupervisorJobsBlind", "exp_alerts": [
+                    _case("CladoSupervisorJobsBlind", "3 job(s) blind (no_count): their spend cannot be read",
+                          severity="warning", reason="no_count"),
+                ]},
+            ],
+        },
+        {  # a: drift from the third minute; b: none.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'clado_supervisor_api_drift{instance="a"}', "values": "0 0 1 1"},
+                {"series": 'clado_supervisor_api_drift{instance="b"}', "values": "0 0 0 0"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "CladoSupervisorApiDrift", "exp_alerts": []},
+                {"eval_time": "3m", "alertname": "CladoSupervisorApiDrift", "exp_alerts": [
+                    _case("CladoSupervisorApiDrift",
+                          "The Clado API's status answers are unreadable for job after job (a)",
+                          severity="critical", instance="a"),
+                ]},
             ],
         },
     ]  # fmt: skip

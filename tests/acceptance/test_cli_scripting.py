@@ -17,7 +17,7 @@ from .conftest import PY, DaemonProcess, FakeApiProcess, cli, cli_env, wait_for
 
 # A UUID-length id: what an 80-column table used to cut to `d6ed85…`.
 LONG_ID = "d6ed85f0-3c1b-4f7e-9a57-0b8c2e4f1a99"
-TSV_HEADER = "job_id\tstate\tremote_status\tpolicy\tcredits_used\tmax_credits\treason\tsubmitted_at"
+TSV_HEADER = "job_id\tstate\tremote_status\tpolicy\tcredits_used\tmax_credits\treason\tsubmitted_at\tblind"
 
 
 def as_json(*args: str, cwd: Path) -> object:

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,37 @@ KINDS: dict[str, dict[str, Any]] = {
     "ok-long": {"knobs": {"rate": 1, "limit": 15}, "expect": ("completed", None, "completed")},
 }
 WELL_BEHAVED = frozenset({"ok", "ok-race", "ok-delay", "ok-long"})
+# The blind phase: jobs whose spend the API hides (slow, 0.5 credit/s, policy `blind`: over
+# their 12 s max_runtime, counted from when they are tracked (no created_at), time for 3
+# unreadable answers and more even after a slow daemon start), each ending as it must:
+# (state, reason, remote status, blind reason).
+BLIND_DEADLINE = 12
+BLIND_POLICIES = f"""{RUNAWAY_POLICIES}
+[policies.blind]
+match = {{ kind = "blind" }}
+max_runtime = "{BLIND_DEADLINE}s"
+"""
+BLIND_KINDS: dict[str, dict[str, Any]] = {
+    # No count field and no alternative to count with: confirmed cancelled by its status.
+    "blind-count": {
+        "knobs": {"rate": 0.5, "limit": 300, "count_field": "none", "unpaged": False, "max_page_size": 1},
+        "expect": ("cancelled", "max_runtime", "cancelled", "no_count"),
+    },
+    # No status at all: the cancel is sent at the deadline and taken, but never confirmable.
+    "blind-status": {
+        "knobs": {"rate": 0.5, "limit": 300, "hide_status": True},
+        "expect": ("unconfirmed", "max_runtime", "cancelled", "no_status"),
+    },
+    # 403 on status, cancel still works: lost, and still cancelled at its deadline.
+    "blind-403": {
+        "knobs": {"rate": 0.5, "limit": 300, "forbidden_after": 0},
+        "expect": ("lost", "max_runtime", "cancelled", "forbidden"),
+    },
+}
+for _kind in BLIND_KINDS.values():
+    _kind["labels"] = ["kind=blind"]
+    _kind["knobs"]["hide_created_at"] = True
+KINDS.update(BLIND_KINDS)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -521,6 +553,64 @@ def test_api_chaos_the_daemon_survives_and_still_cancels_every_runaway(
         f"{extra_calls} repeated cancel calls but only {lost_cancel_answers} cancel answers lost: {calls}"
     )
     assert all(n <= 1 + lost_cancel_answers for n in calls.values())
+    assert not failure_lines(daemon), "\n".join(failure_lines(daemon))
+
+
+def test_api_chaos_with_a_blind_phase_deadlines_still_cancel_blind_jobs(
+    tmp_path: Path, fake_api: FakeApiProcess
+) -> None:
+    """The chaos above, with jobs whose spend the API hides (no count, no status, 403 on
+    status): each is reported blind, and still cancelled at its runtime deadline (never before
+    it) while the credit runaways and well-behaved jobs end as they must."""
+    (tmp_path / "supervisor.toml").write_text(
+        fi_config(
+            fake_api.base_url,
+            supervisor={"confirm_timeout": '"8s"', "lease_ttl": '"10s"'},
+            policies=BLIND_POLICIES,
+            api='timeout = "1s"\nmax_retries = 3',
+        )
+    )
+    counts = {"credits": 3, "runtime": 1, "ok": 3, "ok-long": 4, **dict.fromkeys(BLIND_KINDS, 3)}
+    kinds = add_jobs(fake_api, tmp_path, counts)
+    fake_api.post("/_fake/faults", CHAOS)
+    daemon = DaemonProcess(tmp_path)
+    try:
+        wait_for(
+            lambda: all_terminal(tmp_path, len(kinds)),
+            timeout=90,
+            what=f"all jobs terminal under API chaos with blind jobs: {dict(db_states(tmp_path))}",
+        )
+        assert daemon.proc.poll() is None, f"the daemon exited:\n{daemon.log_path.read_text()[-3000:]}"
+    finally:
+        code = daemon.stop(signal.SIGTERM)
+    assert code == 0, f"SIGTERM exit code {code}"
+
+    seeing = {job_id: kind for job_id, kind in kinds.items() if kind not in BLIND_KINDS}
+    problems, _calls = outcome_problems(tmp_path, fake_api, seeing)
+    jobs = jobs_json(tmp_path)
+    for job_id, kind in sorted(kinds.items(), key=lambda item: item[1]):
+        if kind not in BLIND_KINDS:
+            continue
+        job, remote = jobs[job_id], fake_api.job(job_id)
+        state, reason, remote_status, blind = BLIND_KINDS[kind]["expect"]
+        seen = (
+            f"{kind} {job_id}: state={job['state']} reason={job['cancel_reason']} blind={job['blind']} "
+            f"remote={remote['status']} cancel_calls={remote['cancel_calls']} last_error={job['last_error']}"
+        )
+        if (job["state"], job["cancel_reason"], remote["status"], job["blind"]) != (
+            state,
+            reason,
+            remote_status,
+            blind,
+        ):
+            shown = json.loads(cli("jobs", "show", job_id, "--json", cwd=tmp_path).stdout)
+            history = "; ".join(f"{e['kind']} {e['reason'] or ''} {e['detail']}" for e in shown["events"])
+            problems.append(f"expected {BLIND_KINDS[kind]['expect']}; got {seen}; events: {history}")
+        sent = remote["cancel_call_times"]
+        tracked = datetime.fromisoformat(job["submitted_at"]).timestamp()
+        if not sent or sent[0] < tracked + BLIND_DEADLINE:
+            problems.append(f"cancel not sent at (or after) the {BLIND_DEADLINE} s deadline: {sent}; {seen}")
+    assert not problems, "\n".join(["", *problems])
     assert not failure_lines(daemon), "\n".join(failure_lines(daemon))
 
 

@@ -18,6 +18,7 @@ JOB_FIELDS = [
     "job_id", "state", "remote_status", "labels", "policy", "credits_used", "cancel_reason", "final_status",
     "submitted_at", "cancel_requested_at", "confirmed_at", "source", "query", "limits", "remote_created_at",
     "last_polled_at", "next_check_at", "cancel_detail", "would_cancel_reason", "would_cancel_at", "last_error",
+    "blind", "blind_since",
 ]  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from supervisor.adapters.clado import (
     RateLimited,
     UnreadableBody,
 )
+from supervisor.adapters.clado.shapes import leading_fields, other_count
 from supervisor.core.states import STATUS_ALIASES, normalize_status
 
 DOCS_EXAMPLE = datetime(2023, 3, 15, 13, 20, tzinfo=UTC)  # created_at 1678886400 in the docs
@@ -201,13 +202,15 @@ async def test_the_count_from_any_field(fields: dict[str, Any], expected: int) -
     [{}, {"final_results_count": "x"}, {"total_results": -5}, {"total": True}, {"pagination": {"total_results": 2.5}}],
     ids=["none", "x", "negative", "bool", "fraction"],
 )
-async def test_no_readable_count_raises_unreadable_body_never_zero(fields: dict[str, Any]) -> None:
+async def test_no_readable_count_is_no_count_never_zero(fields: dict[str, Any]) -> None:
     handler = Recorder(ok({"job_id": JOB, "status": "searching", **fields}))
     async with client_for(handler, max_retries=2) as client:
-        with pytest.raises(UnreadableBody, match="no readable result count") as caught:
-            await client.status(JOB)
-    assert isinstance(caught.value, ApiUnavailable)
-    assert handler.calls == 3
+        result = await client.status(JOB)
+        assert (result.result_count, result.count_source) == (None, None)
+        asked = handler.calls
+        # Not every poll tries the alternatives (the caller says when): one request only.
+        assert (await client.status(JOB, recover=False)).result_count is None
+    assert handler.calls == asked + 1
 
 
 # ---- statuses
@@ -492,15 +495,23 @@ async def test_credits_404_is_credits_unavailable_not_job_not_found() -> None:
 # ---- bounded bodies
 
 
-async def test_a_50_mb_body_is_refused_with_bounded_memory() -> None:
-    sent = 0
+@pytest.mark.parametrize(
+    ("head", "count"),
+    [
+        (b'"status": "searching", "total_results": 257, "final_results_count": 256, "padding": "', 257),
+        (b'"status": "searching", "padding": "', None),  # no count before the bound: none at all
+    ],
+    ids=["counts first", "no count first"],
+)
+async def test_a_50_mb_body_is_read_up_to_the_bound_with_bounded_memory(head: bytes, count: int | None) -> None:
+    sent: list[int] = []
     chunk = b" " * 65536
 
     async def endless() -> AsyncIterator[bytes]:
-        nonlocal sent
-        yield b'{"job_id": "' + JOB.encode() + b'", "status": "searching", "padding": "'
-        while sent < 50_000_000:
-            sent += len(chunk)
+        sent.append(0)
+        yield b'{"job_id": "' + JOB.encode() + b'", ' + head
+        while sent[-1] < 50_000_000:
+            sent[-1] += len(chunk)
             yield chunk
         yield b'"}'
 
@@ -508,16 +519,24 @@ async def test_a_50_mb_body_is_refused_with_bounded_memory() -> None:
     async with client_for(handler, max_retries=0) as client:
         tracemalloc.start()
         try:
-            with pytest.raises(UnreadableBody, match="body over 1000000 bytes"):
-                await client.status(JOB)
+            result = await client.status(JOB)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert sent <= MAX_BODY + len(chunk)  # it stopped reading at the bound
+    assert (result.status, result.result_count) == ("searching", count)
+    assert all(size <= MAX_BODY + len(chunk) for size in sent)  # each stopped reading at the bound
     assert peak < 4 * MAX_BODY
 
 
-async def test_a_declared_oversized_body_is_refused_before_reading_it() -> None:
+async def test_a_50_mb_body_whose_status_is_past_the_bound_is_refused() -> None:
+    padding = b'{"padding": "' + b" " * 2_000_000 + b'", "status": "searching", "total_results": 3}'
+    async with client_for(Recorder(httpx.Response(200, content=padding)), max_retries=0) as client:
+        # Nothing before the bound to read (the status comes after it): refused, as unparseable.
+        with pytest.raises(UnreadableBody, match="body over 1000000 bytes"):
+            await client.status(JOB)
+
+
+async def test_a_declared_oversized_cancel_answer_is_refused_before_reading_it() -> None:
     pulled = 0
 
     async def body() -> AsyncIterator[bytes]:
@@ -531,7 +550,7 @@ async def test_a_declared_oversized_body_is_refused_before_reading_it() -> None:
     handler = Recorder(answer)
     async with client_for(handler, max_retries=1) as client:
         with pytest.raises(UnreadableBody, match="refused unread"):
-            await client.status(JOB)
+            await client.cancel(JOB)
     assert handler.calls == 2  # retried like garbage
     assert pulled == 0
 
@@ -548,3 +567,108 @@ async def test_a_body_at_the_bound_is_read() -> None:
     body = json.dumps(status_body()).encode()
     async with client_for(Recorder(httpx.Response(200, content=body)), max_body=len(body)) as client:
         assert (await client.status(JOB)).result_count == 3
+
+
+# ---- no count field: the documented alternatives, in order
+
+
+def _people(n: int) -> list[dict[str, int]]:
+    return [{"i": i} for i in range(n)]
+
+
+def _no_count_api(results: int, *, unpaged: str = "list", walk: bool = True, other: dict[str, Any] | None = None):
+    """A status endpoint with no count field and no `pagination`: the paged answer holds the
+    asked-for rows only. `unpaged`: "list" (every result), "huge" (over the body bound, no
+    count first), "counts" (over the bound, its counts first)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        params = request.url.params
+        body: dict[str, Any] = {"job_id": JOB, "status": "searching", **(other or {})}
+        if "page" not in params:
+            if unpaged == "huge":
+                return httpx.Response(200, content=b'{"status": "searching", "results": [' + b"{}," * 600_000 + b"{}]}")
+            if unpaged == "counts":
+                head = json.dumps({"status": "searching", "total_results": results}).encode()[:-1]
+                return httpx.Response(200, content=head + b', "results": [' + b"{}," * 600_000 + b"{}]}")
+            return httpx.Response(200, json={**body, "results": _people(results)})
+        if not walk and params["page_size"] != "1":
+            return httpx.Response(200, json={"job_id": JOB, "status": "searching"})
+        page, size = int(params["page"]), int(params["page_size"])
+        return httpx.Response(200, json={**body, "results": _people(results)[(page - 1) * size : page * size]})
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("api", "count", "source"),
+    [
+        (_no_count_api(323), 323, "unpaged"),
+        (_no_count_api(323, unpaged="counts"), 323, "unpaged"),  # oversized, its counts first
+        (_no_count_api(323, unpaged="huge"), 323, "page_walk"),
+        (_no_count_api(300, unpaged="huge"), 300, "page_walk"),  # a last page that is full
+        (
+            _no_count_api(7, unpaged="huge", walk=False, other={"resultsCount": 7, "meta": {"total": 9}}),
+            9,
+            "field:meta.total",
+        ),
+        (_no_count_api(7, unpaged="huge", walk=False), None, None),
+    ],
+    ids=["unpaged", "unpaged counts first", "page walk", "page walk full last page", "other field", "none"],
+)
+async def test_a_body_without_a_count_field_is_counted_by_the_alternatives(
+    api: Any, count: int | None, source: str | None
+) -> None:
+    handler = Recorder(api)
+    async with client_for(handler) as client:
+        result = await client.status(JOB)
+    assert (result.result_count, result.count_source) == (count, source)
+    # The one asked-for row of the paged answer is never taken for the job's total.
+    assert result.result_count != 1
+
+
+async def test_a_results_only_body_with_pagination_is_probed_not_walked() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["page"])
+        rows = _people(1) if page <= 41 else []
+        return httpx.Response(200, json={"job_id": JOB, "status": "searching", "results": rows,
+                                         "pagination": {"page": page, "has_next": page < 41}})  # fmt: skip
+
+    handler = Recorder(answer)
+    async with client_for(handler) as client:
+        result = await client.status(JOB)
+    assert (result.result_count, result.count_source) == (41, "probe")
+    assert all(request.url.params["page_size"] == "1" for request in handler.requests)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "fields"),
+    [
+        (
+            b'{"status": "searching", "total_results": 5, "results": [{"a": 1}, {"b"',
+            {"status": "searching", "total_results": 5},
+        ),
+        (b' { "a" : 1 , "b": {"c": [1, 2]}, "d": "x', {"a": 1, "b": {"c": [1, 2]}}),
+        (b'{"status": "searching", "results": [], "total": 3}', {"status": "searching", "results": [], "total": 3}),
+        (b"[1, 2", {}),
+        (b'{"a": 1 "b": 2}', {"a": 1}),
+        (b'{"s": "\xc3', {}),
+    ],
+)
+def test_leading_fields_reads_the_whole_fields_before_the_cut(prefix: bytes, fields: dict[str, Any]) -> None:
+    assert leading_fields(prefix) == fields
+
+
+@pytest.mark.parametrize(
+    ("body", "found"),
+    [
+        ({"results_count": 4}, ("results_count", 4)),
+        ({"totalCount": "12", "count": 3}, ("totalCount", 12)),
+        ({"meta": {"total": 9}, "count": 3}, ("meta.total", 9)),
+        ({"pagination": {"total_results": 5}}, None),  # the documented one is not "another form"
+        ({"total": 5}, None),
+        ({"count": -1, "counted": True}, None),
+        ({}, None),
+    ],
+)
+def test_other_count_is_the_largest_count_of_another_form(body: dict[str, Any], found: object) -> None:
+    assert other_count(body) == found

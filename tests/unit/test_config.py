@@ -21,6 +21,7 @@ from supervisor.config import (
     parse_duration,
     parse_label,
 )
+from supervisor.core.policy import job_policy
 
 
 def write(tmp_path: Path, body: str, name: str = "supervisor.toml") -> Path:
@@ -532,3 +533,38 @@ def test_changed_keys_names_each_changed_added_and_removed_key(tmp_path: Path) -
     assert "budgets.team" in changed
     assert not any(key.startswith(("api", "database", "logging")) for key in changed)
     assert changed_keys(old, old) == []
+
+
+BLIND = """
+[supervisor]
+poll_interval = "10s"
+
+[policies.default]
+max_credits = 100
+
+[policies.strict]
+on_blind = "cancel"
+blind_grace = "45s"
+
+[budgets.growth]
+match = { team = "growth" }
+credits = 1000
+on_blind = "cancel"
+"""
+
+
+def test_on_blind_defaults_to_alert_with_a_grace_of_two_polls_and_a_budget_can_fail_closed(tmp_path: Path) -> None:
+    from supervisor.core.job import FIELDS, Job
+
+    config = load(tmp_path, BLIND)
+
+    def policy_of(policy: str, **labels: str) -> tuple[str, timedelta | None]:
+        row: dict[str, object] = dict.fromkeys(FIELDS)
+        row.update(job_id="j", state="watching", labels=labels, policy=policy, warned=[])
+        resolved = job_policy(config, Job.from_row(row))
+        return resolved.on_blind, resolved.blind_grace
+
+    assert policy_of("default") == ("alert", timedelta(seconds=20))  # 2 × poll_interval
+    assert policy_of("strict") == ("cancel", timedelta(seconds=45))  # its own
+    assert policy_of("default", team="growth") == ("cancel", timedelta(seconds=20))  # the budget's
+    assert policy_of("default", team="sales") == ("alert", timedelta(seconds=20))

@@ -128,6 +128,9 @@ class Counts:
     async def count_by_state(self) -> dict[str, int]:
         return {"watching": 3}
 
+    async def count_blind(self) -> dict[str, int]:
+        return {}
+
 
 async def test_status_carries_the_summary_and_the_lag_note_whichever_changed_last(notifier: StatusLines) -> None:
     watch = LagWatch(notifier, lambda: INTERVAL)

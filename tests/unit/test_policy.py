@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from supervisor.config import Policy
-from supervisor.core.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, observed_rate
+from supervisor.core.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, next_deadline, observed_rate
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 POLL = timedelta(seconds=15)
@@ -245,3 +245,72 @@ def test_an_unknown_status_is_looked_at_when_it_would_stall() -> None:
     assert at == T0 + s(15)  # the regular poll
     soon = next_check_at(obs(status="thinking", progress=-10), Policy(name="p", stall_timeout=s(20)), T0, POLL)
     assert soon == T0 + s(10)  # its stall deadline, sooner than the poll
+
+
+# ---- blind jobs: what needs no count, and on_blind
+
+
+BLIND_CANCEL = FULL.model_copy(update={"on_blind": "cancel", "blind_grace": s(30)})
+
+
+def unread(blind_since: float | None = None, **values: object) -> Observation:
+    base = obs(**values)  # type: ignore[arg-type]
+    since = None if blind_since is None else T0 + s(blind_since)
+    return Observation(**{**base.__dict__, "unread": True, "blind_since": since})
+
+
+@pytest.mark.parametrize(
+    ("observation", "policy", "at", "reason"),
+    [
+        # An unread count is no stall: the last progress is old only because nothing was read.
+        (unread(progress=0), FULL, 1000, None),
+        (obs(progress=0), FULL, 1000, "stall_timeout"),
+        # The deadlines that need no count still fire.
+        (unread(), FULL, 1800, "max_runtime"),
+        (unread(status="pending"), FULL, 600, "max_queued"),
+        # on_blind = "alert" (the default) never cancels for blindness.
+        (unread(blind_since=0), FULL, 1000, None),
+        # on_blind = "cancel": once blind for blind_grace, not before.
+        (unread(blind_since=100), BLIND_CANCEL, 129.9, None),
+        (unread(blind_since=100), BLIND_CANCEL, 130, "blind"),
+        # Not blind yet (unread answers, fewer than BLIND_AFTER): nothing to cancel for.
+        (unread(), BLIND_CANCEL, 1000, None),
+        # A count read again: blind_since is cleared, so no blind breach.
+        (obs(credits=10, progress=990), BLIND_CANCEL, 1000, None),
+    ],
+)
+def test_blind_breaches(observation: Observation, policy: Policy, at: float, reason: str | None) -> None:
+    verdict = evaluate(observation, policy, T0 + s(at), poll_interval=POLL)
+    assert (verdict.breach.reason if verdict.breach else None) == reason
+
+
+@pytest.mark.parametrize(
+    ("observation", "policy", "at", "expected"),
+    [
+        # Unread: no probing for a rate (a drift must not raise the request rate): the poll.
+        (unread(progress=5), FULL, 10, 25),
+        # The blind grace's end is a deadline like the others.
+        (unread(blind_since=100, progress=5), BLIND_CANCEL, 110, 125),
+        (unread(blind_since=100, progress=5), BLIND_CANCEL, 125, 130),
+        # The runtime deadline still pulls the next look earlier.
+        (unread(progress=5), FULL, 1795, 1800),
+    ],
+)
+def test_blind_next_check(observation: Observation, policy: Policy, at: float, expected: float) -> None:
+    assert next_check_at(observation, policy, T0 + s(at), POLL) == T0 + s(expected)
+
+
+@pytest.mark.parametrize(
+    ("observation", "policy", "at", "expected"),
+    [
+        (unread(), FULL, 100, 1800),  # max_runtime's end
+        (unread(status="pending"), FULL, 100, 600),  # max_queued's, while pending
+        (unread(blind_since=100), BLIND_CANCEL, 110, 130),  # blind_grace's, with on_blind = "cancel"
+        (unread(blind_since=100), FULL, 110, 1800),  # on_blind = "alert": no blind deadline
+        (unread(), FULL, 1800, None),  # all behind
+        (unread(), Policy(name="p", max_credits=5), 10, None),  # no time limit at all
+    ],
+)
+def test_next_deadline(observation: Observation, policy: Policy, at: float, expected: float | None) -> None:
+    found = next_deadline(observation, policy, T0 + s(at))
+    assert found == (None if expected is None else T0 + s(expected))

@@ -44,6 +44,8 @@ MOVES = {
 # (move, state it starts from) → the state it ends in, or None where the move is forbidden.
 TABLE: dict[tuple[str, State], State | None] = {
     ("decide_cancel", State.WATCHING): State.CANCELLING,
+    # A lost job's deadline (or blind grace) is still acted on: its cancel is attempted.
+    ("decide_cancel", State.LOST): State.CANCELLING,
     ("cancel_sent", State.CANCELLING): State.CONFIRMING,
     ("cancel_refused", State.CANCELLING): State.CONFIRMING,
     ("cancel_not_sent", State.CANCELLING): State.CANCELLING,
@@ -206,3 +208,43 @@ def test_a_refused_cancel_is_remembered_and_its_resend_keeps_the_decision() -> N
     )  # fmt: skip
     again = transitions.cancel_sent(Change.of(resent.after), True, "ok", LATER, LATER, LATER).after
     assert again.cancel_acked_at == NOW  # confirm_timeout counts from the first answer
+
+
+# ---- blind: N unreadable answers in a row, cleared by a readable one
+
+
+def test_the_third_unreadable_answer_in_a_row_makes_the_job_blind_once() -> None:
+    change = Change.of(job(State.WATCHING))
+    kinds = []
+    for answer in range(1, 6):
+        change = transitions.unreadable_answer(change, transitions.NO_STATUS, {"error": "no status"}, NOW)
+        kinds.append([e.kind for e in change.events])
+        assert change.after.unreadable_count == answer
+    assert change.after.blind_reason == transitions.NO_STATUS
+    assert change.after.blind_since == NOW
+    (said,) = [e for e in change.events if e.kind == transitions.JOB_BLIND]
+    assert (said.reason, said.detail) == (transitions.NO_STATUS, {"error": "no status", "answers": 3})
+    # A later answer of another kind does not say it again, nor change why it went blind.
+    again = transitions.unreadable_answer(Change.of(change.after), transitions.FORBIDDEN, {}, NOW)
+    assert again.events == () and again.after.blind_reason == transitions.NO_STATUS
+
+
+def test_a_readable_answer_ends_the_run_and_clears_blind() -> None:
+    two = job(State.WATCHING, unreadable_count=2, count_source="field")
+    assert transitions.sighted(Change.of(two), NOW, "field").after.unreadable_count == 0
+    assert transitions.sighted(Change.of(two), NOW, "field").events == ()  # not blind: nothing to say
+    blind = job(State.WATCHING, unreadable_count=7, blind_reason="no_count", blind_since=NOW, count_source="field")
+    cleared = transitions.sighted(Change.of(blind), LATER, "unpaged")
+    assert (cleared.after.blind_reason, cleared.after.blind_since, cleared.after.unreadable_count) == (None, None, 0)
+    assert [(e.kind, e.reason) for e in cleared.events] == [
+        (transitions.JOB_BLIND_CLEARED, "no_count"),
+        (transitions.COUNT_SOURCE, None),
+    ]
+    assert cleared.events[1].detail == {"source": "unpaged", "was": "field"}
+    # The documented count fields on a job's first poll are not news.
+    assert transitions.sighted(Change.of(job(State.WATCHING)), NOW, "field").events == ()
+
+
+@pytest.mark.parametrize(("count", "due"), [(0, True), (1, False), (2, False), (3, True), (6, True), (7, False)])
+def test_the_alternatives_are_tried_every_few_polls(count: int, due: bool) -> None:
+    assert transitions.recovery_due(job(State.WATCHING, unreadable_count=count)) is due

@@ -3,7 +3,8 @@
 The four endpoints (initiate, status, cancel, continue) and the account's credits, each a
 call that `Session` sends, retries and holds off (see `session`); this module knows what to
 ask and how to read the answer (`shapes`). A status poll asks for one small page whatever the
-job's size; a body with no count field is counted by probing pages of one result.
+job's size; a body with no count field is counted by probing pages of one result, or by the
+documented alternatives (see `status`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ import httpx
 import structlog
 
 from supervisor.adapters import metrics
-from supervisor.adapters.clado.errors import BodyTooLarge, CreditsUnavailable, JobNotFound, unreadable
+from supervisor.adapters.clado.errors import (
+    BodyTooLarge,
+    CreditsUnavailable,
+    JobNotFound,
+    RequestRejected,
+    Transient,
+    unreadable,
+)
 from supervisor.adapters.clado.session import MAX_BODY, SUCCESS, Session, Wait
 from supervisor.adapters.clado.shapes import (
-    COUNT_FIELDS,
     JOB_ID,
     RESULTS_PAGE_SIZE,
     CancelResult,
@@ -35,6 +42,7 @@ from supervisor.adapters.clado.shapes import (
     created_at,
     field_count,
     instant,
+    other_count,
     page_is_partial,
     remote_status,
     results_page,
@@ -50,6 +58,10 @@ log = structlog.get_logger("supervisor.clado")
 RESULTS_MAX_PAGES = 100
 # Results-only status bodies: how far the page probe may go (2**40 results is absurd).
 _PROBE_MAX_PAGE = 2**40
+# The page walk of an answer with no count and no pagination: pages of 100 (the largest the
+# docs allow), at most this many (a job has up to about 1,000 results).
+_WALK_PAGE_SIZE = 100
+_WALK_MAX_PAGES = 20
 _WARN_ONCE_KEYS = 1024
 
 
@@ -187,7 +199,14 @@ class CladoClient:
 
         return await self._session.retrying(call, endpoint="initiate", idempotent=False)
 
-    async def status(self, job_id: str) -> JobStatus:
+    async def status(self, job_id: str, *, recover: bool = True, retry_unreadable: bool = True) -> JobStatus:
+        """The job's status and count. An answer with no count field and no `pagination`
+        (whose `results` length would be one page's, not the job's) is counted by the
+        documented alternatives when `recover` (the caller does so every few polls): the
+        unpaged answer, a walk of pages of 100, a count field of another form; else its
+        `result_count` is None (`count_source` says which gave the count). Without
+        `retry_unreadable` an unreadable answer fails at once (the API drifts: a retry would
+        only add requests)."""
         path = f"/api/search/deep_research/{quote(validate_job_id(job_id), safe='')}"
 
         async def call(wait: Wait) -> JobStatus:
@@ -195,8 +214,9 @@ class CladoClient:
             body = await self._status_page(path, 1, wait)
             status, recognized = self._remote_status(job_id, body)
             count = field_count(body)
+            source: str | None = "field"
             if count is None:
-                count = await self._count_by_pages(path, body, wait)
+                count, source = await self._recovered_count(path, body, wait, recover)
             return JobStatus(
                 job_id=job_id,
                 status=status,
@@ -204,9 +224,10 @@ class CladoClient:
                 created_at=self._created_at(job_id, body.get("created_at")),
                 message=clean(str(body.get("message") or ""), 500),
                 recognized=recognized,
+                count_source=source if count is not None else None,
             )
 
-        return await self._session.retrying(call, endpoint="status")
+        return await self._session.retrying(call, endpoint="status", retry_unreadable=retry_unreadable)
 
     async def results(
         self, job_id: str, *, start: int = 0, max_pages: int = RESULTS_MAX_PAGES
@@ -312,20 +333,73 @@ class CladoClient:
             log.warning("created_at ignored", job_id=job_id, value=shown(value), problem=problem)
         return when
 
-    async def _status_page(self, path: str, page: int, wait: Wait) -> dict[str, Any]:
-        _, body = await self._session.request("GET", path, wait, params={"page": page, "page_size": 1})
+    async def _status_page(self, path: str, page: int, wait: Wait, page_size: int = 1) -> dict[str, Any]:
+        _, body = await self._session.request(
+            "GET", path, wait, params={"page": page, "page_size": page_size}, partial=True
+        )
         return body
 
+    async def _recovered_count(
+        self, path: str, body: dict[str, Any], wait: Wait, recover: bool
+    ) -> tuple[int | None, str | None]:
+        """(count, where from) of a status answer with no count field, or (None, None)."""
+        if isinstance(body.get("pagination"), dict) and isinstance(body.get("results"), list):
+            # The answer says whether there are more pages: pages of one result tell the count.
+            return await self._count_by_pages(path, body, wait), "probe"
+        if not recover:
+            return None, None
+        for source, alternative in (("unpaged", self._count_unpaged), ("page_walk", self._count_by_walk)):
+            try:
+                count = await alternative(path, wait)
+            except (Transient, RequestRejected):
+                count = None  # not allowed, or failed now: the next is tried
+            if count is not None:
+                return count, source
+        other = other_count(body)
+        if other is not None:
+            name, count = other
+            return count, f"field:{name}"
+        return None, None
+
+    async def _count_unpaged(self, path: str, wait: Wait) -> int | None:
+        """The unpaged answer (every result), bounded by the body limit: its count fields or,
+        if it holds the whole list, the list's length."""
+        _, body = await self._session.request("GET", path, wait, partial=True)
+        count = field_count(body)
+        if count is not None:
+            return count
+        results = body.get("results")
+        return len(results) if isinstance(results, list) else None
+
+    async def _count_by_walk(self, path: str, wait: Wait) -> int | None:
+        """Pages of 100 walked until a short one; None when the walk cannot tell (no results
+        list, the API repeating a page, more pages than a job can have)."""
+        total = 0
+        previous: Any = None
+        for page in range(1, _WALK_MAX_PAGES + 1):
+            body = await self._status_page(path, page, wait, page_size=_WALK_PAGE_SIZE)
+            results = body.get("results")
+            if not isinstance(results, list):
+                return None
+            if len(results) > _WALK_PAGE_SIZE:
+                return len(results)  # page_size ignored: this is the whole list
+            if results and results[0] == previous:
+                return None  # `page` ignored: the walk would count one page again and again
+            total += len(results)
+            if len(results) < _WALK_PAGE_SIZE:
+                return total
+            previous = results[0] if results else None
+        return None
+
     async def _count_by_pages(self, path: str, first: dict[str, Any], wait: Wait) -> int:
-        """The count of a job whose status bodies carry no count field, only `results`.
+        """The count of a job whose status bodies carry no count field, only `results` and
+        `pagination`.
 
         With page_size=1, page p holds a result exactly when the job has at least p, so an
         exponential search then a bisection finds the count in O(log n) one-result requests:
         still a constant size each, never the whole list.
         """
-        results = first.get("results")
-        if not isinstance(results, list):
-            raise unreadable(f"status body has no readable result count (none of {', '.join(COUNT_FIELDS)}, results)")
+        results = first["results"]
         if not page_is_partial(first, page_size=1):
             return len(results)
         if not results:

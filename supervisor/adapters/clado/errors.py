@@ -53,6 +53,10 @@ class BodyTooLarge(UnreadableBody):
     """An answer over the client's body bound (refused unread): a smaller page may fit."""
 
 
+class NoStatus(UnreadableBody):
+    """A status answer that is JSON but carries no readable `status` field."""
+
+
 class RateLimited(ApiUnavailable):
     """The client is held off by the API's rate limit for longer than this call may wait."""
 
@@ -82,6 +86,6 @@ class Transient(Exception):
         self.error = error
 
 
-def unreadable(reason: str) -> Transient:
-    """An answer the docs do not describe: retried, then an `UnreadableBody`."""
-    return Transient(reason, error=UnreadableBody)
+def unreadable(reason: str, error: type[UnreadableBody] = UnreadableBody) -> Transient:
+    """An answer the docs do not describe: retried, then an `UnreadableBody` (or `error`)."""
+    return Transient(reason, error=error)

@@ -16,7 +16,8 @@ A 429 to initiate is retried for as long as `initiate_wait` allows, not `max_ret
 
 Every attempt has a deadline (`timeout`), on top of httpx's per-read timeouts, so a server
 that trickles its answer cannot hold a call forever, and every body is read with a bound
-(`max_body`): a larger one is refused without being read into memory.
+(`max_body`): a larger one is refused after its first `max_body` bytes (never held whole), or,
+where the caller can use them, read for the fields that come before the bound.
 
 A 401 is logged once as "API key rejected"; after it every call fails fast without a
 request until a growing backoff (30 s, 60 s, … 600 s) has passed, so a revoked key does not
@@ -48,12 +49,14 @@ from supervisor.adapters.clado.errors import (
     RateLimited,
     RequestRejected,
     Transient,
+    UnreadableBody,
     unreadable,
 )
 from supervisor.adapters.clado.shapes import (
     HOLD_OFF_MAX,
     error_message,
     json_or_none,
+    leading_fields,
     retry_after_body,
     retry_after_header,
 )
@@ -140,7 +143,14 @@ class Session:
         """Seconds the client still holds every request off for the API's rate limit."""
         return max(0.0, self._held_until - self._clock())
 
-    async def retrying(self, call: Callable[[Wait], Awaitable[T]], *, endpoint: str, idempotent: bool = True) -> T:
+    async def retrying(
+        self,
+        call: Callable[[Wait], Awaitable[T]],
+        *,
+        endpoint: str,
+        idempotent: bool = True,
+        retry_unreadable: bool = True,
+    ) -> T:
         """`call` until it returns, retrying what `Transient` says may be retried. A plain
         loop, not a retry library's: it runs on every poll, and the first attempt (almost
         every call's only one) then costs nothing beyond the call itself."""
@@ -160,6 +170,8 @@ class Session:
             # A throttled initiate started nothing: it waits for as long as initiate_wait
             # allows (the hold-off raises RateLimited once it cannot), not max_retries.
             if attempt > self._max_retries and (idempotent or not failure.throttled):
+                raise failure.error(str(failure)) from None
+            if not retry_unreadable and issubclass(failure.error, UnreadableBody):
                 raise failure.error(str(failure)) from None
             metrics.API_RETRIES.labels(endpoint).inc()
             self.retries += 1
@@ -220,9 +232,12 @@ class Session:
         accept: frozenset[int] = frozenset({200}),
         empty_ok: bool = False,
         not_found: tuple[type[CladoError], str] = (JobNotFound, "job not found"),
+        partial: bool = False,
     ) -> tuple[int, dict[str, Any]]:
-        """One attempt, its answer read as the docs describe it (or a typed error)."""
-        epoch, code, headers, content = await self._attempt(method, path, wait, params, json)
+        """One attempt, its answer read as the docs describe it (or a typed error). With
+        `partial`, a body over the bound is read for the fields that come before the bound
+        (shapes.leading_fields) rather than refused."""
+        epoch, code, headers, content, prefix = await self._attempt(method, path, wait, params, json, partial)
         if code == 401:
             self._key_rejected(epoch)
         if code in _KEY_ACCEPTED:
@@ -248,9 +263,12 @@ class Session:
                 raise OutOfCredits(message or "out of credits")
             raise RequestRejected(code, message)
         if too_large:
-            raise Transient(
-                f"API answered HTTP {code} with a body over {self._max_body} bytes (refused unread)", error=BodyTooLarge
-            )
+            leading = leading_fields(prefix) if partial else {}
+            if not leading:
+                raise unreadable(
+                    f"API answered HTTP {code} with a body over {self._max_body} bytes (refused unread)", BodyTooLarge
+                )
+            return code, leading
         if empty_ok and not content.strip():
             return code, {}
         body = json_or_none(content)
@@ -261,9 +279,16 @@ class Session:
         return code, body
 
     async def _attempt(
-        self, method: str, path: str, wait: Wait, params: dict[str, Any] | None, json: dict[str, Any] | None
-    ) -> tuple[int, int, httpx.Headers, bytes | None]:
-        """Send once the key and the hold-off allow: (auth epoch it was sent in, code, headers, body)."""
+        self,
+        method: str,
+        path: str,
+        wait: Wait,
+        params: dict[str, Any] | None,
+        json: dict[str, Any] | None,
+        partial: bool,
+    ) -> tuple[int, int, httpx.Headers, bytes | None, bytes]:
+        """Send once the key and the hold-off allow: (auth epoch it was sent in, code, headers,
+        body or None when it was over the bound, the body or its first `max_body` bytes)."""
         while True:
             self._check_key()
             generation = await self._await_hold_off(wait)
@@ -277,9 +302,9 @@ class Session:
                 started = time.perf_counter()
                 try:
                     async with asyncio.timeout(self._timeout):
-                        code, headers, content = await self._send(method, path, params, json)
+                        code, headers, content, cut = await self._send(method, path, params, json, partial)
                     metrics.API_REQUESTS.labels(wait.endpoint, str(code)).inc()
-                    return epoch, code, headers, content
+                    return epoch, code, headers, None if cut else content, content
                 except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                     # No connection, so nothing was sent: safe to retry even a POST initiate.
                     failure = Transient(f"cannot connect to the API: {type(exc).__name__}", sent=False)
@@ -297,10 +322,12 @@ class Session:
             raise failure
 
     async def _send(
-        self, method: str, path: str, params: dict[str, Any] | None, json: dict[str, Any] | None
-    ) -> tuple[int, httpx.Headers, bytes | None]:
-        """(status code, headers, body); the body is None when it is over `max_body`, in which
-        case it is neither read to the end nor kept: the connection is closed instead."""
+        self, method: str, path: str, params: dict[str, Any] | None, json: dict[str, Any] | None, partial: bool
+    ) -> tuple[int, httpx.Headers, bytes, bool]:
+        """(status code, headers, body, cut): a body over `max_body` is read no further than
+        its first `max_body` bytes (`cut` is then True; not at all when it says so up front
+        and the caller cannot use a part) and the connection closed, so memory stays bounded
+        whatever the server sends."""
         # An absolute URL, its query already encoded: httpx merging a base URL and params
         # parses the URL three times, a third of the client's own CPU per poll.
         url = f"{self._base_url}{path}?{urlencode(params)}" if params else f"{self._base_url}{path}"
@@ -308,18 +335,19 @@ class Session:
         response = await self._http.send(request, stream=True)
         try:
             declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self._max_body:
-                return response.status_code, response.headers, None
+            if not partial and declared.isdigit() and int(declared) > self._max_body:
+                return response.status_code, response.headers, b"", True
             chunks: list[bytes] = []
             size = 0
             async for chunk in response.aiter_bytes():
+                if size + len(chunk) > self._max_body:
+                    chunks.append(chunk[: self._max_body - size])
+                    return response.status_code, response.headers, b"".join(chunks), True
                 size += len(chunk)
-                if size > self._max_body:
-                    return response.status_code, response.headers, None
                 chunks.append(chunk)
         finally:
             await response.aclose()
-        return response.status_code, response.headers, b"".join(chunks)
+        return response.status_code, response.headers, b"".join(chunks), False
 
     def _key_rejected(self, epoch: int) -> None:
         # Only the first 401 to a request sent since the last one moves the backoff: the

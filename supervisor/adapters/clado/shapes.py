@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from supervisor.adapters.clado.errors import InvalidJobId, unreadable
+from supervisor.adapters.clado.errors import InvalidJobId, NoStatus, unreadable
 from supervisor.core.states import FINAL_STATUSES, REMOTE_STATUSES, normalize_status
 
 # UUIDs and similar opaque ids: ASCII letters, digits, '-' and '_', 1 to 128 characters.
@@ -53,12 +53,18 @@ def validate_job_id(job_id: str) -> str:
 class JobStatus:
     job_id: str
     status: str  # pending | searching | processing | completed | error | cancelled | (unknown)
-    result_count: int
+    # None when the answer told no count and no alternative found one (see
+    # CladoClient.status): the job keeps its last credits, and may turn blind.
+    result_count: int | None
     created_at: datetime | None
     message: str = ""
     # False for a status outside the documented list (aliases included): `status` is then
     # the API's own word (lowercased, at most 16 characters) and the job counts as running.
     recognized: bool = True
+    # Where the count came from: "field" (the documented count fields), "probe" (pages of one
+    # result, for an answer with `pagination` but no count), "unpaged", "page_walk", or
+    # "field:<name>" (a count field of another form); None with no count.
+    count_source: str | None = "field"
 
     @property
     def is_final(self) -> bool:
@@ -82,7 +88,7 @@ def remote_status(body: dict[str, Any]) -> tuple[str, bool]:
     not garbage; a missing one is."""
     raw = body.get("status")
     if not isinstance(raw, str) or not raw.strip():
-        raise unreadable(f"status body has no status (got {shown(raw)})")
+        raise unreadable(f"status body has no status (got {shown(raw)})", NoStatus)
     name = normalize_status(raw)
     if name in REMOTE_STATUSES:
         return name, True
@@ -110,6 +116,65 @@ def field_count(body: dict[str, Any]) -> int | None:
     values = (body.get("final_results_count"), body.get("total_results"), paged, body.get("total"))
     counts = [count for value in values if (count := _count_value(value)) is not None]
     return max(counts) if counts else None
+
+
+# Other forms a count field has taken in APIs of this kind: a name with one of these words.
+_COUNT_WORDS = re.compile(r"count|total", re.IGNORECASE)
+_KNOWN_COUNTS = frozenset({"final_results_count", "total_results", "total"})
+
+
+def other_count(body: dict[str, Any]) -> tuple[str, int] | None:
+    """(name, value) of the largest count in a field of another form than the documented
+    ones (`results_count`, `totalCount`, `meta.total` …), top level or one object down; None
+    when there is none. The last resort of a body with no documented count field."""
+    found: list[tuple[int, str]] = []
+    for key, value in body.items():
+        if isinstance(value, dict):
+            for inner, nested in value.items():
+                count = _count_value(nested) if _COUNT_WORDS.search(str(inner)) else None
+                if count is not None and not (key == "pagination" and inner == "total_results"):
+                    found.append((count, f"{key}.{inner}"))
+        elif key not in _KNOWN_COUNTS and _COUNT_WORDS.search(str(key)):
+            count = _count_value(value)
+            if count is not None:
+                found.append((count, str(key)))
+    if not found:
+        return None
+    count, name = max(found)
+    return clean(name, 40), count
+
+
+_DECODER = jsonlib.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def leading_fields(prefix: bytes) -> dict[str, Any]:
+    """The top-level fields of a JSON object cut short (a body over the bound), in order, up
+    to the first one the prefix does not hold whole (usually `results`): an oversized answer
+    whose counts come first is still read, without ever holding more than the prefix."""
+    text = prefix.decode("utf-8", "ignore")  # the cut may fall inside a character
+    fields: dict[str, Any] = {}
+    at = _SPACE.match(text).end()  # type: ignore[union-attr]  # the pattern matches empty text
+    if text[at : at + 1] != "{":
+        return fields
+    at += 1
+    while True:
+        at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
+        if text[at : at + 1] != '"':
+            return fields
+        try:
+            key, at = _DECODER.raw_decode(text, at)
+            at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
+            if text[at : at + 1] != ":":
+                return fields
+            value, at = _DECODER.raw_decode(text, _SPACE.match(text, at + 1).end())  # type: ignore[union-attr]
+        except (ValueError, RecursionError):
+            return fields  # the field the prefix cuts: everything before it is whole
+        fields[key] = value
+        at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
+        if text[at : at + 1] != ",":
+            return fields
+        at += 1
 
 
 def page_is_partial(body: dict[str, Any], page_size: int) -> bool:

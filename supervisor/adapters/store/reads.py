@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from supervisor.adapters.store.database import Database, aware
 from supervisor.adapters.tables import job_events, jobs
@@ -75,6 +75,17 @@ class JobReads(Database):
         query = select(jobs.c.state, func.count()).group_by(jobs.c.state)
         async with self.engine.connect() as conn:
             return {state: count for state, count in await conn.execute(query)}  # noqa: C416 - rows, not pairs
+
+    async def count_blind(self) -> dict[str, int]:
+        """Blind jobs still supervised (active, or terminal and still looked at), by reason."""
+        still = or_(jobs.c.state.in_([s.value for s in ACTIVE]), jobs.c.recheck_until.is_not(None))
+        query = (
+            select(jobs.c.blind_reason, func.count())
+            .where(jobs.c.blind_reason.is_not(None), still)
+            .group_by(jobs.c.blind_reason)
+        )
+        async with self.engine.connect() as conn:
+            return {reason: count for reason, count in await conn.execute(query)}  # noqa: C416 - rows, not pairs
 
     async def next_due_at(self) -> datetime | None:
         query = select(func.min(jobs.c.next_check_at)).where(jobs.c.state.in_([s.value for s in ACTIVE]))

@@ -208,6 +208,7 @@ JOB_COLUMNS = (
     ("limit", "max_credits"),
     ("reason", "reason"),
     ("submitted", "submitted_at"),
+    ("blind", "blind"),  # why the job's spend cannot be read, or empty
 )
 
 
@@ -222,6 +223,7 @@ def job_row(view: Any) -> list[Any]:
         view.limits.max_credits,
         view.cancel_reason or would,
         view.to_json()["submitted_at"],
+        view.blind,
     ]
 
 
