@@ -180,7 +180,7 @@ class Daemon:
         if config.account is None:
             self._runs.spawn(self.housekeeping.check_account, "account")  # clears its figure
             return
-        now = datetime.now().astimezone()
+        now = self.clock()
         self._every(self.housekeeping.check_account, config.account.check_interval.total_seconds(), "account",
                     next_run_time=now)  # fmt: skip
 
@@ -241,7 +241,7 @@ class Daemon:
         self.webhooks.start()
         config = self._config
         tick = config.supervisor.tick_interval.total_seconds()
-        now = datetime.now().astimezone()
+        now = self.clock()
         scheduler = self._scheduler = AsyncIOScheduler(
             jobstores={"default": MemoryJobStore()},
             executors={"default": AsyncIOExecutor()},

@@ -52,7 +52,7 @@ def make_config(
 
 
 async def track(daemon: Daemon, *job_ids: str, labels: dict[str, str] | None = None) -> None:
-    await daemon.store.add_jobs([NewJob(job_id, "default", labels or {}) for job_id in job_ids], utcnow())
+    await daemon.store.add_jobs([NewJob(job_id, "default", labels or {}) for job_id in job_ids], daemon.clock())
 
 
 async def wait_terminal(daemon: Daemon, *job_ids: str, timeout: float = 20) -> dict[str, Any]:
