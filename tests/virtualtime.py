@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager, contextmanager
@@ -53,6 +52,13 @@ from supervisor.sim.fake import FakeClado
 from supervisor.sim.server import create_app, loopback_socket
 
 T = TypeVar("T")
+
+# Where virtual time starts, the same every run, so that a run repeats: the loop's clock (a
+# monotonic reading well past zero, as a real one is) and the epoch it stands for, a Monday
+# noon, far from the end of a day, week or month (no budget period turns during a test), on
+# a whole second (the simulator's created_at is whole seconds, truncated).
+LOOP_START = 1_000_000.0
+EPOCH_START = datetime(2026, 1, 5, 12, tzinfo=UTC).timestamp()
 
 # While work is held the loop waits for real in slices this long (a finished thread or an
 # answer wakes it at once through a file descriptor; the slice only bounds a re-check).
@@ -85,7 +91,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     """An event loop whose clock moves only when it is idle (see the module's docstring)."""
 
     def __init__(self) -> None:
-        self._now = time.monotonic()  # the loop's time starts as the real one's, then parts
+        self._now = LOOP_START
         self._held: set[asyncio.Future[Any]] = set()
         selector = _JumpingSelector()
         super().__init__(selector)
@@ -120,13 +126,12 @@ class VirtualClock:
 
     def __init__(self, loop: VirtualTimeLoop) -> None:
         self._loop = loop
-        self._epoch_at_zero = time.time() - loop.time()
 
     def monotonic(self) -> float:
         return self._loop.time()
 
     def epoch(self) -> float:
-        return self._epoch_at_zero + self._loop.time()
+        return EPOCH_START + (self._loop.time() - LOOP_START)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.epoch(), UTC)
