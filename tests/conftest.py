@@ -1,4 +1,8 @@
-"""Shared test fixtures: the fake API over loopback, config files, an in-process daemon."""
+"""Shared test fixtures: the fake API over loopback, config files, an in-process daemon.
+
+A test that asserts an overshoot or a lateness runs on virtual time instead of the
+`fake_server` fixture: `virtualtime.run`, `virtualtime.serve_fake` and
+`running_daemon(config, clock=...)` (virtualtime.py says how and why)."""
 
 from __future__ import annotations
 
