@@ -19,8 +19,9 @@ How it works:
 - The simulator is served over real loopback HTTP by uvicorn *on the same loop*, so its
   request handling is loop work too; its `FakeClado` reads `VirtualClock.epoch`.
 - The daemon reads `VirtualClock.now` (Daemon(clock=...)), its client `VirtualClock.monotonic`
-  and `.epoch`; APScheduler's own `datetime.now()` reads are pointed at the same clock
-  for the run (the `virtual_time` patches).
+  and `.epoch`; APScheduler's own `datetime.now()` reads, and the daemon's first-run times
+  given in APScheduler's terms (`runtime.scheduler_now`), are pointed at the same clock for
+  the run (the `virtual_time` patches).
 
 Limits: a simulator handler that sleeps while a request is in flight (an injected fault's
 `delay`) would hold time still for ever, so these tests use no such faults; the database is
@@ -48,6 +49,7 @@ import apscheduler.triggers.interval
 import httpx
 import uvicorn
 
+from supervisor.service import runtime
 from supervisor.sim.fake import FakeClado
 from supervisor.sim.server import create_app, loopback_socket
 
@@ -164,15 +166,18 @@ _SCHEDULER_MODULES = (apscheduler.schedulers.base, apscheduler.triggers.interval
 @contextmanager
 def virtual_time(clock: VirtualClock) -> Iterator[None]:
     """Point the libraries that read time or hand work to threads by themselves at the loop:
-    aiosqlite's connections (created within) hold their calls, APScheduler reads the clock."""
-    saved = aiosqlite.core.SimpleQueue, [module.datetime for module in _SCHEDULER_MODULES]
+    aiosqlite's connections (created within) hold their calls, APScheduler reads the clock,
+    and so does the daemon where it speaks APScheduler's time (`runtime.scheduler_now`)."""
+    saved = aiosqlite.core.SimpleQueue, [module.datetime for module in _SCHEDULER_MODULES], runtime.scheduler_now
     aiosqlite.core.SimpleQueue = _HeldQueue  # type: ignore[misc]
     for module in _SCHEDULER_MODULES:
         module.datetime = _scheduler_datetime(clock)  # type: ignore[misc]
+    runtime.scheduler_now = clock.now
     try:
         yield
     finally:
         aiosqlite.core.SimpleQueue = saved[0]  # type: ignore[misc]
+        runtime.scheduler_now = saved[2]
         for module, original in zip(_SCHEDULER_MODULES, saved[1], strict=True):
             module.datetime = original  # type: ignore[misc]
 
