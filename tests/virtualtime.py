@@ -23,9 +23,15 @@ How it works:
   given in APScheduler's terms (`runtime.scheduler_now`), are pointed at the same clock for
   the run (the `virtual_time` patches).
 
+Every run starts at the same virtual instant (LOOP_START, EPOCH_START). What a run leaves
+open is the order of things that happen at one instant, which real time still decides: a job
+tracked at the very instant of a tick is claimed by that tick or by the next one. A bound a
+test asserts must hold for either order (the precision tests' do: an overshoot of 0 or 1).
+
 Limits: a simulator handler that sleeps while a request is in flight (an injected fault's
-`delay`) would hold time still for ever, so these tests use no such faults; the database is
-SQLite (aiosqlite is what is held; a PostgreSQL driver's socket is not).
+`delay`) would hold time still for ever (the test hangs until pytest's timeout), so these
+tests use no such faults; the database is SQLite (aiosqlite is what is held; a PostgreSQL
+driver's socket is not).
 
 Use: `run(main)` runs `main(clock)` on a fresh loop; `serve_fake(clock)` serves a FakeClado
 on it; `conftest.running_daemon(config, clock=clock)` builds the daemon on that clock.
