@@ -1,4 +1,8 @@
-"""Shared test fixtures: the fake API over loopback, config files, an in-process daemon."""
+"""Shared test fixtures: the fake API over loopback, config files, an in-process daemon.
+
+A test that asserts an overshoot or a lateness runs on virtual time instead of the
+`fake_server` fixture: `virtualtime.run`, `virtualtime.serve_fake` and
+`running_daemon(config, clock=...)` (virtualtime.py says how and why)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from supervisor.adapters.clado import CladoClient, TransportName
 from supervisor.adapters.store import Store
 from supervisor.config import Config, load_config
 from supervisor.service.runtime import Daemon
+from virtualtime import HeldTransport, VirtualClock, VirtualTimeLoop
 
 API_KEY = "lk_test_4f1c2e9a7b"
 REPO = Path(__file__).resolve().parents[1]
@@ -147,10 +152,13 @@ def load(path: Path) -> Config:
 
 
 @asynccontextmanager
-async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
-    """The daemon on the test's event loop, stopped (gracefully) at the end."""
+async def running_daemon(config: Config, *, clock: VirtualClock | None = None) -> AsyncIterator[Daemon]:
+    """The daemon on the test's event loop, stopped (gracefully) at the end. With `clock`
+    (on a virtualtime.run loop) the daemon and its client read that clock, and every request
+    the client sends holds the loop's time until its answer is in (virtualtime.py)."""
     await asyncio.to_thread(migrate.upgrade, config.database.url)
     store = Store(config.database.url)
+    clocks = {} if clock is None else {"clock": clock.monotonic, "wall_clock": clock.epoch}
     client = CladoClient(
         config.api.base_url,
         API_KEY,
@@ -160,9 +168,16 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
         backoff_initial=0.05,
         backoff_max=0.5,
         transport=config.api.transport,
+        **clocks,
     )
     assert_on_transport(client, config.api.transport)
-    daemon = Daemon(config, store, client)
+    if clock is None:
+        daemon = Daemon(config, store, client)
+    else:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualTimeLoop), "a virtual clock needs virtualtime.run's loop"
+        client._http._transport = HeldTransport(client._http._transport, loop)
+        daemon = Daemon(config, store, client, clock=clock.now)
     daemon.start()
     try:
         yield daemon

@@ -5,7 +5,6 @@ database time. The holder runs the chores (housekeeping.py); the others only tic
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -22,6 +21,12 @@ log = structlog.get_logger("supervisor.daemon")
 LEADER_ROLE = "chores"
 # Leadership is taken or renewed this many times per leader_ttl (the daemon schedules it).
 LEADER_RENEWALS = 3
+
+
+def _monotonic() -> float:
+    """The event loop's clock (in production the monotonic clock), which also times the
+    renewals: on a test's virtual-time loop both move together."""
+    return asyncio.get_running_loop().time()
 
 
 class Elector:
@@ -47,19 +52,19 @@ class Elector:
         """Whether this replica may run the singleton chores now: it renewed the leader row
         less than leader_ttl ago (measured from before the renewal, on the monotonic clock,
         so the row cannot have expired in the database's clock while this says True)."""
-        return time.monotonic() < self._until
+        return _monotonic() < self._until
 
     def seconds_left(self) -> float:
         """How long leadership lasts without a renewal: no chore may outlive it (a successor
         may start the same chore once the leader row has expired)."""
-        return self._until - time.monotonic()
+        return self._until - _monotonic()
 
     async def elect(self) -> None:
         """Take or renew leadership; notice losing it. Catches its own errors."""
         if self._stopping.is_set():
             return
         ttl = self._config().supervisor.leader_ttl
-        started = time.monotonic()
+        started = _monotonic()
         if self._backoff.ready():
             try:
                 # Leadership counts from before this call, so a slow answer is still safe.

@@ -70,6 +70,13 @@ DATABASE_WATCH_EVERY = 5.0
 DATABASE_GRACE = 10.0
 
 
+def scheduler_now() -> datetime:
+    """Now in APScheduler's terms (it reads datetime.now() itself), in which a job's first
+    run is given: not the daemon's clock, which the demo moves (the tests' virtual clock
+    replaces both)."""
+    return datetime.now().astimezone()
+
+
 class Service(Protocol):
     """Something that runs beside the daemon (the admin API)."""
 
@@ -183,7 +190,7 @@ class Daemon:
         if config.account is None:
             self._runs.spawn(self.housekeeping.check_account, "account")  # clears its figure
             return
-        now = datetime.now().astimezone()
+        now = scheduler_now()
         self._every(self.housekeeping.check_account, config.account.check_interval.total_seconds(), "account",
                     next_run_time=now)  # fmt: skip
 
@@ -246,7 +253,7 @@ class Daemon:
         self.webhooks.start()
         config = self._config
         tick = config.supervisor.tick_interval.total_seconds()
-        now = datetime.now().astimezone()
+        now = scheduler_now()
         scheduler = self._scheduler = AsyncIOScheduler(
             jobstores={"default": MemoryJobStore()},
             executors={"default": AsyncIOExecutor()},

@@ -48,7 +48,7 @@ from supervisor.sim.model import (
     job_request,
 )
 
-__all__ = ["FakeClado", "Scenario", "ThreadedFakeApi", "create_app", "serve"]
+__all__ = ["FakeClado", "Scenario", "ThreadedFakeApi", "create_app", "loopback_socket", "serve"]
 
 JOBS_PREFIX = "/api/search/deep_research"
 _JOB_ACTIONS = {"cancel", "continue", "more"}  # POST {JOBS_PREFIX}/{job_id}/<action>
@@ -222,6 +222,18 @@ def serve(host: str = "127.0.0.1", port: int = 8900, *, log_level: str = "warnin
     uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
 
 
+def loopback_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to a free port of `host`, for uvicorn to serve on.
+
+    Binding port 0 ourselves and handing uvicorn the socket leaves no window in which
+    another process could take the port between choosing and binding it. The explicit
+    IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto says TCP, and
+    without it every response waits ~40 ms for a delayed ACK (Nagle)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind((host, 0))
+    return sock
+
+
 class ThreadedFakeApi:
     """``with ThreadedFakeApi(fake) as server:`` serves `fake` on ``server.base_url`` from a
     background thread of this process until exit (tests and the demo).
@@ -255,12 +267,7 @@ class ThreadedFakeApi:
         return self.base_url
 
     def start(self) -> Self:
-        # Binding port 0 ourselves and handing uvicorn the socket leaves no window in which
-        # another process could take the port between choosing and binding it. The explicit
-        # IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto says TCP, and
-        # without it every response waits ~40 ms for a delayed ACK (Nagle).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind((self.host, 0))
+        sock = loopback_socket(self.host)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             create_app(self.fake),

@@ -33,6 +33,7 @@ from supervisor.config import Config
 from supervisor.core.budgets import AdmissionRefused, period_start
 from supervisor.core.states import TERMINAL
 from supervisor.service.runtime import Daemon
+from virtualtime import VirtualClock, run, serve_fake
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -52,7 +53,7 @@ def make_config(
 
 
 async def track(daemon: Daemon, *job_ids: str, labels: dict[str, str] | None = None) -> None:
-    await daemon.store.add_jobs([NewJob(job_id, "default", labels or {}) for job_id in job_ids], utcnow())
+    await daemon.store.add_jobs([NewJob(job_id, "default", labels or {}) for job_id in job_ids], daemon.clock())
 
 
 async def wait_terminal(daemon: Daemon, *job_ids: str, timeout: float = 20) -> dict[str, Any]:
@@ -191,29 +192,28 @@ async def test_stall_timeout_cancels_a_job_whose_results_stop_growing(
     assert info["cancel_call_times"][0] - info["created_at_ts"] >= 2.3 - 0.002
 
 
-async def test_max_runtime_is_enforced_at_its_deadline_not_at_the_next_poll(
-    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
-) -> None:
-    fake = fake_server.fake
-    job_id = fake.create_job(limit=500, rate=1)
-    config = make_config(
-        tmp_path, fake_server, sqlite_url,
-        policies='[policies.default]\nmax_runtime = "3s"', supervisor={"poll_interval": '"15s"'},
-    )  # fmt: skip
-    async with running_daemon(config) as daemon:
-        await track(daemon, job_id)
-        job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
+def test_max_runtime_is_enforced_at_its_deadline_not_at_the_next_poll(tmp_path: Path, sqlite_url: str) -> None:
+    # On the virtual clock (virtualtime.py): the lateness is the rule's, not the machine's.
+    async def scenario(clock: VirtualClock) -> tuple[Any, dict[str, Any]]:
+        async with serve_fake(clock) as api:
+            job_id = api.fake.create_job(limit=500, rate=1)
+            config = make_config(
+                tmp_path, api, sqlite_url,
+                policies='[policies.default]\nmax_runtime = "3s"', supervisor={"poll_interval": '"15s"'},
+            )  # fmt: skip
+            async with running_daemon(config, clock=clock) as daemon:
+                await track(daemon, job_id)
+                job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
+            return job, api.fake.job_info(job_id)
 
-    info = fake.job_info(job_id)
+    job, info = run(scenario)
     assert (job.state, job.cancel_reason, info["cancel_calls"]) == ("cancelled", "max_runtime", 1)
     deadline = info["created_at_ts"] + 3
     lateness = info["cancel_call_times"][0] - deadline
     # Not before the deadline (the API's created_at has millisecond precision)...
     assert lateness >= -0.002
     # ...and long before the next regular poll: the job was first polled when tracked, so a
-    # poll-driven supervisor would only look again ~15 s later (lateness ≈ 12 s). The 5 s bound
-    # is deliberately generous — it proves deadline-driven scheduling on a loaded machine; it
-    # is not a performance assertion.
+    # poll-driven supervisor would only look again ~15 s later (lateness ≈ 12 s).
     assert lateness < 5
 
 
@@ -226,14 +226,18 @@ warn_at = [0.5]
 """
 
 
-async def test_a_warning_fires_once_before_the_limit(tmp_path: Path, fake_server: FakeServer, sqlite_url: str) -> None:
-    fake = fake_server.fake
-    job_id = fake.create_job(limit=100, rate=10)
-    config = make_config(tmp_path, fake_server, sqlite_url, policies=WARN_POLICY)
-    async with running_daemon(config) as daemon:
-        await track(daemon, job_id)
-        job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
-        events = await daemon.store.events(job_id)
+def test_a_warning_fires_once_before_the_limit(tmp_path: Path, sqlite_url: str) -> None:
+    # On the virtual clock: where the warning lands between 10 and 20 is the polling rule's.
+    async def scenario(clock: VirtualClock) -> tuple[Any, list[dict[str, Any]]]:
+        async with serve_fake(clock) as api:
+            job_id = api.fake.create_job(limit=100, rate=10)
+            config = make_config(tmp_path, api, sqlite_url, policies=WARN_POLICY)
+            async with running_daemon(config, clock=clock) as daemon:
+                await track(daemon, job_id)
+                job = (await wait_terminal(daemon, job_id, timeout=15))[job_id]
+                return job, await daemon.store.events(job_id)
+
+    job, events = run(scenario)
 
     assert (job.state, job.cancel_reason) == ("cancelled", "max_credits")
     warnings = events_of(events, "warning")
@@ -307,20 +311,23 @@ OBSERVE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(OBSERVE_CASES))
-async def test_observe_mode_records_but_never_cancels(
-    case: str, tmp_path: Path, fake_server: FakeServer, sqlite_url: str
-) -> None:
+def test_observe_mode_records_but_never_cancels(case: str, tmp_path: Path, sqlite_url: str) -> None:
     policies, supervisor, extra, labels, reason = OBSERVE_CASES[case]
-    fake = fake_server.fake
-    job_id = fake.create_job(limit=40, rate=10)
-    config = make_config(tmp_path, fake_server, sqlite_url, policies=policies, supervisor=supervisor, extra=extra)
-    async with running_daemon(config) as daemon:
-        await track(daemon, job_id, labels=labels)
-        job = (await wait_terminal(daemon, job_id, timeout=20))[job_id]
-        events = await daemon.store.events(job_id)
-        report = await build_report(daemon.store, config, "day", utcnow())
 
-    info = fake.job_info(job_id)
+    # On the virtual clock: that the decision comes before the job's 40th result is the
+    # polling rule's, not the machine's speed.
+    async def scenario(clock: VirtualClock) -> tuple[Any, list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+        async with serve_fake(clock) as api:
+            job_id = api.fake.create_job(limit=40, rate=10)
+            config = make_config(tmp_path, api, sqlite_url, policies=policies, supervisor=supervisor, extra=extra)
+            async with running_daemon(config, clock=clock) as daemon:
+                await track(daemon, job_id, labels=labels)
+                job = (await wait_terminal(daemon, job_id, timeout=20))[job_id]
+                events = await daemon.store.events(job_id)
+                report = await build_report(daemon.store, config, "day", daemon.clock())
+            return job, events, report, api.fake.job_info(job_id)
+
+    job, events, report, info = run(scenario)
     assert info["cancel_calls"] == 0
     assert (job.state, job.final_status, job.credits_used) == ("completed", "completed", 40)
     assert job.cancel_reason is None
