@@ -179,7 +179,7 @@ def next_check_at(
             # Only a check sooner than the regular poll can be the next one; and a huge limit
             # at a slow rate would be past the last date a datetime can hold.
             for f in fractions[Reason.MAX_CREDITS]:
-                seconds = (policy.max_credits * f - obs.credits) / obs.credits_per_s - lead * (f == 1.0)
+                seconds = credits_crossing(obs.credits, obs.credits_per_s, policy.max_credits * f) - lead * (f == 1.0)
                 if seconds < regular:
                     candidates.append(now + timedelta(seconds=seconds))
             # A rate measured over a few results is rough (one result more or less in a
@@ -198,6 +198,13 @@ def next_check_at(
     # make the job be polled in a tight loop.
     upcoming = [at for at in candidates if at > now]
     return max(min(upcoming), now + min_gap)
+
+
+def credits_crossing(credits: float, rate: float, target: float) -> float:
+    """Seconds from a poll that saw `credits`, at `rate` credits/s, until `target` is reached:
+    when polls are timed for a credit limit (next_check_at) and when a job's forecast says it
+    reaches it (core.forecast)."""
+    return (target - credits) / rate
 
 
 def observed_rate(
