@@ -19,7 +19,8 @@ from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
 from supervisor.app.errors import JobNotTracked, NotFound, Refused
-from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
+from supervisor.app.report import budget_views
+from supervisor.app.views import BudgetsView, ContinueResult, QueueItemView, SubmitResult, TrackResult
 from supervisor.config import Config, ConfigError, labels_match
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, statuses
@@ -354,6 +355,11 @@ class Operations:
         if job is None:
             raise JobNotTracked(job_id)
         return job
+
+    async def budgets(self) -> BudgetsView:
+        """Every budget's period and forecast (`budgets`, `GET /v1/budgets`)."""
+        now = self.clock()
+        return BudgetsView(generated_at=now, budgets=await budget_views(self.store, self.config, now))
 
     async def jobs(self, state: str | None = None, labels: Mapping[str, str] | None = None) -> list[Job]:
         """The jobs in `state` (all if None) that carry every one of `labels`."""

@@ -24,9 +24,10 @@ from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from supervisor.config import BillingConfig, Policy
+from supervisor.config import BillingConfig, Config, Policy
 from supervisor.core.budgets import BudgetStatus, next_period_start, period_start
-from supervisor.core.policy import credits_crossing
+from supervisor.core.job import Job
+from supervisor.core.policy import credits_crossing, job_policy
 
 # A budget learns from at most this many of its past periods (hours for an hourly budget).
 HISTORY_PERIODS = 4
@@ -44,19 +45,23 @@ _CENT = Decimal("0.0001")
 # -- money -------------------------------------------------------------------------------------
 
 
-def money(billing: BillingConfig, figures: Mapping[str, float | int | None]) -> dict[str, Any]:
+def money(billing: BillingConfig, figures: Mapping[str, Any]) -> dict[str, Any]:
     """The `money` twin of an object's credit figures: {"currency": …, key: amount, …}, each
     amount credits × credit_price in Decimal, rounded to 4 places (null stays null). The one
     place a price is applied."""
     price = Decimal(str(billing.credit_price))
     twin: dict[str, Any] = {"currency": billing.currency}
     for key, credits in figures.items():
-        if credits is None:
-            twin[key] = None
-        else:
-            amount = (Decimal(str(credits)) * price).quantize(_CENT, rounding=ROUND_HALF_EVEN)
-            twin[key] = float(amount)
+        twin[key] = _amount(credits, price)
     return twin
+
+
+def _amount(credits: float | int | Mapping[str, float | int] | None, price: Decimal) -> Any:
+    if credits is None:
+        return None
+    if isinstance(credits, Mapping):  # a breakdown (spend by label): its amounts by the same keys
+        return {key: _amount(value, price) for key, value in credits.items()}
+    return float((Decimal(str(credits)) * price).quantize(_CENT, rounding=ROUND_HALF_EVEN))
 
 
 # -- one job -----------------------------------------------------------------------------------
@@ -105,6 +110,22 @@ def running_of(
         cap=min(caps) if caps else None,
         deadline=deadline,
         credit_limit=credit_limit,
+    )
+
+
+def running_job(config: Config, job: Job) -> Running:
+    """A supervised job's forecast inputs: its last poll, its limits as they are enforced."""
+    policy = job_policy(config, job)
+    return running_of(
+        credits=job.credits_used,
+        rate=job.credits_per_s,
+        polled_at=job.last_polled_at,
+        remote_status=job.remote_status,
+        started_at=job.started_at,
+        result_limit=job.result_limit,
+        policy=policy,
+        credits_per_result=config.api.credits_per_result,
+        enforcing=policy.action == "cancel" and not config.supervisor.dry_run,
     )
 
 

@@ -1,0 +1,142 @@
+"""Every budget's forecast, read from the store: the one place the forecast's inputs are
+gathered, for the daemon's sweep (metrics, warnings), the `budgets` and `report` commands,
+the admin API and console, and admission (forecast_action = "block").
+
+The pure rules are core.forecast's; here are the reads: budget usage, the running jobs (one
+read for every budget), queued submissions, and the jobs of each budget's recent periods
+(cached per period for HISTORY_TTL in a long-lived Forecaster: they change little).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from supervisor.adapters.store import Store
+from supervisor.config import Config, labels_match
+from supervisor.core.budgets import BudgetStatus, period_start, statuses
+from supervisor.core.forecast import (
+    HISTORY_PERIODS,
+    BudgetForecast,
+    History,
+    JobForecast,
+    PastJob,
+    Running,
+    forecast_budget,
+    forecast_job,
+    history_of,
+    running_job,
+)
+from supervisor.core.job import Job
+from supervisor.core.queueing import QUEUED, wanted
+
+# A budget's history is read again after this long (its past periods' late spend shows).
+HISTORY_TTL = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """A budget now: its status, its forecast, the history it was learned from."""
+
+    status: BudgetStatus
+    forecast: BudgetForecast
+    history: History
+
+
+class Forecaster:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._history: dict[tuple[str, str], tuple[datetime, History]] = {}
+
+    async def outlooks(self, config: Config, now: datetime) -> list[Outlook]:
+        """Every budget's status and forecast at `now`."""
+        if not config.budgets:
+            return []
+        starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
+        budget_statuses = statuses(config, now, await self.store.usage(starts, now))
+        earliest = None if None in starts else min(s for s in starts if s is not None)
+        watching = await self.store.watching_since(earliest)
+        queued = await self.store.list_submissions([QUEUED])
+        histories = await self._histories(config, now)
+        per_result = config.api.credits_per_result
+        by_labels = _group(watching)
+        result = []
+        for status in budget_statuses:
+            budget = config.budgets[status.name]
+            history = histories[status.name]
+            jobs: list[tuple[Running, JobForecast]] = []
+            for labels, group in by_labels.items():
+                if not labels_match(budget.match, dict(labels)):
+                    continue
+                for job in group:
+                    if status.period_start is not None and job.submitted_at < status.period_start:
+                        continue
+                    running = running_job(config, job)
+                    jobs.append((running, forecast_job(running, now, typical=history.typical_credits)))
+            waiting = [
+                wanted(config, row)[0] * per_result for row in queued if labels_match(budget.match, row["labels"] or {})
+            ]
+            forecast = forecast_budget(status, budget.timezone, jobs, waiting, history, now)
+            result.append(Outlook(status, forecast, history))
+        return result
+
+    async def _histories(self, config: Config, now: datetime) -> dict[str, History]:
+        """Each budget's history, from the cache while fresh and of the same period."""
+        keys = {}
+        for name, budget in config.budgets.items():
+            start = period_start(budget.period, budget.timezone, now)
+            keys[name] = (start, start.isoformat() if start else "total")
+        stale = {
+            name
+            for name, (_, key) in keys.items()
+            if (cached := self._history.get((name, key))) is None or now - cached[0] > HISTORY_TTL
+        }
+        if stale:
+            windows = {name: _window(config, name, keys[name][0]) for name in stale}
+            known = [w for w in windows.values() if w is not None]
+            rows: list[dict[str, Any]] = []
+            if known:
+                rows = await self.store.past_jobs(min(w[0] for w in known), max(w[1] for w in known))
+            past = [_past(row) for row in rows]
+            for name in stale:
+                budget = config.budgets[name]
+                start = keys[name][0]
+                mine = (job for job in past if labels_match(budget.match, dict(job.labels)))
+                self._history[(name, keys[name][1])] = (now, history_of(budget.period, budget.timezone, start, mine))
+        self._history = {k: v for k, v in self._history.items() if k[0] in keys and keys[k[0]][1] == k[1]}
+        return {name: self._history[(name, key)][1] for name, (_, key) in keys.items()}
+
+
+def _window(config: Config, name: str, start: datetime | None) -> tuple[datetime, datetime] | None:
+    """The span of a budget's recent periods (None: a total budget learns no arrivals)."""
+    if start is None:
+        return None
+    budget = config.budgets[name]
+    earliest = start
+    for _ in range(HISTORY_PERIODS):
+        earlier = period_start(budget.period, budget.timezone, earliest - timedelta(microseconds=1))
+        assert earlier is not None
+        earliest = earlier
+    return earliest, start
+
+
+def _past(row: Mapping[str, Any]) -> PastJob:
+    started = row["remote_created_at"] or row["submitted_at"]
+    progress = row["last_progress_at"]
+    spent_for = (progress - started).total_seconds() if progress is not None else None
+    return PastJob(row["labels"] or {}, row["submitted_at"], int(row["credits_used"] or 0), spent_for)
+
+
+def _group(jobs: list[Job]) -> dict[tuple[tuple[str, str], ...], list[Job]]:
+    """Jobs by label set: a budget's match is decided once per set, not once per job."""
+    groups: dict[tuple[tuple[str, str], ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(sorted((job.labels or {}).items())), []).append(job)
+    return groups
+
+
+def by_name(outlooks: list[Outlook]) -> dict[str, Outlook]:
+    return {o.status.name: o for o in outlooks}
+
