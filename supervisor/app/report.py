@@ -26,11 +26,11 @@ from rich.table import Table
 from supervisor.adapters.store import Store
 from supervisor.app.views import BudgetView, QueueItemView, ReportView, iso
 from supervisor.config import Config
-from supervisor.service.forecasting import Forecaster
 from supervisor.core.budgets import period_start
 from supervisor.core.forecast import money
 from supervisor.core.job import Job
 from supervisor.core.states import TERMINAL, Reason
+from supervisor.service.forecasting import Forecaster
 
 PERIODS = ("day", "week", "month")
 # The report's own credit figures, each with its money twin (the budgets carry their own).

@@ -369,7 +369,7 @@ class ReportView(View):
     warnings_by_limit: dict[str, int]
     # Initiates whose outcome is unknown: each may be a billed job nobody supervises.
     orphaned_submissions: list[QueueItemView]
-    money: Money  # spend, spend_by_policy, spend_by_label, saved_by_cancels, observe_would_have_saved, leaked_after_decision
+    money: Money  # the twins of spend, its breakdowns, saved, would-have-saved and leaked
 
 
 class ConfigCheckView(View):

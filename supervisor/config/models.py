@@ -31,8 +31,8 @@ from supervisor.config.values import (
     file_path,
     fractions,
     is_loopback,
-    positive_fractions,
     labels_match,
+    positive_fractions,
     split_address,
     timezone_name,
     without_userinfo,
@@ -201,7 +201,7 @@ class BillingConfig(_Section):
     @classmethod
     def _code(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Z]{3}", value):
-            raise ValueError(f"currency must be a three-letter ISO 4217 code such as \"USD\", got {value!r}")
+            raise ValueError(f'currency must be a three-letter ISO 4217 code such as "USD", got {value!r}')
         return value
 
 

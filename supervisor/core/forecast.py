@@ -56,7 +56,7 @@ def money(billing: BillingConfig, figures: Mapping[str, Any]) -> dict[str, Any]:
     return twin
 
 
-def _amount(credits: float | int | Mapping[str, float | int] | None, price: Decimal) -> Any:
+def _amount(credits: float | Mapping[str, float] | None, price: Decimal) -> Any:
     if credits is None:
         return None
     if isinstance(credits, Mapping):  # a breakdown (spend by label): its amounts by the same keys
@@ -138,14 +138,16 @@ class JobForecast:
     done_in_s: float  # seconds from now until its predicted spend is all spent (0 without a rate)
 
 
-def forecast_job(job: Running, now: datetime, *, horizon: datetime | None = None, typical: float | None = None) -> JobForecast:
+def forecast_job(
+    job: Running, now: datetime, *, horizon: datetime | None = None, typical: float | None = None
+) -> JobForecast:
     """Where a running job is heading. Without a rate (pending, or one poll of it running)
     the forecast is what is known: a typical job of its budget (`typical`, capped), else its
     cap, else what it has spent. `horizon` bounds a job that nothing else stops."""
     if not job.rate or job.rate <= 0 or job.pending or job.polled_at is None:
         if typical is not None:
-            predicted = max(job.credits, round(min(typical, job.cap) if job.cap is not None else typical))
-            return JobForecast(predicted, None, "history (no rate yet)", 0.0, 0.0)
+            expected = max(job.credits, round(min(typical, job.cap) if job.cap is not None else typical))
+            return JobForecast(expected, None, "history (no rate yet)", 0.0, 0.0)
         if job.cap is not None:
             return JobForecast(max(job.credits, job.cap), None, "limits (no rate yet)", 0.0, 0.0)
         return JobForecast(job.credits, None, "spent so far (no rate yet)", 0.0, 0.0)
@@ -155,7 +157,7 @@ def forecast_job(job: Running, now: datetime, *, horizon: datetime | None = None
         # Nothing bounds it: what it will have spent by now is all that can be said.
         end = now
     by_rate = job.credits + job.rate * max(0.0, (end - job.polled_at).total_seconds()) if end else float("inf")
-    predicted = min(by_rate, job.cap) if job.cap is not None else by_rate
+    predicted: float = min(by_rate, float(job.cap)) if job.cap is not None else by_rate
     predicted_credits = max(job.credits, int(predicted))
     reaches = None
     if job.credit_limit is not None and predicted_credits >= job.credit_limit:
@@ -209,17 +211,22 @@ def _after(slices: Sequence[float], fraction: float) -> float:
     return rest
 
 
+def history_bounds(period: str, timezone: str, start: datetime) -> list[datetime]:
+    """The starts of the HISTORY_PERIODS periods before the one starting at `start`, and it."""
+    bounds = [start]
+    for _ in range(HISTORY_PERIODS):
+        earlier = period_start(period, timezone, bounds[0] - timedelta(microseconds=1))
+        bounds.insert(0, earlier or bounds[0])  # a periodic budget's periods always have starts
+    return bounds
+
+
 def history_of(period: str, timezone: str, start: datetime | None, jobs: Iterable[PastJob]) -> History:
     """What a budget's jobs of its last HISTORY_PERIODS periods (before the one starting at
     `start`) spent, and when in each period they were submitted. Periods before the budget's
     first job are not history (an empty one after it is: a quiet period)."""
     if start is None:
         return History((), None, None)
-    bounds = [start]
-    for _ in range(HISTORY_PERIODS):
-        earlier = period_start(period, timezone, bounds[0] - timedelta(microseconds=1))
-        assert earlier is not None  # a periodic budget's periods have starts
-        bounds.insert(0, earlier)
+    bounds = history_bounds(period, timezone, start)
     periods = [[0.0] * SLICES for _ in range(HISTORY_PERIODS)]
     seen = [False] * HISTORY_PERIODS
     costs: list[int] = []
@@ -414,7 +421,7 @@ def forecast_refusal(name: str, forecast: BudgetForecast, credits: int, cost: fl
     return (
         f"budget {name!r} is forecast to spend {forecast.without_queued:.0f} of {credits} credits this period "
         f"({forecast.basis}); this job's expected {cost:.0f} would take it to {after:.0f} "
-        f"(budgets.{name}.forecast_action = \"block\")"
+        f'(budgets.{name}.forecast_action = "block")'
     )
 
 

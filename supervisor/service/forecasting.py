@@ -18,7 +18,6 @@ from supervisor.adapters.store import Store
 from supervisor.config import Config, labels_match
 from supervisor.core.budgets import BudgetStatus, period_start, statuses
 from supervisor.core.forecast import (
-    HISTORY_PERIODS,
     BudgetForecast,
     History,
     JobForecast,
@@ -26,6 +25,7 @@ from supervisor.core.forecast import (
     Running,
     forecast_budget,
     forecast_job,
+    history_bounds,
     history_of,
     running_job,
 )
@@ -114,12 +114,7 @@ def _window(config: Config, name: str, start: datetime | None) -> tuple[datetime
     if start is None:
         return None
     budget = config.budgets[name]
-    earliest = start
-    for _ in range(HISTORY_PERIODS):
-        earlier = period_start(budget.period, budget.timezone, earliest - timedelta(microseconds=1))
-        assert earlier is not None
-        earliest = earlier
-    return earliest, start
+    return history_bounds(budget.period, budget.timezone, start)[0], start
 
 
 def _past(row: Mapping[str, Any]) -> PastJob:
@@ -139,4 +134,3 @@ def _group(jobs: list[Job]) -> dict[tuple[tuple[str, str], ...], list[Job]]:
 
 def by_name(outlooks: list[Outlook]) -> dict[str, Outlook]:
     return {o.status.name: o for o in outlooks}
-
