@@ -182,6 +182,51 @@ class SubmitResult(View):
     clamped_by: list[str]
 
 
+class DryRunBudget(View):
+    """One budget a dry-run submission matches: its forecast now, with the job's predicted
+    cost added, and whether that stays within `credits`."""
+
+    name: str
+    credits: int
+    forecast_credits: float
+    forecast_with_job: float
+    fits: bool
+    forecast_action: str
+    money: Money  # credits, forecast_credits, forecast_with_job
+
+    @classmethod
+    def of(cls, config: Config, outlook: Any, cost: float) -> DryRunBudget:
+        forecast = outlook.forecast
+        figures = {
+            "credits": outlook.status.credits,
+            "forecast_credits": round(forecast.without_queued, 1),
+            "forecast_with_job": round(forecast.without_queued + cost, 1),
+        }
+        return cls(
+            name=outlook.status.name, fits=figures["forecast_with_job"] <= outlook.status.credits,
+            forecast_action=config.budgets[outlook.status.name].forecast_action,
+            money=money(config.billing, figures), **figures,
+        )  # fmt: skip
+
+
+class DryRunView(View):
+    """`submit --dry-run`: what the job would be granted (`limit` results, `credits` at most),
+    its predicted cost, and whether it fits every budget's forecast; `refused`: why a real
+    submission would be refused now (null: it would be admitted). Nothing is called or written."""
+
+    query: str
+    policy: str
+    requested_limit: int
+    limit: int
+    clamped_by: list[str]
+    credits: int
+    predicted_credits: float
+    fits: bool
+    refused: str | None
+    budgets: list[DryRunBudget]
+    money: Money  # credits, predicted_credits
+
+
 class QueueItemView(View):
     """A submission (`submit --queue --json` when it waits, `queue list/show --json`, the admin
     API's /v1/queue). `state`: queued (waiting: `reason` says for what, `expected_start` when

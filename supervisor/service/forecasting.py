@@ -30,7 +30,7 @@ from supervisor.core.forecast import (
     running_job,
 )
 from supervisor.core.job import Job
-from supervisor.core.queueing import QUEUED, wanted
+from supervisor.core.queueing import QUEUED, Forecasts, wanted
 
 # A budget's history is read again after this long (its past periods' late spend shows).
 HISTORY_TTL = timedelta(minutes=5)
@@ -132,5 +132,8 @@ def _group(jobs: list[Job]) -> dict[tuple[tuple[str, str], ...], list[Job]]:
     return groups
 
 
-def by_name(outlooks: list[Outlook]) -> dict[str, Outlook]:
-    return {o.status.name: o for o in outlooks}
+async def admission_forecasts(forecaster: Forecaster, config: Config, now: datetime) -> Forecasts | None:
+    """The forecasts admission needs: only read when a budget blocks on its forecast."""
+    if not any(budget.forecast_action == "block" for budget in config.budgets.values()):
+        return None
+    return {o.status.name: (o.forecast, o.history) for o in await forecaster.outlooks(config, now)}
