@@ -26,7 +26,7 @@ from typing import Any
 
 from supervisor.config import BillingConfig, Config, Policy
 from supervisor.core.budgets import BudgetStatus, next_period_start, period_start
-from supervisor.core.job import Job
+from supervisor.core.job import Job, start_of
 from supervisor.core.policy import credits_crossing, job_policy
 
 # A budget learns from at most this many of its past periods (hours for an hourly budget).
@@ -113,9 +113,35 @@ def running_of(
     )
 
 
-def running_job(config: Config, job: Job) -> Running:
-    """A supervised job's forecast inputs: its last poll, its limits as they are enforced."""
-    policy = job_policy(config, job)
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """The columns of a running job a forecast reads (a narrow read of many jobs)."""
+
+    labels: Mapping[str, str]
+    policy: str
+    max_runtime_s: float | None
+    max_credits: int | None
+    credits_used: int
+    credits_per_s: float | None
+    last_polled_at: datetime | None
+    remote_status: str | None
+    submitted_at: datetime
+    remote_created_at: datetime | None
+    reopened_at: datetime | None
+    result_limit: int | None
+
+    @property
+    def started_at(self) -> datetime:
+        return start_of(self.reopened_at, self.remote_created_at, self.submitted_at)
+
+
+WATCHED_FIELDS: tuple[str, ...] = tuple(Watched.__slots__)
+
+
+def running_job(config: Config, job: Job | Watched, policy: Policy | None = None) -> Running:
+    """A supervised job's forecast inputs: its last poll, its limits as they are enforced
+    (`policy`: the job's resolved policy, when the caller has it already)."""
+    policy = policy or job_policy(config, job)
     return running_of(
         credits=job.credits_used,
         rate=job.credits_per_s,

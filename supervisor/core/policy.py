@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from supervisor.config import Config, Policy
-from supervisor.core.job import Job
 from supervisor.core.states import Reason
 
 # Never poll one job more often than this, however close it is to its credit limit.
@@ -27,7 +27,18 @@ PROBE_CAP = timedelta(seconds=1)
 STEP_CREDITS = 10
 
 
-def job_policy(config: Config, job: Job) -> Policy:
+class Overridden(Protocol):
+    """What a job's policy is resolved from: its policy's name and its per-job overrides."""
+
+    @property
+    def policy(self) -> str: ...
+    @property
+    def max_runtime_s(self) -> float | None: ...
+    @property
+    def max_credits(self) -> int | None: ...
+
+
+def job_policy(config: Config, job: Overridden) -> Policy:
     """The job's policy from the current config, with its per-job overrides."""
     policy = config.resolve_policy(job.policy)
     overrides: dict[str, object] = {}

@@ -15,21 +15,23 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from supervisor.adapters.store import Store
-from supervisor.config import Config, labels_match
+from supervisor.config import Config, Policy, labels_match
 from supervisor.core.budgets import BudgetStatus, period_start, statuses
 from supervisor.core.forecast import (
+    WATCHED_FIELDS,
     BudgetForecast,
     History,
     JobForecast,
     PastJob,
     Running,
+    Watched,
     forecast_budget,
     forecast_job,
     history_bounds,
     history_of,
     running_job,
 )
-from supervisor.core.job import Job
+from supervisor.core.policy import job_policy
 from supervisor.core.queueing import QUEUED, Forecasts, wanted
 
 # A budget's history is read again after this long (its past periods' late spend shows).
@@ -57,11 +59,21 @@ class Forecaster:
         starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
         budget_statuses = statuses(config, now, await self.store.usage(starts, now))
         earliest = None if None in starts else min(s for s in starts if s is not None)
-        watching = await self.store.watching_since(earliest)
+        rows = await self.store.watching_columns(earliest, WATCHED_FIELDS)
         queued = await self.store.list_submissions([QUEUED])
         histories = await self._histories(config, now)
         per_result = config.api.credits_per_result
-        by_labels = _group(watching)
+        # Each job's inputs once (whatever budgets it counts in), its policy resolved once per
+        # policy and overrides; the jobs grouped by label set, each budget's match decided once a set.
+        policies: dict[tuple[str, float | None, int | None], Policy] = {}
+        by_labels: dict[tuple[tuple[str, str], ...], list[tuple[datetime, Running]]] = {}
+        for row in rows:
+            job = Watched(**row)
+            key = (job.policy, job.max_runtime_s, job.max_credits)
+            if key not in policies:
+                policies[key] = job_policy(config, job)
+            entry = (job.submitted_at, running_job(config, job, policies[key]))
+            by_labels.setdefault(tuple(sorted((job.labels or {}).items())), []).append(entry)
         result = []
         for status in budget_statuses:
             budget = config.budgets[status.name]
@@ -70,10 +82,9 @@ class Forecaster:
             for labels, group in by_labels.items():
                 if not labels_match(budget.match, dict(labels)):
                     continue
-                for job in group:
-                    if status.period_start is not None and job.submitted_at < status.period_start:
+                for submitted_at, running in group:
+                    if status.period_start is not None and submitted_at < status.period_start:
                         continue
-                    running = running_job(config, job)
                     jobs.append((running, forecast_job(running, now, typical=history.typical_credits)))
             waiting = [
                 wanted(config, row)[0] * per_result for row in queued if labels_match(budget.match, row["labels"] or {})
@@ -99,11 +110,16 @@ class Forecaster:
             rows: list[dict[str, Any]] = []
             if known:
                 rows = await self.store.past_jobs(min(w[0] for w in known), max(w[1] for w in known))
-            past = [_past(row) for row in rows]
+            past: dict[tuple[tuple[str, str], ...], list[PastJob]] = {}
+            for row in rows:
+                job = _past(row)
+                past.setdefault(tuple(sorted(job.labels.items())), []).append(job)
             for name in stale:
                 budget = config.budgets[name]
                 start = keys[name][0]
-                mine = (job for job in past if labels_match(budget.match, dict(job.labels)))
+                mine = (
+                    job for labels, group in past.items() if labels_match(budget.match, dict(labels)) for job in group
+                )
                 self._history[(name, keys[name][1])] = (now, history_of(budget.period, budget.timezone, start, mine))
         self._history = {k: v for k, v in self._history.items() if k[0] in keys and keys[k[0]][1] == k[1]}
         return {name: self._history[(name, key)][1] for name, (_, key) in keys.items()}
@@ -122,14 +138,6 @@ def _past(row: Mapping[str, Any]) -> PastJob:
     progress = row["last_progress_at"]
     spent_for = (progress - started).total_seconds() if progress is not None else None
     return PastJob(row["labels"] or {}, row["submitted_at"], int(row["credits_used"] or 0), spent_for)
-
-
-def _group(jobs: list[Job]) -> dict[tuple[tuple[str, str], ...], list[Job]]:
-    """Jobs by label set: a budget's match is decided once per set, not once per job."""
-    groups: dict[tuple[tuple[str, str], ...], list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(tuple(sorted((job.labels or {}).items())), []).append(job)
-    return groups
 
 
 async def admission_forecasts(forecaster: Forecaster, config: Config, now: datetime) -> Forecasts | None:

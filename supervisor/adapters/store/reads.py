@@ -96,6 +96,13 @@ class JobReads(Database):
             query = query.where(jobs.c.submitted_at >= start)
         return await self._jobs(query)
 
+    async def watching_columns(self, start: datetime | None, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+        """`watching_since`, only these columns (a forecast reads every running job often)."""
+        query = select(*(jobs.c[name] for name in columns)).where(jobs.c.state == State.WATCHING.value)
+        if start is not None:
+            query = query.where(jobs.c.submitted_at >= start)
+        return await self._rows(query)
+
     async def past_jobs(self, since: datetime, until: datetime) -> list[dict[str, Any]]:
         """What a forecast learns from each job submitted in [since, until): its labels, when
         it was submitted, started and last progressed, and its credits (few columns: it is
