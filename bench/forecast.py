@@ -21,6 +21,7 @@ command's answer time, in process and as a real CLI subprocess.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -157,9 +158,7 @@ def simulate(scenario: Scenario, seed: int) -> list[Score]:
     knobs = [scenario.job(rng) for _ in arrivals]
     jobs: list[Tracked] = []
     pending_checks: list[tuple[datetime, int, float]] = [
-        (EPOCH + timedelta(seconds=p * PERIOD + c * PERIOD), p, c)
-        for p in range(scenario.periods)
-        for c in CHECKPOINTS
+        (EPOCH + timedelta(seconds=p * PERIOD + c * PERIOD), p, c) for p in range(scenario.periods) for c in CHECKPOINTS
     ]
     snapshots: dict[tuple[int, float], dict[str, Any]] = {}
     spend_curve: dict[int, list[tuple[datetime, int]]] = {p: [] for p in range(scenario.periods)}
@@ -216,7 +215,7 @@ def simulate(scenario: Scenario, seed: int) -> list[Score]:
 
 def _crossing(curve: list[tuple[datetime, int]], credits: int) -> datetime | None:
     """When the billed spend reached `credits`, interpolated between two samples."""
-    for (t0, s0), (t1, s1) in zip(curve, curve[1:], strict=False):
+    for (t0, s0), (t1, s1) in itertools.pairwise(curve):
         if s1 >= credits > s0:
             return t0 + (t1 - t0) * ((credits - s0) / (s1 - s0))
     return curve[0][0] if curve and curve[0][1] >= credits else None
@@ -346,20 +345,20 @@ def cost(log: Callable[[str], None], jobs: int = 10_000, budgets: int = 50) -> d
         cpu, wall = asyncio.run(_time_forecasts(config))
         per_second = cpu / FORECAST_EVERY.total_seconds()
         log(f"one forecast of {jobs:,} watching jobs and {budgets} budgets (reads + rules): CPU {cpu * 1000:.0f} ms, "
-            f"wall {wall * 1000:.0f} ms; every {FORECAST_EVERY.total_seconds():.0f} s: {per_second * 1000:.1f} ms CPU/s "
-            f"(target ≤ 50)")  # fmt: skip
+            f"wall {wall * 1000:.0f} ms; every {FORECAST_EVERY.total_seconds():.0f} s: "
+            f"{per_second * 1000:.1f} ms CPU/s (target ≤ 50)")  # fmt: skip
         in_process = asyncio.run(_time_budgets_view(config))
         log(f"`budgets` in process (ops.budgets(), a fresh Forecaster, as the command): {in_process * 1000:.0f} ms")
         cli = []
         for _ in range(3):
             started = time.perf_counter()
-            subprocess.run(  # noqa: S603 - our own CLI
+            subprocess.run(
                 [PY, "-m", "supervisor", "--config", str(config_path), "budgets", "--json"],
                 check=True, capture_output=True, cwd=REPO, timeout=120,
             )  # fmt: skip
             cli.append(time.perf_counter() - started)
         started = time.perf_counter()
-        subprocess.run([PY, "-m", "supervisor", "--version"], check=True, capture_output=True, cwd=REPO, timeout=60)  # noqa: S603
+        subprocess.run([PY, "-m", "supervisor", "--version"], check=True, capture_output=True, cwd=REPO, timeout=60)
         bare = time.perf_counter() - started
         log(f"`budgets --json` as a CLI subprocess: median {statistics.median(cli) * 1000:.0f} ms "
             f"(of which the interpreter and CLI start, `--version`: {bare * 1000:.0f} ms) (target ≤ 300)")  # fmt: skip
