@@ -197,7 +197,6 @@ def test_the_burn_chart_shows_spend_the_forecast_to_the_period_end_and_the_limit
     jobs = [fake_server.fake.create_job(limit=200, rate=5) for _ in range(2)]
     for job_id in jobs:
         track(live, job_id, team="growth")
-    live.call(live.daemon.store.add_jobs([], utcnow()))
     log_in(browser, live, "/budgets/growth-daily")
 
     def rated(_: Any) -> bool:
@@ -209,11 +208,10 @@ def test_the_burn_chart_shows_spend_the_forecast_to_the_period_end_and_the_limit
     chart = wait(browser).until(
         expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#burn-chart svg.burn"))
     )
-    for part in ("polyline.credits", ".forecast line", "polygon.band", ".limit line", ".threshold line", "line.now"):
+    for part in ("polyline.credits", ".forecast line", "polygon.band", ".limit line", ".warn-at line", "line.now"):
         assert chart.find_elements(By.CSS_SELECTOR, part), part
-    labels = [t.text for t in chart.find_elements(By.CSS_SELECTOR, ".threshold text")]
-    assert labels == ["forecast warn 1"]  # the spend warnings 0.5 and 0.9 are drawn too, at 200 and 360
-    assert len(chart.find_elements(By.CSS_SELECTOR, ".threshold line")) == 3
+    labels = [t.text for t in chart.find_elements(By.CSS_SELECTOR, ".warn-at text")]
+    assert labels == ["warn 0.5", "warn 0.9", "forecast warn 1"]  # at 200, 360 and 400 credits
     assert "credits 400" in chart.find_element(By.CSS_SELECTOR, ".limit text").text
     forecast = int(chart.find_element(By.CSS_SELECTOR, ".forecast text").text.removeprefix("forecast "))
     assert forecast >= 300  # each job is going to its limit of 200

@@ -271,7 +271,7 @@ def burn_chart(burn: Burn, *, width: int = WIDTH, height: int = HEIGHT) -> Marku
     )
     for label, credits in burn.thresholds:
         parts.append(
-            f'<g class="threshold"><line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y(credits):.1f}" '
+            f'<g class="warn-at"><line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y(credits):.1f}" '
             f'y2="{y(credits):.1f}"/><text x="{LEFT + plot_w + 6}" y="{y(credits) + 4:.1f}">'
             f"{escape(label)}</text></g>"
         )
