@@ -32,7 +32,7 @@ from supervisor.core.forecast import (
     running_job,
 )
 from supervisor.core.policy import job_policy
-from supervisor.core.queueing import QUEUED, Forecasts, wanted
+from supervisor.core.queueing import INITIATING, QUEUED, Forecasts, wanted
 
 # A budget's history is read again after this long (its past periods' late spend shows).
 HISTORY_TTL = timedelta(minutes=5)
@@ -60,7 +60,8 @@ class Forecaster:
         budget_statuses = statuses(config, now, await self.store.usage(starts, now))
         earliest = None if None in starts else min(s for s in starts if s is not None)
         rows = await self.store.watching_columns(earliest, WATCHED_FIELDS)
-        queued = await self.store.list_submissions([QUEUED])
+        # Queued, and being initiated (not a job yet): both are spend to come.
+        queued = await self.store.list_submissions([QUEUED, INITIATING])
         histories = await self._histories(config, now)
         per_result = config.api.credits_per_result
         # Each job's inputs once (whatever budgets it counts in), its policy resolved once per
