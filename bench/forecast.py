@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import PY, REPO, RESULTS
+from bench.common import PY, REPO, RESULTS, plt
 from supervisor.config import Config, Policy
 from supervisor.core.budgets import BudgetStatus, Usage
 from supervisor.core.forecast import PastJob, forecast_budget, forecast_job, history_of, running_of
@@ -444,12 +444,33 @@ async def _time_budgets_view(config: Config) -> float:
         await store.close()
 
 
+def plot(rows: dict[str, Any], path: Path) -> None:
+    """The median errors, the forecast beside the naive line, per scenario and checkpoint."""
+    pyplot = plt()
+    figure, axes = pyplot.subplots(1, len(SCENARIOS), figsize=(14, 3.6), sharey=False)
+    for ax, scenario in zip(axes, SCENARIOS, strict=True):
+        keys = [f"{scenario.name} @ {c:.0%}" for c in CHECKPOINTS]
+        positions = range(len(CHECKPOINTS))
+        ax.bar([p - 0.2 for p in positions], [rows[k]["forecast_median_error"] * 100 for k in keys], 0.4,
+               label="forecast")  # fmt: skip
+        ax.bar([p + 0.2 for p in positions], [rows[k]["naive_median_error"] * 100 for k in keys], 0.4,
+               label="naive line")  # fmt: skip
+        ax.set_xticks(list(positions), [f"{c:.0%}" for c in CHECKPOINTS])
+        ax.set_title(scenario.name, fontsize=10)
+        ax.set_ylabel("median |error| (% of final)")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
 def run(*, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     seeds = range(3) if quick else range(10)
     results = {"accuracy": accuracy(log, seeds), "cost": cost(log, jobs=2_000 if quick else 10_000)}
     RESULTS.mkdir(exist_ok=True)
-    name = "forecast-quick.json" if quick else "forecast.json"
-    (RESULTS / name).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    name = "forecast-quick" if quick else "forecast"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    plot(results["accuracy"], RESULTS / f"{name}.png")
     return results
 
 
