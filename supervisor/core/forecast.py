@@ -164,12 +164,10 @@ class JobForecast:
     done_in_s: float  # seconds from now until its predicted spend is all spent (0 without a rate)
 
 
-def forecast_job(
-    job: Running, now: datetime, *, horizon: datetime | None = None, typical: float | None = None
-) -> JobForecast:
+def forecast_job(job: Running, now: datetime, *, typical: float | None = None) -> JobForecast:
     """Where a running job is heading. Without a rate (pending, or one poll of it running)
     the forecast is what is known: a typical job of its budget (`typical`, capped), else its
-    cap, else what it has spent. `horizon` bounds a job that nothing else stops."""
+    cap, else what it has spent."""
     if not job.rate or job.rate <= 0 or job.pending or job.polled_at is None:
         if typical is not None:
             expected = max(job.credits, round(min(typical, job.cap) if job.cap is not None else typical))
@@ -177,8 +175,7 @@ def forecast_job(
         if job.cap is not None:
             return JobForecast(max(job.credits, job.cap), None, "limits (no rate yet)", 0.0, 0.0)
         return JobForecast(job.credits, None, "spent so far (no rate yet)", 0.0, 0.0)
-    ends = [at for at in (job.deadline, horizon) if at is not None]
-    end = min(ends) if ends else None
+    end = job.deadline
     if end is None and job.cap is None:
         # Nothing bounds it: what it will have spent by now is all that can be said.
         end = now

@@ -91,22 +91,20 @@ def test_billing_defaults_are_claudes_pricing_page() -> None:
 # -- one job -----------------------------------------------------------------------------------
 
 JOB_CASES = [
-    # (name, job, horizon (s from now), typical, credits, reaches limit (s from now) or None, basis)
-    ("runs to its credit limit", running(10, 1.0, cap=200, limit=200), None, None, 200, 190, "rate"),
-    ("carried from its last poll", running(10, 1.0, polled=5, cap=200, limit=200), None, None, 200, 185, "rate"),
-    ("its API limit stops it first", running(10, 1.0, cap=30, limit=200), None, None, 30, None, "rate"),
-    ("its runtime limit stops it first", running(10, 1.0, deadline=60), None, None, 70, None, "rate"),
-    ("a horizon bounds it", running(10, 2.0, cap=None, limit=None), 30, None, 70, None, "rate"),
-    ("nothing bounds it: spent by now", running(10, 2.0, polled=3, cap=None, limit=None), None, None, 16, None, "rate"),
-    ("already at its cap", running(200, 1.0, cap=200, limit=200), None, None, 200, 0, "rate"),
-    ("pending, no history: its cap", running(0, None, pending=True), None, None, 200, None, "limits (no rate yet)"),
-    ("no rate, history", running(5, None), None, 42.4, 42, None, "history (no rate yet)"),
-    ("no rate, history above its cap", running(5, None, cap=30), None, 80.0, 30, None, "history (no rate yet)"),
-    ("no rate, no limit", running(5, None, cap=None, limit=None), None, None, 5, None, "spent so far (no rate yet)"),
+    # Each case: name, job, typical, credits, reaches limit (s from now) or None, basis.
+    ("runs to its credit limit", running(10, 1.0, cap=200, limit=200), None, 200, 190, "rate"),
+    ("carried from its last poll", running(10, 1.0, polled=5, cap=200, limit=200), None, 200, 185, "rate"),
+    ("its API limit stops it first", running(10, 1.0, cap=30, limit=200), None, 30, None, "rate"),
+    ("its runtime limit stops it first", running(10, 1.0, deadline=60), None, 70, None, "rate"),
+    ("nothing bounds it: spent by now", running(10, 2.0, polled=3, cap=None, limit=None), None, 16, None, "rate"),
+    ("already at its cap", running(200, 1.0, cap=200, limit=200), None, 200, 0, "rate"),
+    ("pending, no history: its cap", running(0, None, pending=True), None, 200, None, "limits (no rate yet)"),
+    ("no rate, history", running(5, None), 42.4, 42, None, "history (no rate yet)"),
+    ("no rate, history above its cap", running(5, None, cap=30), 80.0, 30, None, "history (no rate yet)"),
+    ("no rate, no limit", running(5, None, cap=None, limit=None), None, 5, None, "spent so far (no rate yet)"),
     (
         "a zero rate is no rate",
         running(5, 0.0, cap=None, limit=None),
-        None,
         None,
         5,
         None,
@@ -116,15 +114,12 @@ JOB_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("job", "horizon", "typical", "credits", "reaches", "basis"),
+    ("job", "typical", "credits", "reaches", "basis"),
     [case[1:] for case in JOB_CASES],
     ids=[case[0] for case in JOB_CASES],
 )
-def test_job_forecast(
-    job: Running, horizon: float | None, typical: float | None, credits: int, reaches: float | None, basis: str
-) -> None:
-    at = NOW + timedelta(seconds=horizon) if horizon is not None else None
-    forecast = forecast_job(job, NOW, horizon=at, typical=typical)
+def test_job_forecast(job: Running, typical: float | None, credits: int, reaches: float | None, basis: str) -> None:
+    forecast = forecast_job(job, NOW, typical=typical)
     assert (forecast.credits, forecast.basis) == (credits, basis)
     if reaches is None:
         assert forecast.reaches_limit_at is None
