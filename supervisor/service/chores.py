@@ -71,8 +71,9 @@ _POLL_AFTER = timedelta(milliseconds=30)
 _SETTLE = timedelta(milliseconds=100)
 # One sweep looks again for at most this long, well within its one-second interval.
 _SWEEP_SPAN = timedelta(milliseconds=800)
-# Budgets are forecast at most this often (each forecast reads every running job and costs
-# CPU in proportion: bench/forecast.py measures it); a forecast warning is at most this late.
+# Budgets are forecast this often, in a chore of their own (each forecast reads every running
+# job and costs CPU in proportion: bench/forecast.py measures it); a forecast warning is at
+# most this late.
 FORECAST_EVERY = timedelta(seconds=5)
 
 
@@ -95,7 +96,7 @@ class Enforcer:
         self._awaited: set[str] = set()
         self._all_recorded = asyncio.Event()
         self.forecaster = Forecaster(store)
-        self._forecast_at: datetime | None = None
+        self._period_lock = asyncio.Lock()
 
     def recorded(self, change: Change) -> None:
         """A job's change was committed (the effects step tells of every one): once the polls
@@ -120,9 +121,6 @@ class Enforcer:
         while polls_at is not None and polls_at + _SETTLE <= started + _SWEEP_SPAN:
             await self._until_recorded(polls_at + _SETTLE)
             result, polls_at = await self._sweep(config)
-        if self._forecast_at is None or started - self._forecast_at >= FORECAST_EVERY:
-            self._forecast_at = started
-            await self.forecast_budgets(config)
         return result
 
     # -- forecasts ------------------------------------------------------------------------------
@@ -131,7 +129,10 @@ class Enforcer:
         """Every budget's forecast: its metrics, and its forecast warnings (budget_forecast once
         per period per threshold when the central forecast reaches it, budget_forecast_cleared
         once after it when it falls back under). Fired warnings are remembered with the spend
-        warnings of the period (budget_periods.warned), so a reload or a restart keeps them."""
+        warnings of the period (budget_periods.warned), so a reload or a restart keeps them.
+        A chore of its own (every FORECAST_EVERY), so that its reads never delay a sweep."""
+        if not config.budgets:
+            return []
         now = self.clock()
         outlooks = await self.forecaster.outlooks(config, now)
         for outlook in outlooks:
@@ -144,10 +145,14 @@ class Enforcer:
         return outlooks
 
     async def _forecast_events(self, config: Config, outlook: Outlook, now: datetime) -> None:
+        if not config.budgets[outlook.status.name].forecast_warn_at:
+            return
+        async with self._period_lock:
+            await self._forecast_warnings(config, outlook, now)
+
+    async def _forecast_warnings(self, config: Config, outlook: Outlook, now: datetime) -> None:
         status, forecast = outlook.status, outlook.forecast
         budget = config.budgets[status.name]
-        if not budget.forecast_warn_at:
-            return
         key, record = await self._period_record(status)
         crossed, cleared = forecast_warnings(
             forecast.central, status.credits, budget.forecast_warn_at, record["warned"]
@@ -261,6 +266,11 @@ class Enforcer:
         return after
 
     async def _budget_events(self, config: Config, status: BudgetStatus, now: datetime) -> None:
+        # One writer of a period's fired warnings at a time: the sweep and the forecast chore.
+        async with self._period_lock:
+            await self._spend_warnings(config, status, now)
+
+    async def _spend_warnings(self, config: Config, status: BudgetStatus, now: datetime) -> None:
         budget = config.budgets[status.name]
         key, record = await self._period_record(status)
         crossed = thresholds_crossed(status, budget.warn_at, record["warned"])

@@ -25,6 +25,7 @@ from supervisor.adapters.store import utcnow
 from supervisor.app.operations import Operations
 from supervisor.app.views import QueueItemView, SubmitResult
 from supervisor.core.budgets import AdmissionRefused, period_start
+from supervisor.core.states import TERMINAL
 
 REPO = Path(__file__).parents[2]
 POLICY = '[policies.default]\nmax_runtime = "30m"\nmax_credits = 200'
@@ -61,8 +62,8 @@ async def test_a_budget_forecast_to_run_out_warns_then_clears_when_its_jobs_stop
     tmp_path: Path, fake_server: FakeServer, sqlite_url: str, receiver: Receiver
 ) -> None:
     fake = fake_server.fake
-    # Two jobs of 200 results at 10/s: on track for 400 of the budget's 100 credits.
-    jobs = [fake.create_job(limit=200, rate=10) for _ in range(2)]
+    # Two jobs of 200 results at 2/s: on track for 400 of the budget's 100 credits.
+    jobs = [fake.create_job(limit=200, rate=2) for _ in range(2)]
     config = make_config(
         tmp_path, fake_server, sqlite_url, policies=POLICY, extra=FORECAST_BUDGET + hook(receiver.url("/hook"))
     )
@@ -86,15 +87,20 @@ async def test_a_budget_forecast_to_run_out_warns_then_clears_when_its_jobs_stop
         ops = Operations(config, daemon.store, daemon.client, daemon.effects)
         for job_id in jobs:
             await ops.manual_cancel(job_id, "enough")
-        # Spent: a few seconds at 10/s each, under 80: both warnings clear, once each.
-        await eventually(lambda: len(events(receiver, "budget_forecast_cleared")) >= 2, timeout=30,
-                         what="both forecast warnings cleared")  # fmt: skip
+        # The forecast is now what was spent: each warning above it clears, once.
+        await wait_until(daemon, lambda: _all_final(daemon, jobs), what="the cancels confirmed")
+        spent = sum([(await daemon.store.get_job(j)).credits_used for j in jobs])  # type: ignore[union-attr]
+        under = [f for f in (0.8, 1.5) if spent < f * 100]
+        assert under, f"the jobs spent {spent} before they were stopped: no warning can clear"
+        await eventually(lambda: len(events(receiver, "budget_forecast_cleared")) >= len(under), timeout=30,
+                         what="the forecast warnings above the spend cleared")  # fmt: skip
         cleared = events(receiver, "budget_forecast_cleared")
-        assert sorted(e["fraction"] for e in cleared) == [0.8, 1.5]
-        assert all(e["forecast_credits"] < 80 for e in cleared)
+        assert sorted(e["fraction"] for e in cleared) == under
+        assert all(e["forecast_credits"] <= spent for e in cleared)  # spent as of then: no job running
         key = period_start("day", "UTC", utcnow()).isoformat()  # type: ignore[union-attr]
         record = await daemon.store.budget_period("growth", key)
         assert "forecast@0.8" in record["warned"] and "forecast@1.5:cleared" in record["warned"]
+        assert all(f"forecast@{f:g}:cleared" in record["warned"] for f in under)
 
     # Once per period per threshold: a restart (or a reload) keeps what already fired.
     before = len(events(receiver, "budget_forecast"))
@@ -108,6 +114,11 @@ async def test_a_budget_forecast_to_run_out_warns_then_clears_when_its_jobs_stop
             timeout=30, what="the new forecast",
         )  # fmt: skip
     assert len(events(receiver, "budget_forecast")) == before
+
+
+async def _all_final(daemon: Any, job_ids: list[str]) -> bool:
+    found = [await daemon.store.get_job(job_id) for job_id in job_ids]
+    return all(job is not None and job.state in TERMINAL for job in found)
 
 
 async def _polled(daemon: Any, job_id: str) -> bool:
