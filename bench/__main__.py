@@ -1,4 +1,4 @@
-"""`python -m bench [throughput|precision|pollcost ...] [--quick]` — all three by default.
+"""`python -m bench [throughput|precision|pollcost|forecast ...] [--quick]` — all of them by default.
 
 Each benchmark prints its table, writes bench/results/<name>.json and <name>.png.
 """
@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-NAMES = ("throughput", "precision", "pollcost")
+NAMES = ("throughput", "precision", "pollcost", "forecast")
 
 
 def main(argv: list[str] | None = None) -> int:

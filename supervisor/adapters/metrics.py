@@ -13,6 +13,7 @@ label value, so a dashboard's `rate()` has a series before the first event.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -154,6 +155,12 @@ BUDGET_RESERVED = _gauge(
     "budget_reserved_credits", "Credits reserved (not yet spent) in the current period, per budget.", "budget"
 )
 BUDGET_LIMIT = _gauge("budget_limit_credits", "The budget's credits per period.", "budget")
+BUDGET_FORECAST = _gauge(
+    "budget_forecast_credits", "The central forecast of the credits the current period's jobs will spend.", "budget"
+)
+BUDGET_EXHAUSTS_IN = _gauge(
+    "budget_exhausts_in_seconds", "Seconds until the budget is forecast to run out (absent: it is not).", "budget"
+)
 ACCOUNT_CREDITS = OptionalGauge(
     _P + "account_credits",
     "Remaining account credits at the leader's last check (absent: no [account], not read yet, or not the leader).",
@@ -180,7 +187,7 @@ QUEUE_WAIT = _histogram(
 )
 
 
-_BUDGET_GAUGES = (BUDGET_SPENT, BUDGET_RESERVED, BUDGET_LIMIT)
+_BUDGET_GAUGES = (BUDGET_SPENT, BUDGET_RESERVED, BUDGET_LIMIT, BUDGET_FORECAST, BUDGET_EXHAUSTS_IN)
 _budgets_shown: set[str] = set()  # the budgets with series now
 
 
@@ -191,11 +198,24 @@ def budget_figures(name: str, spent: float, reserved: float, credits: float) -> 
     _budgets_shown.add(name)
 
 
+def budget_forecast(name: str, credits: float, exhausts_in: float | None) -> None:
+    """A budget's forecast, in credits; the seconds until it runs out only while it is
+    predicted to (else the series is absent, not a sentinel)."""
+    BUDGET_FORECAST.labels(name).set(credits)
+    if exhausts_in is None:
+        with contextlib.suppress(KeyError):
+            BUDGET_EXHAUSTS_IN.remove(name)
+    else:
+        BUDGET_EXHAUSTS_IN.labels(name).set(exhausts_in)
+    _budgets_shown.add(name)
+
+
 def forget_budgets(keep: set[str]) -> None:
     """Drop the series of budgets no longer configured (a reload removed them)."""
     for name in _budgets_shown - keep:
         for gauge in _BUDGET_GAUGES:
-            gauge.remove(name)
+            with contextlib.suppress(KeyError):  # a series may be absent (exhausts_in, no forecast yet)
+                gauge.remove(name)
         _budgets_shown.discard(name)
 
 

@@ -41,6 +41,7 @@ from supervisor.adapters import metrics
 from supervisor.adapters.secrets import read_secret
 from supervisor.config import Config, ConfigError, WebhookConfig
 from supervisor.core.backoff import delay
+from supervisor.core.forecast import money
 
 log = structlog.get_logger("supervisor.notify")
 
@@ -141,12 +142,16 @@ class Webhooks:
 
     def emit(self, event: str, **fields: Any) -> None:
         """Queue an event for the hooks that want it; never blocks, never raises."""
+        config = self._current_config()
         payload = {
             "event": event,
             "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "config_hash": self._current_config().config_hash,
+            "config_hash": config.config_hash,
             **fields,
         }
+        if "money" not in payload and isinstance(payload.get("credits"), int | float):
+            # A job's or a submission's credits, in money (budget events bring their own twin).
+            payload["money"] = money(config.billing, {"credits": payload["credits"]})
         for hook in self._hooks:
             if event not in hook.config.events:
                 continue

@@ -20,19 +20,30 @@ from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
 from supervisor.app.errors import JobNotTracked, NotFound, Refused
-from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
+from supervisor.app.report import budget_views
+from supervisor.app.views import (
+    BudgetsView,
+    ContinueResult,
+    DryRunBudget,
+    DryRunView,
+    QueueItemView,
+    SubmitResult,
+    TrackResult,
+)
 from supervisor.config import Config, ConfigError, labels_match
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, statuses
+from supervisor.core.forecast import expected_cost, money
 from supervisor.core.job import Job
 from supervisor.core.policy import job_policy
-from supervisor.core.queueing import RATE_WINDOW, new_submission, period_starts, plan
+from supervisor.core.queueing import RATE_WINDOW, forecast_block, new_submission, period_starts, plan, wanted
 from supervisor.core.queueing import STATES as SUBMISSION_STATES
 from supervisor.core.states import Reason, State
 from supervisor.core.transitions import Change
 from supervisor.service import wiring
 from supervisor.service.effects import Effects
 from supervisor.service.executor import JobHandler
+from supervisor.service.forecasting import Forecaster, admission_forecasts
 from supervisor.service.queue import INITIATE_HOLD, Initiator
 from supervisor.service.runtime import Daemon, Service
 from supervisor.service.wiring import client_for, open_store
@@ -187,9 +198,11 @@ class Operations:
             expires_after=expiry, now=now,
         )  # fmt: skip
         account_credits = await self._account_credits()
+        forecasts = await admission_forecasts(Forecaster(self.store), self.config, now)
         decide = functools.partial(
             plan, self.config, now=now, account_credits=account_credits, only=fresh["id"], queue=queueing,
             held_until=now + timedelta(seconds=self.client.held_off_for) if self.client.held_off_for else None,
+            forecasts=forecasts,
         )  # fmt: skip
         chosen = await self.store.take_submission(
             now, period_starts(self.config, now), now - RATE_WINDOW, decide, ttl=INITIATE_HOLD, fresh=fresh
@@ -207,6 +220,48 @@ class Operations:
             return QueueItemView.of(self.config, queued or chosen)
         return SubmitResult(job_id=job_id, requested_limit=limit, limit=int(chosen["granted_limit"]),
                             clamped_by=list(chosen["clamped_by"] or ()))  # fmt: skip
+
+    async def submit_dry_run(
+        self, query: str, *, limit: int, labels: Mapping[str, str], policy: str | None = None
+    ) -> DryRunView:
+        """What `submit` would do, without calling the API or writing anything: the results the
+        job would be granted (the same grant as a real submission: its policy, every reserving
+        budget), its predicted cost (a typical job of its budgets, at most the grant) and, for
+        each budget it matches, whether it fits the budget's forecast. The account floor is not
+        checked (that needs the API)."""
+        inputs.text("query", query, max_length=inputs.MAX_QUERY, required=True)
+        inputs.count("limit", limit, inputs.MIN_LIMIT, inputs.MAX_LIMIT)
+        checked = inputs.labels(labels)
+        name = self.config.choose_policy(checked, policy)
+        now = self.clock()
+        row = new_submission(
+            self.config, query, labels=checked, policy=name, limit=limit, priority=0, expires_after=None, now=now
+        )
+        results, max_credits = wanted(self.config, row)
+        outlooks = await Forecaster(self.store).outlooks(self.config, now)
+        budget_statuses = [o.status for o in outlooks]
+        refused = None
+        try:
+            granted = grant(self.config, checked, limit, budget_statuses, max_credits=max_credits)
+            credits = granted.credits
+            results, clamped_by = granted.results, list(granted.clamped_by)
+        except AdmissionRefused as exc:
+            refused, credits, clamped_by = str(exc), results * self.config.api.credits_per_result, []
+        matching = [o for o in outlooks if o.status.name in self.config.budgets_for(checked)]
+        costs = [expected_cost(credits, o.history) for o in matching]
+        predicted = min(costs) if costs else float(credits)
+        fits = [DryRunBudget.of(self.config, o, expected_cost(credits, o.history)) for o in matching]
+        blocked = forecast_block(
+            self.config, checked, credits, {o.status.name: (o.forecast, o.history) for o in matching}
+        )
+        if refused is None and blocked is not None:
+            refused = blocked[1]
+        return DryRunView(
+            query=query, policy=name, requested_limit=limit, limit=results, clamped_by=clamped_by,
+            credits=credits, predicted_credits=round(predicted, 1), fits=all(b.fits for b in fits) and refused is None,
+            refused=refused, budgets=fits,
+            money=money(self.config.billing, {"credits": credits, "predicted_credits": round(predicted, 1)}),
+        )  # fmt: skip
 
     async def _account_credits(self) -> int | None:
         """The account's credits, where a floor that blocks needs them (else None)."""
@@ -361,6 +416,11 @@ class Operations:
         or not: any job the API key can read."""
         validate_job_id(job_id)
         return await save_results(self.client, job_id, target)
+
+    async def budgets(self) -> BudgetsView:
+        """Every budget's period and forecast (`budgets`, `GET /v1/budgets`)."""
+        now = self.clock()
+        return BudgetsView(generated_at=now, budgets=await budget_views(self.store, self.config, now))
 
     async def jobs(self, state: str | None = None, labels: Mapping[str, str] | None = None) -> list[Job]:
         """The jobs in `state` (all if None) that carry every one of `labels`."""

@@ -26,11 +26,18 @@ from rich.table import Table
 from supervisor.adapters.store import Store
 from supervisor.app.views import BudgetView, QueueItemView, ReportView, iso
 from supervisor.config import Config
-from supervisor.core.budgets import period_start, statuses
+from supervisor.core.budgets import period_start
+from supervisor.core.forecast import money
 from supervisor.core.job import Job
 from supervisor.core.states import TERMINAL, Reason
+from supervisor.service.forecasting import Forecaster
 
 PERIODS = ("day", "week", "month")
+# The report's own credit figures, each with its money twin (the budgets carry their own).
+MONEY_FIGURES = (
+    "spend", "spend_by_policy", "spend_by_label", "saved_by_cancels", "observe_would_have_saved",
+    "leaked_after_decision",
+)  # fmt: skip
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -83,34 +90,29 @@ def _by(jobs: list[Job], key: str) -> Counter[str]:
     return totals
 
 
+async def budget_views(store: Store, config: Config, now: datetime) -> list[BudgetView]:
+    """Every budget's period and forecast, as `budgets`, `report` and the admin API show them."""
+    views = []
+    for outlook in await Forecaster(store).outlooks(config, now):
+        status = outlook.status
+        key = status.period_start.isoformat() if status.period_start else "total"
+        record = await store.budget_period(status.name, key)
+        views.append(BudgetView.of(config, outlook.forecast, status, record["warned"]))
+    return views
+
+
 async def report_view(store: Store, config: Config, period: str, now: datetime) -> ReportView:
     start = period_start(period, "UTC", now)
     jobs = await store.jobs_submitted_since(start)
-    budget_starts = {period_start(b.period, b.timezone, now) for b in config.budgets.values()}
-    budgets = []
-    for status in statuses(config, now, await store.usage(budget_starts, now)):
-        key = status.period_start.isoformat() if status.period_start else "total"
-        record = await store.budget_period(status.name, key)
-        budgets.append(
-            BudgetView(
-                name=status.name,
-                period=status.period,
-                period_start=status.period_start,
-                credits=status.credits,
-                spent=status.usage.spent,
-                reserved=status.usage.reserved,
-                remaining=status.remaining,
-                action=status.action,
-                exhausted=status.exhausted,
-                warnings_fired=record["warned"],
-            )
-        )
+    budgets = await budget_views(store, config, now)
+    figures = summarize(config, jobs)
     return ReportView(
         period=period,
         period_start=start,
         generated_at=now,
         budgets=budgets,
-        **summarize(config, jobs),
+        **figures,
+        money=money(config.billing, {key: figures[key] for key in MONEY_FIGURES}),
         warnings_by_limit=await store.event_counts("warning", start),
         orphaned_submissions=[QueueItemView.of(config, row) for row in await store.list_submissions(["orphaned"])],
     )
@@ -119,6 +121,24 @@ async def report_view(store: Store, config: Config, period: str, now: datetime) 
 async def build_report(store: Store, config: Config, period: str, now: datetime) -> dict[str, Any]:
     """The report as `report --json` prints it."""
     return (await report_view(store, config, period, now)).to_json()
+
+
+def budgets_table(budgets: list[BudgetView]) -> Table:
+    """The budgets for a person (`budgets`, `report`): spend, forecast and its money."""
+    table = Table(title="budgets")
+    columns = ("budget", "period", "credits", "spent", "reserved", "remaining", "forecast (low-high)",
+               "exhausts at", "money spent / forecast", "action", "state")  # fmt: skip
+    for column in columns:
+        table.add_column(column)
+    for b in budgets:
+        fired = "warned " + ",".join(b.warnings_fired) if b.warnings_fired else "ok"
+        state = "exhausted" if b.exhausted else fired
+        numbers = (b.credits, b.spent, b.reserved, b.remaining)
+        band = f"{b.forecast_credits:.0f} ({b.forecast_low:.0f}-{b.forecast_high:.0f})"
+        exhausts = f"{b.exhausts_at:%Y-%m-%d %H:%M:%S}" if b.exhausts_at else "-"
+        cash = f"{b.money['spent']:.2f} / {b.money['forecast_credits']:.2f} {b.money['currency']}"
+        table.add_row(b.name, b.period, *(str(n) for n in numbers), band, exhausts, cash, b.action, state)
+    return table
 
 
 def render(console: Console, report: ReportView) -> None:
@@ -131,14 +151,7 @@ def render(console: Console, report: ReportView) -> None:
     )
     if report.budgets:
         table = Table(title="budgets")
-        for column in ("budget", "period", "credits", "spent", "reserved", "remaining", "action", "state"):
-            table.add_column(column)
-        for b in report.budgets:
-            fired = "warned " + ",".join(b.warnings_fired) if b.warnings_fired else "ok"
-            state = "exhausted" if b.exhausted else fired
-            numbers = (b.credits, b.spent, b.reserved, b.remaining)
-            table.add_row(b.name, b.period, *(str(n) for n in numbers), b.action, state)
-        console.print(table)
+        console.print(budgets_table(report.budgets))
     breakdowns = (
         ("cancels by reason", report.cancels_by_reason),
         ("would cancel (observe)", report.would_cancel_by_reason),

@@ -8,13 +8,14 @@ absent values are null, every field is always present.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer, WithJsonSchema
 
 from supervisor.app.errors import SupervisorError
 from supervisor.config import Config, Policy
+from supervisor.core.forecast import BudgetForecast, forecast_job, money, running_job
 from supervisor.core.job import Job
 from supervisor.core.policy import job_policy
 from supervisor.core.states import TERMINAL, State
@@ -39,6 +40,11 @@ class View(BaseModel):
         return self.model_dump(mode="json")
 
 
+# The money twin of an object's credit figures (core.forecast.money): {"currency": "USD",
+# "<the credit figure's key>": amount, …}, amounts rounded to 4 places, null where it is null.
+Money = dict[str, Any]
+
+
 class LimitsView(View):
     """The limits in force for a job: its policy with its per-job overrides."""
 
@@ -49,9 +55,10 @@ class LimitsView(View):
     action: str
     on_blind: str  # "alert" | "cancel" (the policy's, or "cancel" from a budget covering the job)
     blind_grace_s: float | None
+    money: Money
 
     @classmethod
-    def of(cls, policy: Policy) -> LimitsView:
+    def of(cls, config: Config, policy: Policy) -> LimitsView:
         return cls(
             max_runtime_s=policy.max_runtime.total_seconds() if policy.max_runtime else None,
             max_queued_s=policy.max_queued.total_seconds() if policy.max_queued else None,
@@ -60,6 +67,7 @@ class LimitsView(View):
             action=policy.action,
             on_blind=policy.on_blind,
             blind_grace_s=policy.blind_grace.total_seconds() if policy.blind_grace else None,
+            money=money(config.billing, {"max_credits": policy.max_credits}),
         )
 
 
@@ -89,18 +97,33 @@ class _JobFields(View):
     # null: a flag on the job, whatever its state.
     blind: str | None
     blind_since: Timestamp | None
+    # Where a watching job is heading (core.forecast.forecast_job; null once it is not):
+    # its predicted final credits, never above what the supervisor lets it spend; when it
+    # reaches its credit limit (null: not predicted to); and what that was predicted from.
+    forecast_credits: int | None
+    reaches_limit_at: Timestamp | None
+    forecast_basis: str | None
+    money: Money  # credits_used and forecast_credits
 
 
 class JobView(_JobFields):
     """A job (`jobs list --json`, `GET /v1/jobs`)."""
 
     @classmethod
-    def of(cls, config: Config, job: Job) -> JobView:
-        return cls(**_job_fields(config, job))
+    def of(cls, config: Config, job: Job, now: datetime | None = None) -> JobView:
+        return cls(**_job_fields(config, job, now))
 
 
-def _job_fields(config: Config, job: Job) -> dict[str, Any]:
+def _job_fields(config: Config, job: Job, now: datetime | None = None) -> dict[str, Any]:
+    forecast = None
+    if job.state is State.WATCHING:
+        forecast = forecast_job(running_job(config, job), now or datetime.now(UTC))
+    forecast_credits = forecast.credits if forecast else None
     return {
+        "forecast_credits": forecast_credits,
+        "reaches_limit_at": forecast.reaches_limit_at if forecast else None,
+        "forecast_basis": forecast.basis if forecast else None,
+        "money": money(config.billing, {"credits_used": job.credits_used, "forecast_credits": forecast_credits}),
         "job_id": job.job_id,
         "state": job.state,
         "remote_status": job.remote_status,
@@ -114,7 +137,7 @@ def _job_fields(config: Config, job: Job) -> dict[str, Any]:
         "confirmed_at": job.confirmed_at,
         "source": job.source,
         "query": job.query,
-        "limits": LimitsView.of(job_policy(config, job)),
+        "limits": LimitsView.of(config, job_policy(config, job)),
         "remote_created_at": job.remote_created_at,
         "last_polled_at": job.last_polled_at,
         "next_check_at": job.next_check_at if job.state not in TERMINAL else None,
@@ -148,8 +171,10 @@ class JobDetailView(_JobFields):
     events: list[EventView]
 
     @classmethod
-    def of(cls, config: Config, job: Job, events: Sequence[Mapping[str, Any]]) -> JobDetailView:
-        return cls(**_job_fields(config, job), events=[EventView.of(event) for event in events])
+    def of(
+        cls, config: Config, job: Job, events: Sequence[Mapping[str, Any]], now: datetime | None = None
+    ) -> JobDetailView:
+        return cls(**_job_fields(config, job, now), events=[EventView.of(event) for event in events])
 
 
 class TrackResult(View):
@@ -165,6 +190,51 @@ class SubmitResult(View):
     requested_limit: int
     limit: int
     clamped_by: list[str]
+
+
+class DryRunBudget(View):
+    """One budget a dry-run submission matches: its forecast now, with the job's predicted
+    cost added, and whether that stays within `credits`."""
+
+    name: str
+    credits: int
+    forecast_credits: float
+    forecast_with_job: float
+    fits: bool
+    forecast_action: str
+    money: Money  # credits, forecast_credits, forecast_with_job
+
+    @classmethod
+    def of(cls, config: Config, outlook: Any, cost: float) -> DryRunBudget:
+        forecast = outlook.forecast
+        figures = {
+            "credits": outlook.status.credits,
+            "forecast_credits": round(forecast.without_queued, 1),
+            "forecast_with_job": round(forecast.without_queued + cost, 1),
+        }
+        return cls(
+            name=outlook.status.name, fits=figures["forecast_with_job"] <= outlook.status.credits,
+            forecast_action=config.budgets[outlook.status.name].forecast_action,
+            money=money(config.billing, figures), **figures,
+        )  # fmt: skip
+
+
+class DryRunView(View):
+    """`submit --dry-run`: what the job would be granted (`limit` results, `credits` at most),
+    its predicted cost, and whether it fits every budget's forecast; `refused`: why a real
+    submission would be refused now (null: it would be admitted). Nothing is called or written."""
+
+    query: str
+    policy: str
+    requested_limit: int
+    limit: int
+    clamped_by: list[str]
+    credits: int
+    predicted_credits: float
+    fits: bool
+    refused: str | None
+    budgets: list[DryRunBudget]
+    money: Money  # credits, predicted_credits
 
 
 class QueueItemView(View):
@@ -191,15 +261,18 @@ class QueueItemView(View):
     initiated_at: Timestamp | None
     job_id: str | None
     error: str | None
+    money: Money  # reserved_credits
 
     @classmethod
     def of(cls, config: Config, row: Mapping[str, Any]) -> QueueItemView:
         limit = row["granted_limit"]
         holds = row["state"] in ("initiating", "orphaned") and row["admission_id"] is not None
+        reserved = limit * config.api.credits_per_result if holds and limit is not None else None
         return cls(
+            money=money(config.billing, {"reserved_credits": reserved}),
             id=row["id"], state=row["state"], query=row["query"], labels=dict(row["labels"] or {}),
             policy=row["policy"], priority=row["priority"], requested_limit=row["requested_limit"], limit=limit,
-            reserved_credits=limit * config.api.credits_per_result if holds and limit is not None else None,
+            reserved_credits=reserved,
             reason=row["reason"], expected_start=row["expected_at"], created_at=row["created_at"],
             expires_at=row["expires_at"], initiated_at=row["initiating_at"], job_id=row["job_id"],
             error=row["error"],
@@ -277,9 +350,18 @@ class ReadinessView(View):
 
 
 class BudgetView(View):
+    """A budget's period now and its forecast (`budgets --json`, `GET /v1/budgets`, each of
+    `report --json`'s budgets). The forecast is of the credits the jobs submitted in this
+    period will have spent in all (core.forecast.forecast_budget): `forecast_credits` the
+    central figure, `forecast_low`/`forecast_high` its band, `exhausts_at` when `credits` is
+    predicted to be reached (null: not predicted to), `forecast_basis` what it was built from.
+    `spend_rate`: credits per second the running jobs spend now. `warnings_fired` has the
+    spend warnings ("0.8") and the forecast ones ("forecast@0.8", "forecast@0.8:cleared")."""
+
     name: str
     period: str
     period_start: Timestamp | None  # null for a "total" budget
+    period_end: Timestamp | None  # null for a "total" budget
     credits: int
     spent: int
     reserved: int
@@ -287,6 +369,39 @@ class BudgetView(View):
     action: str
     exhausted: bool
     warnings_fired: list[str]
+    spend_rate: float
+    forecast_credits: float
+    forecast_low: float
+    forecast_high: float
+    exhausts_at: Timestamp | None
+    forecast_basis: str
+    forecast_warn_at: list[float]
+    forecast_action: str
+    money: Money  # credits, spent, reserved, remaining, spend_rate and the forecast figures
+
+    @classmethod
+    def of(cls, config: Config, forecast: BudgetForecast, status: Any, warned: Sequence[str]) -> BudgetView:
+        budget = config.budgets[status.name]
+        figures = {
+            "credits": status.credits, "spent": status.usage.spent, "reserved": status.usage.reserved,
+            "remaining": status.remaining, "spend_rate": round(forecast.spend_rate, 4),
+            "forecast_credits": round(forecast.central, 1), "forecast_low": round(forecast.low, 1),
+            "forecast_high": round(forecast.high, 1),
+        }  # fmt: skip
+        return cls(
+            name=status.name, period=status.period, period_start=status.period_start,
+            period_end=forecast.period_end, action=status.action, exhausted=status.exhausted,
+            warnings_fired=list(warned), exhausts_at=forecast.exhausts_at, forecast_basis=forecast.basis,
+            forecast_warn_at=list(budget.forecast_warn_at), forecast_action=budget.forecast_action,
+            money=money(config.billing, figures), **figures,
+        )  # fmt: skip
+
+
+class BudgetsView(View):
+    """`budgets --json` (an object, as `GET /v1/budgets` answers)."""
+
+    generated_at: Timestamp
+    budgets: list[BudgetView]
 
 
 class ReportView(View):
@@ -309,6 +424,7 @@ class ReportView(View):
     warnings_by_limit: dict[str, int]
     # Initiates whose outcome is unknown: each may be a billed job nobody supervises.
     orphaned_submissions: list[QueueItemView]
+    money: Money  # the twins of spend, its breakdowns, saved, would-have-saved and leaked
 
 
 class ConfigCheckView(View):

@@ -33,6 +33,7 @@ from supervisor.config.values import (
     fractions,
     is_loopback,
     labels_match,
+    positive_fractions,
     split_address,
     timezone_name,
     without_userinfo,
@@ -191,10 +192,30 @@ class BudgetConfig(_Section):
     # blind_grace, whatever its policy's own on_blind says (a budget cannot hold a spend it
     # cannot read).
     on_blind: OnBlind = "alert"
+    # Fractions of `credits` (above 1 allowed: "on track to overspend by this much") the central
+    # forecast fires `budget_forecast` at, once per period each; and what a submission the
+    # forecast says would overspend gets: a warning only, or refused (queued with --queue).
+    forecast_warn_at: list[float] = Field(default_factory=list)
+    forecast_action: Literal["warn", "block"] = "warn"
 
     _labels = field_validator("match")(classmethod(lambda cls, v: checked_match(v)))
+    _forecast_warn = field_validator("forecast_warn_at")(classmethod(lambda cls, v: positive_fractions(v)))
     _warn = field_validator("warn_at")(classmethod(lambda cls, v: fractions(v)))
     _zone = field_validator("timezone")(classmethod(lambda cls, v: timezone_name(v)))
+
+
+class BillingConfig(_Section):
+    """What a credit costs (Clado's pricing page: $0.01), for the money twin of credit figures."""
+
+    credit_price: Annotated[float, Field(gt=0, le=1_000_000)] = 0.01
+    currency: str = "USD"
+
+    @field_validator("currency")
+    @classmethod
+    def _code(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Z]{3}", value):
+            raise ValueError(f'currency must be a three-letter ISO 4217 code such as "USD", got {value!r}')
+        return value
 
 
 class AccountConfig(_Section):
@@ -210,6 +231,7 @@ WEBHOOK_EVENTS = (
     "budget_exhausted", "account_floor", "api_key_rejected",
     "lost", "reopened", "cancel_refused", "cancel_ignored", "api_misconfigured",
     "queued", "orphaned", "expired", "job_blind", "job_blind_cleared", "api_drift",
+    "budget_forecast", "budget_forecast_cleared",
 )  # fmt: skip
 
 
@@ -286,6 +308,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    billing: BillingConfig = BillingConfig()
     # Filled by load_config: where the settings came from and a short hash of the file,
     # recorded on every decision so an event can be traced to the rules that made it.
     _source: str = PrivateAttr(default="<defaults>")

@@ -115,6 +115,15 @@ def fractions(value: list[float] | None) -> list[float] | None:
     return sorted(set(value))
 
 
+def positive_fractions(value: list[float]) -> list[float]:
+    """`forecast_warn_at`: fractions of a budget above 0 (above 1: on track to overspend by
+    that much), sorted, each once."""
+    for fraction in value:
+        if not 0 < fraction < float("inf"):
+            raise ValueError(f"forecast_warn_at values must be above 0, got {fraction}")
+    return sorted(set(value))
+
+
 def checked_match(value: dict[str, str] | None) -> dict[str, str] | None:
     """A budget's `match`: left out (every job) or at least one valid label."""
     if value is not None and not value:

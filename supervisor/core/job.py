@@ -94,14 +94,19 @@ class Job:
         The docs show created_at in whole epoch seconds: such a value can be up to a second
         before the true start, so the latest start it allows is taken (never later than when
         the supervisor learned of the job), and a time limit is never enforced early."""
-        if self.reopened_at is not None:
-            return self.reopened_at
-        created = self.remote_created_at
-        if created is None:
-            return self.submitted_at
-        if created.microsecond == 0:
-            return min(created + _WHOLE_SECOND, max(created, self.submitted_at))
-        return created
+        return start_of(self.reopened_at, self.remote_created_at, self.submitted_at)
+
+
+def start_of(reopened_at: datetime | None, remote_created_at: datetime | None, submitted_at: datetime) -> datetime:
+    """Job.started_at from its three facts (also for reads that take only a few columns)."""
+    if reopened_at is not None:
+        return reopened_at
+    created = remote_created_at
+    if created is None:
+        return submitted_at
+    if created.microsecond == 0:
+        return min(created + _WHOLE_SECOND, max(created, submitted_at))
+    return created
 
 
 def _typed(values: Mapping[str, Any]) -> dict[str, Any]:

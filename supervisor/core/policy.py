@@ -6,11 +6,12 @@ No I/O, no clock: `now` is an argument, so every rule is tested by a table.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from supervisor.config import Config, Policy
-from supervisor.core.job import Job
 from supervisor.core.states import Reason
 
 # Never poll one job more often than this, however close it is to its credit limit.
@@ -32,7 +33,21 @@ STEP_CREDITS = 10
 BLIND_GRACE_POLLS = 2
 
 
-def job_policy(config: Config, job: Job) -> Policy:
+class Overridden(Protocol):
+    """What a job's policy is resolved from: its policy's name, its labels (a budget covering
+    them may say on_blind = "cancel") and its per-job overrides."""
+
+    @property
+    def policy(self) -> str: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def max_runtime_s(self) -> float | None: ...
+    @property
+    def max_credits(self) -> int | None: ...
+
+
+def job_policy(config: Config, job: Overridden) -> Policy:
     """The job's policy from the current config, with its per-job overrides; its blind_grace
     resolved, and on_blind = "cancel" when a budget that covers the job says so."""
     policy = config.resolve_policy(job.policy)
@@ -218,7 +233,7 @@ def next_check_at(
             # Only a check sooner than the regular poll can be the next one; and a huge limit
             # at a slow rate would be past the last date a datetime can hold.
             for f in fractions[Reason.MAX_CREDITS]:
-                seconds = (policy.max_credits * f - obs.credits) / obs.credits_per_s - lead * (f == 1.0)
+                seconds = credits_crossing(obs.credits, obs.credits_per_s, policy.max_credits * f) - lead * (f == 1.0)
                 if seconds < regular:
                     candidates.append(now + timedelta(seconds=seconds))
             # A rate measured over a few results is rough (one result more or less in a
@@ -237,6 +252,13 @@ def next_check_at(
     # make the job be polled in a tight loop.
     upcoming = [at for at in candidates if at > now]
     return max(min(upcoming), now + min_gap)
+
+
+def credits_crossing(credits: float, rate: float, target: float) -> float:
+    """Seconds from a poll that saw `credits`, at `rate` credits/s, until `target` is reached:
+    when polls are timed for a credit limit (next_check_at) and when a job's forecast says it
+    reaches it (core.forecast)."""
+    return (target - credits) / rate
 
 
 def observed_rate(

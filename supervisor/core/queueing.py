@@ -27,6 +27,10 @@ from supervisor.core.budgets import (
     period_start,
     statuses,
 )
+from supervisor.core.forecast import BudgetForecast, History, expected_cost, forecast_refusal
+
+# Each budget's forecast and the history it was learned from, where admission reads them.
+Forecasts = Mapping[str, tuple[BudgetForecast, History]]
 
 QUEUED, INITIATING, STARTED, ORPHANED = "queued", "initiating", "started", "orphaned"
 EXPIRED, CANCELLED, FAILED = "expired", "cancelled", "failed"
@@ -134,6 +138,25 @@ def _wait_for_budgets(
     return None
 
 
+def forecast_block(
+    config: Config, labels: Mapping[str, str], credits: int, forecasts: Forecasts | None
+) -> tuple[str, str] | None:
+    """(budget, why) for the first matching budget with forecast_action = "block" whose
+    forecast this submission (granted `credits`, expected to cost a typical job of the budget)
+    would push past its credits this period; None if every forecast has room."""
+    if not forecasts:
+        return None
+    for name in config.budgets_for(dict(labels)):
+        budget = config.budgets[name]
+        if budget.forecast_action != "block" or name not in forecasts:
+            continue
+        forecast, history = forecasts[name]
+        refusal = forecast_refusal(name, forecast, budget.credits, expected_cost(credits, history))
+        if refusal:
+            return name, refusal
+    return None
+
+
 def _floor_refusal(config: Config, account_credits: int | None, need: int) -> str | None:
     account = config.account
     if account is None or account.action == "observe" or account_credits is None:
@@ -170,6 +193,7 @@ def plan(
     held_until: datetime | None = None,
     only: str | None = None,
     queue: bool = True,
+    forecasts: Forecasts | None = None,
 ) -> SubmissionPlan:
     """Which submission to initiate now, and why the others wait.
 
@@ -179,7 +203,9 @@ def plan(
     the limit is clamped to what the budgets have left (core.budgets.grant), and whatever
     does not fit raises AdmissionRefused. With `queue`, a submission is never clamped by a
     budget: it waits until its whole reservation fits, the account floor allows it, and the
-    initiate rate has a slot; one that never could fit is refused at once (AdmissionRefused)."""
+    initiate rate has a slot; one that never could fit is refused at once (AdmissionRefused).
+    A budget with forecast_action = "block" also holds back (refuses, or queues until its next
+    period) a submission its `forecasts` say would take it past its credits."""
     budget_statuses = statuses(config, now, usage)
     if not queue:
         row = next(row for row in candidates if row["id"] == only)
@@ -188,6 +214,9 @@ def plan(
         refusal = _floor_refusal(config, account_credits, granted.credits)
         if refusal:
             raise AdmissionRefused(refusal)
+        blocked_by = forecast_block(config, row["labels"], granted.credits, forecasts)
+        if blocked_by:
+            raise AdmissionRefused(blocked_by[1])
         return SubmissionPlan(
             row["id"], granted.results, granted.credits if granted.reserving else None, granted.clamped_by
         )
@@ -213,6 +242,9 @@ def plan(
         need = results * config.api.credits_per_result
         if wait is None and _floor_refusal(config, account_credits, need):
             wait = Waiting("account_floor", None)
+        if wait is None and (blocked_by := forecast_block(config, row["labels"], need, forecasts)):
+            budget = config.budgets[blocked_by[0]]
+            wait = Waiting(f"forecast:{blocked_by[0]}", next_period_start(budget.period, budget.timezone, now))
         if wait is None and only is not None and row["id"] != only:
             # An earlier submission that fits now is the drain's to start, first.
             blocked.update(dict.fromkeys(names, Waiting("behind_earlier", now)))

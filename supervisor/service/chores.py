@@ -48,10 +48,12 @@ from supervisor.core.budgets import (
     statuses,
     thresholds_crossed,
 )
+from supervisor.core.forecast import cleared_key, forecast_key, forecast_warnings, money
 from supervisor.core.job import Job
 from supervisor.core.states import Reason
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
+from supervisor.service.forecasting import Forecaster, Outlook
 
 log = structlog.get_logger("supervisor.enforcement")
 
@@ -69,6 +71,10 @@ _POLL_AFTER = timedelta(milliseconds=30)
 _SETTLE = timedelta(milliseconds=100)
 # One sweep looks again for at most this long, well within its one-second interval.
 _SWEEP_SPAN = timedelta(milliseconds=800)
+# Budgets are forecast this often, in a chore of their own (each forecast reads every running
+# job and costs CPU in proportion: bench/forecast.py measures it); a forecast warning is at
+# most this late.
+FORECAST_EVERY = timedelta(seconds=5)
 
 
 class Enforcer:
@@ -89,6 +95,8 @@ class Enforcer:
         # The jobs whose polls, brought forward to a crossing, the sweep waits for (see recorded).
         self._awaited: set[str] = set()
         self._all_recorded = asyncio.Event()
+        self.forecaster = Forecaster(store)
+        self._period_lock = asyncio.Lock()
 
     def recorded(self, change: Change) -> None:
         """A job's change was committed (the effects step tells of every one): once the polls
@@ -114,6 +122,69 @@ class Enforcer:
             await self._until_recorded(polls_at + _SETTLE)
             result, polls_at = await self._sweep(config)
         return result
+
+    # -- forecasts ------------------------------------------------------------------------------
+
+    async def forecast_budgets(self, config: Config) -> list[Outlook]:
+        """Every budget's forecast: its metrics, and its forecast warnings (budget_forecast once
+        per period per threshold when the central forecast reaches it, budget_forecast_cleared
+        once after it when it falls back under). Fired warnings are remembered with the spend
+        warnings of the period (budget_periods.warned), so a reload or a restart keeps them.
+        A chore of its own (every FORECAST_EVERY), so that its reads never delay a sweep."""
+        if not config.budgets:
+            return []
+        now = self.clock()
+        outlooks = await self.forecaster.outlooks(config, now)
+        for outlook in outlooks:
+            forecast, status = outlook.forecast, outlook.status
+            exhausts_in = None
+            if forecast.exhausts_at is not None:
+                exhausts_in = max(0.0, (forecast.exhausts_at - now).total_seconds())
+            metrics.budget_forecast(status.name, forecast.central, exhausts_in)
+            await self._forecast_events(config, outlook, now)
+        return outlooks
+
+    async def _forecast_events(self, config: Config, outlook: Outlook, now: datetime) -> None:
+        if not config.budgets[outlook.status.name].forecast_warn_at:
+            return
+        async with self._period_lock:
+            await self._forecast_warnings(config, outlook, now)
+
+    async def _forecast_warnings(self, config: Config, outlook: Outlook, now: datetime) -> None:
+        status, forecast = outlook.status, outlook.forecast
+        budget = config.budgets[status.name]
+        key, record = await self._period_record(status)
+        crossed, cleared = forecast_warnings(
+            forecast.central, status.credits, budget.forecast_warn_at, record["warned"]
+        )
+        if not crossed and not cleared:
+            return
+        record["warned"] = [*record["warned"], *map(forecast_key, crossed), *map(cleared_key, cleared)]
+        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now)
+        figures = {
+            "spent": status.usage.spent, "credits": status.credits, "forecast_credits": round(forecast.central, 1),
+            "forecast_low": round(forecast.low, 1), "forecast_high": round(forecast.high, 1),
+        }  # fmt: skip
+        facts = {
+            **figures, "exhausts_at": forecast.exhausts_at.isoformat() if forecast.exhausts_at else None,
+            "forecast_basis": forecast.basis, "money": money(config.billing, figures),
+        }  # fmt: skip
+        for fraction in crossed:
+            log.warning("budget forecast warning", budget=status.name, fraction=fraction, **figures)
+            self.webhooks.emit("budget_forecast", budget=status.name, fraction=fraction, **facts)
+        for fraction in cleared:
+            log.info("budget forecast back under its warning", budget=status.name, fraction=fraction, **figures)
+            self.webhooks.emit("budget_forecast_cleared", budget=status.name, fraction=fraction, **facts)
+
+    async def _period_record(self, status: BudgetStatus) -> tuple[str, dict[str, Any]]:
+        """The budget period's row (its fired warnings), cached: this process writes it."""
+        key = status.period_start.isoformat() if status.period_start else "total"
+        record = self._periods.get((status.name, key))
+        if record is None:
+            record = await self.store.budget_period(status.name, key)
+            self._periods = {k: v for k, v in self._periods.items() if k[0] != status.name}
+            self._periods[(status.name, key)] = record
+        return key, record
 
     async def _until_recorded(self, deadline: datetime) -> None:
         """Until the polls the last sweep waits for are recorded, or the deadline."""
@@ -195,13 +266,13 @@ class Enforcer:
         return after
 
     async def _budget_events(self, config: Config, status: BudgetStatus, now: datetime) -> None:
+        # One writer of a period's fired warnings at a time: the sweep and the forecast chore.
+        async with self._period_lock:
+            await self._spend_warnings(config, status, now)
+
+    async def _spend_warnings(self, config: Config, status: BudgetStatus, now: datetime) -> None:
         budget = config.budgets[status.name]
-        key = status.period_start.isoformat() if status.period_start else "total"
-        record = self._periods.get((status.name, key))
-        if record is None:
-            record = await self.store.budget_period(status.name, key)
-            self._periods = {k: v for k, v in self._periods.items() if k[0] != status.name}
-            self._periods[(status.name, key)] = record
+        key, record = await self._period_record(status)
         crossed = thresholds_crossed(status, budget.warn_at, record["warned"])
         newly_exhausted = status.exhausted and record["exhausted_at"] is None
         if not crossed and not newly_exhausted:
@@ -211,12 +282,13 @@ class Enforcer:
             record["exhausted_at"] = now
         await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now)
         figures = {"spent": status.usage.spent, "reserved": status.usage.reserved, "credits": status.credits}
+        cash = money(config.billing, figures)
         for fraction in crossed:
             log.warning("budget warning", budget=status.name, fraction=float(fraction), **figures)
-            self.webhooks.emit("budget_warning", budget=status.name, fraction=float(fraction), **figures)
+            self.webhooks.emit("budget_warning", budget=status.name, fraction=float(fraction), **figures, money=cash)
         if newly_exhausted:
             log.error("budget exhausted", budget=status.name, action=budget.action, **figures)
-            self.webhooks.emit("budget_exhausted", budget=status.name, action=budget.action, **figures)
+            self.webhooks.emit("budget_exhausted", budget=status.name, action=budget.action, **figures, money=cash)
 
     async def _stop_matching(self, config: Config, status: BudgetStatus, candidates: list[Job], now: datetime) -> None:
         budget = config.budgets[status.name]

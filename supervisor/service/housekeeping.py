@@ -67,7 +67,13 @@ class Housekeeping:
         self.summary = "supervising"
         self._backoffs = {
             name: Backoff(f"chore {name}", first=first, cap=CHORE_BACKOFF_CAP)
-            for name, first in (("sweep_budgets", 1.0), ("check_account", 1.0), ("retention", 1.0), ("summary", 5.0))
+            for name, first in (
+                ("sweep_budgets", 1.0),
+                ("forecast_budgets", 1.0),
+                ("check_account", 1.0),
+                ("retention", 1.0),
+                ("summary", 5.0),
+            )
         }
         self._summary_due = 0.0
         self._warned_total_budget = False
@@ -78,6 +84,10 @@ class Housekeeping:
     async def sweep_budgets(self) -> None:
         """Budgets: every tick or second (usage moves with every poll)."""
         await self._chore("sweep_budgets", lambda: self._enforcer.sweep_budgets(self._config()))
+
+    async def forecast_budgets(self) -> None:
+        """Budget forecasts: their metrics and forecast warnings, every FORECAST_EVERY."""
+        await self._chore("forecast_budgets", lambda: self._enforcer.forecast_budgets(self._config()))
 
     async def check_account(self) -> None:
         """The account floor, every [account] check_interval."""

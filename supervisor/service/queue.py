@@ -38,8 +38,19 @@ from supervisor.adapters.clado import ApiUnavailable, CladoClient, CladoError, O
 from supervisor.adapters.store import NewJob, Store, db_error_text
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
-from supervisor.core.queueing import EXPIRED, FAILED, ORPHANED, QUEUED, RATE_WINDOW, SubmissionPlan, period_starts, plan
+from supervisor.core.queueing import (
+    EXPIRED,
+    FAILED,
+    ORPHANED,
+    QUEUED,
+    RATE_WINDOW,
+    Forecasts,
+    SubmissionPlan,
+    period_starts,
+    plan,
+)
 from supervisor.core.queueing import STATES as STATES  # re-exported: app/http.py imports them from here
+from supervisor.service.forecasting import Forecaster, admission_forecasts
 from supervisor.service.guards import Backoff
 
 log = structlog.get_logger("supervisor.queue")
@@ -171,6 +182,7 @@ class Scheduler:
         self._clock = clock
         self._stopping = stopping
         self.initiator = Initiator(config, store, client, clock)
+        self._forecaster = Forecaster(store)
         self._held_until: datetime | None = None  # a 429's retry_after, as the drain saw it
         self._drain_backoff = Backoff("queue drain", first=1.0, cap=30.0)
         self._sweep_backoff = Backoff("queue sweep", first=1.0, cap=30.0)
@@ -199,9 +211,12 @@ class Scheduler:
             if self._stopping.is_set():
                 return
             now = self._clock()
+            # Read again after each start: the job just started counts in the next forecast.
+            forecasts = await admission_forecasts(self._forecaster, config, now)
             decide = functools.partial(
-                _decide, config, now=now, account_credits=account_credits, held_until=self._hold(now)
-            )
+                _decide, config, now=now, account_credits=account_credits, held_until=self._hold(now),
+                forecasts=forecasts,
+            )  # fmt: skip
             chosen = await self._store.take_submission(
                 now, period_starts(config, now), now - RATE_WINDOW, decide, ttl=INITIATE_HOLD
             )
@@ -278,5 +293,9 @@ def _decide(
     now: datetime,
     account_credits: int | None,
     held_until: datetime | None,
+    forecasts: Forecasts | None,
 ) -> SubmissionPlan:
-    return plan(config, candidates, usage, initiates, now, account_credits=account_credits, held_until=held_until)
+    return plan(
+        config, candidates, usage, initiates, now, account_credits=account_credits, held_until=held_until,
+        forecasts=forecasts,
+    )  # fmt: skip

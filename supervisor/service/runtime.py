@@ -48,7 +48,7 @@ from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.adapters.writer import BatchWriter
 from supervisor.config import Config
-from supervisor.service.chores import Enforcer
+from supervisor.service.chores import FORECAST_EVERY, Enforcer
 from supervisor.service.dispatcher import Dispatcher
 from supervisor.service.effects import Effects
 from supervisor.service.elector import LEADER_RENEWALS, Elector
@@ -279,6 +279,7 @@ class Daemon:
         # (usage moves with every poll), the account floor at its own interval, retention
         # every few minutes.
         every(self.housekeeping.sweep_budgets, max(1.0, tick), "budgets")
+        every(self.housekeeping.forecast_budgets, FORECAST_EVERY.total_seconds(), "forecasts", next_run_time=now)
         if config.account is not None:
             self._schedule_account(config)
         every(self.housekeeping.retention, RETENTION_EVERY, "retention")

@@ -88,6 +88,7 @@ def test_the_openapi_document_is_valid(daemon: RunningDaemon) -> None:
             "POST /v1/jobs/{job_id}/continue",
             "POST /v1/submit",
             "GET /v1/queue",
+            "GET /v1/budgets",
             "GET /v1/queue/{id}",
             "POST /v1/queue/{id}/cancel",
         ]
@@ -171,6 +172,7 @@ def test_schemathesis_finds_no_server_error(daemon: RunningDaemon, tmp_path: Pat
         "POST /v1/jobs/{job_id}/continue",
         "POST /v1/submit",
         "GET /v1/queue",
+        "GET /v1/budgets",
         "GET /v1/queue/{id}",
         "POST /v1/queue/{id}/cancel",
     }, output

@@ -51,6 +51,7 @@ match = { team = "growth" }
 period = "day"
 credits = 400
 warn_at = [0.5, 0.9]
+forecast_warn_at = [1.0]
 
 [budgets.research-daily]
 match = { team = "research" }

@@ -186,3 +186,53 @@ def test_a_queued_submission_cancelled_from_the_queue_page(browser: Any, live: L
     assert live.call(ops.queue_item(waiting.id)).state == "cancelled"
     assert len(fake_server.fake.requests("initiate")) == 5  # it never started
     assert csp_violations(browser) == []
+
+
+def test_the_burn_chart_shows_spend_the_forecast_to_the_period_end_and_the_limit(
+    browser: Any, live: LiveConsole, fake_server: Any
+) -> None:
+    """Two growth jobs on track for 400 of the budget's 400: the budget's page draws what was
+    spent, the forecast line and band to the period's end, its credits and its thresholds;
+    the overview draws the same chart small; a job's page draws its own forecast line."""
+    jobs = [fake_server.fake.create_job(limit=200, rate=5) for _ in range(2)]
+    for job_id in jobs:
+        track(live, job_id, team="growth")
+    log_in(browser, live, "/budgets/growth-daily")
+
+    def rated(_: Any) -> bool:
+        found = [live.call(live.daemon.store.get_job(job_id)) for job_id in jobs]
+        return all(job is not None and job.credits_per_s for job in found)
+
+    wait(browser).until(rated)
+    browser.refresh()
+    chart = wait(browser).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#burn-chart svg.burn"))
+    )
+    for part in ("polyline.credits", ".forecast line", "polygon.band", ".limit line", ".warn-at line", "line.now"):
+        assert chart.find_elements(By.CSS_SELECTOR, part), part
+    labels = [t.text for t in chart.find_elements(By.CSS_SELECTOR, ".warn-at text")]
+    assert labels == ["warn 0.5", "warn 0.9", "forecast warn 1"]  # at 200, 360 and 400 credits
+    assert "credits 400" in chart.find_element(By.CSS_SELECTOR, ".limit text").text
+    forecast = int(chart.find_element(By.CSS_SELECTOR, ".forecast text").text.removeprefix("forecast "))
+    assert forecast >= 300  # each job is going to its limit of 200
+    # The forecast line runs from the spend so far to the period's end: the chart's right edge.
+    line = chart.find_element(By.CSS_SELECTOR, ".forecast line")
+    right_edge = max(float(t.get_attribute("x")) for t in chart.find_elements(By.CSS_SELECTOR, "text.axis"))
+    assert float(line.get_attribute("x2")) == right_edge
+    assert float(line.get_attribute("x1")) < float(line.get_attribute("x2"))
+    figures = text(browser, "budget-figures")
+    assert "USD" in figures and "forecast" in figures
+    assert text(browser, "exhausts-at") != ""
+
+    browser.get(live.url + "/")
+    small = wait(browser).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#burn-growth-daily svg.burn"))
+    )
+    assert small.find_elements(By.CSS_SELECTOR, ".forecast line")
+    assert "USD" in text(browser, "spend-money")
+
+    browser.get(f"{live.url}/jobs/{jobs[0]}")
+    job_chart = wait(browser).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "svg.chart")))
+    assert job_chart.find_elements(By.CSS_SELECTOR, ".forecast line")
+    assert "USD" in text(browser, "job-forecast")
+    assert csp_violations(browser) == []

@@ -598,6 +598,8 @@ async def test_webhooks_are_signed_and_each_event_is_delivered_once(
     assert (warning["reason"], warning["policy"]) == ("max_credits", "default")
     cancel = receiver.at("/hook")[1]["json"]
     assert (cancel["reason"], cancel["state"]) == ("max_credits", "cancelling")
+    # Its credits and their money twin, at the default price.
+    assert cancel["money"] == {"currency": "USD", "credits": round(cancel["credits"] * 0.01, 4)}
 
     (slack,) = receiver.at("/slack")
     assert list(slack["json"]) == ["text"]

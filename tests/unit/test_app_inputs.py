@@ -19,6 +19,7 @@ JOB_FIELDS = [
     "submitted_at", "cancel_requested_at", "confirmed_at", "source", "query", "limits", "remote_created_at",
     "last_polled_at", "next_check_at", "cancel_detail", "would_cancel_reason", "would_cancel_at", "last_error",
     "blind", "blind_since",
+    "forecast_credits", "reaches_limit_at", "forecast_basis", "money",
 ]  # fmt: skip
 
 
@@ -93,6 +94,10 @@ def test_a_job_view_has_every_public_field_in_its_public_form() -> None:
     assert shown["submitted_at"] == "2026-01-01T12:30:00Z"
     assert shown["next_check_at"] == "2026-01-01T12:30:00Z"
     assert shown["limits"]["max_credits"] == 7
+    assert shown["limits"]["money"] == {"currency": "USD", "max_credits": 0.07}
+    # Watching, no rate yet: its forecast is its cap, and says so; in money too.
+    assert (shown["forecast_credits"], shown["forecast_basis"]) == (7, "limits (no rate yet)")
+    assert shown["money"] == {"currency": "USD", "credits_used": 0.03, "forecast_credits": 0.07}
     assert shown["cancel_requested_at"] is None
     # A terminal job has no next check.
     assert JobView.of(config, job(state="cancelled")).to_json()["next_check_at"] is None

@@ -107,6 +107,22 @@ class JobReads(Database):
             query = query.where(jobs.c.submitted_at >= start)
         return await self._jobs(query)
 
+    async def watching_columns(self, start: datetime | None, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+        """`watching_since`, only these columns (a forecast reads every running job often)."""
+        query = select(*(jobs.c[name] for name in columns)).where(jobs.c.state == State.WATCHING.value)
+        if start is not None:
+            query = query.where(jobs.c.submitted_at >= start)
+        return await self._rows(query)
+
+    async def past_jobs(self, since: datetime, until: datetime) -> list[dict[str, Any]]:
+        """What a forecast learns from each job submitted in [since, until): its labels, when
+        it was submitted, started and last progressed, and its credits (few columns: it is
+        every job of a budget's recent periods)."""
+        columns = (jobs.c.labels, jobs.c.submitted_at, jobs.c.remote_created_at, jobs.c.last_progress_at,
+                   jobs.c.credits_used)  # fmt: skip
+        query = select(*columns).where(jobs.c.submitted_at >= since, jobs.c.submitted_at < until)
+        return await self._rows(query)
+
     async def event_counts(self, kind: str, since: datetime | None) -> dict[str, int]:
         query = select(job_events.c.reason, func.count()).where(job_events.c.kind == kind).group_by(job_events.c.reason)
         if since is not None:

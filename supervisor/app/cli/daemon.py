@@ -1,4 +1,4 @@
-"""Running and watching: `run`, `top`, `report`, `healthcheck`, and the simulator's `fake-api`
+"""Running and watching: `run`, `top`, `report`, `budgets`, `healthcheck`, and the simulator's `fake-api`
 and `demo`."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from supervisor.core.states import State
 
 if TYPE_CHECKING:
     from supervisor.app.operations import Operations
-    from supervisor.app.views import ReportView, TopView
+    from supervisor.app.views import BudgetsView, ReportView, TopView
 
 
 @click.command()
@@ -69,6 +69,27 @@ def report(config: Config, period: str, as_json: bool) -> None:
         print_pairs(figures)
         return
     render(console(), data)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@with_config
+def budgets(config: Config, as_json: bool) -> None:
+    """Every budget's period: spent, reserved, the forecast to the period's end (central figure,
+    low-high band, when it runs out) and the same in money (piped: key<TAB>value)."""
+    from supervisor.app.report import budgets_table
+
+    data: BudgetsView = call_app(config, lambda ops: ops.budgets())
+    if as_json:
+        print_json(data)
+        return
+    if piped():
+        print_pairs({budget.name: budget.to_json() for budget in data.budgets})
+        return
+    if not data.budgets:
+        console().print("no budgets are configured")
+        return
+    console().print(budgets_table(data.budgets))
 
 
 @click.command()

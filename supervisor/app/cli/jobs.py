@@ -32,7 +32,7 @@ from supervisor.core.states import State
 
 if TYPE_CHECKING:
     from supervisor.app.operations import Operations
-    from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
+    from supervisor.app.views import ContinueResult, DryRunView, QueueItemView, SubmitResult, TrackResult
     from supervisor.core.job import Job
 
 
@@ -112,6 +112,12 @@ def track(
     is_flag=True,
     help="JSON, for scripts: {job_id, requested_limit, limit, clamped_by}, or the queue item when it waits.",
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what the job would be granted, its predicted cost and whether it fits every budget's "
+    "forecast; call nothing, write nothing (exit 0 if it would be admitted, 1 if not).",
+)
 @with_config
 def submit(
     config: Config,
@@ -123,11 +129,15 @@ def submit(
     priority: int,
     expires_after: str | None,
     as_json: bool,
+    dry_run: bool,
 ) -> None:
     """Start a deep research job and supervise it; prints its job id (or, queued, its queue id)."""
     checked("QUERY", inputs.text, "query", query, max_length=inputs.MAX_QUERY, required=True)
     parsed = checked("--label", inputs.label_args, labels)
     checked("--expires-after", inputs.duration, "expires_after", expires_after)
+    if dry_run:
+        _dry_run(config, query, limit, parsed, policy, as_json)
+        return
 
     result: SubmitResult | QueueItemView = call_app(
         config,
@@ -148,6 +158,32 @@ def submit(
         return
     say_clamped(f"{result.limit} results", result.requested_limit, result.clamped_by)
     click.echo(result.job_id)
+
+
+def _dry_run(config: Config, query: str, limit: int, labels: dict[str, str], policy: str | None, as_json: bool) -> None:
+    view: DryRunView = call_app(
+        config, lambda ops: ops.submit_dry_run(query, limit=limit, labels=labels, policy=policy)
+    )
+    if as_json:
+        print_json(view)
+    else:
+        cash = view.money
+        click.echo(
+            f"would be granted {view.limit} results (at most {view.credits} credits, {cash['credits']} "
+            f"{cash['currency']}); predicted cost {view.predicted_credits:g} credits "
+            f"({cash['predicted_credits']} {cash['currency']})"
+        )
+        say_clamped(f"{view.limit} results", view.requested_limit, view.clamped_by)
+        for budget in view.budgets:
+            verdict = "fits" if budget.fits else "does NOT fit"
+            click.echo(
+                f"budget {budget.name}: forecast {budget.forecast_credits:g} + this job = "
+                f"{budget.forecast_with_job:g} of {budget.credits}: {verdict} "
+                f"(forecast_action {budget.forecast_action})"
+            )
+        click.echo(f"refused: {view.refused}" if view.refused else "it would be admitted")
+    if view.refused:
+        sys.exit(1)
 
 
 @click.command()

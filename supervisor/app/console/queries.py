@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from supervisor.app import inputs
+from supervisor.app.console import charts
 from supervisor.app.errors import BadInput
 from supervisor.app.operations import Operations
 from supervisor.app.report import PERIODS, report_view
-from supervisor.app.views import JobView, QueueItemView, ReportView
-from supervisor.config import Config
+from supervisor.app.views import BudgetView, JobView, QueueItemView, ReportView
+from supervisor.config import Config, labels_match
 from supervisor.core.states import State
 
 PAGE_SIZE = 50
@@ -103,6 +104,37 @@ async def overview(ops: Operations, account_credits: int | None, now: datetime) 
         account_credits=account_credits,
         account_floor=config.account.min_credits if config.account else None,
     )
+
+
+async def burns(ops: Operations, budgets: list[BudgetView], now: datetime) -> dict[str, charts.Burn]:
+    """Each budget's burn chart: its period's spend so far, rebuilt from its jobs (one read of
+    the jobs submitted since the earliest period start), and its forecast."""
+    if not budgets:
+        return {}
+    config = ops.config
+    starts = [b.period_start for b in budgets]
+    jobs = await ops.store.jobs_submitted_since(None if None in starts else min(s for s in starts if s is not None))
+    result = {}
+    for view in budgets:
+        budget = config.budgets.get(view.name)
+        if budget is None:
+            continue
+        mine = [
+            charts.Spend(job.started_at, job.last_progress_at, job.credits_used)
+            for job in jobs
+            if labels_match(budget.match, job.labels)
+            and (view.period_start is None or job.submitted_at >= view.period_start)
+        ]
+        start = view.period_start or min((j.start for j in mine), default=now - timedelta(hours=1))
+        end = view.period_end or now + (now - start) / 4
+        thresholds = [(f"warn {f:g}", f * view.credits) for f in budget.warn_at]
+        thresholds += [(f"forecast warn {f:g}", f * view.credits) for f in budget.forecast_warn_at]
+        result[view.name] = charts.Burn(
+            name=view.name, start=start, end=end, now=now, spent=tuple(charts.spent_curve(mine, start, now)),
+            credits=view.credits, forecast=view.forecast_credits, low=view.forecast_low, high=view.forecast_high,
+            exhausts_at=view.exhausts_at, thresholds=tuple(thresholds),
+        )  # fmt: skip
+    return result
 
 
 def period(text: str | None) -> str:

@@ -14,7 +14,7 @@ import csv
 import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
@@ -34,6 +34,7 @@ from supervisor.app.console.headers import SecurityHeaders
 from supervisor.app.console.session import LOGIN_COOKIE, LOGIN_TTL, SESSION_COOKIE, SESSION_TTL, Session, Signer
 from supervisor.app.operations import Operations
 from supervisor.app.views import JobDetailView, iso
+from supervisor.core.forecast import forecast_job, running_job
 from supervisor.core.states import TERMINAL, State
 
 log = structlog.get_logger("supervisor.console")
@@ -75,6 +76,15 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def _money(twin: dict[str, Any], key: str) -> str:
+    """One figure of a `money` object, for a person: "5.40 USD" (4 places below a cent)."""
+    amount = twin.get(key)
+    if amount is None:
+        return "—"
+    places = 2 if amount == round(amount, 2) else 4
+    return f"{amount:,.{places}f} {twin['currency']}"
+
+
 def _safe_next(target: str | None) -> str:
     """Where to go after logging in: only a console path, never another site."""
     if target and target.startswith(f"{PREFIX}/") and not target.startswith("//") and "\\" not in target:
@@ -104,7 +114,7 @@ class Console:
         )
         self._templates.filters["when"] = _when
         self._templates.filters["age"] = _age
-        self._templates.globals.update(prefix=PREFIX, states=[s.value for s in State], quote=quote)
+        self._templates.globals.update(prefix=PREFIX, states=[s.value for s in State], quote=quote, money=_money)
 
     def routes(self) -> list[BaseRoute]:
         pages: list[tuple[str, Page, str]] = [
@@ -114,6 +124,7 @@ class Console:
             ("/jobs/{job_id}", self.job, "GET"),
             ("/jobs/{job_id}/cancel", self.cancel, "POST"),
             ("/jobs/{job_id}/continue", self.continue_job, "POST"),
+            ("/budgets/{name}", self.budget, "GET"),
             ("/queue", self.queue, "GET"),
             ("/queue/{submission_id}/cancel", self.cancel_queued, "POST"),
             ("/report", self.report, "GET"),
@@ -258,8 +269,26 @@ class Console:
             )
             for budget in figures.today.budgets
         }
+        burns = {
+            name: charts.burn_chart(burn, width=480, height=200)
+            for name, burn in (await queries.burns(self._ops(), figures.today.budgets, self._clock())).items()
+        }
         return self._render(
-            request, "overview.html", visit=visit, o=figures, bars=bars, refresh=REFRESH_S, page="overview"
+            request, "overview.html", visit=visit, o=figures, bars=bars, burns=burns, refresh=REFRESH_S,
+            page="overview",
+        )  # fmt: skip
+
+    async def budget(self, request: Request, visit: Visit) -> Response:
+        name = request.path_params["name"]
+        ops = self._ops()
+        now = self._clock()
+        views = [b for b in (await ops.budgets()).budgets if b.name == name]
+        if not views:
+            return self._error(request, errors.NotFound(f"no budget {name!r} is configured"))
+        (view,) = views
+        burn = (await queries.burns(ops, views, now))[name]
+        return self._render(
+            request, "budget.html", visit=visit, b=view, chart=charts.burn_chart(burn), burn=burn, page="overview"
         )
 
     async def jobs(self, request: Request, visit: Visit) -> Response:
@@ -291,15 +320,23 @@ class Console:
             job, events = await ops.job(job_id)
         except errors.JobNotTracked:
             return self._render(request, "untracked.html", status=404, visit=visit, job_id=job_id, page="jobs")
-        detail = JobDetailView.of(ops.config, job, events)
+        now = self._clock()
+        detail = JobDetailView.of(ops.config, job, events, now)
         story = charts.job_story(detail)
+        forecast = None
+        if job.state is State.WATCHING and detail.forecast_credits is not None:
+            # Where its forecast ends: its credit limit's crossing, else when its rate spends the rest.
+            ahead = forecast_job(running_job(ops.config, job), now)
+            ends_at = ahead.reaches_limit_at or now + timedelta(seconds=ahead.done_in_s)
+            forecast = charts.Point(max(ends_at, now), detail.forecast_credits)
         return self._render(
             request,
             "job.html",
             visit=visit,
             job=detail,
-            chart=charts.credits_chart(story),
+            chart=charts.credits_chart(story, forecast),
             story=story,
+            forecast=forecast,
             cancellable=job.state is State.WATCHING,
             continuable=job.state is State.COMPLETED,
             terminal=job.state in TERMINAL,

@@ -153,6 +153,9 @@ class AdminApi:
         states = request.query_params.getlist("state")
         return answer(QueuePage(items=await self.ops.queue(states or None)))
 
+    async def list_budgets(self, request: Request) -> Response:
+        return answer(await self.ops.budgets())
+
     async def show_queued(self, request: Request) -> Response:
         return answer(await self.ops.queue_item(request.path_params["id"]))
 

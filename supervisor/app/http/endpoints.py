@@ -10,6 +10,7 @@ from typing import Any
 from supervisor.app import inputs
 from supervisor.app.inputs import Body, CancelRequest, ContinueRequest, SubmitRequest, TrackRequest
 from supervisor.app.views import (
+    BudgetsView,
     ContinueResult,
     HealthView,
     JobDetailView,
@@ -112,6 +113,7 @@ ENDPOINTS = (
         SubmitRequest,
     ),
     Endpoint("GET", "/v1/queue", "list_queue", {200: QueuePage}, (401, 403, 422, 503), parameters=_QUEUE_PARAMETERS),
+    Endpoint("GET", "/v1/budgets", "list_budgets", {200: BudgetsView}, (401, 403, 503)),
     Endpoint("GET", "/v1/queue/{id}", "show_queued", {200: QueueItemView}, (401, 403, 404, 422, 503)),
     Endpoint("POST", "/v1/queue/{id}/cancel", "cancel_queued", {200: QueueItemView}, (401, 403, 404, 409, 422, 503)),
 )
