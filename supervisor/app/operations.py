@@ -16,11 +16,10 @@ import structlog
 from supervisor.adapters.clado import CladoClient, CladoError, RateLimited, validate_job_id
 from supervisor.adapters.secrets import admin_token
 from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
-from supervisor.adapters.webhooks import Webhooks
 from supervisor.app import inputs
 from supervisor.app.errors import JobNotTracked, NotFound, Refused
 from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
-from supervisor.config import Config, ConfigError, labels_match
+from supervisor.config import Config, labels_match
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, statuses
 from supervisor.core.job import Job
@@ -92,10 +91,10 @@ class Operations:
         self.clock = clock  # everything it records is timed by it (submissions: their pacing, their expiry)
         self._client = client
         self._owns_client = client is None
-        # In the daemon (admin API) its own effects: its metrics and webhook queues. For a
-        # CLI command, webhooks of its own, made when a cancel needs them and drained on close.
+        # In the daemon (admin API) its own effects. A CLI command's are its log lines only:
+        # its webhook events are outbox rows committed with its changes (the daemon delivers
+        # them) and the daemon counts its decisions from the committed events.
         self._effects = effects
-        self._webhooks: Webhooks | None = None
 
     @property
     def client(self) -> CladoClient:
@@ -106,17 +105,10 @@ class Operations:
     @property
     def effects(self) -> Effects:
         if self._effects is None:
-            try:
-                self._webhooks = Webhooks(self.config)
-                self._webhooks.start()
-            except ConfigError as exc:  # a cancel must not wait on a webhook's secret
-                log.warning("webhooks disabled for this command", error=str(exc))
-            self._effects = Effects(lambda: self.config, self._webhooks)
+            self._effects = Effects(lambda: self.config)
         return self._effects
 
     async def aclose(self) -> None:
-        if self._webhooks is not None:
-            await self._webhooks.close()
         if self._owns_client and self._client is not None:
             await self._client.aclose()
 

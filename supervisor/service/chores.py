@@ -49,6 +49,7 @@ from supervisor.core.budgets import (
     thresholds_crossed,
 )
 from supervisor.core.job import Job
+from supervisor.core.notify import Notice
 from supervisor.core.states import Reason
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
@@ -209,14 +210,23 @@ class Enforcer:
         record["warned"] = [*record["warned"], *crossed]
         if newly_exhausted:
             record["exhausted_at"] = now
-        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now)
         figures = {"spent": status.usage.spent, "reserved": status.usage.reserved, "credits": status.credits}
+        subject = f"budget:{status.name}"
+        notices = [
+            Notice("budget_warning", now, subject, {"budget": status.name, "fraction": float(fraction), **figures})
+            for fraction in crossed
+        ]
+        if newly_exhausted:
+            notices.append(
+                Notice("budget_exhausted", now, subject, {"budget": status.name, "action": budget.action, **figures})
+            )
+        # The crossings and their webhook events (outbox rows) in one transaction.
+        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now, notices)
+        self.webhooks.wake()
         for fraction in crossed:
             log.warning("budget warning", budget=status.name, fraction=float(fraction), **figures)
-            self.webhooks.emit("budget_warning", budget=status.name, fraction=float(fraction), **figures)
         if newly_exhausted:
             log.error("budget exhausted", budget=status.name, action=budget.action, **figures)
-            self.webhooks.emit("budget_exhausted", budget=status.name, action=budget.action, **figures)
 
     async def _stop_matching(self, config: Config, status: BudgetStatus, candidates: list[Job], now: datetime) -> None:
         budget = config.budgets[status.name]

@@ -1,8 +1,10 @@
-"""What follows from an applied Change: its metrics, webhooks and decision log lines.
+"""What follows from an applied Change in this process: its decision log lines.
 
-One place for all of them, run only once the Change is committed (a dropped write, whose
-lease was lost, has no effects), so a cancel decided by a poll, a budget, the account
-floor or a person is logged, counted and announced the same way.
+Run only once the Change is committed (a dropped write, whose lease was lost, has no
+effects), so a cancel decided by a poll, a budget, the account floor or a person is logged
+the same way. Its webhook events are outbox rows the store wrote in the Change's own
+transaction (core.notify.notices), and the decision counters are counted by the daemon
+from the committed events (service.tally): neither depends on which process decided.
 """
 
 from __future__ import annotations
@@ -16,22 +18,13 @@ from supervisor.adapters import metrics
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
 from supervisor.core import transitions
+from supervisor.core.notify import ALERTS, is_resend
 from supervisor.core.policy import job_policy
 from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.core.transitions import Change, Event
 
 log = structlog.get_logger("supervisor.handler")
 
-# Webhook events sent when a job reaches these states.
-_ANNOUNCED = {State.CANCELLED: "cancelled", State.UNCONFIRMED: "unconfirmed", State.LOST: "lost"}
-# Once-per-job alerts (core.transitions) and the webhook event each sends, if any.
-_ALERTS: dict[str, str | None] = {
-    transitions.UNKNOWN_STATUS: None,
-    transitions.UNREADABLE_BODY: None,
-    transitions.CANCEL_REFUSED: "cancel_refused",
-    transitions.CANCEL_IGNORED: "cancel_ignored",
-    "reopened": "reopened",
-}
 _ALERT_LINES = {
     transitions.UNKNOWN_STATUS: "job status outside the documented list; treated as running",
     transitions.UNREADABLE_BODY: "job status answer has no readable count; the job keeps its last credits",
@@ -54,15 +47,14 @@ class Effects:
             for event in change.events:
                 self._event(change, event)
             self.on_applied(change)
+        if self._webhooks is not None:
+            self._webhooks.wake()  # their outbox rows are committed: deliver them now
 
     def _event(self, change: Change, event: Event) -> None:
         job = change.after
         fields: dict[str, Any] = {"job_id": job.job_id, "policy": job.policy}
         if event.kind == "warning":
-            detail = dict(event.detail or {})
-            log.warning("limit warning", **fields, **detail)
-            metrics.WARNINGS.labels(event.reason).inc()
-            self._emit("warning", **fields, reason=event.reason, credits=job.credits_used, detail=detail)
+            log.warning("limit warning", **fields, **dict(event.detail or {}))
         elif event.kind == "would_cancel":
             log.warning(
                 "would cancel (observe mode)",
@@ -71,14 +63,9 @@ class Effects:
                 reason=event.reason,
                 **dict(event.detail or {}),
             )
-            metrics.WOULD_CANCEL.labels(event.reason).inc()
-        elif event.kind in _ALERTS:
+        elif event.kind in ALERTS:
             detail = dict(event.detail or {})
             log.warning(_ALERT_LINES[event.kind], **fields, alert=event.kind, **{"credits": job.credits_used, **detail})
-            metrics.JOB_ALERTS.labels(event.kind).inc()
-            webhook = _ALERTS[event.kind]
-            if webhook is not None:
-                self._emit(webhook, **fields, state=job.state.value, credits=job.credits_used, detail=detail)
         elif event.kind == "transition" and event.to_state is not None:
             self._transition(change, event, event.to_state, fields)
 
@@ -88,41 +75,22 @@ class Effects:
         metrics.API_MISCONFIGURED.set(1 if misconfigured else 0)
         if misconfigured:
             log.error("every API request answers 404: check api.base_url; no job is marked lost meanwhile", **facts)
-            self._emit("api_misconfigured", **facts)
+            if self._webhooks is not None:
+                self._webhooks.emit("api_misconfigured", **facts)
         else:
             log.info("the API answers again; 404s count towards lost jobs again", **facts)
 
     def _transition(self, change: Change, event: Event, target: State, fields: dict[str, Any]) -> None:
         job = change.after
         detail = dict(event.detail or {})
-        metrics.TRANSITIONS.labels(target.value).inc()
-        if target is State.CANCELLING and event.from_state is State.CONFIRMING:
-            # The same decision, its cancel sent again: counted and announced once, when decided.
+        if is_resend(event):
             log.warning("re-sending cancel", **fields, state=target.value, reason=event.reason, **detail)
             return
         if target is State.CANCELLING:
             log.warning("cancelling runaway job", **fields, state=target.value, reason=event.reason, **detail)
-            metrics.CANCELS.labels(event.reason).inc()
-            self._emit(
-                "cancel_requested",
-                **fields,
-                reason=event.reason,
-                state=target.value,
-                credits=job.credits_used,
-                detail=detail,
-            )
             return
         level = "error" if target in (State.UNCONFIRMED, State.LOST) else "info"
         getattr(log, level)("job " + target.value, **fields, state=target.value, reason=event.reason, **detail)
-        if target in _ANNOUNCED:
-            self._emit(
-                _ANNOUNCED[target],
-                **fields,
-                reason=job.cancel_reason,
-                state=target.value,
-                credits=job.credits_used,
-                detail=detail,
-            )
         # Measured once per decision: when it first ended (an unconfirmed job that ends later
         # moves out of a terminal state).
         if target in TERMINAL and event.from_state not in TERMINAL and job.cancel_requested_at is not None:
@@ -130,7 +98,3 @@ class Effects:
             limit = job_policy(self._config(), job).max_credits
             if job.cancel_reason == Reason.MAX_CREDITS and limit is not None:
                 metrics.CREDIT_OVERSHOOT.observe(max(0, job.credits_used - limit))
-
-    def _emit(self, event: str, **fields: Any) -> None:
-        if self._webhooks is not None:
-            self._webhooks.emit(event, **fields)
