@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -273,7 +274,7 @@ async def test_retries_grow_and_end_after_retry_for(tmp_path: Path, store: Store
     shown = await store.get_delivery(failed["delivery_id"])
     assert shown is not None
     times = [attempt["at"] for attempt in shown["attempt_log"]]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert gaps == [2.5, 5.0, 10.0, 20.0, 40.0]  # 5 s doubling, jitter 0 → the lower half's edge
     assert times[-1] <= START + timedelta(minutes=2)
 
