@@ -3,7 +3,7 @@
 Whichever process committed a job event (this daemon, another replica, a CLI `cancel`, the
 admin API, the console), the counters of every daemon count it once within a tick: each
 tick reads the job_events rows committed since the last one (by id) and adds what
-core.notify.counts says. Counting starts at the newest row when the process starts (a
+core.notify.counts says. Counting starts after the newest row older than the process (a
 Prometheus counter starts at zero with its process, as usual), and every id is counted at
 most once per process. On PostgreSQL a lower id may commit after a higher one: ids skipped
 over are looked at again for GAP_WAIT, then given up (a rolled-back insert leaves a gap
@@ -37,18 +37,16 @@ class Tally:
     def __init__(self, store: Store, clock: Callable[[], datetime]) -> None:
         self._store = store
         self._clock = clock
+        self._started = clock()
         self._cursor: int | None = None  # the highest id counted
         self._gaps: dict[int, datetime] = {}  # ids below the cursor not seen yet, since when
 
-    async def start(self) -> None:
-        """Count from now on: what was committed before this process started is not ours."""
-        self._cursor = await self._store.last_event_id()
-
     async def step(self) -> int:
-        """Count the events committed since the last step; how many."""
+        """Count the events committed since the last step; how many. The first step starts
+        from the newest event older than this process (what happened before it started is
+        not in its counters; what happened since, before the first step, is)."""
         if self._cursor is None:
-            await self.start()
-            return 0
+            self._cursor = await self._store.last_event_id(before=self._started)
         now = self._clock()
         self._gaps = {gap: since for gap, since in self._gaps.items() if now - since < GAP_WAIT}
         rows = await self._store.events_from(self._cursor, sorted(self._gaps))

@@ -213,9 +213,11 @@ class Outbox(Database):
 
     # -- the counters' stream -------------------------------------------------------------
 
-    async def last_event_id(self) -> int:
+    async def last_event_id(self, *, before: datetime) -> int:
+        """The highest id of the job events that happened before `before` (0: none)."""
+        query = select(func.max(job_events.c.id)).where(job_events.c.at < before)
         async with self.engine.connect() as conn:
-            return int((await conn.execute(select(func.max(job_events.c.id)))).scalar() or 0)
+            return int((await conn.execute(query)).scalar() or 0)
 
     async def events_from(self, after: int, also: Sequence[int], *, limit: int = 5000) -> list[dict[str, Any]]:
         """Committed job events with an id above `after` (at most `limit`, oldest first),
