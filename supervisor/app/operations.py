@@ -15,10 +15,17 @@ import structlog
 
 from supervisor.adapters.clado import CladoClient, CladoError, RateLimited, validate_job_id
 from supervisor.adapters.secrets import admin_token
-from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
+from supervisor.adapters.store import DELIVERY_STATES, JobWrite, NewJob, Store, utcnow
 from supervisor.app import inputs
-from supervisor.app.errors import JobNotTracked, NotFound, Refused
-from supervisor.app.views import ContinueResult, QueueItemView, SubmitResult, TrackResult
+from supervisor.app.errors import BadInput, JobNotTracked, NotFound, Refused
+from supervisor.app.views import (
+    ContinueResult,
+    DeliveryView,
+    QueueItemView,
+    RedeliverResult,
+    SubmitResult,
+    TrackResult,
+)
 from supervisor.config import Config, labels_match
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, statuses
@@ -227,6 +234,28 @@ class Operations:
             state = row["state"]
             raise Refused(f"submission {submission_id} is {state}: only a queued or orphaned one can be cancelled")
         return QueueItemView.of(self.config, row)
+
+    async def deliveries(self, state: str | None = None) -> list[DeliveryView]:
+        """The outbox's deliveries (in `state`, else all): failed first."""
+        wanted = None if state is None else inputs.delivery_state(state, DELIVERY_STATES)
+        return [DeliveryView.of(row) for row in await self.store.list_deliveries(wanted)]
+
+    async def delivery(self, delivery_id: str) -> DeliveryView:
+        row = await self.store.get_delivery(inputs.delivery_id(delivery_id))
+        if row is None:
+            raise NotFound(f"no webhook delivery {delivery_id}")
+        return DeliveryView.of(row)
+
+    async def redeliver(self, delivery_ids: Iterable[str]) -> RedeliverResult:
+        """Queue deliveries again (the daemon sends them within a second); all or none."""
+        ids = [inputs.delivery_id(value) for value in delivery_ids]
+        if not ids:
+            raise BadInput("name at least one delivery id", field="id")
+        found = await self.store.redeliver(ids, self.clock())
+        missing = [value for value in ids if value not in found]
+        if missing:
+            raise NotFound(f"no webhook delivery {missing[0]}")
+        return RedeliverResult(redelivered=found)
 
     async def orphaned_submissions(self) -> list[QueueItemView]:
         """Submissions whose initiate may have started a job that is not supervised."""

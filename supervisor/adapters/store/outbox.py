@@ -140,13 +140,14 @@ class Outbox(Database):
 
     async def redeliver(self, delivery_ids: Sequence[str], now: datetime) -> list[str]:
         """Queue these deliveries again, due now, with a fresh retry window (their id stays:
-        a receiver that already has one drops the copy). Returns the ids found."""
+        a receiver that already has one drops the copy); all of them or, if one is not
+        found, none. Returns the ids found."""
         found: list[str] = []
         async with self.engine.begin() as conn:
             for chunk in chunks(list(dict.fromkeys(delivery_ids))):
                 rows = await conn.execute(select(outbox.c.delivery_id).where(outbox.c.delivery_id.in_(chunk)))
                 found.extend(row.delivery_id for row in rows)
-            if found:
+            if found and len(found) == len(set(delivery_ids)):
                 await conn.execute(
                     update(outbox)
                     .where(outbox.c.delivery_id.in_(found))
