@@ -271,7 +271,9 @@ class Webhooks:
 
     async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - how long to wait, not a cancel scope
         """Stop delivering (what is pending stays in the outbox for the next start) after
-        the background writes of `emit` are done (bounded by `timeout`)."""
+        the background writes of `emit` are done (bounded by `timeout`). Idempotent."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=timeout)

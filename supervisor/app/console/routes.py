@@ -116,6 +116,8 @@ class Console:
             ("/jobs/{job_id}/continue", self.continue_job, "POST"),
             ("/queue", self.queue, "GET"),
             ("/queue/{submission_id}/cancel", self.cancel_queued, "POST"),
+            ("/deliveries", self.deliveries, "GET"),
+            ("/deliveries/{delivery_id}/redeliver", self.redeliver, "POST"),
             ("/report", self.report, "GET"),
             ("/report.csv", self.report_csv, "GET"),
             ("/logout", self.logout, "POST"),
@@ -335,6 +337,16 @@ class Console:
         # The same operation as `clado-supervisor queue cancel` and POST /v1/queue/{id}/cancel.
         await self._ops().cancel_queued(request.path_params["submission_id"])
         return RedirectResponse(f"{PREFIX}/queue", 303)
+
+    async def deliveries(self, request: Request, visit: Visit) -> Response:
+        # Failed first (what needs a person), then pending, then delivered.
+        items = await self._ops().deliveries()
+        return self._render(request, "deliveries.html", visit=visit, items=items, page="deliveries")
+
+    async def redeliver(self, request: Request, visit: Visit) -> Response:
+        # The same operation as `clado-supervisor webhooks redeliver` and POST /v1/deliveries/{id}/redeliver.
+        await self._ops().redeliver([request.path_params["delivery_id"]])
+        return RedirectResponse(f"{PREFIX}/deliveries", 303)
 
     async def report(self, request: Request, visit: Visit) -> Response:
         which = queries.period(request.query_params.get("period"))
