@@ -244,7 +244,7 @@ class NotifyConfig(_Section):
     @classmethod
     def _retry_window(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0) or value > timedelta(days=30):
-            raise ValueError("retry_for must be more than 0s and at most 30 days")
+            raise ValueError("must be more than 0s and at most 30 days (how long a delivery is retried)")
         return value
 
 
