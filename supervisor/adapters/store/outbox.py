@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
 
 from supervisor.adapters.store.database import Database, aware, chunks
 from supervisor.adapters.store.routes import DELIVERED, FAILED, PENDING, insert_notices
@@ -77,28 +77,35 @@ class Outbox(Database):
         """Record attempts: each outcome has delivery_id, at, status, error, duration_ms and
         the row's new state, next_attempt_at and attempts. Fenced by this owner's lease (a
         row taken over meanwhile keeps its new owner's record). Returns how many applied."""
-        applied = 0
         if not outcomes:
             return 0
+        # One statement for the batch (executemany), fenced per row by this owner's lease.
+        statement = (
+            update(outbox)
+            .where(outbox.c.delivery_id == bindparam("b_delivery_id"))
+            .where(outbox.c.lease_owner == self.owner)
+            .where(outbox.c.state == PENDING)
+            .values(
+                state=bindparam("b_state"),
+                attempts=bindparam("b_attempts"),
+                next_attempt_at=bindparam("b_next_attempt_at"),
+                last_error=bindparam("b_error"),
+                delivered_at=bindparam("b_delivered_at"),
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=bindparam("b_at"),
+            )
+        )
+        params = [
+            {
+                "b_delivery_id": o["delivery_id"], "b_state": o["state"], "b_attempts": o["attempts"],
+                "b_next_attempt_at": o["next_attempt_at"], "b_error": o["error"],
+                "b_delivered_at": o["at"] if o["state"] == DELIVERED else None, "b_at": o["at"],
+            }
+            for o in outcomes
+        ]  # fmt: skip
         async with self.engine.begin() as conn:
-            for outcome in outcomes:
-                result = await conn.execute(
-                    update(outbox)
-                    .where(outbox.c.delivery_id == outcome["delivery_id"])
-                    .where(outbox.c.lease_owner == self.owner)
-                    .where(outbox.c.state == PENDING)
-                    .values(
-                        state=outcome["state"],
-                        attempts=outcome["attempts"],
-                        next_attempt_at=outcome["next_attempt_at"],
-                        last_error=outcome["error"],
-                        delivered_at=outcome["at"] if outcome["state"] == DELIVERED else None,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        updated_at=outcome["at"],
-                    )
-                )
-                applied += result.rowcount
+            applied = (await conn.execute(statement, params)).rowcount
             await conn.execute(
                 insert(outbox_attempts),
                 [
