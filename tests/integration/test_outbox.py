@@ -128,3 +128,38 @@ async def test_retention_prunes_delivered_rows_only(db_url: str, tmp_path: Path)
         assert {row["state"] for row in await store.list_deliveries()} == {"failed", "pending"}
     finally:
         await store.close()
+
+
+async def test_two_owners_share_the_rows_and_a_stale_lease_is_taken_over(tmp_path: Path, db_url: str) -> None:
+    """A replica killed while it holds deliveries: once their lease has run out, another
+    takes them over, and the dead one's late record is fenced off."""
+    config = hooks(tmp_path)
+    key = config.notify.webhooks[0].key
+    store = Store(db_url, owner="replica-a")
+    other = Store(db_url, owner="replica-b")
+    try:
+        store.routes = other.routes = Routes.of(config)
+        now = utcnow()
+        await store.record_notices(
+            [Notice("cancel_requested", now, f"job:j{n}", {"job_id": f"j{n}"}) for n in range(10)], now
+        )
+        lease = timedelta(seconds=60)
+        mine = await store.claim_deliveries(key, now, limit=6, lease=lease)
+        theirs = await other.claim_deliveries(key, now, limit=6, lease=lease)
+        assert len(mine) == 6 and len(theirs) == 4
+        assert not {r["delivery_id"] for r in mine} & {r["delivery_id"] for r in theirs}
+        assert await other.claim_deliveries(key, now, limit=6, lease=lease) == []
+        # Owner one dies holding its six: once the lease has run out, the other takes them.
+        now += timedelta(seconds=61)
+        taken = await other.claim_deliveries(key, now, limit=10, lease=lease)
+        assert {r["delivery_id"] for r in taken} == {r["delivery_id"] for r in mine} | {
+            r["delivery_id"] for r in theirs
+        }
+        # The dead owner's late record is fenced off: the row keeps its new owner's lease.
+        outcome = {"delivery_id": mine[0]["delivery_id"], "at": now, "status": 204, "error": None,
+                   "duration_ms": 1, "state": "delivered", "attempts": 1, "next_attempt_at": now}  # fmt: skip
+        assert await store.finish_deliveries([outcome]) == 0
+        assert await other.finish_deliveries([outcome]) == 1
+    finally:
+        await other.close()
+        await store.close()

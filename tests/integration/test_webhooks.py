@@ -24,7 +24,7 @@ import standardwebhooks
 
 from conftest import config_text, eventually, load
 from supervisor.adapters import metrics, migrate
-from supervisor.adapters.store import Routes, Store
+from supervisor.adapters.store import Store
 from supervisor.adapters.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
@@ -395,37 +395,6 @@ async def test_a_hook_removed_by_a_reload_leaves_its_rows_failed(
     (failed,) = await store.list_deliveries("failed")
     assert (failed["hook"], failed["last_error"]) == (config.notify.webhooks[0].key, "hook removed")
     assert len(receiver.at("/old")) == 1
-
-
-async def test_two_owners_share_the_rows_and_a_stale_lease_is_taken_over(
-    tmp_path: Path, sqlite_url: str, store: Store
-) -> None:
-    config = hooks_config(tmp_path, hook("https://hooks.example/x"))
-    key = config.notify.webhooks[0].key
-    other = Store(sqlite_url, owner="replica-b")
-    try:
-        store.routes = other.routes = Routes.of(config)
-        clock = Clock()
-        await record(store, clock, *[("cancel_requested", f"job-{n}") for n in range(10)])
-        lease = timedelta(seconds=60)
-        mine = await store.claim_deliveries(key, clock(), limit=6, lease=lease)
-        theirs = await other.claim_deliveries(key, clock(), limit=6, lease=lease)
-        assert len(mine) == 6 and len(theirs) == 4
-        assert not {r["delivery_id"] for r in mine} & {r["delivery_id"] for r in theirs}
-        assert await other.claim_deliveries(key, clock(), limit=6, lease=lease) == []
-        # Owner one dies holding its six: once the lease has run out, the other takes them.
-        clock.advance(61)
-        taken = await other.claim_deliveries(key, clock(), limit=10, lease=lease)
-        assert {r["delivery_id"] for r in taken} == {r["delivery_id"] for r in mine} | {
-            r["delivery_id"] for r in theirs
-        }
-        # The dead owner's late record is fenced off: the row keeps its new owner's lease.
-        outcome = {"delivery_id": mine[0]["delivery_id"], "at": clock(), "status": 204, "error": None,
-                   "duration_ms": 1, "state": "delivered", "attempts": 1, "next_attempt_at": clock()}  # fmt: skip
-        assert await store.finish_deliveries([outcome]) == 0
-        assert await other.finish_deliveries([outcome]) == 1
-    finally:
-        await other.close()
 
 
 def test_retry_after_forms() -> None:
