@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 
 from supervisor.adapters.store.database import Database, aware, chunks
 from supervisor.adapters.store.routes import DELIVERED, FAILED, PENDING, insert_notices
@@ -48,15 +48,21 @@ class Outbox(Database):
             .where(outbox.c.state == PENDING)
             .where(outbox.c.next_attempt_at <= now)
             .where(or_(outbox.c.lease_expires_at.is_(None), outbox.c.lease_expires_at < now))
+            # The head of its subject: a correlated scalar subquery is a parameterized
+            # lookup on (hook, subject, state) per candidate, however stale the table's
+            # statistics (a NOT EXISTS anti-join planned on a freshly filled table scanned
+            # every pending row of the hook per candidate).
             .where(
-                ~exists().where(
+                outbox.c.id
+                == select(func.min(earlier.c.id))
+                .where(
                     and_(
                         earlier.c.hook == outbox.c.hook,
                         earlier.c.subject == outbox.c.subject,
                         earlier.c.state == PENDING,
-                        earlier.c.id < outbox.c.id,
                     )
                 )
+                .scalar_subquery()
             )
             .order_by(outbox.c.id)
             .limit(limit)
