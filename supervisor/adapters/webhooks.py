@@ -175,6 +175,7 @@ class _Hook:
     config: WebhookConfig
     secret: str | None
     disabled: bool = False
+    failing: bool = False  # its last attempt failed (said once when it starts, once when it ends)
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -336,6 +337,15 @@ class Webhooks:
     def _outcome(self, hook: _Hook, row: dict[str, Any], attempt: Attempt, at: datetime) -> dict[str, Any]:
         count = row["attempts"] + 1
         state, when = PENDING, at
+        if attempt.error is not None and not hook.failing:
+            hook.failing = True
+            log.warning(
+                "webhook receiver failing; its deliveries wait and are retried",
+                hook=hook.config.key, url=redact_url(hook.config.url), error=attempt.error,
+            )  # fmt: skip
+        elif attempt.error is None and hook.failing:
+            hook.failing = False
+            log.info("webhook receiver answers again", hook=hook.config.key, url=redact_url(hook.config.url))
         if attempt.error is None:
             state = DELIVERED
             metrics.WEBHOOKS.labels("delivered").inc()

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import standardwebhooks
+from structlog.testing import capture_logs
 
 from conftest import config_text, eventually, load
 from supervisor.adapters import metrics, migrate
@@ -257,6 +258,25 @@ async def test_retries_grow_and_end_after_retry_for(tmp_path: Path, store: Store
     receiver.down = True
     config = hooks_config(tmp_path, hook(receiver.url("/hook")), notify='retry_for = "2m"')
     clock = Clock()
+    with capture_logs() as logs:
+        await _fail_for_good(store, receiver, config, clock)
+    # One line when the receiver starts failing, one when the delivery is given up on: not
+    # one per attempt.
+    assert [e["event"] for e in logs if e["log_level"] != "debug"] == [
+        "webhook receiver failing; its deliveries wait and are retried",
+        "webhook delivery failed",
+    ]
+    failed = await delivery(store, "failed")
+    assert failed["last_error"] == "HTTP 503"
+    shown = await store.get_delivery(failed["delivery_id"])
+    assert shown is not None
+    times = [attempt["at"] for attempt in shown["attempt_log"]]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert gaps == [2.5, 5.0, 10.0, 20.0, 40.0]  # 5 s doubling, jitter 0 → the lower half's edge
+    assert times[-1] <= START + timedelta(minutes=2)
+
+
+async def _fail_for_good(store: Store, receiver: Receiver, config: Config, clock: Clock) -> None:
     hooks = await started(config, store, clock)
     await record(store, clock, ("cancel_requested", "job-1"))
     for _ in range(12):
@@ -268,15 +288,7 @@ async def test_retries_grow_and_end_after_retry_for(tmp_path: Path, store: Store
         clock.now = row["next_attempt_at"]
         hooks.wake()
         await eventually(lambda c=count: len(receiver.at("/hook")) > c, what="the next attempt")
-    failed = await delivery(store, "failed")
     await hooks.close()
-    assert failed["last_error"] == "HTTP 503"
-    shown = await store.get_delivery(failed["delivery_id"])
-    assert shown is not None
-    times = [attempt["at"] for attempt in shown["attempt_log"]]
-    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
-    assert gaps == [2.5, 5.0, 10.0, 20.0, 40.0]  # 5 s doubling, jitter 0 → the lower half's edge
-    assert times[-1] <= START + timedelta(minutes=2)
 
 
 async def _settled(store: Store, attempts: int) -> bool:
