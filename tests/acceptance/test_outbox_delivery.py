@@ -215,3 +215,21 @@ def test_chaos_every_delivery_arrives_once_or_is_listed_failed(
     assert kept | {row["id"] for row in failed} == {row["id"] for row in rows}
     for job_id in jobs:
         assert [e["event"] for e in receiver.kept() if e["job_id"] == job_id] == ["cancel_requested", "cancelled"]
+
+
+def test_webhooks_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "supervisor.toml").write_text(config_text("http://127.0.0.1:9", "sqlite:///supervisor.db"))
+    assert cli("migrate", cwd=tmp_path).returncode == 0
+    missing = "msg_" + "0" * 32
+    for args, message in (
+        (("show", "nope"), "id: a delivery id is msg_ and 32 hex digits"),
+        (("show", missing), f"no webhook delivery {missing}"),
+        (("redeliver", missing), f"no webhook delivery {missing}"),
+        (("list", "--state", "lost"), "Invalid value for '--state'"),
+    ):
+        result = cli("webhooks", *args, cwd=tmp_path)
+        assert result.returncode == 2, args
+        (line,) = result.stderr.splitlines()
+        assert message in line and "Traceback" not in result.stderr
+    listed = cli("webhooks", "list", "--json", cwd=tmp_path)
+    assert (listed.returncode, json.loads(listed.stdout)) == (0, [])
