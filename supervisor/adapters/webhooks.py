@@ -423,6 +423,9 @@ class Webhooks:
                 backlog = None
             if backlog is not None:
                 now = self._clock()
+                # Only hooks configured now or still holding rows: a removed hook's series go.
+                metrics.OUTBOX_PENDING.clear()
+                metrics.OUTBOX_OLDEST.clear()
                 for key in set(self._hooks) | set(backlog):
                     pending, oldest = backlog.get(key, (0, None))
                     metrics.OUTBOX_PENDING.labels(key).set(pending)
