@@ -4,10 +4,11 @@ A Change is what one writer learned about one job: the job as it read it, the co
 values to write and the events that explain them. Each move checks that it is a
 supervisor transition (states.check_transition) before it is built, so an impossible move
 raises here, in a pure function a table test covers, and never reaches a row. The store
-applies a Change (adapters.store: one path, fenced by lease or by the state read) and the
-effects step (service.effects) turns the applied Change into its metrics, webhooks and
-decision log lines: one place each, whoever decided — a poll, a budget, the account
-floor or a person.
+applies a Change (adapters.store: one path, fenced by lease or by the state read), with
+the outbox rows of the webhook events core.notify says it sends, in the same transaction;
+the daemon counts its decision counters from the committed events (core.notify.counts) and
+the effects step (service.effects) logs it: one place each, whoever decided — a poll, a
+budget, the account floor or a person.
 
 No I/O and no clock: `now` is an argument.
 """
@@ -28,7 +29,7 @@ FORBIDDEN = "forbidden"  # 403: "not authorized to access this job" (not this ke
 
 # Alerts about a job that fire once per job (remembered in `Job.warned`, beside the limits'
 # warning keys): each is an event of that kind, a warning log line, a metric and, for some,
-# a webhook (service.effects).
+# a webhook (core.notify).
 UNKNOWN_STATUS = "unknown_status"  # a status outside the documented list: treated as running
 UNREADABLE_BODY = "unreadable_body"  # an answer with no readable count: the job keeps its credits
 CANCEL_REFUSED = "cancel_refused"  # 409 / success:false while the status still says running
