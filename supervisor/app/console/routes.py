@@ -318,7 +318,7 @@ class Console:
 
     async def cancel(self, request: Request, visit: Visit) -> Response:
         job_id = request.path_params["job_id"]
-        # Counted, logged and announced by the daemon's effects, as a cancel from the CLI or /v1.
+        # Announced, counted and logged as a cancel from the CLI or /v1 is.
         await self._ops().manual_cancel(job_id, visit.field("reason") or None)
         return RedirectResponse(f"{PREFIX}/jobs/{quote(job_id)}", 303)
 

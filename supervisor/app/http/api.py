@@ -179,7 +179,7 @@ class AdminApi:
 
     async def cancel(self, request: Request) -> Response:
         body = await read_body(request, CancelRequest, self._max_body, empty_ok=True)
-        # Counted, logged and announced by the daemon's effects, like any other decision.
+        # Announced (outbox rows with the write), counted (from its events) and logged like any other decision.
         job = await self.ops.manual_cancel(request.path_params["job_id"], body.reason)
         return answer(JobView.of(self.daemon.config, job))
 
