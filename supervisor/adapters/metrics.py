@@ -150,6 +150,13 @@ LAST_TICK = _gauge("last_tick_timestamp_seconds", "When the last tick completed.
 WEBHOOKS = _counter(
     "webhook_deliveries_total", "Webhook deliveries by outcome (delivered, failed, dropped).", "outcome"
 )
+OUTBOX_PENDING = _gauge("outbox_pending", "Webhook deliveries waiting in the outbox, per hook.", "hook")
+OUTBOX_OLDEST = _gauge(
+    "outbox_oldest_pending_seconds", "Age of the oldest webhook delivery waiting in the outbox, per hook.", "hook"
+)
+WEBHOOK_DISABLED = _gauge(
+    "webhook_disabled", "1 while a hook's deliveries are stopped by its receiver's 410 Gone (until a reload).", "hook"
+)
 BUDGET_SPENT = _gauge("budget_spent_credits", "Credits spent in the current period, per budget.", "budget")
 BUDGET_RESERVED = _gauge(
     "budget_reserved_credits", "Credits reserved (not yet spent) in the current period, per budget.", "budget"

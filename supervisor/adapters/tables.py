@@ -228,3 +228,46 @@ submissions = Table(
     Index("ix_submissions_state_priority_created_at", "state", "priority", "created_at"),
     Index("ix_submissions_initiating_at", "initiating_at"),
 )
+
+
+# The transactional outbox: one row per (webhook event, hook), inserted in the transaction
+# that records the event's cause, delivered by the daemon (core.notify, adapters.webhooks).
+# `delivery_id` is the Standard Webhooks `webhook-id`, the same on every attempt; `subject`
+# (job:…, submission:…, budget:…) is the unit within which deliveries keep commit order.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", EventId, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), nullable=False, unique=True),
+    Column("hook", String(80), nullable=False),
+    Column("event", String(40), nullable=False),
+    Column("subject", String(160), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("last_error", Text),
+    Column("delivered_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+    # The worker's claim: a hook's pending rows, oldest first, heads of their subject only.
+    Index("ix_outbox_hook_state_id", "hook", "state", "id"),
+    Index("ix_outbox_hook_subject_state", "hook", "subject", "state"),
+    # Retention prunes delivered rows by age.
+    Index("ix_outbox_state_updated_at", "state", "updated_at"),
+)
+
+# Each attempt of a delivery (webhooks show ID): when, the answer or the error, how long.
+outbox_attempts = Table(
+    "outbox_attempts",
+    metadata,
+    Column("id", EventId, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), nullable=False, index=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("status", Integer),  # the HTTP status, or null for a transport error
+    Column("error", Text),  # null once delivered
+    Column("duration_ms", Integer, nullable=False),
+    Column("owner", String(128)),
+)

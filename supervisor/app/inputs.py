@@ -126,6 +126,22 @@ def submission_state(value: str, known: Iterable[str]) -> str:
     return value
 
 
+DELIVERY_ID_PATTERN = r"^msg_[0-9a-f]{32}$"
+
+
+def delivery_id(value: str) -> str:
+    """A webhook delivery id (`msg_` and 32 hex digits), checked before the database."""
+    if not isinstance(value, str) or not re.fullmatch(DELIVERY_ID_PATTERN, value):
+        raise BadInput("a delivery id is msg_ and 32 hex digits, as `webhooks list` shows it", field="id")
+    return value
+
+
+def delivery_state(value: str, known: Iterable[str]) -> str:
+    if value not in known:
+        raise BadInput(f"unknown delivery state {value!r} (known: {', '.join(known)})", field="state")
+    return value
+
+
 # -- the admin API's request bodies (unknown fields are rejected) ------------------------------
 
 Labels = Annotated[dict[str, str], Field(default_factory=dict)]

@@ -16,21 +16,22 @@ import structlog
 from supervisor.adapters.clado import CladoClient, CladoError, RateLimited, validate_job_id
 from supervisor.adapters.results import ResultsFile, Saved, save_results
 from supervisor.adapters.secrets import admin_token
-from supervisor.adapters.store import JobWrite, NewJob, Store, utcnow
-from supervisor.adapters.webhooks import Webhooks
+from supervisor.adapters.store import DELIVERY_STATES, JobWrite, NewJob, Store, utcnow
 from supervisor.app import inputs
-from supervisor.app.errors import JobNotTracked, NotFound, Refused
+from supervisor.app.errors import BadInput, JobNotTracked, NotFound, Refused
 from supervisor.app.report import budget_views
 from supervisor.app.views import (
     BudgetsView,
     ContinueResult,
+    DeliveryView,
     DryRunBudget,
     DryRunView,
     QueueItemView,
+    RedeliverResult,
     SubmitResult,
     TrackResult,
 )
-from supervisor.config import Config, ConfigError, labels_match
+from supervisor.config import Config, labels_match
 from supervisor.core import transitions
 from supervisor.core.budgets import AdmissionRefused, Grant, grant, statuses
 from supervisor.core.forecast import expected_cost, money
@@ -104,10 +105,10 @@ class Operations:
         self.clock = clock  # everything it records is timed by it (submissions: their pacing, their expiry)
         self._client = client
         self._owns_client = client is None
-        # In the daemon (admin API) its own effects: its metrics and webhook queues. For a
-        # CLI command, webhooks of its own, made when a cancel needs them and drained on close.
+        # In the daemon (admin API) its own effects. A CLI command's are its log lines only:
+        # its webhook events are outbox rows committed with its changes (the daemon delivers
+        # them) and the daemon counts its decisions from the committed events.
         self._effects = effects
-        self._webhooks: Webhooks | None = None
 
     @property
     def client(self) -> CladoClient:
@@ -118,17 +119,10 @@ class Operations:
     @property
     def effects(self) -> Effects:
         if self._effects is None:
-            try:
-                self._webhooks = Webhooks(self.config)
-                self._webhooks.start()
-            except ConfigError as exc:  # a cancel must not wait on a webhook's secret
-                log.warning("webhooks disabled for this command", error=str(exc))
-            self._effects = Effects(lambda: self.config, self._webhooks)
+            self._effects = Effects(lambda: self.config)
         return self._effects
 
     async def aclose(self) -> None:
-        if self._webhooks is not None:
-            await self._webhooks.close()
         if self._owns_client and self._client is not None:
             await self._client.aclose()
 
@@ -291,6 +285,28 @@ class Operations:
             state = row["state"]
             raise Refused(f"submission {submission_id} is {state}: only a queued or orphaned one can be cancelled")
         return QueueItemView.of(self.config, row)
+
+    async def deliveries(self, state: str | None = None) -> list[DeliveryView]:
+        """The outbox's deliveries (in `state`, else all): failed first."""
+        wanted = None if state is None else inputs.delivery_state(state, DELIVERY_STATES)
+        return [DeliveryView.of(row) for row in await self.store.list_deliveries(wanted)]
+
+    async def delivery(self, delivery_id: str) -> DeliveryView:
+        row = await self.store.get_delivery(inputs.delivery_id(delivery_id))
+        if row is None:
+            raise NotFound(f"no webhook delivery {delivery_id}")
+        return DeliveryView.of(row)
+
+    async def redeliver(self, delivery_ids: Iterable[str]) -> RedeliverResult:
+        """Queue deliveries again (the daemon sends them within a second); all or none."""
+        ids = [inputs.delivery_id(value) for value in delivery_ids]
+        if not ids:
+            raise BadInput("name at least one delivery id", field="id")
+        found = await self.store.redeliver(ids, self.clock())
+        missing = [value for value in ids if value not in found]
+        if missing:
+            raise NotFound(f"no webhook delivery {missing[0]}")
+        return RedeliverResult(redelivered=found)
 
     async def orphaned_submissions(self) -> list[QueueItemView]:
         """Submissions whose initiate may have started a job that is not supervised."""

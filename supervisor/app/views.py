@@ -285,6 +285,64 @@ class QueuePage(View):
     items: list[QueueItemView]
 
 
+class DeliveryAttemptView(View):
+    """One attempt of a delivery: when, the receiver's HTTP status (null: no answer, see
+    `error`), the error (null: delivered) and how long it took."""
+
+    at: Timestamp
+    status: int | None
+    error: str | None
+    duration_ms: int
+
+
+class DeliveryView(View):
+    """A webhook delivery from the outbox (`webhooks list/show --json`, the admin API's
+    /v1/deliveries). `id` is the Standard Webhooks `webhook-id`; `hook` names the hook (its
+    host and a digest of its URL); `state`: pending (due at `next_attempt_at`), delivered,
+    failed (`last_error` says why: the receiver's refusal, the last attempt's error after
+    notify.retry_for, or "hook removed"). `attempt_log` only in `show`."""
+
+    id: str
+    hook: str
+    event: str
+    subject: str
+    state: str
+    attempts: int
+    created_at: Timestamp
+    next_attempt_at: Timestamp | None
+    delivered_at: Timestamp | None
+    last_error: str | None
+    payload: dict[str, Any]
+    attempt_log: list[DeliveryAttemptView] | None = None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> DeliveryView:
+        log = row.get("attempt_log")
+        return cls(
+            id=row["delivery_id"], hook=row["hook"], event=row["event"], subject=row["subject"], state=row["state"],
+            attempts=row["attempts"], created_at=row["created_at"],
+            next_attempt_at=row["next_attempt_at"] if row["state"] == "pending" else None,
+            delivered_at=row["delivered_at"], last_error=row["last_error"], payload=dict(row["payload"]),
+            attempt_log=None if log is None else [
+                DeliveryAttemptView(at=a["at"], status=a["status"], error=a["error"], duration_ms=a["duration_ms"])
+                for a in log
+            ],
+        )  # fmt: skip
+
+
+class DeliveryPage(View):
+    """`GET /v1/deliveries`: failed first, then pending, then delivered; newest first in each."""
+
+    items: list[DeliveryView]
+
+
+class RedeliverResult(View):
+    """`webhooks redeliver` / `POST /v1/deliveries/{id}/redeliver`: the deliveries queued
+    again, due now, with their id kept (a receiver that has one drops the copy)."""
+
+    redelivered: list[str]
+
+
 class ContinueResult(View):
     """A completed job asked for more: `additional` results were asked of the API (fewer than
     `requested` when its max_credits or a reserving budget left less: `clamped_by`), and the

@@ -4,6 +4,7 @@ resolves a job's policy and budgets from its labels."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -242,6 +243,11 @@ class WebhookConfig(_Section):
     url: str
     events: list[Literal[WEBHOOK_EVENTS]] = Field(default_factory=lambda: list(WEBHOOK_EVENTS))  # type: ignore[valid-type]
     format: Literal["json", "slack"] = "json"
+    # Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature); "legacy"
+    # keeps the X-Clado-Supervisor-* headers of earlier releases, for one release.
+    signature: Literal["standard", "legacy"] = "standard"
+    # Deliveries of this hook in flight at once (the worker's bound per hook).
+    max_in_flight: Annotated[int, Field(ge=1, le=256)] = 16
     secret_env: str | None = None
     secret_file: Annotated[Path, BeforeValidator(file_path)] | None = None
     timeout: Duration = timedelta(seconds=5)
@@ -256,9 +262,25 @@ class WebhookConfig(_Section):
         )
         return value
 
+    @property
+    def key(self) -> str:
+        """The hook's name in the outbox, the CLI and metrics: its host and a digest of its
+        URL (never the URL itself, whose path often holds a token), stable across reloads."""
+        host = self.url.split("/")[2].rsplit("@", 1)[-1]
+        return f"{host}-{hashlib.sha256(self.url.encode()).hexdigest()[:8]}"
+
 
 class NotifyConfig(_Section):
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+    # How long a delivery is retried (growing gaps) before it is marked failed.
+    retry_for: Duration = timedelta(hours=24)
+
+    @field_validator("retry_for")
+    @classmethod
+    def _retry_window(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0) or value > timedelta(days=30):
+            raise ValueError("must be more than 0s and at most 30 days (how long a delivery is retried)")
+        return value
 
 
 class HttpConfig(_Section):

@@ -4,10 +4,11 @@ A Change is what one writer learned about one job: the job as it read it, the co
 values to write and the events that explain them. Each move checks that it is a
 supervisor transition (states.check_transition) before it is built, so an impossible move
 raises here, in a pure function a table test covers, and never reaches a row. The store
-applies a Change (adapters.store: one path, fenced by lease or by the state read) and the
-effects step (service.effects) turns the applied Change into its metrics, webhooks and
-decision log lines: one place each, whoever decided — a poll, a budget, the account
-floor or a person.
+applies a Change (adapters.store: one path, fenced by lease or by the state read), with
+the outbox rows of the webhook events core.notify says it sends, in the same transaction;
+the daemon counts its decision counters from the committed events (core.notify.counts) and
+the effects step (service.effects) logs it: one place each, whoever decided — a poll, a
+budget, the account floor or a person.
 
 No I/O and no clock: `now` is an argument.
 """
@@ -28,7 +29,7 @@ FORBIDDEN = "forbidden"  # 403: "not authorized to access this job" (not this ke
 
 # Alerts about a job that fire once per job (remembered in `Job.warned`, beside the limits'
 # warning keys): each is an event of that kind, a warning log line, a metric and, for some,
-# a webhook (service.effects).
+# a webhook (core.notify).
 UNKNOWN_STATUS = "unknown_status"  # a status outside the documented list: treated as running
 UNREADABLE_BODY = "unreadable_body"  # an answer with no readable count: the job keeps its credits
 CANCEL_REFUSED = "cancel_refused"  # 409 / success:false while the status still says running
@@ -160,15 +161,18 @@ def alert_once(change: Change, kind: str, detail: Mapping[str, Any], now: dateti
     return change.set({"warned": [*job.warned, kind]}, Event(kind, now, detail=detail))
 
 
-def unreadable_answer(change: Change, reason: str, detail: Mapping[str, Any], now: datetime) -> Change:
+def unreadable_answer(
+    change: Change, reason: str, detail: Mapping[str, Any], now: datetime, *, drifting: bool = False
+) -> Change:
     """One more status answer whose spend cannot be read (`reason`, one of BLIND_REASONS).
     The BLIND_AFTER-th in a row makes the job blind: a `job_blind` event, once, until
-    `sighted` clears it. The job keeps its last credits: unread is not zero."""
+    `sighted` clears it. The job keeps its last credits: unread is not zero. While the whole
+    API drifts (`drifting`) the event says so: the drift is the one alarm (core.notify)."""
     job = change.after
     count = job.unreadable_count + 1
     if job.blind_reason is not None or count < BLIND_AFTER:
         return change.set({"unreadable_count": count})
-    facts = {**detail, "answers": count}
+    facts = {**detail, "answers": count, **({"during_drift": True} if drifting else {})}
     return change.set(
         {"unreadable_count": count, "blind_reason": reason, "blind_since": now},
         Event(JOB_BLIND, now, reason=reason, detail=facts),
@@ -180,10 +184,11 @@ def recovery_due(job: Job) -> bool:
     return job.unreadable_count % RECOVER_EVERY == 0
 
 
-def sighted(change: Change, now: datetime, count_source: str) -> Change:
+def sighted(change: Change, now: datetime, count_source: str, *, drift_since: datetime | None = None) -> Change:
     """A status answer told the job's count (from `count_source`): the run of unreadable
     answers ends, a blind job is no longer blind (`job_blind_cleared`), and a count read
-    from somewhere new is said once (`count_source`)."""
+    from somewhere new is said once (`count_source`). A job that went blind in the last
+    api_drift (begun at `drift_since`) was never announced blind: its clearing says so."""
     job = change.after
     values: dict[str, Any] = {}
     events: list[Event] = []
@@ -192,7 +197,10 @@ def sighted(change: Change, now: datetime, count_source: str) -> Change:
     if job.blind_reason is not None:
         since = job.blind_since.isoformat() if job.blind_since else None
         values.update(blind_reason=None, blind_since=None)
-        events.append(Event(JOB_BLIND_CLEARED, now, reason=job.blind_reason, detail={"since": since}))
+        facts: dict[str, Any] = {"since": since}
+        if drift_since is not None and job.blind_since is not None and job.blind_since >= drift_since:
+            facts["during_drift"] = True
+        events.append(Event(JOB_BLIND_CLEARED, now, reason=job.blind_reason, detail=facts))
     if count_source != job.count_source:
         values["count_source"] = count_source
         # The count fields are the documented way: only a move away from (or back to) them

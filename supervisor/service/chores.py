@@ -50,6 +50,7 @@ from supervisor.core.budgets import (
 )
 from supervisor.core.forecast import cleared_key, forecast_key, forecast_warnings, money
 from supervisor.core.job import Job
+from supervisor.core.notify import Notice
 from supervisor.core.states import Reason
 from supervisor.core.transitions import Change
 from supervisor.service.effects import Effects
@@ -160,21 +161,25 @@ class Enforcer:
         if not crossed and not cleared:
             return
         record["warned"] = [*record["warned"], *map(forecast_key, crossed), *map(cleared_key, cleared)]
-        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now)
         figures = {
             "spent": status.usage.spent, "credits": status.credits, "forecast_credits": round(forecast.central, 1),
             "forecast_low": round(forecast.low, 1), "forecast_high": round(forecast.high, 1),
         }  # fmt: skip
         facts = {
-            **figures, "exhausts_at": forecast.exhausts_at.isoformat() if forecast.exhausts_at else None,
+            "budget": status.name, **figures,
+            "exhausts_at": forecast.exhausts_at.isoformat() if forecast.exhausts_at else None,
             "forecast_basis": forecast.basis, "money": money(config.billing, figures),
         }  # fmt: skip
+        subject = f"budget:{status.name}"
+        notices = [Notice("budget_forecast", now, subject, {**facts, "fraction": f}) for f in crossed]
+        notices += [Notice("budget_forecast_cleared", now, subject, {**facts, "fraction": f}) for f in cleared]
+        # The warnings fired and their webhook events (outbox rows) in one transaction.
+        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now, notices)
+        self.webhooks.wake()
         for fraction in crossed:
             log.warning("budget forecast warning", budget=status.name, fraction=fraction, **figures)
-            self.webhooks.emit("budget_forecast", budget=status.name, fraction=fraction, **facts)
         for fraction in cleared:
             log.info("budget forecast back under its warning", budget=status.name, fraction=fraction, **figures)
-            self.webhooks.emit("budget_forecast_cleared", budget=status.name, fraction=fraction, **facts)
 
     async def _period_record(self, status: BudgetStatus) -> tuple[str, dict[str, Any]]:
         """The budget period's row (its fired warnings), cached: this process writes it."""
@@ -280,15 +285,34 @@ class Enforcer:
         record["warned"] = [*record["warned"], *crossed]
         if newly_exhausted:
             record["exhausted_at"] = now
-        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now)
         figures = {"spent": status.usage.spent, "reserved": status.usage.reserved, "credits": status.credits}
+        subject = f"budget:{status.name}"
         cash = money(config.billing, figures)
+        notices = [
+            Notice(
+                "budget_warning",
+                now,
+                subject,
+                {"budget": status.name, "fraction": float(fraction), **figures, "money": cash},
+            )
+            for fraction in crossed
+        ]
+        if newly_exhausted:
+            notices.append(
+                Notice(
+                    "budget_exhausted",
+                    now,
+                    subject,
+                    {"budget": status.name, "action": budget.action, **figures, "money": cash},
+                )
+            )
+        # The crossings and their webhook events (outbox rows) in one transaction.
+        await self.store.save_budget_period(status.name, key, record["warned"], record["exhausted_at"], now, notices)
+        self.webhooks.wake()
         for fraction in crossed:
             log.warning("budget warning", budget=status.name, fraction=float(fraction), **figures)
-            self.webhooks.emit("budget_warning", budget=status.name, fraction=float(fraction), **figures, money=cash)
         if newly_exhausted:
             log.error("budget exhausted", budget=status.name, action=budget.action, **figures)
-            self.webhooks.emit("budget_exhausted", budget=status.name, action=budget.action, **figures, money=cash)
 
     async def _stop_matching(self, config: Config, status: BudgetStatus, candidates: list[Job], now: datetime) -> None:
         budget = config.budgets[status.name]

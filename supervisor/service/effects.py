@@ -1,8 +1,10 @@
-"""What follows from an applied Change: its metrics, webhooks and decision log lines.
+"""What follows from an applied Change in this process: its decision log lines.
 
-One place for all of them, run only once the Change is committed (a dropped write, whose
-lease was lost, has no effects), so a cancel decided by a poll, a budget, the account
-floor or a person is logged, counted and announced the same way.
+Run only once the Change is committed (a dropped write, whose lease was lost, has no
+effects), so a cancel decided by a poll, a budget, the account floor or a person is logged
+the same way. Its webhook events are outbox rows the store wrote in the Change's own
+transaction (core.notify.notices), and the decision counters are counted by the daemon
+from the committed events (service.tally): neither depends on which process decided.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from supervisor.adapters import metrics
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
 from supervisor.core import transitions
+from supervisor.core.notify import ALERTS, is_resend
 from supervisor.core.policy import job_policy
 from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.core.transitions import Change, Event
@@ -39,16 +42,6 @@ _API_PROBLEMS = {
     ),
 }
 
-# Webhook events sent when a job reaches these states.
-_ANNOUNCED = {State.CANCELLED: "cancelled", State.UNCONFIRMED: "unconfirmed", State.LOST: "lost"}
-# Once-per-job alerts (core.transitions) and the webhook event each sends, if any.
-_ALERTS: dict[str, str | None] = {
-    transitions.UNKNOWN_STATUS: None,
-    transitions.UNREADABLE_BODY: None,
-    transitions.CANCEL_REFUSED: "cancel_refused",
-    transitions.CANCEL_IGNORED: "cancel_ignored",
-    "reopened": "reopened",
-}
 _ALERT_LINES = {
     transitions.UNKNOWN_STATUS: "job status outside the documented list; treated as running",
     transitions.UNREADABLE_BODY: "job status answer has no readable count; the job keeps its last credits",
@@ -65,25 +58,24 @@ class Effects:
         # Told of every applied Change once its effects are out (the budget enforcer waits
         # for the answers of the polls it brought forward to a crossing).
         self.on_applied: Callable[[Change], None] = lambda change: None
-        # api_drift (see `api_drift`): while it lasts, and since when (its jobs' webhooks
-        # are not sent, nor the blind_cleared of a job that went blind in it).
+        # api_drift (see `api_drift`): while it lasts, and since when the current or last one
+        # began (the blind transitions of its jobs say they happened in it, and announce nothing).
         self.drifting = False
-        self._drift_since: datetime | None = None
+        self.drift_since: datetime | None = None
 
     def applied(self, changes: Iterable[Change]) -> None:
         for change in changes:
             for event in change.events:
                 self._event(change, event)
             self.on_applied(change)
+        if self._webhooks is not None:
+            self._webhooks.wake()  # their outbox rows are committed: deliver them now
 
     def _event(self, change: Change, event: Event) -> None:
         job = change.after
         fields: dict[str, Any] = {"job_id": job.job_id, "policy": job.policy}
         if event.kind == "warning":
-            detail = dict(event.detail or {})
-            log.warning("limit warning", **fields, **detail)
-            metrics.WARNINGS.labels(event.reason).inc()
-            self._emit("warning", **fields, reason=event.reason, credits=job.credits_used, detail=detail)
+            log.warning("limit warning", **fields, **dict(event.detail or {}))
         elif event.kind == "would_cancel":
             log.warning(
                 "would cancel (observe mode)",
@@ -92,16 +84,18 @@ class Effects:
                 reason=event.reason,
                 **dict(event.detail or {}),
             )
-            metrics.WOULD_CANCEL.labels(event.reason).inc()
-        elif event.kind in _ALERTS:
+        elif event.kind in ALERTS:
             detail = dict(event.detail or {})
             log.warning(_ALERT_LINES[event.kind], **fields, alert=event.kind, **{"credits": job.credits_used, **detail})
-            metrics.JOB_ALERTS.labels(event.kind).inc()
-            webhook = _ALERTS[event.kind]
-            if webhook is not None:
-                self._emit(webhook, **fields, state=job.state.value, credits=job.credits_used, detail=detail)
         elif event.kind in (transitions.JOB_BLIND, transitions.JOB_BLIND_CLEARED):
-            self._blind(change, event, fields)
+            facts = {"reason": event.reason, "state": job.state.value, "credits": job.credits_used}
+            if event.kind == transitions.JOB_BLIND:
+                log.error("job's spend cannot be read: it is blind; its deadlines still act", **fields, **facts,
+                          **dict(event.detail or {}))  # fmt: skip
+            else:
+                log.info(
+                    "job's spend can be read again: no longer blind", **fields, **facts, **dict(event.detail or {})
+                )
         elif event.kind == transitions.COUNT_SOURCE:
             log.info("job's count read from another source", **fields, **dict(event.detail or {}))
         elif event.kind == "transition" and event.to_state is not None:
@@ -116,9 +110,9 @@ class Effects:
         """Status answers whose spend cannot be read for job after job, none readable in
         between (a proxy rewriting bodies, an API change, a key that lost its read scope):
         one alarm for the whole API, said once when it starts and once when it ends; the
-        jobs it blinds meanwhile send no webhook each."""
+        jobs it blinds meanwhile send no webhook each (core.notify)."""
         if drifting and not self.drifting:
-            self._drift_since = facts.get("at")
+            self.drift_since = facts.get("at")
         self.drifting = drifting
         self._api_problem(API_DRIFT, drifting, **{k: v for k, v in facts.items() if k != "at"})
 
@@ -129,62 +123,22 @@ class Effects:
         gauge.set(1 if active else 0)
         if active:
             log.error(started, **facts)
-            self._emit(kind, **facts)
+            if self._webhooks is not None:
+                self._webhooks.emit(kind, **facts)
         else:
             log.info(ended, **facts)
-
-    def _blind(self, change: Change, event: Event, fields: dict[str, Any]) -> None:
-        """A job turned blind, or readable again: an error line (info once cleared) and its
-        webhook, unless the whole API drifts (api_drift is the one alarm then)."""
-        job = change.after
-        detail = dict(event.detail or {})
-        facts = {**fields, "reason": event.reason, "state": job.state.value, "credits": job.credits_used}
-        if event.kind == transitions.JOB_BLIND:
-            log.error("job's spend cannot be read: it is blind; its deadlines still act", **facts, **detail)
-            metrics.JOB_ALERTS.labels(event.kind).inc()
-            announce = not self.drifting
-        else:
-            log.info("job's spend can be read again: no longer blind", **facts, **detail)
-            # Its job_blind was not announced if it began during the drift.
-            since = detail.get("since")
-            began = datetime.fromisoformat(since) if isinstance(since, str) else None
-            announce = not self.drifting and not (
-                self._drift_since is not None and began is not None and began >= self._drift_since
-            )
-        if announce:
-            self._emit(event.kind, **facts, detail=detail)
 
     def _transition(self, change: Change, event: Event, target: State, fields: dict[str, Any]) -> None:
         job = change.after
         detail = dict(event.detail or {})
-        metrics.TRANSITIONS.labels(target.value).inc()
-        if target is State.CANCELLING and event.from_state is State.CONFIRMING:
-            # The same decision, its cancel sent again: counted and announced once, when decided.
+        if is_resend(event):
             log.warning("re-sending cancel", **fields, state=target.value, reason=event.reason, **detail)
             return
         if target is State.CANCELLING:
             log.warning("cancelling runaway job", **fields, state=target.value, reason=event.reason, **detail)
-            metrics.CANCELS.labels(event.reason).inc()
-            self._emit(
-                "cancel_requested",
-                **fields,
-                reason=event.reason,
-                state=target.value,
-                credits=job.credits_used,
-                detail=detail,
-            )
             return
         level = "error" if target in (State.UNCONFIRMED, State.LOST) else "info"
         getattr(log, level)("job " + target.value, **fields, state=target.value, reason=event.reason, **detail)
-        if target in _ANNOUNCED:
-            self._emit(
-                _ANNOUNCED[target],
-                **fields,
-                reason=job.cancel_reason,
-                state=target.value,
-                credits=job.credits_used,
-                detail=detail,
-            )
         # Measured once per decision: when it first ended (an unconfirmed job that ends later
         # moves out of a terminal state).
         if target in TERMINAL and event.from_state not in TERMINAL and job.cancel_requested_at is not None:
@@ -192,7 +146,3 @@ class Effects:
             limit = job_policy(self._config(), job).max_credits
             if job.cancel_reason == Reason.MAX_CREDITS and limit is not None:
                 metrics.CREDIT_OVERSHOOT.observe(max(0, job.credits_used - limit))
-
-    def _emit(self, event: str, **fields: Any) -> None:
-        if self._webhooks is not None:
-            self._webhooks.emit(event, **fields)

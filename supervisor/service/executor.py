@@ -224,9 +224,11 @@ class JobHandler:
         its status is outside the documented list."""
         change = change.set(self._progress(change.after, status, now))
         if status.count_source is None:
-            change = transitions.unreadable_answer(change, transitions.NO_COUNT, {"remote_status": status.status}, now)
+            change = transitions.unreadable_answer(
+                change, transitions.NO_COUNT, {"remote_status": status.status}, now, drifting=self._effects.drifting
+            )
         else:
-            change = transitions.sighted(change, now, status.count_source)
+            change = transitions.sighted(change, now, status.count_source, drift_since=self._effects.drift_since)
         if not status.recognized:
             change = transitions.alert_once(change, transitions.UNKNOWN_STATUS, {"status": status.status}, now)
         return change

@@ -183,5 +183,10 @@ class Housekeeping:
             cutoff = min(cutoff, start)
         deleted = await self._store.prune(cutoff)
         admissions = await self._store.prune_admissions(now - timedelta(days=1))
-        if deleted or admissions:
-            log.info("retention: pruned", jobs=deleted, admissions=admissions, older_than=cutoff.isoformat())
+        # Delivered webhooks go with the jobs; pending and failed ones stay until handled.
+        deliveries = await self._store.prune_deliveries(now - config.supervisor.retention)
+        if deleted or admissions or deliveries:
+            log.info(
+                "retention: pruned", jobs=deleted, admissions=admissions, deliveries=deliveries,
+                older_than=cutoff.isoformat(),
+            )  # fmt: skip

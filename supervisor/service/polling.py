@@ -192,7 +192,9 @@ class Poller:
             self._unreadable(job)
             change = transitions.alert_once(change, transitions.UNREADABLE_BODY, {"error": str(exc)}, now)
             why = transitions.NO_STATUS if isinstance(exc, NoStatus) else transitions.UNPARSEABLE
-            change = transitions.unreadable_answer(change, why, {"error": str(exc)}, now)
+            change = transitions.unreadable_answer(
+                change, why, {"error": str(exc)}, now, drifting=self._effects.drifting
+            )
         return change
 
     async def _missed(self, job: Job, kind: str, error: str) -> Change:
@@ -212,7 +214,9 @@ class Poller:
         change = transitions.missed(Change.of(job), kind, error, now, now + settings.poll_interval)
         if kind == transitions.FORBIDDEN:
             # A 403 hides the spend, not the job: it counts towards `blind` as well as `lost`.
-            change = transitions.unreadable_answer(change, transitions.FORBIDDEN, {"error": error}, now)
+            change = transitions.unreadable_answer(
+                change, transitions.FORBIDDEN, {"error": error}, now, drifting=self._effects.drifting
+            )
         if job.state in (State.COMPLETED, State.LOST):
             # Already over: looked at again within its window, in case it comes back.
             return change.set(next_recheck(settings, job, now))

@@ -38,6 +38,7 @@ from supervisor.adapters.clado import ApiUnavailable, CladoClient, CladoError, O
 from supervisor.adapters.store import NewJob, Store, db_error_text
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
+from supervisor.core.notify import Notice
 from supervisor.core.queueing import (
     EXPIRED,
     FAILED,
@@ -272,16 +273,19 @@ class Scheduler:
 
     async def _announce(self, config: Config) -> None:
         for row in await self._store.unannounced_submissions(ANNOUNCED):
-            if not await self._store.mark_announced(row["id"], row["state"]):
-                continue  # another replica announced it
             credits = (row["granted_limit"] or row["requested_limit"]) * config.api.credits_per_result
-            if self._webhooks is not None:
-                self._webhooks.emit(
-                    row["state"], submission_id=row["id"], state=row["state"], reason=row["reason"],
-                    policy=row["policy"], labels=row["labels"], credits=credits,
-                    detail={"limit": row["granted_limit"] or row["requested_limit"], "error": row["error"],
-                            "priority": row["priority"]},
-                )  # fmt: skip
+            fields = {
+                "submission_id": row["id"], "state": row["state"], "reason": row["reason"], "policy": row["policy"],
+                "labels": row["labels"], "credits": credits,
+                "detail": {"limit": row["granted_limit"] or row["requested_limit"], "error": row["error"],
+                           "priority": row["priority"]},
+            }  # fmt: skip
+            now = self._clock()
+            notice = Notice(row["state"], now, f"submission:{row['id']}", fields)
+            # Its webhook events' outbox rows with the announcement, once (another replica
+            # may have announced it).
+            if await self._store.mark_announced(row["id"], row["state"], [notice], now) and self._webhooks is not None:
+                self._webhooks.wake()
 
 
 def _decide(

@@ -27,7 +27,7 @@ log = structlog.get_logger("supervisor.daemon")
 
 # Sections and [supervisor] keys a reload cannot apply: they shaped what was built at start
 # (the client, the store, the hooks, the admin API, the scheduler's intervals).
-RESTART_SECTIONS = ("database", "api", "notify", "http")
+RESTART_SECTIONS = ("database", "api", "http")
 RESTART_KEYS = ("tick_interval", "lease_ttl", "leader_ttl")
 # A reload reads a small local file: longer than this means a hung filesystem.
 RELOAD_READ_TIMEOUT = 5.0
@@ -40,8 +40,13 @@ class Reloader:
         clock: Callable[[], datetime],
         current: Callable[[], Config],
         adopt: Callable[[Config], None],
+        *,
+        check: Callable[[Config], None] = lambda config: None,
     ) -> None:
-        """`current` is the config in force, `adopt` the daemon's one way to change it."""
+        """`current` is the config in force, `adopt` the daemon's one way to change it,
+        `check` what else must hold of a new config (raises ConfigError: the webhooks'
+        secrets readable)."""
+        self._check = check
         self._store = store
         self._clock = clock
         self._current = current
@@ -59,6 +64,7 @@ class Reloader:
                 async with asyncio.timeout(RELOAD_READ_TIMEOUT):
                     new = await asyncio.to_thread(load_config, path, require_settings=True)
                 await self._refuse_orphaning(old, new)
+                self._check(new)
             except TimeoutError:
                 problem = f"{path}: not read within {RELOAD_READ_TIMEOUT:g} s"
             except ConfigError as exc:

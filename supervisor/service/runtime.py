@@ -60,6 +60,7 @@ from supervisor.service.leases import LEASE_RENEWALS, LeaseKeeper
 from supervisor.service.queue import Scheduler
 from supervisor.service.reload import Reloader
 from supervisor.service.runs import Runs
+from supervisor.service.tally import Tally
 
 log = structlog.get_logger("supervisor.daemon")
 
@@ -110,7 +111,8 @@ class Daemon:
         self.writer = BatchWriter(
             store, timeout=None if store.is_sqlite else max(5.0, config.supervisor.lease_ttl.total_seconds())
         )
-        self.webhooks = Webhooks(config, current_config=current)
+        self.webhooks = Webhooks(config, store, clock=clock)
+        self.tally = Tally(store, clock)
         self.effects = Effects(current, self.webhooks)
         self.enforcer = Enforcer(store, client, self.webhooks, self.effects, clock)
         self.handler = JobHandler(current, client, self.writer.write, clock, self.effects)
@@ -151,7 +153,7 @@ class Daemon:
         # The polls brought forward to a budget's crossing: looked at again once they are recorded.
         self.effects.on_applied = self.enforcer.recorded
         self.elector.on_change(self.housekeeping.leadership_changed)
-        self._reloader = Reloader(store, clock, current, self._adopt)
+        self._reloader = Reloader(store, clock, current, self._adopt, check=self.webhooks.check)
         self._up = False  # started and serving: a SIGHUP before then is held
         self._reload_held = False
         self.database_watch = DatabaseWatch(store.url)
@@ -176,6 +178,8 @@ class Daemon:
         old, self._config = self._config, new
         if self._scheduler is not None and new.account != old.account:
             self._schedule_account(new)
+        if new.notify != old.notify or new.config_hash != old.config_hash:
+            self._runs.spawn(lambda: self.webhooks.reload(new), "webhooks-reload")
 
     def _every(self, body: Callable[[], Awaitable[object]], seconds: float, job_id: str, **options: object) -> None:
         assert self._scheduler is not None  # noqa: S101 - only called once start() built it
@@ -291,6 +295,8 @@ class Daemon:
         every(self.queue.drain, max(1.0, tick), "queue", next_run_time=now)
         every(self.queue.sweep, max(2.0, tick), "orphans", next_run_time=now)
         every(self._watch_database, self.database_watch_every, "database")
+        # The decision counters, from the committed events (whoever committed them).
+        every(self._count, max(0.5, tick), "tally", next_run_time=now)
         scheduler.start()
         log.info(
             "supervisor started",
@@ -381,6 +387,12 @@ class Daemon:
             log.info("config reload held until start-up completes")
 
     # -- the database watch ---------------------------------------------------------------
+
+    async def _count(self) -> None:
+        try:
+            await self.tally.step()
+        except Exception as exc:  # noqa: BLE001 - the database away: the next tick counts it
+            log.debug("events not counted this tick", error=db_error_text(exc))
 
     async def _watch_database(self) -> None:
         """A deleted or replaced SQLite file, or an unknown schema revision: stop using the

@@ -20,7 +20,7 @@ from supervisor.adapters.dbwatch import DatabaseFault
 from supervisor.adapters.logs import configure_logging
 from supervisor.adapters.ratelimit_log import RepeatFilter
 from supervisor.adapters.secrets import api_key
-from supervisor.adapters.store import Store
+from supervisor.adapters.store import Routes, Store
 from supervisor.adapters.systemd import Notifier
 from supervisor.config import Config, ConfigError, load_config
 from supervisor.service.runtime import Daemon, Service
@@ -71,7 +71,10 @@ async def open_store(config: Config) -> Store:
         raise RuntimeFailure(f"database: {exc}") from None
     except SQLAlchemyError as exc:
         raise RuntimeFailure(f"cannot open the database: {_db_error(exc)}") from None
-    return Store(url)
+    store = Store(url)
+    # Whatever this process commits notifies the hooks of this config (the outbox).
+    store.routes = Routes.of(config)
+    return store
 
 
 def _db_error(exc: SQLAlchemyError) -> str:

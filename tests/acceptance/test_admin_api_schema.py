@@ -91,6 +91,9 @@ def test_the_openapi_document_is_valid(daemon: RunningDaemon) -> None:
             "GET /v1/budgets",
             "GET /v1/queue/{id}",
             "POST /v1/queue/{id}/cancel",
+            "GET /v1/deliveries",
+            "GET /v1/deliveries/{delivery_id}",
+            "POST /v1/deliveries/{delivery_id}/redeliver",
         ]
     )
     assert schema.iter_schema_warnings() == []
@@ -175,6 +178,9 @@ def test_schemathesis_finds_no_server_error(daemon: RunningDaemon, tmp_path: Pat
         "GET /v1/budgets",
         "GET /v1/queue/{id}",
         "POST /v1/queue/{id}/cancel",
+        "GET /v1/deliveries",
+        "GET /v1/deliveries/{delivery_id}",
+        "POST /v1/deliveries/{delivery_id}/redeliver",
     }, output
     server_errors = {label: codes for label, codes in statuses.items() if any(code >= 500 for code in codes)}
     assert not server_errors, output

@@ -27,7 +27,7 @@ RULES = Path(__file__).resolve().parents[2] / "deploy" / "alerts.yaml"
 ALERTS = {
     "CladoSupervisorApiKeyRejected", "CladoSupervisorUnconfirmedCancels", "CladoSupervisorBudgetExhausted",
     "CladoSupervisorPollLag", "CladoSupervisorNoTick", "CladoSupervisorApiErrors", "CladoSupervisorJobsBlind",
-    "CladoSupervisorApiDrift",
+    "CladoSupervisorApiDrift", "CladoSupervisorWebhookBacklog",
 }  # fmt: skip
 
 
@@ -190,6 +190,25 @@ def test_each_alert_fires_on_its_series_and_not_otherwise(tmp_path: Path) -> Non
                     _case("CladoSupervisorApiDrift",
                           "The Clado API's status answers are unreadable for job after job (a)",
                           severity="critical", instance="a"),
+                ]},
+            ],
+        },
+        {  # hook a: one delivery waiting since t = 0 (the age grows); hook b: drained within a minute.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'clado_supervisor_outbox_oldest_pending_seconds{hook="a",instance="r1"}',
+                 "values": "0+60x30"},
+                {"series": 'clado_supervisor_outbox_oldest_pending_seconds{hook="a",instance="r2"}',
+                 "values": "0+60x30"},
+                {"series": 'clado_supervisor_outbox_oldest_pending_seconds{hook="b",instance="r1"}',
+                 "values": "30 0 45 0 30 0 45 0 30 0 45 0 30 0 45 0 30 0 45 0 30 0 45 0 30"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "15m", "alertname": "CladoSupervisorWebhookBacklog", "exp_alerts": []},  # pending
+                {"eval_time": "21m", "alertname": "CladoSupervisorWebhookBacklog", "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "hook": "a"}, "exp_annotations": {
+                        "summary": "Webhook deliveries to a are 21m 0s behind",
+                        "description": rules()["CladoSupervisorWebhookBacklog"]["annotations"]["description"]}},
                 ]},
             ],
         },

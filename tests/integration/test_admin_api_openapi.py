@@ -15,7 +15,7 @@ import jsonschema_rs  # schemathesis's own validator, so no new test dependency
 import pytest
 from test_admin_api import TOKEN, admin_api, write_config
 
-from conftest import eventually
+from conftest import eventually, load
 from fakeserver import FakeServer
 from supervisor.config import Config
 
@@ -145,3 +145,45 @@ async def test_the_document_describes_every_route_with_shared_schemas(config: Co
     assert schemas["TrackRequest"]["properties"]["max_credits"]["anyOf"][0]["maximum"] == 2**31 - 1
     assert set(schemas["JobView"]["properties"]["state"]) == {"$ref"}
     assert set(schemas["State"]["enum"]) >= {"watching", "cancelled", "unconfirmed"}
+
+
+async def test_deliveries_answer_as_documented(tmp_path: Path, fake_server: FakeServer, sqlite_url: str) -> None:
+    """/v1/deliveries: the delivery log of the outbox, one delivery with its attempts, and
+    a redelivery; a hook nobody listens on (a closed loopback port) keeps its row pending."""
+    config = write_config(tmp_path, fake_server.base_url, sqlite_url)
+    path = tmp_path / "supervisor.toml"
+    path.write_text(
+        path.read_text(encoding="utf-8")
+        + '\n[[notify.webhooks]]\nurl = "http://127.0.0.1:9/hook"\nevents = ["cancel_requested"]\ntimeout = "1s"\n',
+        encoding="utf-8",
+    )
+    config = load(path)
+    job_id = fake_server.fake.create_job(rate=1, limit=100)
+    async with admin_api(config, TOKEN) as admin:
+        document = (await admin.http.get("/openapi.json")).json()
+
+        async def check(method: str, template: str, path: str | None = None, **kwargs: Any) -> Any:
+            return assert_documented(document, method, template, await admin.v1(method, path or template, **kwargs))
+
+        await check("POST", "/v1/jobs", json={"job_ids": [job_id]})
+        await check("POST", "/v1/jobs/{job_id}/cancel", f"/v1/jobs/{job_id}/cancel", json={"reason": "test"})
+
+        async def attempted() -> Any:
+            items = (await check("GET", "/v1/deliveries"))["items"]
+            return items if items and items[0]["attempts"] >= 1 else None
+
+        (item,) = await eventually(attempted, what="the delivery attempted")
+        assert (item["event"], item["state"], item["payload"]["job_id"]) == ("cancel_requested", "pending", job_id)
+        assert item["last_error"] == "ConnectError"
+        one = f"/v1/deliveries/{item['id']}"
+        shown = await check("GET", "/v1/deliveries/{delivery_id}", one)
+        assert shown["attempt_log"][0]["error"] == "ConnectError"
+        assert (await check("GET", "/v1/deliveries", params={"state": "delivered"}))["items"] == []
+        await check("GET", "/v1/deliveries", params={"state": "lost"})  # 422
+        redone = await check("POST", "/v1/deliveries/{delivery_id}/redeliver", one + "/redeliver")
+        assert redone == {"redelivered": [item["id"]]}
+        missing = "/v1/deliveries/msg_" + "0" * 32
+        assert (await admin.v1("GET", missing)).status_code == 404
+        await check("GET", "/v1/deliveries/{delivery_id}", missing)
+        await check("POST", "/v1/deliveries/{delivery_id}/redeliver", missing + "/redeliver")
+        await check("GET", "/v1/deliveries/{delivery_id}", "/v1/deliveries/not-an-id")  # 422

@@ -23,6 +23,7 @@ from sqlalchemy import event
 from conftest import API_KEY, config_text, load, running_daemon, wait_until
 from fakeserver import FakeServer
 from supervisor.adapters.store import NewJob, utcnow
+from supervisor.adapters.tables import outbox
 from supervisor.app.console.queries import PAGE_SIZE
 from supervisor.app.http import AdminApi, AdminServer
 from supervisor.app.operations import Operations
@@ -30,6 +31,7 @@ from supervisor.app.report import build_report
 from supervisor.app.views import QueueItemView, SubmitResult
 from supervisor.config import Config
 from supervisor.core.budgets import next_period_start
+from supervisor.core.notify import Notice
 from supervisor.core.states import TERMINAL, State
 from supervisor.service.runtime import Daemon
 
@@ -421,3 +423,43 @@ async def test_the_queue_page_shows_why_each_waits_and_cancels_a_queued_one(
         refused = await console.post_form("/ui/queue", f"/ui/queue/{started[0].id}/cancel")
         assert refused.status_code == 409
         assert "only a queued or orphaned one can be cancelled" in refused.text
+
+
+async def test_the_deliveries_page_lists_failed_first_and_redelivers(
+    tmp_path: Path, fake_server: FakeServer, sqlite_url: str
+) -> None:
+    path = tmp_path / "supervisor.toml"
+    hook = '\n[[notify.webhooks]]\nurl = "http://127.0.0.1:9/hook"\nevents = ["budget_warning"]\ntimeout = "1s"\n'
+    path.write_text(config_text(fake_server.base_url, sqlite_url, policies=POLICIES) + hook, encoding="utf-8")
+    config = load(path)
+    async with console_of(config, TOKEN) as console:
+        store = console.daemon.store
+        now = utcnow()
+        for name in ("first", "second"):
+            await store.record_notices([Notice("budget_warning", now, f"budget:{name}", {"budget": name})], now)
+        rows = await store.list_deliveries()
+        failed_id = next(row["delivery_id"] for row in rows if row["subject"] == "budget:first")
+        # A delivery given up on (as after notify.retry_for): the one a person must look at.
+        await console.daemon.webhooks.close()  # the worker's own attempts would race the page below
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                outbox.update().where(outbox.c.delivery_id == failed_id).values(state="failed", last_error="HTTP 503")
+            )
+
+        await console.login()
+        page = await console.page("/ui/deliveries")
+        assert 'href="/ui/deliveries" aria-current="page"' in page.text
+        ids = re.findall(r'<tr id="delivery-(msg_[0-9a-f]+)">', page.text)
+        assert ids[0] == failed_id and len(ids) == 2  # failed first
+        assert "HTTP 503" in page.text
+        action = f"/ui/deliveries/{failed_id}/redeliver"
+        assert page.text.count("/redeliver") == 1  # only the failed one: the pending one is on its way
+
+        refused = await console.http.post(action, data={"csrf": "forged"})
+        assert refused.status_code == 403
+        assert (await store.get_delivery(failed_id) or {})["state"] == "failed"
+
+        done = await console.post_form("/ui/deliveries", action)
+        assert (done.status_code, done.headers["location"]) == (303, "/ui/deliveries")
+        again = await store.get_delivery(failed_id)
+        assert again is not None and (again["state"], again["attempts"]) == ("pending", 0)

@@ -507,6 +507,26 @@ def test_plain_http_webhook_is_refused_by_its_index_and_its_password_is_not_echo
     assert allowed.notify.webhooks[0].url == "http://hooks.lan/b"
 
 
+def test_notify_retry_for_defaults_to_a_day_and_is_bounded(tmp_path: Path) -> None:
+    assert load(tmp_path, "").notify.retry_for == timedelta(hours=24)
+    assert load(tmp_path, '[notify]\nretry_for = "30d"\n').notify.retry_for == timedelta(days=30)
+    for bad in ('"0s"', '"-5m"', '"31d"'):
+        with pytest.raises(ConfigError, match=r"notify\.retry_for: "):
+            load(tmp_path, f"[notify]\nretry_for = {bad}\n")
+
+
+def test_a_hooks_key_names_its_host_never_its_token(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        '[[notify.webhooks]]\nurl = "https://hooks.slack.com/services/T0/B0/sEcReT"\n'
+        '[[notify.webhooks]]\nurl = "https://hooks.slack.com/services/T0/B0/other"\n',
+    )
+    first, second = (hook.key for hook in config.notify.webhooks)
+    assert first.startswith("hooks.slack.com-") and "sEcReT" not in first
+    assert first != second  # two hooks on one host stay apart
+    assert config.notify.webhooks[0].signature == "standard"
+
+
 @pytest.mark.parametrize(
     ("listen", "beyond"),
     [("127.0.0.1:8787", False), ("[::1]:8787", False), ("localhost:1", False),

@@ -9,7 +9,9 @@ The statements are split by what they store, one module each:
   clock, so replicas sharing one PostgreSQL database agree on who holds what;
 - reads: jobs and their events;
 - budgets: usage, admissions (reservations), budget periods;
-- submissions: the scheduler's queue.
+- submissions: the scheduler's queue;
+- routes and outbox: webhook events as rows written with their cause, their delivery
+  (claims under a lease, attempts), the delivery log, and the counters' event stream.
 
 `Store` is these parts as mixins over one `Database`, not a composition of part objects:
 its callers (the daemon's services, the CLI, the HTTP API, the tests) ask one object for
@@ -34,17 +36,21 @@ from supervisor.adapters.store.database import (
 from supervisor.adapters.store.jobs import Jobs, JobWrite, NewJob
 from supervisor.adapters.store.kept import KeptResults
 from supervisor.adapters.store.leases import Leases
+from supervisor.adapters.store.outbox import Outbox
 from supervisor.adapters.store.reads import JobReads
+from supervisor.adapters.store.routes import DELIVERY_STATES, Routes
 from supervisor.adapters.store.submissions import Submissions
 
 
-class Store(Jobs, Leases, JobReads, Budgets, Submissions, KeptResults):
+class Store(Jobs, Leases, JobReads, Budgets, Submissions, KeptResults, Outbox):
     """The database of one process: open it with a URL (and an owner for its leases)."""
 
 
 __all__ = [
+    "DELIVERY_STATES",
     "JobWrite",
     "NewJob",
+    "Routes",
     "SqliteFileUnwritable",
     "Store",
     "async_url",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,8 +20,10 @@ from sqlalchemy import String, case, cast, delete, func, insert, select, text, u
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from supervisor.adapters.store.database import Database
+from supervisor.adapters.store.routes import insert_notices
 from supervisor.adapters.tables import admissions, budget_periods, jobs
 from supervisor.core.budgets import Usage
+from supervisor.core.notify import Notice
 
 # Per period start (None: all time), usage by label set.
 UsageByStart = dict[datetime | None, list[tuple[dict[str, str], Usage]]]
@@ -66,13 +68,22 @@ class Budgets(Database):
         return row or {"warned": [], "exhausted_at": None}
 
     async def save_budget_period(
-        self, budget: str, period_key: str, warned: list[str], exhausted_at: datetime | None, now: datetime
+        self,
+        budget: str,
+        period_key: str,
+        warned: list[str],
+        exhausted_at: datetime | None,
+        now: datetime,
+        notices: Sequence[Notice] = (),
     ) -> None:
+        """Record which warnings fired (and the exhaustion), with the webhook events of
+        these crossings in the same transaction."""
         values = {"warned": warned, "exhausted_at": exhausted_at, "updated_at": now}
         async with self.engine.begin() as conn:
             result = await conn.execute(update(budget_periods).where(_period(budget, period_key)).values(**values))
             if result.rowcount == 0:
                 await conn.execute(insert(budget_periods).values(budget=budget, period_start=period_key, **values))
+            await insert_notices(conn, notices, self.routes, now)
 
     async def budget_periods_since(self, since: datetime) -> list[dict[str, Any]]:
         return await self._rows(select(budget_periods).where(budget_periods.c.updated_at >= since))

@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from supervisor.adapters.store.routes import Routes
 from supervisor.core.job import Job
 
 
@@ -145,6 +146,9 @@ class Database:
     def __init__(self, url: str, *, owner: str | None = None, pool_size: int = 5) -> None:
         self.url = url
         self.owner = owner or default_owner()
+        # Which hooks want which events: every transaction that records a cause writes its
+        # webhook events' outbox rows by these (none until whoever opens the store sets them).
+        self.routes = Routes()
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         options: dict[str, Any] = {}
         if not self.is_sqlite:

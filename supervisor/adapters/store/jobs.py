@@ -19,10 +19,12 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from supervisor.adapters.store.budgets import serialize_admissions, settle_admission
-from supervisor.adapters.store.database import Database, chunks
+from supervisor.adapters.store.database import Database, chunks, utcnow
 from supervisor.adapters.store.leases import NO_LEASE
+from supervisor.adapters.store.routes import insert_notices
 from supervisor.adapters.store.submissions import start_submission
 from supervisor.adapters.tables import job_events, jobs, kept_results
+from supervisor.core.notify import notices
 from supervisor.core.states import TERMINAL, State
 from supervisor.core.transitions import Change, Event
 
@@ -131,6 +133,10 @@ class Jobs(Database):
             events = [{"job_id": write.job_id, **event.row()} for write in applied for event in write.change.events]
             if events:
                 await conn.execute(insert(job_events), events)
+            # The webhook events of these Changes, committed with them (the outbox).
+            await insert_notices(
+                conn, [n for write in applied for n in notices(write.change)], self.routes, _now(applied)
+            )
         return done
 
     async def _current(self, conn: AsyncConnection, writes: Sequence[JobWrite]) -> dict[str, tuple[str | None, str]]:
@@ -234,6 +240,13 @@ def _fence_holds(write: JobWrite, current: tuple[str | None, str] | None) -> boo
     if write.lease_token:
         return token == write.lease_token
     return state == write.change.job.state
+
+
+def _now(writes: Sequence[JobWrite]) -> datetime:
+    """When these writes' outbox rows were created: their latest event (each Change is timed
+    by its writer's clock; the store has none of its own)."""
+    times = [event.at for write in writes for event in write.change.events]
+    return max(times) if times else utcnow()
 
 
 def _unique(new_jobs: Sequence[NewJob]) -> list[NewJob]:

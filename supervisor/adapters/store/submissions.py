@@ -16,8 +16,10 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from supervisor.adapters.store.budgets import UsageByStart, reserve, serialize_admissions, settle_admission, usage_in
-from supervisor.adapters.store.database import Database, aware
+from supervisor.adapters.store.database import Database, aware, utcnow
+from supervisor.adapters.store.routes import insert_notices
 from supervisor.adapters.tables import submissions
+from supervisor.core.notify import Notice
 from supervisor.core.queueing import SubmissionPlan
 
 # The queued submissions one scheduling decision looks at (the head of the queue).
@@ -173,8 +175,11 @@ class Submissions(Database):
             .limit(QUEUE_SCAN)
         )
 
-    async def mark_announced(self, submission_id: str, state: str) -> bool:
-        """Claim the announcement of `state` (True once, for one caller)."""
+    async def mark_announced(
+        self, submission_id: str, state: str, notices: Sequence[Notice] = (), now: datetime | None = None
+    ) -> bool:
+        """Claim the announcement of `state` (True once, for one caller), its webhook events'
+        outbox rows inserted in the same transaction."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(submissions)
@@ -183,6 +188,8 @@ class Submissions(Database):
                 .where(submissions.c.announced.is_(None) | (submissions.c.announced != state))
                 .values(announced=state)
             )
+            if result.rowcount:
+                await insert_notices(conn, notices, self.routes, now or utcnow())
         return bool(result.rowcount)
 
     async def cancel_submission(self, submission_id: str, now: datetime) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ admin API's shapes); tables are rich tables on a terminal and tab-separated line
 values (header first) when stdout is not one. Colour follows rich, so NO_COLOR turns it off.
 
 The commands live by what they are about: jobs.py (track, submit, cancel, continue, jobs),
-queue.py, daemon.py (run, top, report, budgets, healthcheck, fake-api, demo) and install.py
+queue.py, webhooks.py, daemon.py (run, top, report, budgets, healthcheck, fake-api, demo) and install.py
 (check-config, migrate); common.py has what they share.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from supervisor.app.cli import daemon, install, jobs, queue
+from supervisor.app.cli import daemon, install, jobs, queue, webhooks
 from supervisor.app.cli.common import CONFIG_HELP, PROG, fail
 from supervisor.config import config_path
 
@@ -52,6 +52,7 @@ class _OneLineErrors(click.Group):
     commands=[
         jobs.track, jobs.submit, jobs.cancel, jobs.continue_command, jobs.jobs,
         queue.queue,
+        webhooks.webhooks,
         daemon.run, daemon.top, daemon.report, daemon.budgets, daemon.healthcheck, daemon.fake_api_command, daemon.demo,
         install.check_config, install.migrate_command,
     ],

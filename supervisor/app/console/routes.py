@@ -127,6 +127,8 @@ class Console:
             ("/budgets/{name}", self.budget, "GET"),
             ("/queue", self.queue, "GET"),
             ("/queue/{submission_id}/cancel", self.cancel_queued, "POST"),
+            ("/deliveries", self.deliveries, "GET"),
+            ("/deliveries/{delivery_id}/redeliver", self.redeliver, "POST"),
             ("/report", self.report, "GET"),
             ("/report.csv", self.report_csv, "GET"),
             ("/logout", self.logout, "POST"),
@@ -353,7 +355,7 @@ class Console:
 
     async def cancel(self, request: Request, visit: Visit) -> Response:
         job_id = request.path_params["job_id"]
-        # Counted, logged and announced by the daemon's effects, as a cancel from the CLI or /v1.
+        # Announced, counted and logged as a cancel from the CLI or /v1 is.
         await self._ops().manual_cancel(job_id, visit.field("reason") or None)
         return RedirectResponse(f"{PREFIX}/jobs/{quote(job_id)}", 303)
 
@@ -372,6 +374,16 @@ class Console:
         # The same operation as `clado-supervisor queue cancel` and POST /v1/queue/{id}/cancel.
         await self._ops().cancel_queued(request.path_params["submission_id"])
         return RedirectResponse(f"{PREFIX}/queue", 303)
+
+    async def deliveries(self, request: Request, visit: Visit) -> Response:
+        # Failed first (what needs a person), then pending, then delivered.
+        items = await self._ops().deliveries()
+        return self._render(request, "deliveries.html", visit=visit, items=items, page="deliveries")
+
+    async def redeliver(self, request: Request, visit: Visit) -> Response:
+        # The same operation as `clado-supervisor webhooks redeliver` and POST /v1/deliveries/{id}/redeliver.
+        await self._ops().redeliver([request.path_params["delivery_id"]])
+        return RedirectResponse(f"{PREFIX}/deliveries", 303)
 
     async def report(self, request: Request, visit: Visit) -> Response:
         which = queries.period(request.query_params.get("period"))

@@ -25,7 +25,16 @@ from supervisor.app.http.openapi import openapi_document
 from supervisor.app.http.responses import JSONResponse, answer, created, error_response, job_location, queue_location
 from supervisor.app.inputs import CancelRequest, ContinueRequest, SubmitRequest, TrackRequest
 from supervisor.app.operations import Operations
-from supervisor.app.views import HealthView, JobDetailView, JobPage, JobView, QueueItemView, QueuePage, ReadinessView
+from supervisor.app.views import (
+    DeliveryPage,
+    HealthView,
+    JobDetailView,
+    JobPage,
+    JobView,
+    QueueItemView,
+    QueuePage,
+    ReadinessView,
+)
 from supervisor.core.job import Job
 
 if TYPE_CHECKING:
@@ -162,9 +171,18 @@ class AdminApi:
     async def cancel_queued(self, request: Request) -> Response:
         return answer(await self.ops.cancel_queued(request.path_params["id"]))
 
+    async def list_deliveries(self, request: Request) -> Response:
+        return answer(DeliveryPage(items=await self.ops.deliveries(request.query_params.get("state"))))
+
+    async def show_delivery(self, request: Request) -> Response:
+        return answer(await self.ops.delivery(request.path_params["delivery_id"]))
+
+    async def redeliver(self, request: Request) -> Response:
+        return answer(await self.ops.redeliver([request.path_params["delivery_id"]]))
+
     async def cancel(self, request: Request) -> Response:
         body = await read_body(request, CancelRequest, self._max_body, empty_ok=True)
-        # Counted, logged and announced by the daemon's effects, like any other decision.
+        # Announced (outbox rows with the write), counted (from its events) and logged like any other decision.
         job = await self.ops.manual_cancel(request.path_params["job_id"], body.reason)
         return answer(JobView.of(self.daemon.config, job))
 

@@ -7,11 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor.adapters.store import DELIVERY_STATES
 from supervisor.app import inputs
 from supervisor.app.inputs import Body, CancelRequest, ContinueRequest, SubmitRequest, TrackRequest
 from supervisor.app.views import (
     BudgetsView,
     ContinueResult,
+    DeliveryPage,
+    DeliveryView,
     HealthView,
     JobDetailView,
     JobPage,
@@ -19,6 +22,7 @@ from supervisor.app.views import (
     QueueItemView,
     QueuePage,
     ReadinessView,
+    RedeliverResult,
     SubmitResult,
     TrackResult,
     View,
@@ -41,7 +45,11 @@ class Endpoint:
 
 
 # The pattern of each `{name}` a path has.
-_PATH_PATTERNS = {"job_id": inputs.JOB_ID_PATTERN, "id": inputs.SUBMISSION_ID_PATTERN}
+_PATH_PATTERNS = {
+    "job_id": inputs.JOB_ID_PATTERN,
+    "id": inputs.SUBMISSION_ID_PATTERN,
+    "delivery_id": inputs.DELIVERY_ID_PATTERN,
+}
 
 
 def path_parameters(path: str) -> list[dict[str, Any]]:
@@ -78,6 +86,7 @@ _LIST_PARAMETERS = (
 _QUEUE_PARAMETERS = (
     _repeatable("state", {"enum": list(SUBMISSION_STATES)}, "repeat it for several states; all submissions without it"),
 )
+_DELIVERY_PARAMETERS = ({"name": "state", "in": "query", "schema": {"type": "string", "enum": list(DELIVERY_STATES)}},)
 BODY_ERRORS = (400, 401, 403, 413, 415, 422)
 
 ENDPOINTS = (
@@ -116,4 +125,13 @@ ENDPOINTS = (
     Endpoint("GET", "/v1/budgets", "list_budgets", {200: BudgetsView}, (401, 403, 503)),
     Endpoint("GET", "/v1/queue/{id}", "show_queued", {200: QueueItemView}, (401, 403, 404, 422, 503)),
     Endpoint("POST", "/v1/queue/{id}/cancel", "cancel_queued", {200: QueueItemView}, (401, 403, 404, 409, 422, 503)),
-)
+    Endpoint(
+        "GET", "/v1/deliveries", "list_deliveries", {200: DeliveryPage}, (401, 403, 422, 503),
+        parameters=_DELIVERY_PARAMETERS,
+    ),
+    Endpoint("GET", "/v1/deliveries/{delivery_id}", "show_delivery", {200: DeliveryView}, (401, 403, 404, 422, 503)),
+    Endpoint(
+        "POST", "/v1/deliveries/{delivery_id}/redeliver", "redeliver", {200: RedeliverResult},
+        (401, 403, 404, 422, 503),
+    ),
+)  # fmt: skip
