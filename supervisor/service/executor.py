@@ -17,6 +17,7 @@ and when a job is looked at next are polling.py's.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -66,6 +67,8 @@ class JobHandler:
         self._clock = clock
         self._effects = effects
         self._on_phase: Callable[[str, str], None] = lambda job_id, phase: None
+        # How late polls run now, in seconds (the dispatcher's lag watch): probes widen with it.
+        self.lag: Callable[[], float] = lambda: 0.0
         self.poller = Poller(config, client, self._write, clock, effects)
 
     @property
@@ -119,8 +122,12 @@ class JobHandler:
             credits_per_s=seen.credits_per_s,
             warned=frozenset(seen.warned),
             first_seen_at=seen.submitted_at,
+            api_cap=None if job.result_limit is None else job.result_limit * config.api.credits_per_result,
         )
-        verdict = evaluate(observation, policy, now, poll_interval=config.supervisor.poll_interval)
+        verdict = evaluate(
+            observation, policy, now, poll_interval=config.supervisor.poll_interval,
+            lag=timedelta(seconds=self.lag()), jitter=random.random(),  # noqa: S311 - spreading polls, not a secret
+        )  # fmt: skip
         change = self._warnings(change, verdict, config, now)
         if verdict.breach is not None:
             detail = transitions.decision_detail(
@@ -136,13 +143,14 @@ class JobHandler:
                     await self._send_cancel(decided.after)
                 return
             change = transitions.would_cancel(change, verdict.breach.reason, detail, now)
-        change = change.set({"next_check_at": verdict.next_check_at})
+        check = verdict.next_check
+        change = change.set({"next_check_at": check.at, "check_priority": check.priority})
         # The dispatcher claims at its ticks: a check due before the next one would wait for
         # it (up to a tick: 10 credits at 10 results/s), so this handler keeps the lease and
         # makes that check itself, on time.
-        soon = verdict.next_check_at - now < config.supervisor.tick_interval
+        soon = check.at - now < config.supervisor.tick_interval
         if await self._write(change, release=not soon) and soon:
-            await asyncio.sleep(max(0.0, (verdict.next_check_at - self._clock()).total_seconds()))
+            await asyncio.sleep(max(0.0, (check.at - self._clock()).total_seconds()))
             await self._watch(change.after)
 
     def _observed(self, change: Change, status: JobStatus, now: datetime) -> Change:

@@ -43,6 +43,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from supervisor.adapters.clado import CladoClient
 from supervisor.adapters.dbwatch import DatabaseFault, DatabaseWatch
+from supervisor.adapters.eventloop import loop_name
 from supervisor.adapters.store import Store, db_error_text, utcnow
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
@@ -133,6 +134,7 @@ class Daemon:
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
+        self.handler.lag = self.dispatcher.lag.recent_p99
         # One STATUS= line: the housekeeping's summary, the lag watch's note after it.
         self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at
@@ -281,6 +283,7 @@ class Daemon:
             poll_interval=config.supervisor.poll_interval.total_seconds(),
             tick_interval=tick,
             dry_run=config.supervisor.dry_run,
+            event_loop=loop_name(),
             transport=config.api.transport,
             config_hash=config.config_hash,
         )

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from supervisor.core import transitions
-from supervisor.core.job import FIELDS, Job
+from supervisor.core.job import CHECK_ENFORCE, CHECK_PROBE, FIELDS, Job
 from supervisor.core.states import RECHECKED, TERMINAL, IllegalTransition, State
 from supervisor.core.transitions import Change
 
@@ -206,3 +206,13 @@ def test_a_refused_cancel_is_remembered_and_its_resend_keeps_the_decision() -> N
     )  # fmt: skip
     again = transitions.cancel_sent(Change.of(resent.after), True, "ok", LATER, LATER, LATER).after
     assert again.cancel_acked_at == NOW  # confirm_timeout counts from the first answer
+
+
+def test_a_next_check_set_without_its_purpose_is_an_enforcing_one() -> None:
+    # A probe scheduled by the policy, then a budget's crossing brings the check forward:
+    # the claim must not queue that check behind probes.
+    probed = Change.of(job(State.WATCHING)).set({"next_check_at": LATER, "check_priority": CHECK_PROBE})
+    assert probed.after.check_priority == CHECK_PROBE
+    assert probed.set({"next_check_at": NOW}).after.check_priority == CHECK_ENFORCE
+    # values that leave the next check alone leave its purpose alone
+    assert probed.set({"credits_used": 41}).after.check_priority == CHECK_PROBE

@@ -23,6 +23,7 @@ from supervisor.adapters.store.database import Database, chunks
 from supervisor.adapters.store.leases import NO_LEASE
 from supervisor.adapters.store.submissions import start_submission
 from supervisor.adapters.tables import job_events, jobs
+from supervisor.core.job import CHECK_ROUTINE
 from supervisor.core.states import TERMINAL, State
 from supervisor.core.transitions import Change, Event
 
@@ -195,7 +196,8 @@ async def _update_many(conn: AsyncConnection, writes: Iterable[JobWrite]) -> Non
 
 
 def _job_row(job: NewJob, now: datetime) -> dict[str, Any]:
-    """A new job's row: watching, due at once."""
+    """A new job's row: watching, due at once (a first look: routine, so a mass track waits
+    behind the deadlines of jobs already known)."""
     return {
         "job_id": job.job_id,
         "state": State.WATCHING.value,
@@ -210,6 +212,7 @@ def _job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "credits_used": 0,
         "submitted_at": now,
         "next_check_at": now,
+        "check_priority": CHECK_ROUTINE,
         "poll_errors": 0,
         "warned": [],
         "cancel_attempts": 0,

@@ -49,8 +49,9 @@ class Leases(Database):
         lease_ttl: timedelta,
         job_id: str | None = None,
     ) -> list[Job]:
-        """Lease up to `limit` jobs due before now + horizon, soonest first: active jobs, then
-        terminal jobs still re-checked (`recheck_until` set) with what room is left.
+        """Lease up to `limit` jobs due before now + horizon: active jobs (enforcing checks
+        first, then soonest first), then terminal jobs still re-checked (`recheck_until` set)
+        with what room is left.
 
         Two queries, each on its own index: the active jobs' claim is what it always was,
         and the re-checked ones are found through a partial index that holds only them, so
@@ -70,12 +71,16 @@ class Leases(Database):
             rechecked = select(jobs).where(
                 jobs.c.recheck_until.is_not(None), jobs.c.state.in_([s.value for s in RECHECKED]), *due
             )
+            # Active jobs by what their check is for, then by due time: with a backlog, a
+            # deadline's poll goes before routine re-polls and rate probes (core.job CHECK_*).
+            active = active.order_by(jobs.c.check_priority, jobs.c.next_check_at)
+            rechecked = rechecked.order_by(jobs.c.next_check_at)
             claimed: list[Job] = []
             for query in (active, rechecked):
                 room = limit - len(claimed)
                 if room <= 0:
                     break
-                query = query.order_by(jobs.c.next_check_at).limit(room)
+                query = query.limit(room)
                 if job_id is not None:
                     query = query.where(jobs.c.job_id == job_id)
                 if not self.is_sqlite:
