@@ -130,6 +130,8 @@ class Daemon:
             clock,
             self._stopping,
             ticked=self.housekeeping.after_tick,
+            # A backlog is claimed as fast as it is handled, not a batch a tick.
+            claim_soon=self._tick_now,
         )
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
@@ -139,7 +141,7 @@ class Daemon:
         self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at
         # once, not at the next tick.
-        self.enforcer.on_due = lambda: self._runs.spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
+        self.enforcer.on_due = self._tick_now
         # The polls brought forward to a budget's crossing: looked at again once they are recorded.
         self.effects.on_applied = self.enforcer.recorded
         self.elector.on_change(self.housekeeping.leadership_changed)
@@ -287,6 +289,10 @@ class Daemon:
             transport=config.api.transport,
             config_hash=config.config_hash,
         )
+
+    def _tick_now(self) -> None:
+        """A claim now, outside the schedule (the dispatcher runs one claim at a time)."""
+        self._runs.spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
 
     def request_stop(self) -> None:
         self._stopping.set()
