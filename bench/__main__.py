@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller runs (throughput: 1,000 jobs, SQLite, with and without uvloop; workloads: 2,000 jobs, SQLite); results go to *-quick.json",
+        help=(
+            "smaller runs (throughput: 1,000 jobs, SQLite, with and without uvloop; workloads: 2,000 jobs, "
+            "SQLite); results go to *-quick.json"
+        ),
     )
     args = parser.parse_args(argv)
     chosen = args.benchmarks or list(NAMES)

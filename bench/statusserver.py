@@ -56,7 +56,13 @@ class State:
             "total_results": count,
             "final_results_count": count,
             "results": [],
-            "pagination": {"page": 1, "page_size": page_size, "total_pages": pages, "total_results": count, "has_next": pages > 1},
+            "pagination": {
+                "page": 1,
+                "page_size": page_size,
+                "total_pages": pages,
+                "total_results": count,
+                "has_next": pages > 1,
+            },
         }
 
 

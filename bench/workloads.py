@@ -86,8 +86,7 @@ class StatusServer:
             stderr=self._log,
             text=True,
         )
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
+        if self.proc.stdout is None or self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the status server did not start")
 
     def stats(self) -> dict[str, Any]:
@@ -231,9 +230,7 @@ def _lateness(server: StatusServer, db_url: str, deadlined: list[str], tracked_a
     from supervisor.adapters.tables import jobs
     from supervisor.core.job import Job
 
-    common.wait_until(
-        lambda: len(server.stats()["cancels"]) >= len(deadlined), timeout=120, what="the burst's cancels"
-    )
+    common.wait_until(lambda: len(server.stats()["cancels"]) >= len(deadlined), timeout=120, what="the burst's cancels")
     cancels = server.stats()["cancels"]
     engine = create_engine(sync_url(db_url), poolclass=pool.NullPool)
     try:
@@ -292,10 +289,20 @@ def run(*, quick: bool, log: Any) -> dict[str, Any]:
         common.table(
             headers,
             [
-                (r["backend"], r["jobs"], r["workload"], r["polls_per_s"], r["held"],
-                 "/".join(f"{v:g}" for v in r["per_second_p10_p50_max"]), r["lag_p99_s"], r["cpu_us_per_poll"],
-                 r["bare"]["cpu_us_per_request"], r["ratio_to_bare"],
-                 r.get("burst", {}).get("lateness_p99_s", ""), r["load_avg_1m"])  # fmt: skip
+                (
+                    r["backend"],
+                    r["jobs"],
+                    r["workload"],
+                    r["polls_per_s"],
+                    r["held"],
+                    "/".join(f"{v:g}" for v in r["per_second_p10_p50_max"]),
+                    r["lag_p99_s"],
+                    r["cpu_us_per_poll"],
+                    r["bare"]["cpu_us_per_request"],
+                    r["ratio_to_bare"],
+                    r.get("burst", {}).get("lateness_p99_s", ""),
+                    r["load_avg_1m"],
+                )
                 for r in rows
             ],
         )

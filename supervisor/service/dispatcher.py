@@ -17,8 +17,11 @@ bounded by how fast it handles jobs (its CPU, the API), not by `batch_size` per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 import structlog
@@ -29,7 +32,7 @@ from supervisor.adapters.store import Store, database_unavailable, db_error_text
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
-from supervisor.core.job import Job
+from supervisor.core.job import CHECK_ENFORCE, Job
 from supervisor.service.executor import JobHandler
 from supervisor.service.guards import Backoff, db_timeout
 from supervisor.service.lag import LagWatch
@@ -39,10 +42,51 @@ log = structlog.get_logger("supervisor.daemon")
 
 # Cap of the claim's exponential backoff after consecutive database failures.
 CLAIM_BACKOFF_CAP = 5.0
+# Handling slots per request slot of the client (api.max_concurrency): see Dispatcher.turns.
+TURNS_PER_REQUEST_SLOT = 2
 # With a backlog (the last claim came back full), claim again once this share of the limit
 # is free: often enough that handlers never run dry, rarely enough that a claim (one
 # transaction) is not made for every job that finishes.
 REFILL_AT = 0.25
+
+
+class Turns:
+    """Slots, granted in (priority, due time) order rather than first come: a job that
+    enforces something goes before probes and routine re-polls that were claimed first."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, priority: int, due: float) -> AsyncIterator[None]:
+        await self._acquire(priority, due)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: int, due: float) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, due, next(self._order), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._release()  # granted as it was cancelled: pass the slot on
+            raise  # a waiter cancelled unserved stays in the heap, skipped when popped
+
+    def _release(self) -> None:
+        while self._waiting:
+            granted = heapq.heappop(self._waiting)[3]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self._free += 1
 
 
 class Dispatcher:
@@ -72,6 +116,7 @@ class Dispatcher:
         self.inflight: dict[str, InFlight] = {}
         # Of those in flight, the jobs being handled (past their due time): what the limit counts.
         self.handling = 0
+        self.enforcing = 0  # of those, the ones whose check enforces something
         self._claiming = False  # one claim at a time: the capacity is reckoned before it
         self.last_tick_at: datetime | None = None
         self.ticks = 0
@@ -87,6 +132,10 @@ class Dispatcher:
         # their leases would bounce between replicas.
         # The floor is the client's concurrency, fixed when the client was made ([api] needs a restart).
         self._claim_floor = settings.api.max_concurrency
+        # Handling slots, twice the client's concurrency (so a job writing its result leaves
+        # the client busy), granted enforcing checks first: a deadline claimed behind a
+        # backlog of probes waits for a slot, not for the backlog.
+        self.turns = Turns(TURNS_PER_REQUEST_SLOT * settings.api.max_concurrency)
         self.claim_limit = min(settings.supervisor.batch_size, self._claim_floor * 4)
         self._handling_s: float | None = None  # moving average of handling times
         self._last_claim_full = False  # the limit, not the due jobs, bounded the last claim
@@ -116,14 +165,16 @@ class Dispatcher:
         self._key_rejected = False
         started = time.perf_counter()
         settings = self._config().supervisor
-        if self.handling >= settings.batch_size:
-            log.warning("tick skipped: all handler slots busy", inflight=len(self.inflight), handling=self.handling)
-            return 0
         self._adapt_claim_limit()
         capacity = self._capacity()
+        # At the claim limit the tick claims only enforcing checks (up to the limit of those
+        # being handled): the rest wait in the database, where another replica may take them.
+        enforcing_only = capacity <= 0
+        if enforcing_only:
+            if self.handling >= settings.batch_size:
+                log.warning("tick skipped: all handler slots busy", inflight=len(self.inflight), handling=self.handling)
+            capacity = min(settings.batch_size, self.claim_limit) - self.enforcing
         jobs: list[Job] = []
-        # At the claim limit the tick claims nothing: the jobs wait in the database, where
-        # another replica may take them.
         if capacity > 0:
             if not self._backoff.ready():
                 return 0  # the database failed lately: wait out the backoff
@@ -131,14 +182,15 @@ class Dispatcher:
             try:
                 async with db_timeout(self._store, max(5.0, settings.tick_interval.total_seconds() * 5)):
                     jobs = await self._store.claim_due(
-                        self._clock(), horizon=settings.tick_interval, limit=capacity, lease_ttl=settings.lease_ttl
-                    )
+                        self._clock(), horizon=settings.tick_interval, limit=capacity, lease_ttl=settings.lease_ttl,
+                        priority_at_most=CHECK_ENFORCE if enforcing_only else None,
+                    )  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - a failed claim backs off; the tick must not die
                 self._backoff.failed(exc)
                 self.notifier.status(f"database unavailable; retrying ({db_error_text(exc)})")
                 return 0
             self._backoff.succeeded()
-            self._last_claim_full = len(jobs) >= capacity
+            self._last_claim_full = len(jobs) >= capacity and not enforcing_only
             deadline = claimed_at + settings.lease_ttl.total_seconds() * LEASE_USE
             for job in jobs:
                 task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
@@ -169,20 +221,30 @@ class Dispatcher:
         job_id = job.job_id
         item = self.inflight[job_id]  # registered by the tick before this task first runs
         started: float | None = None
+        enforcing = False
         try:
             # Bounded so that the lease cannot expire under a job still being handled (see
             # leases.py: the keeper moves this deadline on when it extends the lease).
             async with asyncio.timeout_at(item.deadline) as scope:
                 item.scope = scope
-                delay = (job.next_check_at - self._clock()).total_seconds()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                self.lag.observe(job.next_check_at, self._clock())
-                self.set_phase(job_id, "poll")
-                started = time.monotonic()
-                self.handling += 1
-                await self._handler.handle(job)
-            self._observe_handling(time.monotonic() - started)
+                step: Job | None = job
+                while step is not None:
+                    # The job's due time, then its turn; a check due before the next tick is
+                    # made here again under the same lease (the handler returns the job).
+                    delay = (step.next_check_at - self._clock()).total_seconds()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if started is None:
+                        self.lag.observe(step.next_check_at, self._clock())
+                        self.set_phase(job_id, "poll")
+                        started = time.monotonic()
+                        self.handling += 1
+                        enforcing = step.check_priority == CHECK_ENFORCE
+                        self.enforcing += enforcing
+                    at = time.monotonic()
+                    async with self.turns.turn(step.check_priority, step.next_check_at.timestamp()):
+                        step = await self._handler.handle(step)
+                    self._observe_handling(time.monotonic() - at)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -202,6 +264,7 @@ class Dispatcher:
         finally:
             if started is not None:
                 self.handling -= 1
+                self.enforcing -= enforcing
             if self.inflight.get(job_id) is item:
                 del self.inflight[job_id]
             self._refill()

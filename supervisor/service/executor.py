@@ -16,7 +16,6 @@ and when a job is looked at next are polling.py's.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -85,30 +84,34 @@ class JobHandler:
         """Tell the daemon when a job enters the cancel phase (shutdown lets it finish)."""
         self._on_phase = callback
 
-    async def handle(self, job: Job) -> None:
+    async def handle(self, job: Job) -> Job | None:
+        """One step of the job. Returns the job when its next check is due before the next
+        tick: its lease is kept, and the caller makes that check itself at
+        `next_check_at` (see `_enforce`); else None."""
         if job.state is State.WATCHING:
-            await self._watch(job)
-        elif job.state is State.CANCELLING:
+            return await self._watch(job)
+        if job.state is State.CANCELLING:
             await self._send_cancel(job)
         elif job.state is State.CONFIRMING:
             await self._confirm(job)
         elif job.state in RECHECKED and job.recheck_until is not None:
-            await self._recheck(job)
+            return await self._recheck(job)
+        return None
 
     # -- watching -----------------------------------------------------------------------
 
-    async def _watch(self, job: Job) -> None:
+    async def _watch(self, job: Job) -> Job | None:
         status = await self.poller.status(job)
         if status is None:
-            return
+            return None
         now = self._clock()
         change = self._observed(Change.of(job), status, now)
         if status.is_final:
             await self._write(self._finish(change, status.status, now))
-            return
-        await self._enforce(change, status, now)
+            return None
+        return await self._enforce(change, status, now)
 
-    async def _enforce(self, change: Change, status: JobStatus, now: datetime) -> None:
+    async def _enforce(self, change: Change, status: JobStatus, now: datetime) -> Job | None:
         """A watching job seen running: its limits evaluated, a breach decided and sent."""
         config = self.config
         job = change.job
@@ -141,17 +144,17 @@ class JobHandler:
                 if await self._write(decided, release=False):
                     failpoints.hit(failpoints.AFTER_CANCEL_DECISION)
                     await self._send_cancel(decided.after)
-                return
+                return None
             change = transitions.would_cancel(change, verdict.breach.reason, detail, now)
         check = verdict.next_check
         change = change.set({"next_check_at": check.at, "check_priority": check.priority})
         # The dispatcher claims at its ticks: a check due before the next one would wait for
-        # it (up to a tick: 10 credits at 10 results/s), so this handler keeps the lease and
-        # makes that check itself, on time.
+        # it (up to a tick: 10 credits at 10 results/s), so the lease is kept and the caller
+        # makes that check itself, on time (waiting for it outside its handling slot).
         soon = check.at - now < config.supervisor.tick_interval
         if await self._write(change, release=not soon) and soon:
-            await asyncio.sleep(max(0.0, (check.at - self._clock()).total_seconds()))
-            await self._watch(change.after)
+            return change.after
+        return None
 
     def _observed(self, change: Change, status: JobStatus, now: datetime) -> Change:
         """What a status answer tells of the job: its progress, and an alert the first time
@@ -293,13 +296,13 @@ class JobHandler:
 
     # -- terminal jobs still looked at ----------------------------------------------------
 
-    async def _recheck(self, job: Job) -> None:
+    async def _recheck(self, job: Job) -> Job | None:
         """A read-only look at a completed, lost or unconfirmed job: its spend is recorded,
         a job running again is reopened (completed, lost) and watched, a final status ends
         an unconfirmed or lost job."""
         status = await self.poller.status(job)
         if status is None:
-            return
+            return None
         now = self._clock()
         change = self._observed(Change.of(job), status, now)
         if job.state is State.UNCONFIRMED:
@@ -307,14 +310,14 @@ class JobHandler:
                 await self._write(self._finish(change, status.status, now))
             else:
                 await self._write(change.set(unconfirmed_watch(self.config.supervisor, now)))
-            return
+            return None
         if not status.is_final:
-            await self._enforce(transitions.reopen(change, now), status, now)
-            return
+            return await self._enforce(transitions.reopen(change, now), status, now)
         if job.state is State.LOST:
             await self._write(self._finish(change, status.status, now))
-            return
+            return None
         await self._write(change.set(next_recheck(self.config.supervisor, job, now)))
+        return None
 
     def _finish(self, change: Change, remote_status: str, now: datetime) -> Change:
         return transitions.finish(change, remote_status, now, **recheck_window(self.config.supervisor, now))
