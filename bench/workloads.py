@@ -23,6 +23,11 @@ tracking:
   beside it the jobs table's (bench.throughput.LagTracker: exact for jobs polled at most
   once between its 3 s reads, so it overstates the lag of jobs being probed faster);
 - daemon CPU per poll (/proc), SQL statements per poll;
+- on PostgreSQL, the server's side of it: the CPU of the backends serving the daemon's
+  connections (/proc of the pids pg_stat_activity lists for the row's database, alive over
+  the whole window) and the bytes they read and wrote (/proc/<pid>/io rchar + wchar: the
+  protocol's traffic and any file reads), per poll; SQL round trips per poll (statements
+  plus transaction control);
 - then the bare loop (bench/bareloop.py, same transport and loop, 32 in flight) against
   the same server for 5 s: its CPU per request, and the daemon's ratio to it.
 
@@ -145,6 +150,7 @@ def run_row(work: Path, backend: str, n: int, workload: str, plan: Plan, log: An
         while time.monotonic() - tracked_at < plan.start:
             time.sleep(0.05)
         per_second: list[int] = []
+        pg0 = _backends(pg.name) if pg is not None else {}
         s0, c0, m0, t0 = server.stats()["status"], daemon.cpu_seconds(), daemon.metrics(), time.monotonic()
         last, next_snapshot = s0, t0 + plan.snapshot_every
         load_during = _load()
@@ -157,11 +163,18 @@ def run_row(work: Path, backend: str, n: int, workload: str, plan: Plan, log: An
                 lag.read(record=True)
                 next_snapshot += plan.snapshot_every
         s1, c1, m1, t1 = server.stats()["status"], daemon.cpu_seconds(), daemon.metrics(), time.monotonic()
+        pg1 = _backends(pg.name) if pg is not None else {}
         lag.read(record=True)
         polls = s1 - s0
         sql = sum(
             metric(m1, "clado_supervisor_bench_sql_rows_total", kind=k)
             - metric(m0, "clado_supervisor_bench_sql_rows_total", kind=k)
+            for k in _sql_kinds(m1)
+            if k != "txn_control"
+        )
+        trips = sum(
+            metric(m1, "clado_supervisor_bench_sql_calls_total", kind=k)
+            - metric(m0, "clado_supervisor_bench_sql_calls_total", kind=k)
             for k in _sql_kinds(m1)
         )
         row: dict[str, Any] = {
@@ -183,8 +196,14 @@ def run_row(work: Path, backend: str, n: int, workload: str, plan: Plan, log: An
             "db_lag_p99_s": round(common.quantile(lag.lags, 0.99), 3) if lag.lags else None,
             "cpu_us_per_poll": round((c1 - c0) / max(1, polls) * 1e6),
             "sql_per_poll": round(sql / max(1, polls), 2),
+            "round_trips_per_poll": round(trips / max(1, polls), 3),
             "daemon_cores": round((c1 - c0) / (t1 - t0), 2),
         }
+        if pg is not None:
+            both = pg0.keys() & pg1.keys()
+            row["pg_backends"] = len(both)
+            row["pg_cpu_us_per_poll"] = round(sum(pg1[p][0] - pg0[p][0] for p in both) / max(1, polls) * 1e6)
+            row["pg_bytes_per_poll"] = round(sum(pg1[p][1] - pg0[p][1] for p in both) / max(1, polls))
         if deadlined:
             row["burst"] = _lateness(server, db_url, deadlined, tracked_at)
         server_cpu0 = server.stats()["cpu_s"]
@@ -215,11 +234,23 @@ def _lag(samples: dict) -> dict[str, Any]:
 
 
 def _sql_kinds(samples: dict) -> list[str]:
-    return sorted(
-        dict(labels)["kind"]
-        for name, labels in samples
-        if name == "clado_supervisor_bench_sql_rows_total" and dict(labels).get("kind") != "txn_control"
-    )
+    return sorted(dict(labels)["kind"] for name, labels in samples if name == "clado_supervisor_bench_sql_calls_total")
+
+
+def _backends(database: str) -> dict[int, tuple[float, int]]:
+    """pid → (CPU seconds, bytes read + written) of the server processes on `database`."""
+    import psycopg
+
+    with psycopg.connect(common.PG_ADMIN_URL, autocommit=True) as conn:
+        pids = [row[0] for row in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))]
+    found = {}
+    for pid in pids:
+        try:
+            io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+            found[pid] = (common.cpu_seconds(pid), int(io["rchar"]) + int(io["wchar"]))
+        except (OSError, KeyError, ValueError):
+            continue  # gone meanwhile
+    return found
 
 
 def _lateness(server: StatusServer, db_url: str, deadlined: list[str], tracked_at: float) -> dict[str, Any]:
