@@ -17,11 +17,8 @@ bounded by how fast it handles jobs (its CPU, the API), not by `batch_size` per 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
-import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import structlog
@@ -42,51 +39,10 @@ log = structlog.get_logger("supervisor.daemon")
 
 # Cap of the claim's exponential backoff after consecutive database failures.
 CLAIM_BACKOFF_CAP = 5.0
-# Handling slots per request slot of the client (api.max_concurrency): see Dispatcher.turns.
-TURNS_PER_REQUEST_SLOT = 2
 # With a backlog (the last claim came back full), claim again once this share of the limit
 # is free: often enough that handlers never run dry, rarely enough that a claim (one
 # transaction) is not made for every job that finishes.
 REFILL_AT = 0.25
-
-
-class Turns:
-    """Slots, granted in (priority, due time) order rather than first come: a job that
-    enforces something goes before probes and routine re-polls that were claimed first."""
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._waiting: list[tuple[int, float, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-
-    @contextlib.asynccontextmanager
-    async def turn(self, priority: int, due: float) -> AsyncIterator[None]:
-        await self._acquire(priority, due)
-        try:
-            yield
-        finally:
-            self._release()
-
-    async def _acquire(self, priority: int, due: float) -> None:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-            return
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (priority, due, next(self._order), granted))
-        try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self._release()  # granted as it was cancelled: pass the slot on
-            raise  # a waiter cancelled unserved stays in the heap, skipped when popped
-
-    def _release(self) -> None:
-        while self._waiting:
-            granted = heapq.heappop(self._waiting)[3]
-            if not granted.done():
-                granted.set_result(None)
-                return
-        self._free += 1
 
 
 class Dispatcher:
@@ -132,10 +88,6 @@ class Dispatcher:
         # their leases would bounce between replicas.
         # The floor is the client's concurrency, fixed when the client was made ([api] needs a restart).
         self._claim_floor = settings.api.max_concurrency
-        # Handling slots, twice the client's concurrency (so a job writing its result leaves
-        # the client busy), granted enforcing checks first: a deadline claimed behind a
-        # backlog of probes waits for a slot, not for the backlog.
-        self.turns = Turns(TURNS_PER_REQUEST_SLOT * settings.api.max_concurrency)
         self.claim_limit = min(settings.supervisor.batch_size, self._claim_floor * 4)
         self._handling_s: float | None = None  # moving average of handling times
         self._last_claim_full = False  # the limit, not the due jobs, bounded the last claim
@@ -229,8 +181,8 @@ class Dispatcher:
                 item.scope = scope
                 step: Job | None = job
                 while step is not None:
-                    # The job's due time, then its turn; a check due before the next tick is
-                    # made here again under the same lease (the handler returns the job).
+                    # The job's due time; a check due before the next tick is made here again
+                    # under the same lease (the handler returns the job).
                     delay = (step.next_check_at - self._clock()).total_seconds()
                     if delay > 0:
                         await asyncio.sleep(delay)
@@ -242,8 +194,7 @@ class Dispatcher:
                         enforcing = step.check_priority == CHECK_ENFORCE
                         self.enforcing += enforcing
                     at = time.monotonic()
-                    async with self.turns.turn(step.check_priority, step.next_check_at.timestamp()):
-                        step = await self._handler.handle(step)
+                    step = await self._handler.handle(step)
                     self._observe_handling(time.monotonic() - at)
         except asyncio.CancelledError:
             raise

@@ -10,7 +10,11 @@ A rejected API key stops polling for a while (the client itself backs off its re
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -91,6 +95,48 @@ def unconfirmed_watch(settings: SupervisorConfig, now: datetime) -> dict[str, An
 # -- the poll ---------------------------------------------------------------------------
 
 
+class Turns:
+    """The status requests' slots (as many as the client's: api.max_concurrency), granted
+    in (priority, due time) order rather than first come: with a backlog of claimed jobs
+    waiting for the client, a poll that enforces something goes before the probes and
+    routine re-polls claimed ahead of it. Only the request holds a slot, not the write after
+    it, so a slow commit does not idle the client."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, priority: int, due: float) -> AsyncIterator[None]:
+        await self._acquire(priority, due)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: int, due: float) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, due, next(self._order), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._release()  # granted as it was cancelled: pass the slot on
+            raise  # a waiter cancelled unserved stays in the heap, skipped when popped
+
+    def _release(self) -> None:
+        while self._waiting:
+            granted = heapq.heappop(self._waiting)[3]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self._free += 1
+
+
 @dataclass
 class Poller:
     """The handler's poll (built by JobHandler with the handler's own tools)."""
@@ -105,11 +151,17 @@ class Poller:
     # Every request 404s, the credits endpoint too: the base_url is wrong, so no job is
     # lost for it.
     api_misconfigured: bool = False
+    # The daemon's (runtime.py): status requests in priority order. None: first come.
+    turns: Turns | None = None
 
     async def status(self, job: Job) -> JobStatus | None:
         """The job's status, or None after recording why it could not be had."""
         try:
-            status = await self._client.status(job.job_id)
+            if self.turns is None:
+                status = await self._client.status(job.job_id)
+            else:
+                async with self.turns.turn(job.check_priority, job.next_check_at.timestamp()):
+                    status = await self._client.status(job.job_id)
         except JobNotFound as exc:
             await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
         except RequestRejected as exc:

@@ -57,6 +57,7 @@ from supervisor.service.executor import JobHandler
 from supervisor.service.held_signals import take_held_reload
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
 from supervisor.service.leases import LEASE_RENEWALS, LeaseKeeper
+from supervisor.service.polling import Turns
 from supervisor.service.queue import Scheduler
 from supervisor.service.reload import Reloader
 from supervisor.service.runs import Runs
@@ -137,6 +138,7 @@ class Daemon:
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
         self.handler.lag = self.dispatcher.lag.recent_p99
+        self.handler.poller.turns = Turns(config.api.max_concurrency)
         # One STATUS= line: the housekeeping's summary, the lag watch's note after it.
         self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at

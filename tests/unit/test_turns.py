@@ -1,4 +1,4 @@
-"""The dispatcher's handling slots: granted enforcing checks first, then by due time, so a
+"""The status requests' slots: granted enforcing checks first, then by due time, so a
 deadline claimed behind a backlog of probes does not wait for the backlog."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from supervisor.core.job import CHECK_ENFORCE, CHECK_PROBE, CHECK_ROUTINE
-from supervisor.service.dispatcher import Turns
+from supervisor.service.polling import Turns
 
 
 async def test_waiters_are_served_enforcing_first_then_by_due_time() -> None:

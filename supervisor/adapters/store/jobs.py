@@ -182,10 +182,14 @@ async def _update_many(conn: AsyncConnection, writes: Iterable[JobWrite]) -> Non
     # executemany needs one parameter shape, so group the writes by the columns they set.
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for write in writes:
-        values = dict(write.change.values)
+        # Only what changed from the row its writer read: a poll that saw nothing new sets
+        # its poll time and next check (and gives its lease back), not twenty columns.
+        read = write.change.job
+        values = {column: value for column, value in write.change.values.items() if getattr(read, column) != value}
         if write.release:
             values.update(NO_LEASE)
-        groups[tuple(sorted(values))].append({"b_job_id": write.job_id, **values})
+        if values:
+            groups[tuple(sorted(values))].append({"b_job_id": write.job_id, **values})
     for columns, params in groups.items():
         statement = (
             update(jobs)
