@@ -339,5 +339,5 @@ def run(*, quick: bool, log: Any) -> dict[str, Any]:
         )
     )
     payload = {"machine": common.machine_info(), "code": common.code_version(), "plan": plan.__dict__, "rows": rows}
-    common.write_json("workloads-quick" if quick else "workloads", payload)
+    common.write_json("workloads-quick.json" if quick else "workloads.json", payload)
     return payload
