@@ -68,6 +68,9 @@ class JobHandler:
         self._on_phase: Callable[[str, str], None] = lambda job_id, phase: None
         # How late polls run now, in seconds (the dispatcher's lag watch): probes widen with it.
         self.lag: Callable[[], float] = lambda: 0.0
+        # The draw (0..1) that brings a regular poll up to 10 % early (core.policy
+        # ROUTINE_JITTER): random, so jobs tracked together spread out; a test may fix it.
+        self.jitter: Callable[[], float] = random.random
         self.poller = Poller(config, client, self._write, clock, effects)
 
     @property
@@ -129,7 +132,7 @@ class JobHandler:
         )
         verdict = evaluate(
             observation, policy, now, poll_interval=config.supervisor.poll_interval,
-            lag=timedelta(seconds=self.lag()), jitter=random.random(),  # noqa: S311 - spreading polls, not a secret
+            lag=timedelta(seconds=self.lag()), jitter=self.jitter(),
         )  # fmt: skip
         change = self._warnings(change, verdict, config, now)
         if verdict.breach is not None:
