@@ -74,6 +74,7 @@ class Dispatcher:
         self.handling = 0
         self.enforcing = 0  # of those, the ones whose check enforces something
         self._claiming = False  # one claim at a time: the capacity is reckoned before it
+        self._claim_again = False  # a claim was asked for while one ran
         self.last_tick_at: datetime | None = None
         self.ticks = 0
         self.lag = LagWatch(notifier, lambda: config().supervisor.poll_interval.total_seconds())
@@ -97,11 +98,22 @@ class Dispatcher:
     async def tick(self) -> int:
         """Claim the jobs due before the next tick and start a task for each."""
         self._refill_asked = False
-        if self._stopping.is_set() or self._claiming:
+        if self._stopping.is_set():
+            return 0
+        if self._claiming:
+            # Asked for while a claim runs (a budget's polls brought forward, a refill): the
+            # running claim may have read the rows before they moved, so claim once more
+            # right after it, rather than at the next tick.
+            self._claim_again = True
             return 0
         self._claiming = True
+        claimed = 0
         try:
-            return await self._tick()
+            while True:
+                self._claim_again = False
+                claimed += await self._tick()
+                if not self._claim_again or self._stopping.is_set():
+                    return claimed
         finally:
             self._claiming = False
 
