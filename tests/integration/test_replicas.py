@@ -132,12 +132,16 @@ async def test_a_backlog_is_claimed_deadlines_first_then_routine_polls_then_prob
                         .values(check_priority=priority, next_check_at=now - timedelta(seconds=30 - 10 * rank + i))
                     )
         lease = timedelta(minutes=5)
-        first = await store.claim_due(now, horizon=timedelta(0), limit=4, lease_ttl=lease)
+        # A replica at its limit still takes the enforcing checks, and only those.
+        urgent = await store.claim_due(
+            now, horizon=timedelta(0), limit=2, lease_ttl=lease, priority_at_most=CHECK_ENFORCE
+        )
+        assert [job.job_id for job in urgent] == ["deadline-2", "deadline-1"]
+        first = await store.claim_due(now, horizon=timedelta(0), limit=3, lease_ttl=lease)
         rest = await store.claim_due(now, horizon=timedelta(0), limit=10, lease_ttl=lease)
         # Within a kind, the most overdue first.
-        order = ["deadline-2", "deadline-1", "deadline-0", "routine-2", "routine-1", "routine-0"]
-        assert [job.job_id for job in first] == order[:4]
-        assert [job.job_id for job in rest] == [*order[4:], "probe-2", "probe-1", "probe-0"]
+        assert [job.job_id for job in first] == ["deadline-0", "routine-2", "routine-1"]
+        assert [job.job_id for job in rest] == ["routine-0", "probe-2", "probe-1", "probe-0"]
     finally:
         await _close([store])
 
