@@ -30,14 +30,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The wheel is bind-mounted from stage 1 rather than copied, so it adds no layer; so are
 # the pinned versions of every dependency (requirements/constraints.txt, the pins `make
 # install` uses too), so the image resolves nothing at build time. [postgres] brings the
-# PostgreSQL driver, for the replicas' compose file; [fast] brings uvloop, the event loop the
-# daemon runs on when it is installed (cheaper per poll than asyncio's own).
+# PostgreSQL driver, for the replicas' compose file. uvloop, the event loop the daemon runs
+# on (cheaper per poll than asyncio's own), is a core dependency: no extra needed.
 # A fixed uid/gid (10001, above any host account) so volume and secret ownership can be
 # set from the host; the state directory is created owned by it before VOLUME, and
 # Docker copies that ownership into a new named volume.
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     --mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt \
-    pip install --no-cache-dir --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[postgres,fast]" \
+    pip install --no-cache-dir --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[postgres]" \
     && groupadd --system --gid 10001 clado \
     && useradd --system --no-log-init --uid 10001 --gid 10001 \
         --home-dir /var/lib/clado-supervisor --no-create-home --shell /usr/sbin/nologin clado \

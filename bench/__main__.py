@@ -1,4 +1,4 @@
-"""`python -m bench [throughput|precision|pollcost|forecast ...] [--quick]` — all of them by default.
+"""`python -m bench [throughput|precision|pollcost|forecast|workloads ...] [--quick]` — all of them by default.
 
 Each benchmark prints its table, writes bench/results/<name>.json and <name>.png.
 """
@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-NAMES = ("throughput", "precision", "pollcost", "forecast")
+NAMES = ("throughput", "precision", "pollcost", "forecast", "workloads")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller runs (throughput: 1,000 jobs, SQLite, with and without uvloop); results go to *-quick.json",
+        help=(
+            "smaller runs (throughput: 1,000 jobs, SQLite, with and without uvloop; workloads: 2,000 jobs, "
+            "SQLite); results go to *-quick.json"
+        ),
     )
     args = parser.parse_args(argv)
     chosen = args.benchmarks or list(NAMES)

@@ -51,7 +51,7 @@ def classify(statement: str) -> str:
         return "db_now"  # PostgreSQL: the lease clock (claim, lease extension, leader)
     if "leaders" in head:
         return "leader"
-    if s.startswith("select") and "from jobs" in s and "order by jobs.next_check_at" in s:
+    if s.startswith("select") and "from jobs" in s and " order by jobs." in s and "next_check_at" in s:
         return "claim_select"
     if s.startswith("update jobs set lease_owner") and "where jobs.job_id in" in s:
         return "claim_update"

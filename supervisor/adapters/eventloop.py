@@ -1,5 +1,5 @@
-"""The event loop a process runs on: uvloop's when it is installed (the `fast` extra), else
-asyncio's own. Its own small module, so that a CLI command that fails fast (a bad job id)
+"""The event loop a process runs on: uvloop's (a core dependency wherever it builds, so not
+on Windows), else asyncio's own. Its own small module, so that a CLI command that fails fast (a bad job id)
 does not import the daemon to find out which loop it would have used."""
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def loop_name() -> str:
+    """Which event loop this code runs on ("uvloop" or "asyncio"), for the start-up line."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:

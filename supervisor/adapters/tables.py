@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -76,6 +77,8 @@ jobs = Table(
     Column("last_progress_at", UTCDateTime),  # last time credits grew (stall detection)
     Column("last_polled_at", UTCDateTime),
     Column("next_check_at", UTCDateTime, nullable=False),
+    # What the next check is for (core.job CHECK_*): claims take the enforcing ones first.
+    Column("check_priority", SmallInteger, nullable=False, default=0),
     Column("poll_errors", Integer, nullable=False, default=0),
     Column("last_error", Text),
     Column("warned", JSON, nullable=False, default=list),  # thresholds already fired

@@ -18,6 +18,13 @@ from supervisor.core.states import State
 
 _WHOLE_SECOND = timedelta(seconds=1)
 
+# Which claim queue a job's next check is in (`Job.check_priority`): due jobs are claimed
+# lowest first, so a poll that enforces something is never queued behind a routine re-poll
+# or a rate probe while a replica has a backlog, and probes wait longest.
+CHECK_ENFORCE = 0  # a deadline, a predicted limit crossing, a budget's, a confirm, a retry
+CHECK_ROUTINE = 1  # the regular poll, the first look at a job, a rate re-measured
+CHECK_PROBE = 2  # a probe of a rate not known yet (a pending job, one just seen running)
+
 
 class Row(Protocol):
     """What a row must offer: its columns by name (a SQLAlchemy RowMapping, a dict)."""
@@ -44,6 +51,7 @@ class Job:
     last_progress_at: datetime | None  # last time credits grew (stall detection)
     last_polled_at: datetime | None
     next_check_at: datetime
+    check_priority: int  # CHECK_ENFORCE | CHECK_ROUTINE | CHECK_PROBE: what the next check is for
     poll_errors: int
     last_error: str | None
     warned: tuple[str, ...]  # warning thresholds already fired ("max_credits@0.8")

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from supervisor.config import Config, Policy
+from supervisor.core.job import CHECK_ENFORCE, CHECK_PROBE, CHECK_ROUTINE
 from supervisor.core.states import Reason
 
 # Never poll one job more often than this, however close it is to its credit limit.
@@ -26,6 +27,14 @@ PROBE_CAP = timedelta(seconds=1)
 # Results may come in steps (5 at once, every half second): a poll that sees no growth only
 # lowers the rate once the pause is longer than a step this big would explain.
 STEP_CREDITS = 10
+# The regular poll comes up to this share of the poll interval early, at random (`jitter`),
+# so that jobs tracked together do not stay in phase and come due in bunches. Only ever
+# earlier: a regular poll is never later than the poll interval, and no deadline moves.
+ROUTINE_JITTER = 0.1
+# Under load probes are shed first: while polls run `lag` late, a probe's gap is at least
+# lag / PROBE_SHARE (up to the poll interval). A replica that lags by L seconds has at most
+# about a PROBE_SHARE of its polls go to probes of a job, whatever their own gaps asked.
+PROBE_SHARE = 0.5
 
 
 # A blind job is cancelled (on_blind = "cancel") once blind this many poll intervals, unless
@@ -82,6 +91,9 @@ class Observation:
     # so no credit prediction and no stall can be judged from them.
     unread: bool = False
     blind_since: datetime | None = None  # see core.transitions.unreadable_answer
+    # The most the API lets the job spend (its `limit` × credits per result), if it has one:
+    # at or under max_credits the API itself caps the job, so its rate need not be probed.
+    api_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,10 +125,16 @@ class Warning:
 
 
 @dataclass(frozen=True)
+class NextCheck:
+    at: datetime
+    priority: int  # core.job CHECK_*: what the check is for (claims take enforcing ones first)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     breach: Breach | None
     warnings: tuple[Warning, ...]
-    next_check_at: datetime
+    next_check: NextCheck
 
 
 def _measures(obs: Observation, policy: Policy, now: datetime) -> list[tuple[str, float, float]]:
@@ -145,6 +163,8 @@ def evaluate(
     *,
     poll_interval: timedelta,
     min_gap: timedelta = MIN_POLL_GAP,
+    lag: timedelta = timedelta(0),
+    jitter: float = 0.0,
 ) -> Evaluation:
     measures = _measures(obs, policy, now)
     # A limit is breached once the value reaches it ("credits reach the limit").
@@ -161,7 +181,7 @@ def evaluate(
         for fraction in policy.warn_at
         if value >= fraction * limit and f"{name}@{fraction:g}" not in obs.warned
     )
-    return Evaluation(breach, warnings, next_check_at(obs, policy, now, poll_interval, min_gap))
+    return Evaluation(breach, warnings, next_check(obs, policy, now, poll_interval, min_gap, lag=lag, jitter=jitter))
 
 
 def _led_breach(obs: Observation, policy: Policy) -> Breach | None:
@@ -191,39 +211,50 @@ def next_deadline(obs: Observation, policy: Policy, now: datetime) -> datetime |
     return min(ahead) if ahead else None
 
 
-def probe_gap(age: timedelta, poll_interval: timedelta) -> timedelta:
-    """The next gap of a job probed for its rate, `age` after the probing began (PROBE_FIRST)."""
+def probe_gap(age: timedelta, poll_interval: timedelta, lag: timedelta = timedelta(0)) -> timedelta:
+    """The next gap of a job probed for its rate, `age` after the probing began (PROBE_FIRST),
+    widened while polls run `lag` late (PROBE_SHARE: probes are shed first under load)."""
     cap = max(PROBE_CAP, age / 10)
-    return min(poll_interval, max(PROBE_FIRST, min(age, cap)))
+    return min(poll_interval, max(PROBE_FIRST, min(age, cap), lag / PROBE_SHARE))
 
 
-def next_check_at(
+def next_check(
     obs: Observation,
     policy: Policy,
     now: datetime,
     poll_interval: timedelta,
     min_gap: timedelta = MIN_POLL_GAP,
-) -> datetime:
+    *,
+    lag: timedelta = timedelta(0),
+    jitter: float = 0.0,
+) -> NextCheck:
     """The regular poll, pulled earlier to the next deadline so limits do not wait for it.
 
     Time limits are exact deadlines. The credit limit is predicted from the observed rate:
     the job is polled when it should reach the limit (earlier by `cancel_lead`, if set), so
     the overshoot is about one result's worth of time rather than a whole poll interval's.
-    Until the rate is known (a pending job, one just seen running) the job is probed.
+    Until the rate is known (a pending job, one just seen running) the job is probed, unless
+    the API itself caps it at or under the limit (`api_cap`).
+
+    What the check is for (its priority) is that of the candidate that won: a deadline or a
+    predicted crossing enforces; the regular poll and a rate re-measure are routine; a probe
+    is a probe. `jitter` (0..1, the caller's random draw) brings the regular poll up to
+    ROUTINE_JITTER of the interval earlier; `lag` (how late polls run now) widens probes.
     """
-    candidates = [now + poll_interval]
+    candidates = [(now + poll_interval * (1 - ROUTINE_JITTER * jitter), CHECK_ROUTINE)]
     # Each limit is looked at when it is reached, and when each warning still to fire is.
     limits = (Reason.MAX_RUNTIME, Reason.MAX_QUEUED, Reason.STALL_TIMEOUT, Reason.MAX_CREDITS)
     fractions = {name: [1.0, *(f for f in policy.warn_at if f"{name}@{f:g}" not in obs.warned)] for name in limits}
     pending = obs.remote_status == "pending"
+    deadlines: list[datetime] = []
     if policy.max_runtime is not None:
-        candidates += [obs.started_at + policy.max_runtime * f for f in fractions[Reason.MAX_RUNTIME]]
+        deadlines += [obs.started_at + policy.max_runtime * f for f in fractions[Reason.MAX_RUNTIME]]
     if policy.max_queued is not None and pending:
-        candidates += [obs.started_at + policy.max_queued * f for f in fractions[Reason.MAX_QUEUED]]
+        deadlines += [obs.started_at + policy.max_queued * f for f in fractions[Reason.MAX_QUEUED]]
     if policy.stall_timeout is not None and not pending and not obs.unread:
-        candidates += [obs.last_progress_at + policy.stall_timeout * f for f in fractions[Reason.STALL_TIMEOUT]]
+        deadlines += [obs.last_progress_at + policy.stall_timeout * f for f in fractions[Reason.STALL_TIMEOUT]]
     if policy.on_blind == "cancel" and obs.blind_since is not None and policy.blind_grace is not None:
-        candidates.append(obs.blind_since + policy.blind_grace)
+        deadlines.append(obs.blind_since + policy.blind_grace)
     # An unread count is no rate to predict from, nor a reason to probe faster than the poll:
     # a drift that blinds every job must not raise the request rate.
     if policy.max_credits is not None and not obs.unread:
@@ -235,23 +266,26 @@ def next_check_at(
             for f in fractions[Reason.MAX_CREDITS]:
                 seconds = credits_crossing(obs.credits, obs.credits_per_s, policy.max_credits * f) - lead * (f == 1.0)
                 if seconds < regular:
-                    candidates.append(now + timedelta(seconds=seconds))
+                    deadlines.append(now + timedelta(seconds=seconds))
             # A rate measured over a few results is rough (one result more or less in a
             # quarter second is 4/s): the job is looked at again by the time it should have
             # doubled its count, so the rate is re-measured over ever longer windows before
             # the limit is predicted from it.
             doubled = max(PROBE_CAP.total_seconds(), obs.credits / obs.credits_per_s)
             if doubled < regular:
-                candidates.append(now + timedelta(seconds=doubled))
-        else:
+                candidates.append((now + timedelta(seconds=doubled), CHECK_ROUTINE))
+        elif obs.api_cap is None or obs.api_cap > policy.max_credits:
             # Pending: probed from when it was first seen; running at a rate not known yet:
             # from when it was seen running (its first progress).
             since = (obs.first_seen_at or obs.started_at) if pending else obs.last_progress_at
-            candidates.append(now + probe_gap(max(now - since, timedelta(0)), poll_interval))
+            gap = probe_gap(max(now - since, timedelta(0)), poll_interval, lag)
+            candidates.append((now + gap, CHECK_PROBE))
+    candidates += [(at, CHECK_ENFORCE) for at in deadlines]
     # A deadline already behind us (a breach being observed, not acted on) must not
-    # make the job be polled in a tight loop.
-    upcoming = [at for at in candidates if at > now]
-    return max(min(upcoming), now + min_gap)
+    # make the job be polled in a tight loop. At a tie the enforcing candidate wins.
+    upcoming = [(at, priority) for at, priority in candidates if at > now]
+    at, priority = min(upcoming)
+    return NextCheck(max(at, now + min_gap), priority)
 
 
 def credits_crossing(credits: float, rate: float, target: float) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from supervisor.core.job import Job
+from supervisor.core.job import CHECK_ENFORCE, Job
 from supervisor.core.states import TERMINAL, IllegalTransition, Reason, State, check_transition, final_state
 
 # Why a status poll found no job: the detail of a `lost` job, and `Job.miss_kind`.
@@ -103,7 +103,13 @@ class Change:
         return State(self.values.get("state", self.job.state))
 
     def set(self, values: Mapping[str, Any], *events: Event) -> Change:
-        """The same change with more values (later ones win) and events."""
+        """The same change with more values (later ones win) and events.
+
+        A next check set without saying what it is for is an enforcing one (a deadline, a
+        budget's crossing, a confirm, a retry): only the policy's own schedule (a routine
+        poll, a probe) says otherwise, so nothing that enforces is queued behind probes."""
+        if "next_check_at" in values and "check_priority" not in values:
+            values = {**values, "check_priority": CHECK_ENFORCE}
         return Change(self.job, {**self.values, **values}, self.events + events)
 
 

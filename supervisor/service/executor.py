@@ -16,7 +16,7 @@ and when a job is looked at next are polling.py's.
 
 from __future__ import annotations
 
-import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,7 +29,7 @@ from supervisor.adapters.store import JobWrite
 from supervisor.config import Config, Policy
 from supervisor.core import transitions
 from supervisor.core.backoff import delay
-from supervisor.core.job import Job
+from supervisor.core.job import CHECK_ENFORCE, Job
 from supervisor.core.policy import (
     MIN_POLL_GAP,
     Breach,
@@ -77,6 +77,11 @@ class JobHandler:
         self._clock = clock
         self._effects = effects
         self._on_phase: Callable[[str, str], None] = lambda job_id, phase: None
+        # How late polls run now, in seconds (the dispatcher's lag watch): probes widen with it.
+        self.lag: Callable[[], float] = lambda: 0.0
+        # The draw (0..1) that brings a regular poll up to 10 % early (core.policy
+        # ROUTINE_JITTER): random, so jobs tracked together spread out; a test may fix it.
+        self.jitter: Callable[[], float] = random.random
         self.poller = Poller(config, client, clock, effects)
 
     @property
@@ -98,15 +103,19 @@ class JobHandler:
         """Tell the daemon when a job enters the cancel phase (shutdown lets it finish)."""
         self._on_phase = callback
 
-    async def handle(self, job: Job) -> None:
+    async def handle(self, job: Job) -> Job | None:
+        """One step of the job. Returns the job when its next check is due before the next
+        tick: its lease is kept, and the caller makes that check itself at
+        `next_check_at` (see `_enforce`); else None."""
         if job.state is State.WATCHING:
-            await self._watch(job)
-        elif job.state is State.CANCELLING:
+            return await self._watch(job)
+        if job.state is State.CANCELLING:
             await self._send_cancel(job)
         elif job.state is State.CONFIRMING:
             await self._confirm(job)
         elif job.state in RECHECKED and job.recheck_until is not None:
-            await self._recheck(job)
+            return await self._recheck(job)
+        return None
 
     # -- watching -----------------------------------------------------------------------
 
@@ -145,12 +154,14 @@ class JobHandler:
             if await self._breached(change, breach, policy, now):
                 return
             change = transitions.would_cancel(change, breach.reason, self._detail(change, breach, policy), now)
-        upcoming: dict[str, Any] = {"next_check_at": verdict.next_check_at}
+        check = verdict.next_check
+        upcoming: dict[str, Any] = {"next_check_at": check.at, "check_priority": check.priority}
         deadline = next_deadline(observation, policy, now)
         if job.state is State.LOST and deadline is not None:
             # Still claimed when its deadline comes, past the reopen window if need be.
             upcoming["recheck_until"] = max(deadline, job.recheck_until or deadline)
-            upcoming["next_check_at"] = min(verdict.next_check_at, deadline)
+            if deadline < check.at:
+                upcoming.update(next_check_at=deadline, check_priority=CHECK_ENFORCE)
         await self._write(change.set(upcoming))
 
     def _observation(self, job: Job, now: datetime, *, unread: bool) -> Observation:
@@ -164,40 +175,46 @@ class JobHandler:
             first_seen_at=job.submitted_at,
             unread=unread,
             blind_since=job.blind_since,
+            # The most the API lets it spend: at or under max_credits its rate need not be probed.
+            api_cap=None if job.result_limit is None else job.result_limit * self.config.api.credits_per_result,
         )
 
-    async def _watch(self, job: Job) -> None:
+    async def _watch(self, job: Job) -> Job | None:
         status = await self._poll(job)
         if status is None:
-            return
+            return None
         now = self._clock()
         change = self._observed(Change.of(job), status, now)
         if status.is_final:
             await self._write(self._finish(change, status.status, now))
-            return
-        await self._enforce(change, status, now)
+            return None
+        return await self._enforce(change, status, now)
 
-    async def _enforce(self, change: Change, status: JobStatus, now: datetime) -> None:
+    async def _enforce(self, change: Change, status: JobStatus, now: datetime) -> Job | None:
         """A watching job seen running: its limits evaluated, a breach decided and sent."""
         config = self.config
         job = change.job
         policy = job_policy(config, job)
         seen = change.after
         observation = self._observation(seen, now, unread=status.result_count is None)
-        verdict = evaluate(observation, policy, now, poll_interval=config.supervisor.poll_interval)
+        verdict = evaluate(
+            observation, policy, now, poll_interval=config.supervisor.poll_interval,
+            lag=timedelta(seconds=self.lag()), jitter=self.jitter(),
+        )  # fmt: skip
         change = self._warnings(change, verdict, config, now)
         if (breach := verdict.breach) is not None:
             if await self._breached(change, breach, policy, now):
-                return
+                return None
             change = transitions.would_cancel(change, breach.reason, self._detail(change, breach, policy), now)
-        change = change.set({"next_check_at": verdict.next_check_at})
+        check = verdict.next_check
+        change = change.set({"next_check_at": check.at, "check_priority": check.priority})
         # The dispatcher claims at its ticks: a check due before the next one would wait for
-        # it (up to a tick: 10 credits at 10 results/s), so this handler keeps the lease and
-        # makes that check itself, on time.
-        soon = verdict.next_check_at - now < config.supervisor.tick_interval
+        # it (up to a tick: 10 credits at 10 results/s), so the lease is kept and the caller
+        # makes that check itself, on time (waiting for it outside its handling slot).
+        soon = check.at - now < config.supervisor.tick_interval
         if await self._write(change, release=not soon) and soon:
-            await asyncio.sleep(max(0.0, (verdict.next_check_at - self._clock()).total_seconds()))
-            await self._watch(change.after)
+            return change.after
+        return None
 
     async def _breached(self, change: Change, breach: Breach, policy: Policy, now: datetime) -> bool:
         """A breach decided (written before the call) and its cancel sent: True. False when
@@ -377,13 +394,13 @@ class JobHandler:
 
     # -- terminal jobs still looked at ----------------------------------------------------
 
-    async def _recheck(self, job: Job) -> None:
+    async def _recheck(self, job: Job) -> Job | None:
         """A read-only look at a completed, lost or unconfirmed job: its spend is recorded,
         a job running again is reopened (completed, lost) and watched, a final status ends
         an unconfirmed or lost job."""
         status = await self._poll(job)
         if status is None:
-            return
+            return None
         now = self._clock()
         change = self._observed(Change.of(job), status, now)
         if job.state is State.UNCONFIRMED:
@@ -391,14 +408,14 @@ class JobHandler:
                 await self._write(self._finish(change, status.status, now))
             else:
                 await self._write(change.set(unconfirmed_watch(self.config.supervisor, now)))
-            return
+            return None
         if not status.is_final:
-            await self._enforce(transitions.reopen(change, now), status, now)
-            return
+            return await self._enforce(transitions.reopen(change, now), status, now)
         if job.state is State.LOST:
             await self._write(self._finish(change, status.status, now))
-            return
+            return None
         await self._write(change.set(next_recheck(self.config.supervisor, job, now)))
+        return None
 
     def _finish(self, change: Change, remote_status: str, now: datetime) -> Change:
         return transitions.finish(change, remote_status, now, **recheck_window(self.config.supervisor, now))

@@ -78,6 +78,10 @@ class LagWatch:
         # What STATUS= says after the summary while this replica falls behind, else None.
         self.note: str | None = None
 
+    def recent_p99(self) -> float:
+        """The lag p99 of the last window, in seconds (0 before the first): how late polls run."""
+        return self.last.p99 if self.last is not None else 0.0
+
     def beside(self, summary: Callable[[], str]) -> None:
         """Put the note after `summary` (the housekeeping's latest) on STATUS=."""
         self._summary = summary

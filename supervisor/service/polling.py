@@ -12,7 +12,11 @@ An answer whose spend cannot be read (no status, not JSON, a 403) also counts to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -95,6 +99,48 @@ def unconfirmed_watch(settings: SupervisorConfig, now: datetime) -> dict[str, An
 # -- the poll ---------------------------------------------------------------------------
 
 
+class Turns:
+    """The status requests' slots (as many as the client's: api.max_concurrency), granted
+    in (priority, due time) order rather than first come: with a backlog of claimed jobs
+    waiting for the client, a poll that enforces something goes before the probes and
+    routine re-polls claimed ahead of it. Only the request holds a slot, not the write after
+    it, so a slow commit does not idle the client."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, priority: int, due: float) -> AsyncIterator[None]:
+        await self._acquire(priority, due)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: int, due: float) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, due, next(self._order), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._release()  # granted as it was cancelled: pass the slot on
+            raise  # a waiter cancelled unserved stays in the heap, skipped when popped
+
+    def _release(self) -> None:
+        while self._waiting:
+            granted = heapq.heappop(self._waiting)[3]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self._free += 1
+
+
 @dataclass
 class Poller:
     """The handler's poll (built by JobHandler with the handler's own tools)."""
@@ -111,6 +157,8 @@ class Poller:
     # Jobs whose answer was unreadable since the last readable one; api_drift once enough.
     _unreadable_streak: set[str] = field(default_factory=set)
     api_drift: bool = False
+    # The daemon's (runtime.py): status requests in priority order. None: first come.
+    turns: Turns | None = None
 
     async def status(self, job: Job) -> JobStatus | Change:
         """The job's status, or the Change (not written yet: the handler adds what can still
@@ -119,7 +167,11 @@ class Poller:
         # answer retried: the drift must not raise the request rate.
         recover = transitions.recovery_due(job) and not self.api_drift
         try:
-            status = await self._client.status(job.job_id, recover=recover, retry_unreadable=not self.api_drift)
+            if self.turns is None:
+                status = await self._client.status(job.job_id, recover=recover, retry_unreadable=not self.api_drift)
+            else:
+                async with self.turns.turn(job.check_priority, job.next_check_at.timestamp()):
+                    status = await self._client.status(job.job_id, recover=recover, retry_unreadable=not self.api_drift)
         except JobNotFound as exc:
             return await self._missed(job, transitions.NOT_FOUND, f"HTTP 404: {exc}")
         except RequestRejected as exc:

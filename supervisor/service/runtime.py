@@ -43,6 +43,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from supervisor.adapters.clado import CladoClient
 from supervisor.adapters.dbwatch import DatabaseFault, DatabaseWatch
+from supervisor.adapters.eventloop import loop_name
 from supervisor.adapters.store import Store, db_error_text, utcnow
 from supervisor.adapters.systemd import Notifier
 from supervisor.adapters.webhooks import Webhooks
@@ -57,6 +58,7 @@ from supervisor.service.held_signals import take_held_reload
 from supervisor.service.housekeeping import RETENTION_EVERY, Housekeeping
 from supervisor.service.keeper import KEEP_EVERY, ResultsKeeper
 from supervisor.service.leases import LEASE_RENEWALS, LeaseKeeper
+from supervisor.service.polling import Turns
 from supervisor.service.queue import Scheduler
 from supervisor.service.reload import Reloader
 from supervisor.service.runs import Runs
@@ -140,16 +142,20 @@ class Daemon:
             clock,
             self._stopping,
             ticked=self.housekeeping.after_tick,
+            # A backlog is claimed as fast as it is handled, not a batch a tick.
+            claim_soon=self._tick_now,
         )
         self.leases = LeaseKeeper(current, store, clock, self.dispatcher.inflight, self._stopping)
         self.queue = Scheduler(current, store, client, self.webhooks, clock, self._stopping)
         self.keeper = ResultsKeeper(current, store, client, self.elector, clock, self._stopping)
         self.handler.on_phase(self.dispatcher.set_phase)
+        self.handler.lag = self.dispatcher.lag.recent_p99
+        self.handler.poller.turns = Turns(config.api.max_concurrency)
         # One STATUS= line: the housekeeping's summary, the lag watch's note after it.
         self.dispatcher.lag.beside(lambda: self.housekeeping.summary)
         # A budget's cancels, and the polls brought forward to its crossing, are claimed at
         # once, not at the next tick.
-        self.enforcer.on_due = lambda: self._runs.spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
+        self.enforcer.on_due = self._tick_now
         # The polls brought forward to a budget's crossing: looked at again once they are recorded.
         self.effects.on_applied = self.enforcer.recorded
         self.elector.on_change(self.housekeeping.leadership_changed)
@@ -303,9 +309,14 @@ class Daemon:
             poll_interval=config.supervisor.poll_interval.total_seconds(),
             tick_interval=tick,
             dry_run=config.supervisor.dry_run,
+            event_loop=loop_name(),
             transport=config.api.transport,
             config_hash=config.config_hash,
         )
+
+    def _tick_now(self) -> None:
+        """A claim now, outside the schedule (the dispatcher runs one claim at a time)."""
+        self._runs.spawn(self.dispatcher.tick, "tick")  # type: ignore[arg-type]
 
     def request_stop(self) -> None:
         self._stopping.set()

@@ -22,6 +22,8 @@ def test_the_daemon_under_test_runs_on_the_chosen_transport(workdir: Path) -> No
     finally:
         assert daemon.stop() == 0
     assert started[0]["transport"] == chosen_transport()
+    # uvloop is a core dependency (not on Windows): `make install` runs the daemon on it.
+    assert started[0]["event_loop"] == "uvloop"
 
 
 def test_an_unknown_transport_stops_the_session_with_the_choices() -> None:

@@ -26,6 +26,7 @@ from supervisor.adapters.store.budgets import serialize_admissions
 from supervisor.adapters.tables import job_events, jobs, metadata
 from supervisor.core import transitions
 from supervisor.core.budgets import period_start
+from supervisor.core.job import CHECK_ENFORCE, CHECK_PROBE, CHECK_ROUTINE
 from supervisor.core.transitions import Change, Event
 
 
@@ -111,6 +112,38 @@ async def test_racing_claimers_claim_each_job_exactly_once(db_url: str) -> None:
         )
     finally:
         await _close(stores)
+
+
+async def test_a_backlog_is_claimed_deadlines_first_then_routine_polls_then_probes(db_url: str) -> None:
+    """With more due than the claim takes, the enforcing checks go first (whatever their due
+    time), then the routine polls, then the probes: a deadline is never queued behind them."""
+    [store] = await _stores(db_url, 1)
+    try:
+        now = utcnow()
+        kinds = {"probe": CHECK_PROBE, "routine": CHECK_ROUTINE, "deadline": CHECK_ENFORCE}
+        await store.add_jobs([NewJob(f"{kind}-{i}", "default") for kind in kinds for i in range(3)], now)
+        async with store.engine.begin() as conn:
+            # The probes are the most overdue, the deadlines the least.
+            for rank, (kind, priority) in enumerate(kinds.items()):
+                for i in range(3):
+                    await conn.execute(
+                        update(jobs)
+                        .where(jobs.c.job_id == f"{kind}-{i}")
+                        .values(check_priority=priority, next_check_at=now - timedelta(seconds=30 - 10 * rank + i))
+                    )
+        lease = timedelta(minutes=5)
+        # A replica at its limit still takes the enforcing checks, and only those.
+        urgent = await store.claim_due(
+            now, horizon=timedelta(0), limit=2, lease_ttl=lease, priority_at_most=CHECK_ENFORCE
+        )
+        assert [job.job_id for job in urgent] == ["deadline-2", "deadline-1"]
+        first = await store.claim_due(now, horizon=timedelta(0), limit=3, lease_ttl=lease)
+        rest = await store.claim_due(now, horizon=timedelta(0), limit=10, lease_ttl=lease)
+        # Within a kind, the most overdue first.
+        assert [job.job_id for job in first] == ["deadline-0", "routine-2", "routine-1"]
+        assert [job.job_id for job in rest] == ["routine-0", "probe-2", "probe-1", "probe-0"]
+    finally:
+        await _close([store])
 
 
 async def test_a_stale_replica_cannot_write_after_its_lease_was_taken(db_url: str) -> None:

@@ -27,7 +27,7 @@ from supervisor.core.forecast import (
     money,
     running_of,
 )
-from supervisor.core.policy import Observation, credits_crossing, next_check_at
+from supervisor.core.policy import Observation, credits_crossing, next_check
 
 NOW = datetime(2026, 5, 14, 12, 0, tzinfo=UTC)  # noon: half of a UTC day gone
 DAY = datetime(2026, 5, 14, tzinfo=UTC)
@@ -131,7 +131,7 @@ def test_reaching_the_limit_is_the_crossing_the_poll_timing_uses() -> None:
     """One rule: the job is polled when its forecast says it reaches its limit."""
     policy = Policy(name="default", max_credits=100, warn_at=())
     obs = Observation("searching", 80, ago(60), NOW, 2.0)
-    poll = next_check_at(obs, policy, NOW, timedelta(minutes=5))
+    poll = next_check(obs, policy, NOW, timedelta(minutes=5)).at
     job = running(80, 2.0, cap=100, limit=100)
     assert forecast_job(job, NOW).reaches_limit_at == poll == NOW + timedelta(seconds=credits_crossing(80, 2.0, 100))
 

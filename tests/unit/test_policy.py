@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from supervisor.config import Policy
-from supervisor.core.policy import MIN_POLL_GAP, Observation, evaluate, next_check_at, next_deadline, observed_rate
+from supervisor.core.job import CHECK_ENFORCE, CHECK_PROBE, CHECK_ROUTINE
+from supervisor.core.policy import (
+    MIN_POLL_GAP,
+    PROBE_SHARE,
+    ROUTINE_JITTER,
+    NextCheck,
+    Observation,
+    evaluate,
+    next_check,
+    next_deadline,
+    observed_rate,
+)
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 POLL = timedelta(seconds=15)
@@ -82,7 +94,7 @@ def test_breach_detail_names_the_limit_and_values() -> None:
 def test_no_limits_no_breach() -> None:
     verdict = evaluate(obs(credits=10_000), Policy(name="open"), T0 + s(86400), poll_interval=POLL)
     assert verdict.breach is None
-    assert verdict.next_check_at == T0 + s(86400) + POLL
+    assert verdict.next_check.at == T0 + s(86400) + POLL
 
 
 @pytest.mark.parametrize(
@@ -149,19 +161,19 @@ def test_warnings(observation: Observation, at: float, warn_at: tuple[float, ...
     ],
 )
 def test_next_check(policy: Policy, observation: Observation, at: float, expected: float) -> None:
-    assert next_check_at(observation, policy, T0 + s(at), POLL) == T0 + s(expected)
+    assert next_check(observation, policy, T0 + s(at), POLL).at == T0 + s(expected)
 
 
 def test_a_credit_limit_centuries_away_is_the_regular_poll() -> None:
     # 1e9 credits at one result per 1,000 s: 31,000 years, past datetime's last year.
     policy = Policy(name="p", max_credits=1_000_000_000)
-    assert next_check_at(obs(credits=3, rate=0.001), policy, T0, POLL) == T0 + POLL
+    assert next_check(obs(credits=3, rate=0.001), policy, T0, POLL).at == T0 + POLL
 
 
 def test_next_check_is_never_closer_than_the_minimum_gap() -> None:
     policy = Policy(name="p", max_credits=100)
     now = T0 + s(5)
-    assert next_check_at(obs(credits=99, rate=1000), policy, now, POLL) == now + MIN_POLL_GAP
+    assert next_check(obs(credits=99, rate=1000), policy, now, POLL).at == now + MIN_POLL_GAP
 
 
 @pytest.mark.parametrize(
@@ -241,9 +253,9 @@ def test_an_unknown_status_is_cancelled_at_max_credits() -> None:
 
 
 def test_an_unknown_status_is_looked_at_when_it_would_stall() -> None:
-    at = next_check_at(obs(status="thinking", credits=10, rate=None), Policy(name="p", stall_timeout=s(20)), T0, POLL)
+    at = next_check(obs(status="thinking", credits=10, rate=None), Policy(name="p", stall_timeout=s(20)), T0, POLL).at
     assert at == T0 + s(15)  # the regular poll
-    soon = next_check_at(obs(status="thinking", progress=-10), Policy(name="p", stall_timeout=s(20)), T0, POLL)
+    soon = next_check(obs(status="thinking", progress=-10), Policy(name="p", stall_timeout=s(20)), T0, POLL).at
     assert soon == T0 + s(10)  # its stall deadline, sooner than the poll
 
 
@@ -297,7 +309,7 @@ def test_blind_breaches(observation: Observation, policy: Policy, at: float, rea
     ],
 )
 def test_blind_next_check(observation: Observation, policy: Policy, at: float, expected: float) -> None:
-    assert next_check_at(observation, policy, T0 + s(at), POLL) == T0 + s(expected)
+    assert next_check(observation, policy, T0 + s(at), POLL).at == T0 + s(expected)
 
 
 @pytest.mark.parametrize(
@@ -314,3 +326,65 @@ def test_blind_next_check(observation: Observation, policy: Policy, at: float, e
 def test_next_deadline(observation: Observation, policy: Policy, at: float, expected: float | None) -> None:
     found = next_deadline(observation, policy, T0 + s(at))
     assert found == (None if expected is None else T0 + s(expected))
+
+
+@pytest.mark.parametrize(
+    ("policy", "observation", "at", "expected", "priority"),
+    [
+        # the regular poll is routine; a deadline that wins enforces
+        (Policy(name="p", max_runtime=s(1800)), obs(), 0, 15, CHECK_ROUTINE),
+        (Policy(name="p", max_runtime=s(20)), obs(), 10, 20, CHECK_ENFORCE),
+        (Policy(name="p", max_queued=s(12)), obs(status="pending"), 5, 12, CHECK_ENFORCE),
+        (Policy(name="p", stall_timeout=s(30)), obs(progress=10), 35, 40, CHECK_ENFORCE),
+        # a predicted crossing (or a warning's) enforces; a rate re-measured is routine
+        (Policy(name="p", max_credits=100), obs(credits=50, rate=10), 7, 12, CHECK_ENFORCE),
+        (Policy(name="p", max_credits=100, warn_at=(0.8,)), obs(credits=50, rate=10), 0, 3, CHECK_ENFORCE),
+        (Policy(name="p", max_credits=100), obs(credits=2, rate=4), 1, 2, CHECK_ROUTINE),
+        # a rate not known yet is probed
+        (Policy(name="p", max_credits=100), obs(credits=0), 0, 0.25, CHECK_PROBE),
+        (Policy(name="p", max_credits=100), obs(status="pending"), 6, 7, CHECK_PROBE),
+        # a probe never hides a deadline due before it
+        (Policy(name="p", max_credits=100, max_queued=s(6.5)), obs(status="pending"), 6, 6.5, CHECK_ENFORCE),
+        # a deadline exactly at the probe's time: the enforcing check wins the tie
+        (Policy(name="p", max_credits=100, max_queued=s(7)), obs(status="pending"), 6, 7, CHECK_ENFORCE),
+    ],
+)
+def test_what_the_next_check_is_for(
+    policy: Policy, observation: Observation, at: float, expected: float, priority: int
+) -> None:
+    check = next_check(observation, policy, T0 + s(at), POLL)
+    assert (check.at, check.priority) == (T0 + s(expected), priority)
+
+
+def test_a_job_the_api_caps_under_its_credit_limit_is_not_probed() -> None:
+    policy = Policy(name="p", max_credits=100)
+    capped = replace(obs(credits=0), api_cap=100)
+    assert next_check(capped, policy, T0, POLL) == NextCheck(T0 + POLL, CHECK_ROUTINE)
+    # a cap above the limit leaves the limit to the supervisor: probed as before
+    above = replace(obs(credits=0), api_cap=101)
+    assert next_check(above, policy, T0, POLL) == NextCheck(T0 + s(0.25), CHECK_PROBE)
+
+
+@pytest.mark.parametrize(
+    ("lag", "expected"),
+    [
+        (0, 1),  # on time: the probe's own gap (a second, 6 s after it was first seen)
+        (0.4, 1),  # polls a little late: a gap twice the lag is still under the probe's own
+        (2, 4),  # 2 s late: probes at lag / PROBE_SHARE
+        (30, 15),  # never further apart than the regular poll
+    ],
+)
+def test_probes_are_shed_first_as_polls_run_late(lag: float, expected: float) -> None:
+    assert PROBE_SHARE == 0.5
+    policy = Policy(name="p", max_credits=100)
+    now = T0 + s(6)
+    assert next_check(obs(status="pending"), policy, now, POLL, lag=s(lag)).at == now + s(expected)
+
+
+def test_the_regular_poll_is_jittered_earlier_only_and_deadlines_not_at_all() -> None:
+    regular = Policy(name="p", max_runtime=s(1800))
+    assert next_check(obs(), regular, T0, POLL, jitter=0.0).at == T0 + POLL
+    assert next_check(obs(), regular, T0, POLL, jitter=0.5).at == T0 + POLL * (1 - ROUTINE_JITTER / 2)
+    assert next_check(obs(), regular, T0, POLL, jitter=0.999).at > T0 + POLL * (1 - ROUTINE_JITTER)
+    deadline = Policy(name="p", max_runtime=s(20))
+    assert next_check(obs(), deadline, T0 + s(10), POLL, jitter=0.999).at == T0 + s(20)

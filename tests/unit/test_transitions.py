@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from supervisor.core import transitions
-from supervisor.core.job import FIELDS, Job
+from supervisor.core.job import CHECK_ENFORCE, CHECK_PROBE, FIELDS, Job
 from supervisor.core.states import RECHECKED, TERMINAL, IllegalTransition, State
 from supervisor.core.transitions import Change
 
@@ -248,3 +248,13 @@ def test_a_readable_answer_ends_the_run_and_clears_blind() -> None:
 @pytest.mark.parametrize(("count", "due"), [(0, True), (1, False), (2, False), (3, True), (6, True), (7, False)])
 def test_the_alternatives_are_tried_every_few_polls(count: int, due: bool) -> None:
     assert transitions.recovery_due(job(State.WATCHING, unreadable_count=count)) is due
+
+
+def test_a_next_check_set_without_its_purpose_is_an_enforcing_one() -> None:
+    # A probe scheduled by the policy, then a budget's crossing brings the check forward:
+    # the claim must not queue that check behind probes.
+    probed = Change.of(job(State.WATCHING)).set({"next_check_at": LATER, "check_priority": CHECK_PROBE})
+    assert probed.after.check_priority == CHECK_PROBE
+    assert probed.set({"next_check_at": NOW}).after.check_priority == CHECK_ENFORCE
+    # values that leave the next check alone leave its purpose alone
+    assert probed.set({"credits_used": 41}).after.check_priority == CHECK_PROBE

@@ -24,6 +24,7 @@ from supervisor.adapters.store.leases import NO_LEASE
 from supervisor.adapters.store.routes import insert_notices
 from supervisor.adapters.store.submissions import start_submission
 from supervisor.adapters.tables import job_events, jobs, kept_results
+from supervisor.core.job import CHECK_ROUTINE
 from supervisor.core.notify import notices
 from supervisor.core.states import TERMINAL, State
 from supervisor.core.transitions import Change, Event
@@ -188,10 +189,14 @@ async def _update_many(conn: AsyncConnection, writes: Iterable[JobWrite]) -> Non
     # executemany needs one parameter shape, so group the writes by the columns they set.
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for write in writes:
-        values = dict(write.change.values)
+        # Only what changed from the row its writer read: a poll that saw nothing new sets
+        # its poll time and next check (and gives its lease back), not twenty columns.
+        read = write.change.job
+        values = {column: value for column, value in write.change.values.items() if getattr(read, column) != value}
         if write.release:
             values.update(NO_LEASE)
-        groups[tuple(sorted(values))].append({"b_job_id": write.job_id, **values})
+        if values:
+            groups[tuple(sorted(values))].append({"b_job_id": write.job_id, **values})
     for columns, params in groups.items():
         statement = (
             update(jobs)
@@ -202,7 +207,8 @@ async def _update_many(conn: AsyncConnection, writes: Iterable[JobWrite]) -> Non
 
 
 def _job_row(job: NewJob, now: datetime) -> dict[str, Any]:
-    """A new job's row: watching, due at once."""
+    """A new job's row: watching, due at once (a first look: routine, so a mass track waits
+    behind the deadlines of jobs already known)."""
     return {
         "job_id": job.job_id,
         "state": State.WATCHING.value,
@@ -217,6 +223,7 @@ def _job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "credits_used": 0,
         "submitted_at": now,
         "next_check_at": now,
+        "check_priority": CHECK_ROUTINE,
         "poll_errors": 0,
         "warned": [],
         "cancel_attempts": 0,

@@ -48,9 +48,11 @@ class Leases(Database):
         limit: int,
         lease_ttl: timedelta,
         job_id: str | None = None,
+        priority_at_most: int | None = None,
     ) -> list[Job]:
-        """Lease up to `limit` jobs due before now + horizon, soonest first: active jobs, then
-        terminal jobs still re-checked (`recheck_until` set) with what room is left.
+        """Lease up to `limit` jobs due before now + horizon: active jobs (enforcing checks
+        first, then soonest first), then terminal jobs still re-checked (`recheck_until` set)
+        with what room is left.
 
         Two queries, each on its own index: the active jobs' claim is what it always was,
         and the re-checked ones are found through a partial index that holds only them, so
@@ -58,7 +60,10 @@ class Leases(Database):
 
         Due-ness uses `now` (the replica's clock, which also computed `next_check_at`); the
         lease (whether an old one has expired, when the new one does) uses the database's
-        clock, so a replica whose clock runs ahead cannot take leases that still hold."""
+        clock, so a replica whose clock runs ahead cannot take leases that still hold.
+
+        `priority_at_most` claims only active jobs whose check is that urgent (core.job
+        CHECK_*): a replica at its limit still takes the enforcing ones."""
         token = str(uuid.uuid4())
         async with self.engine.begin() as conn:
             lease_now = await self._db_now(conn, now)
@@ -67,15 +72,21 @@ class Leases(Database):
                 (jobs.c.lease_token.is_(None)) | (jobs.c.lease_expires_at <= lease_now),
             )
             active = select(jobs).where(jobs.c.state.in_([s.value for s in ACTIVE]), *due)
+            if priority_at_most is not None:
+                active = active.where(jobs.c.check_priority <= priority_at_most)
             rechecked = select(jobs).where(
                 jobs.c.recheck_until.is_not(None), jobs.c.state.in_([s.value for s in RECHECKED]), *due
             )
+            # Active jobs by what their check is for, then by due time: with a backlog, a
+            # deadline's poll goes before routine re-polls and rate probes (core.job CHECK_*).
+            active = active.order_by(jobs.c.check_priority, jobs.c.next_check_at)
+            rechecked = rechecked.order_by(jobs.c.next_check_at)
             claimed: list[Job] = []
-            for query in (active, rechecked):
+            for query in (active,) if priority_at_most is not None else (active, rechecked):
                 room = limit - len(claimed)
                 if room <= 0:
                     break
-                query = query.order_by(jobs.c.next_check_at).limit(room)
+                query = query.limit(room)
                 if job_id is not None:
                     query = query.where(jobs.c.job_id == job_id)
                 if not self.is_sqlite:
