@@ -120,9 +120,10 @@ def submission_id(value: str) -> str:
     return value
 
 
-def submission_state(value: str, known: Iterable[str]) -> str:
+def state_of(what: str, value: str, known: Iterable[str]) -> str:
+    """A submission's or a delivery's state filter (`what`), one of `known`."""
     if value not in known:
-        raise BadInput(f"unknown submission state {value!r} (known: {', '.join(known)})", field="state")
+        raise BadInput(f"unknown {what} state {value!r} (known: {', '.join(known)})", field="state")
     return value
 
 
@@ -133,12 +134,6 @@ def delivery_id(value: str) -> str:
     """A webhook delivery id (`msg_` and 32 hex digits), checked before the database."""
     if not isinstance(value, str) or not re.fullmatch(DELIVERY_ID_PATTERN, value):
         raise BadInput("a delivery id is msg_ and 32 hex digits, as `webhooks list` shows it", field="id")
-    return value
-
-
-def delivery_state(value: str, known: Iterable[str]) -> str:
-    if value not in known:
-        raise BadInput(f"unknown delivery state {value!r} (known: {', '.join(known)})", field="state")
     return value
 
 

@@ -266,7 +266,7 @@ class Operations:
 
     async def queue(self, states: Iterable[str] | None = None) -> list[QueueItemView]:
         """Submissions (in `states`, else all), in the queue's order."""
-        wanted = None if states is None else [inputs.submission_state(s, SUBMISSION_STATES) for s in states]
+        wanted = None if states is None else [inputs.state_of("submission", s, SUBMISSION_STATES) for s in states]
         return [QueueItemView.of(self.config, row) for row in await self.store.list_submissions(wanted)]
 
     async def queue_item(self, submission_id: str) -> QueueItemView:
@@ -288,7 +288,7 @@ class Operations:
 
     async def deliveries(self, state: str | None = None) -> list[DeliveryView]:
         """The outbox's deliveries (in `state`, else all): failed first."""
-        wanted = None if state is None else inputs.delivery_state(state, DELIVERY_STATES)
+        wanted = None if state is None else inputs.state_of("delivery", state, DELIVERY_STATES)
         return [DeliveryView.of(row) for row in await self.store.list_deliveries(wanted)]
 
     async def delivery(self, delivery_id: str) -> DeliveryView:
