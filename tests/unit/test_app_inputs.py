@@ -64,6 +64,10 @@ def test_filters() -> None:
     assert problem(inputs.state, "running") == "unknown state 'running'"
     assert inputs.label_filter(["team=growth"]) == {"team": "growth"}
     assert problem(inputs.label_filter, ["team"]) == "label filters look like label=KEY=VALUE"
+    assert inputs.state_of("delivery", "failed", ("pending", "delivered", "failed")) == "failed"
+    assert problem(inputs.state_of, "submission", "running", ("queued", "expired")) == (
+        "state: unknown submission state 'running' (known: queued, expired)"
+    )
 
 
 def test_request_bodies_name_the_first_problem() -> None:
