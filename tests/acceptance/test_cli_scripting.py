@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 from pathlib import Path
@@ -193,6 +194,9 @@ def test_a_terminal_gets_tables_with_colour_unless_no_color(workdir: Path) -> No
     table = on_a_terminal(["jobs", "list"], workdir, NO_COLOR="1")
     assert LONG_ID in table
     assert "\t" not in table
+    # The submission time to the second in its own column (not ISO 8601: that is for pipes).
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", table)
+    assert not re.search(r"\d{4}-\d\d-\d\dT\d\d", table)
 
 
 def test_shell_completion_works_as_documented(workdir: Path) -> None:

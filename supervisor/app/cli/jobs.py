@@ -281,7 +281,12 @@ def jobs_list(config: Config, state: str | None, as_json: bool) -> None:
         print_json([view.to_json() for view in views])
         return
     rows = [job_row(view) for view in views]
-    shown = ([*row[:-1], f"{view.submitted_at:%Y-%m-%d %H:%M:%S}"] for row, view in zip(rows, views, strict=True))
+    # On a terminal the submission time is shown to the second, in its own column.
+    at = [key for _, key in JOB_COLUMNS].index("submitted_at")
+    shown = (
+        [*row[:at], f"{view.submitted_at:%Y-%m-%d %H:%M:%S}", *row[at + 1 :]]
+        for row, view in zip(rows, views, strict=True)
+    )
     print_table(f"{len(views)} job(s)", JOB_COLUMNS, rows, shown, right=("credits", "limit"))
     if not orphans:
         return
