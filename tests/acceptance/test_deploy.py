@@ -42,7 +42,7 @@ STATE_DIR = "/var/lib/clado-supervisor"
 SECRET_PATH = "/run/secrets/clado_api_key"
 # The commands of stage 1 and stage 2, run below exactly as the Dockerfile runs them.
 STAGE1_BUILD = "pip wheel --no-cache-dir --no-deps -w /dist ."
-STAGE2_INSTALL = 'pip install --no-cache-dir --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[postgres,fast]"'
+STAGE2_INSTALL = 'pip install --no-cache-dir --constraint /tmp/constraints.txt "$(ls /dist/*.whl)[postgres]"'
 STAGE2_CONSTRAINTS = "--mount=type=bind,source=requirements/constraints.txt,target=/tmp/constraints.txt"
 
 
@@ -355,6 +355,9 @@ def test_wheel_built_as_in_the_image_installs_validates_and_migrates(tmp_path: P
     cli = venv / "bin" / "clado-supervisor"
     no_driver = run([venv / "bin" / "python", "-c", "import psycopg"], cwd=work)
     assert no_driver.returncode != 0, "psycopg is the [postgres] extra, not a core dependency"
+    # The fast path is the plain install's: uvloop comes with the wheel alone (not on Windows).
+    loop = run([venv / "bin" / "python", "-c", "import uvloop"], cwd=work)
+    assert loop.returncode == 0, "uvloop is a core dependency: " + loop.stderr[-500:]
     postgres = tmp_path / "postgres.toml"
     postgres.write_text('[database]\nurl = "postgresql+psycopg://u@127.0.0.1:1/db"\n')
     refused = run([cli, "--config", postgres, "jobs", "list"], cwd=work)
