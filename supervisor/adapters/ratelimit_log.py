@@ -11,7 +11,8 @@ A line's key is its logger, level and message template (for a structlog line its
 lines that differ only in their fields or arguments count as one. The first line of a key
 is written; the next ones within `window` seconds are counted, not written; the first line
 after the window says how many were held back (`suppressed`, a field of a structlog line; a
-suffix of the text of a library's line).
+suffix of the text of a library's line). A flood that ends within its window has no such
+next line: `held_back` gives those counts when the process stops, so they are said once.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ class RepeatFilter(logging.Filter):
         if last is not None and last[1]:
             _mark_suppressed(record, last[1])
         return True
+
+    def held_back(self) -> list[tuple[Key, int]]:
+        """Every key with lines held back since its last written one, and how many; they are
+        forgotten (the process is stopping: nothing will say them otherwise)."""
+        with self._lock:
+            counts = [(key, held) for key, (_, held) in self._seen.items() if held]
+            self._seen.clear()
+        return counts
 
     def _limited(self, name: str) -> bool:
         return any(name == prefix or name.startswith(prefix + ".") for prefix in self._loggers)

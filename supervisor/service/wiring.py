@@ -103,8 +103,18 @@ async def run_daemon(config_path: Path, services: ServicesFor = _no_services) ->
     configure_logging(config.logging.format, config.logging.level)
     # Lines a hostile client can cause at will (adapters/ratelimit_log.py), at most one per
     # key per window, on the handler configure_logging installed.
+    repeats = RepeatFilter()
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RepeatFilter())
+        handler.addFilter(repeats)
+    try:
+        await _run(config, config_path, services)
+    finally:
+        for (logger, level, message), count in repeats.held_back():
+            log.info("log lines held back", logger_name=logger, level_name=logging.getLevelName(level),
+                     held_back=message, suppressed=count)  # fmt: skip
+
+
+async def _run(config: Config, config_path: Path, services: ServicesFor) -> None:
     raise_fd_limit()
     # SIGTERM/SIGINT during startup (migrations can take a while) mean "stop", exit 0, not
     # death by the default handler; the daemon installs its own handlers once it runs.

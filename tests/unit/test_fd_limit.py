@@ -100,6 +100,17 @@ def test_lines_differing_only_in_their_arguments_or_fields_count_as_one() -> Non
     assert later.msg == {"event": "admin API request failed", "path": "/healthz", "suppressed": 1}
 
 
+def test_lines_held_back_when_the_flood_ended_inside_its_window_are_counted_at_exit() -> None:
+    clock = Clock()
+    limiter = RepeatFilter(window=10, clock=clock)
+    for second in range(4):  # a 4 s flood: no line after the window would say the count
+        clock.now = float(second)
+        limiter.filter(record("supervisor.http", {"event": "admin API connection refused"}))
+    assert limiter.filter(record("uvicorn.error", "Started server process"))  # nothing held back
+    assert limiter.held_back() == [(("supervisor.http", logging.WARNING, "admin API connection refused"), 3)]
+    assert limiter.held_back() == []  # said once
+
+
 def test_the_supervisors_own_lines_about_jobs_are_never_held_back() -> None:
     limiter = RepeatFilter(window=10, clock=Clock())
     lines = [record("supervisor.effects", {"event": "cancel requested", "job_id": str(n)}) for n in range(50)]
