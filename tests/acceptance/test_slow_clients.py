@@ -144,9 +144,15 @@ def dribble(sock: socket.socket, stop: threading.Event) -> None:
 
 
 def answer_of(sock: socket.socket) -> bytes:
+    """What the server sent up to closing the connection after its answer: with a FIN, or with
+    a reset (the kernel's close of a socket whose request was not read whole: the answer
+    before it is still read, the reset then ends the loop instead of an empty read)."""
     data = b""
-    while chunk := sock.recv(4096):  # the server closes the connection after its answer
-        data += chunk
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
     sock.close()
     return data
 
