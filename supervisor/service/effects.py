@@ -19,7 +19,7 @@ from supervisor.adapters import metrics
 from supervisor.adapters.webhooks import Webhooks
 from supervisor.config import Config
 from supervisor.core import transitions
-from supervisor.core.notify import ALERTS, is_resend
+from supervisor.core.notify import ALERTS, BLIND_EVENTS, is_resend
 from supervisor.core.policy import job_policy
 from supervisor.core.states import TERMINAL, Reason, State
 from supervisor.core.transitions import Change, Event
@@ -87,7 +87,7 @@ class Effects:
         elif event.kind in ALERTS:
             detail = dict(event.detail or {})
             log.warning(_ALERT_LINES[event.kind], **fields, alert=event.kind, **{"credits": job.credits_used, **detail})
-        elif event.kind in (transitions.JOB_BLIND, transitions.JOB_BLIND_CLEARED):
+        elif event.kind in BLIND_EVENTS:
             facts = {"reason": event.reason, "state": job.state.value, "credits": job.credits_used}
             if event.kind == transitions.JOB_BLIND:
                 log.error("job's spend cannot be read: it is blind; its deadlines still act", **fields, **facts,
